@@ -1,0 +1,1 @@
+"""One module per benchmarked component; see lens_core/bench.py."""

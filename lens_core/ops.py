@@ -1,0 +1,59 @@
+"""Layer construction and weight casting shared by every lens_core model.
+
+Every Linear/Conv/Norm/Embedding in lens_core is built through an ``operations`` namespace so that a host
+(ComfyUI) can pass its own layer classes (``comfy.ops.manual_cast`` and friends), which keep weights on an
+offload device and cast them to the input's device/dtype inside ``forward``. ``None`` means plain torch.nn.
+
+Raw parameters that are used directly in maths (attention sinks, packed expert banks, modulation tables…)
+go through :func:`cast_to` so they follow the input's device and dtype the same way.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with an optional learned scale; the variance is always computed in float32."""
+
+    def __init__(self, dim, eps=1e-6, elementwise_affine=True, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype)) if elementwise_affine else None
+
+    def forward(self, x):
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            return xf.to(dtype) * cast_to(self.weight, dtype, x.device)
+        return xf.to(dtype)
+
+
+TORCH_OPERATIONS = types.SimpleNamespace(
+    Linear=nn.Linear,
+    Conv2d=nn.Conv2d,
+    GroupNorm=nn.GroupNorm,
+    LayerNorm=nn.LayerNorm,
+    Embedding=nn.Embedding,
+    RMSNorm=RMSNorm,
+)
+
+
+def resolve_operations(operations=None):
+    """The namespace to build layers with: ``operations`` where it defines a class, torch.nn otherwise."""
+    if operations is None:
+        return TORCH_OPERATIONS
+    merged = {k: getattr(operations, k, v) for k, v in vars(TORCH_OPERATIONS).items()}
+    return types.SimpleNamespace(**merged)
+
+
+def cast_to(t: torch.Tensor | None, dtype=None, device=None, non_blocking=False):
+    """``t`` on ``device`` in ``dtype`` (either may be None = keep); a no-op when already there."""
+    if t is None:
+        return None
+    if (dtype is None or t.dtype == dtype) and (device is None or t.device == torch.device(device)):
+        return t
+    return t.to(device=device, dtype=dtype, non_blocking=non_blocking)

@@ -1,0 +1,56 @@
+"""Package-level facts: lens_core imports without ComfyUI and never imports comfy."""
+import ast
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_lens_core_imports_without_comfy():
+    code = "import sys, lens_core; assert 'comfy' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_lens_core_never_imports_comfy():
+    for path in (REPO / "lens_core").rglob("*.py"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for n in names:
+                assert n.split(".")[0] not in ("comfy", "folder_paths", "nodes", "comfy_extras"), f"{path}: imports {n}"
+
+
+def test_requirements_never_pin_torch():
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        name = line.split("#")[0].strip().split(">")[0].split("=")[0].split("<")[0].strip().lower()
+        assert name not in ("torch", "torchvision", "torchaudio"), line
+
+
+def test_pyproject_registry_fields():
+    import tomllib
+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    proj = data["project"]
+    assert "comfyui" not in proj["name"].lower()
+    assert proj["requires-python"] == ">=3.10"
+    assert proj["license"]["text"] == "MIT"
+    assert "Repository" in proj["urls"]
+    comfy = data["tool"]["comfy"]
+    assert comfy["DisplayName"] == "Lens (Microsoft) nodes"
+    assert comfy["PublisherId"] and "requires-comfyui" in comfy
+
+
+def test_bench_helpers_print_a_table(capsys):
+    from lens_core import bench
+
+    t = bench.median_time(lambda: sum(range(1000)), runs=3, warmup=0)
+    assert t >= 0
+    bench.print_table([{"case": "x", "seconds": t}])
+    assert "seconds" in capsys.readouterr().out
