@@ -1,3 +1,33 @@
-"""ComfyUI node layer of lens-nodes (thin: no maths; everything computes in lens_core)."""
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+"""ComfyUI node layer of lens-nodes (thin: no maths; everything computes in lens_core).
+
+Imported as a subpackage of the pack (``<pack>.nodes``), so lens_core is reached relatively
+(``from ..lens_core import ...``); ``comfy_bridge`` is the only module that imports ComfyUI.
+"""
+from .conditioning import LensTextEncode
+from .latents import LensEmptyLatent, LensVAEDecode, LensVAEEncode
+from .loaders import LensCheckpointLoader, LensModelLoader, LensTextEncoderLoader, LensVAELoader
+from .sampling import LensSampler
+
+NODE_CLASS_MAPPINGS = {
+    "LensModelLoader": LensModelLoader,
+    "LensTextEncoderLoader": LensTextEncoderLoader,
+    "LensVAELoader": LensVAELoader,
+    "LensCheckpointLoader": LensCheckpointLoader,
+    "LensTextEncode": LensTextEncode,
+    "LensEmptyLatent": LensEmptyLatent,
+    "LensSampler": LensSampler,
+    "LensVAEDecode": LensVAEDecode,
+    "LensVAEEncode": LensVAEEncode,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LensModelLoader": "Lens Model Loader",
+    "LensTextEncoderLoader": "Lens Text Encoder Loader (GPT-OSS)",
+    "LensVAELoader": "Lens VAE Loader (FLUX.2)",
+    "LensCheckpointLoader": "Lens Checkpoint Loader (diffusers folder)",
+    "LensTextEncode": "Lens Text Encode",
+    "LensEmptyLatent": "Lens Empty Latent",
+    "LensSampler": "Lens Sampler",
+    "LensVAEDecode": "Lens VAE Decode",
+    "LensVAEEncode": "Lens VAE Encode",
+}

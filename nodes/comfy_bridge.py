@@ -1,0 +1,341 @@
+"""The one place where lens-nodes touches ComfyUI: devices, ModelPatcher, load_models_gpu, model folders,
+progress, previews, interrupts.
+
+Every lens_core module is built with ``comfy.ops.manual_cast`` layers (weights stay on the offload device and
+are cast to the input's device/dtype in forward, which is what lets ComfyUI's lowvram/partial loading work),
+wrapped in a ``ModelPatcher`` with the load/offload devices ComfyUI uses for the same role, and loaded with
+``load_models_gpu`` right before each use, so loading the text encoder can evict the DiT and vice versa.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.utils
+import folder_paths
+
+# ---------------------------------------------------------------------------------------------------------
+# devices, dtypes, operations
+
+ROLES = ("diffusion", "text_encoder", "vae")
+
+
+def operations():
+    """Layer classes for every lens_core module built inside ComfyUI (always-casting comfy layers)."""
+    return comfy.ops.manual_cast
+
+
+def devices(role: str) -> tuple[torch.device, torch.device]:
+    """(load_device, offload_device) ComfyUI uses for a model of this role."""
+    if role == "diffusion":
+        return mm.get_torch_device(), mm.unet_offload_device()
+    if role == "text_encoder":
+        return mm.text_encoder_device(), mm.text_encoder_offload_device()
+    if role == "vae":
+        return mm.vae_device(), mm.vae_offload_device()
+    raise ValueError(f"unknown model role {role!r}: expected one of {ROLES}")
+
+
+def compute_dtype(role: str, load_device) -> torch.dtype:
+    """The dtype activations run in: ComfyUI's choice for the role (never fp16 for the DiT: it gives NaNs)."""
+    if role == "diffusion":
+        dt = mm.unet_dtype(load_device, supported_dtypes=[torch.bfloat16, torch.float32])
+    elif role == "vae":
+        dt = mm.vae_dtype(load_device, allowed_dtypes=[torch.bfloat16, torch.float32])
+    else:
+        dt = mm.text_encoder_dtype(load_device)
+    return dt if dt in (torch.bfloat16, torch.float32) else torch.float32
+
+
+def intermediate_device() -> torch.device:
+    return mm.intermediate_device()
+
+
+def to_intermediate(t: torch.Tensor) -> torch.Tensor:
+    """Node outputs live on ComfyUI's intermediate device (the CPU unless --gpu-only)."""
+    return t.to(mm.intermediate_device())
+
+
+def check_interrupt():
+    """Raise ComfyUI's InterruptProcessingException if POST /interrupt was received."""
+    mm.throw_exception_if_processing_interrupted()
+
+
+def soft_empty_cache():
+    mm.soft_empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model handles (the LENS_MODEL / LENS_TEXT_ENCODER / LENS_VAE custom types)
+
+
+def make_patcher(module: torch.nn.Module, role: str, size: int = 0):
+    load_device, offload_device = devices(role)
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device,
+                                            size=size)
+
+
+def load(patcher, memory_required: int = 0, minimum_memory_required: int | None = None):
+    """Make ComfyUI load ``patcher`` (evicting other models if needed) right before a forward."""
+    mm.load_models_gpu([patcher], memory_required=int(memory_required),
+                       minimum_memory_required=None if minimum_memory_required is None
+                       else int(minimum_memory_required))
+
+
+@dataclass
+class LensModel:
+    """LENS_MODEL: the Lens DiT in a ModelPatcher plus what the sampler needs to know about it."""
+    patcher: object
+    config: object
+    variant: str
+    dtype: torch.dtype
+    path: str
+
+    @property
+    def module(self):
+        return self.patcher.model
+
+    @property
+    def text_width(self) -> int:
+        """Width of the stacked text conditioning this DiT accepts (layers × text hidden size)."""
+        return self.config.num_text_layers * self.config.enc_hidden_dim
+
+
+@dataclass
+class LensTextEncoder:
+    """LENS_TEXT_ENCODER: the GPT-OSS encoder in a ModelPatcher plus its tokenizer."""
+    patcher: object
+    tokenizer: object
+    dtype: torch.dtype
+    path: str
+    hidden_size: int = 0
+    num_layers: int = 4
+
+    @property
+    def module(self):
+        return self.patcher.model
+
+
+@dataclass
+class LensVAE:
+    """LENS_VAE: the FLUX.2 autoencoder in a ModelPatcher."""
+    patcher: object
+    dtype: torch.dtype
+    path: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def module(self):
+        return self.patcher.model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# activation-memory estimates handed to load_models_gpu (bytes; deliberately generous)
+
+
+def dit_memory(config, batch: int, image_tokens: int, text_tokens: int, dtype: torch.dtype) -> int:
+    tokens = batch * (image_tokens + text_tokens)
+    width = config.width
+    per_token = width * 12 + config.mlp_hidden * 3          # qkv/attn/out + gated MLP temporaries
+    attn = batch * config.num_attention_heads * (image_tokens + text_tokens) ** 2
+    return int((tokens * per_token + attn) * torch.finfo(dtype).bits // 8 * 1.5)
+
+
+def text_encoder_memory(batch: int, tokens: int, hidden: int, dtype: torch.dtype) -> int:
+    return int(batch * tokens * max(hidden, 1) * 64 * torch.finfo(dtype).bits // 8)
+
+
+def vae_memory(batch: int, height: int, width: int, dtype: torch.dtype) -> int:
+    # the decoder's widest activations are ~128 channels at full resolution, a few alive at once
+    return int(batch * height * width * 128 * 6 * torch.finfo(dtype).bits // 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model folders: single files (folder_paths lists) + diffusers folders found under the same folders
+
+DIFFUSERS_MARKER = "model_index.json"
+
+
+def _folder_roots(folder: str) -> list[str]:
+    try:
+        return folder_paths.get_folder_paths(folder)
+    except KeyError:
+        return []
+
+
+def model_folders(folder: str) -> list[str]:
+    """Relative paths of diffusers folders below ``folder``'s roots: pipeline roots (model_index.json) and
+    stand-alone component folders (config.json next to *.safetensors)."""
+    found = set()
+    for root in _folder_roots(folder):
+        if not os.path.isdir(root):
+            continue
+        for cur, subdirs, files in os.walk(root, followlinks=True):
+            subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+            is_pipeline = DIFFUSERS_MARKER in files
+            is_component = "config.json" in files and any(f.endswith(".safetensors") for f in files)
+            if (is_pipeline or is_component) and cur != root:
+                found.add(os.path.relpath(cur, root).replace(os.sep, "/"))
+                subdirs[:] = []          # do not list a folder's own shards or sub-components
+    return sorted(found)
+
+
+def model_files(folder: str) -> list[str]:
+    """safetensors files of ``folder`` that are not part of a diffusers folder."""
+    folders = model_folders(folder)
+    out = []
+    for name in folder_paths.get_filename_list(folder):
+        if not name.lower().endswith((".safetensors", ".sft")):
+            continue
+        if any(name.startswith(d + "/") for d in folders):
+            continue
+        out.append(name)
+    return out
+
+
+def model_choices(*folders: str, files: bool = True, dirs: bool = True, dir_folders: tuple = ()) -> list[str]:
+    """Combo entries: files of ``folders`` and diffusers folders of ``folders + dir_folders``."""
+    out = []
+    for f in folders:
+        if files:
+            out += model_files(f)
+    if dirs:
+        for f in tuple(folders) + tuple(dir_folders):
+            out += [d for d in model_folders(f) if d not in out]
+    return out or ["(no Lens files found)"]
+
+
+def resolve_model(name: str, *folders: str) -> str:
+    """Absolute path of a combo entry (file or folder) searched in ``folders``; FileNotFoundError naming
+    the folders searched otherwise."""
+    for folder in folders:
+        p = folder_paths.get_full_path(folder, name)
+        if p is not None:
+            return p
+        for root in _folder_roots(folder):
+            cand = os.path.join(root, os.path.relpath(os.path.join(os.sep, name), os.sep))
+            if os.path.isdir(cand):
+                return cand
+    searched = [r for f in folders for r in _folder_roots(f)]
+    raise FileNotFoundError(f"{name!r} not found: expected a file or diffusers folder in {searched}; "
+                            f"put the model there (see the README table) and refresh the node list")
+
+
+def component_path(path: str, component: str) -> str:
+    """``path/component`` when ``path`` is a diffusers pipeline root that has that component."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, DIFFUSERS_MARKER)):
+        sub = os.path.join(path, component)
+        if not os.path.isdir(sub):
+            raise FileNotFoundError(f"{path} is a diffusers pipeline folder without a {component}/ folder; "
+                                    f"expected {sub}")
+        return sub
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# progress + latent previews
+
+
+# FLUX.2 latent -> RGB factors (32 latent channels x RGB) and bias, as ComfyUI's Flux2 latent format uses them
+# (checkpoint_formats.md §5.4). Applied to the BN-normalised latent after the 2x2 unpatchify.
+FLUX2_RGB_FACTORS = [
+    [0.0058, 0.0113, 0.0073], [0.0495, 0.0443, 0.0836], [-0.0099, 0.0096, 0.0644], [0.2144, 0.3009, 0.3652],
+    [0.0166, -0.0039, -0.0054], [0.0157, 0.0103, -0.0160], [-0.0398, 0.0902, -0.0235], [-0.0052, 0.0095, 0.0109],
+    [-0.3527, -0.2712, -0.1666], [-0.0301, -0.0356, -0.0180], [-0.0107, 0.0078, 0.0013], [0.0746, 0.0090, -0.0941],
+    [0.0156, 0.0169, 0.0070], [-0.0034, -0.0040, -0.0114], [0.0032, 0.0181, 0.0080], [-0.0939, -0.0008, 0.0186],
+    [0.0018, 0.0043, 0.0104], [0.0284, 0.0056, -0.0127], [-0.0024, -0.0022, -0.0030], [0.1207, -0.0026, 0.0065],
+    [0.0128, 0.0101, 0.0142], [0.0137, -0.0072, -0.0007], [0.0095, 0.0092, -0.0059], [0.0000, -0.0077, -0.0049],
+    [-0.0465, -0.0204, -0.0312], [0.0095, 0.0012, -0.0066], [0.0290, -0.0034, 0.0025], [0.0220, 0.0169, -0.0048],
+    [-0.0332, -0.0457, -0.0468], [-0.0085, 0.0389, 0.0609], [-0.0076, 0.0003, -0.0043], [-0.0111, -0.0460, -0.0614],
+]
+FLUX2_RGB_BIAS = [-0.0329, -0.0718, -0.0851]
+
+
+def _latent_formats():
+    import comfy.latent_formats
+    return comfy.latent_formats
+
+
+def _bundled_format_class():
+    base = _latent_formats().LatentFormat
+
+    class LensFlux2LatentFormat(base):
+        """Bundled equivalent of ComfyUI's Flux2 latent format for ComfyUI versions that lack it."""
+        latent_channels = 128
+        spacial_downscale_ratio = 16
+        latent_rgb_factors = FLUX2_RGB_FACTORS
+        latent_rgb_factors_bias = FLUX2_RGB_BIAS
+        taesd_decoder_name = "taef2_decoder"
+
+    return LensFlux2LatentFormat
+
+
+def latent_format():
+    """ComfyUI's Flux2 latent format when this ComfyUI has it, else the bundled equivalent."""
+    lf = _latent_formats()
+    if hasattr(lf, "Flux2"):
+        return lf.Flux2()
+    return _bundled_format_class()()
+
+
+def _preview_method():
+    from comfy.cli_args import args
+    return getattr(getattr(args, "preview_method", None), "value", "none"), getattr(args, "preview_size", 512)
+
+
+class BundledLatent2RGB:
+    """Latent2RGB preview of a [B,128,h,w] FLUX.2 latent: 2x2 unpatchify, then the 32x3 factors + bias."""
+
+    def __init__(self, fmt, max_size: int):
+        self.factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)
+        self.bias = torch.tensor(fmt.latent_rgb_factors_bias, dtype=torch.float32)
+        self.max_size = max_size
+
+    def decode_latent_to_preview_image(self, preview_format, x0):
+        from PIL import Image
+
+        x = x0[0].detach().float().cpu()
+        c, h, w = x.shape
+        x = x.reshape(c // 4, 2, 2, h, w).permute(0, 3, 1, 4, 2).reshape(c // 4, 2 * h, 2 * w)
+        rgb = torch.einsum("chw,cr->hwr", x, self.factors) + self.bias
+        img = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).to(torch.uint8)
+        return ("JPEG", Image.fromarray(img.numpy()), self.max_size)
+
+
+def get_previewer(load_device):
+    """A previewer honouring --preview-method (none by default), or None."""
+    method, size = _preview_method()
+    if method == "none":
+        return None
+    fmt = latent_format()
+    if hasattr(_latent_formats(), "Flux2"):
+        import latent_preview
+        return latent_preview.get_previewer(load_device, fmt)
+    return BundledLatent2RGB(fmt, size)
+
+
+class StepReporter:
+    """Per-step callback for lens_core.sampling: interrupt check, ProgressBar update, latent preview.
+
+    ``to_image_latent(x0)`` turns the sampler's x0 (packed tokens) into a [B,128,h,w] latent for previews.
+    """
+
+    def __init__(self, total: int, load_device, to_image_latent, node_id=None):
+        self.pbar = comfy.utils.ProgressBar(total, node_id=node_id) if node_id is not None \
+            else comfy.utils.ProgressBar(total)
+        self.previewer = get_previewer(load_device)
+        self.to_image_latent = to_image_latent
+        self.steps_seen = 0
+
+    def __call__(self, step, total, latents, x0):
+        check_interrupt()
+        preview = None
+        if self.previewer is not None and x0 is not None:
+            preview = self.previewer.decode_latent_to_preview_image("JPEG", self.to_image_latent(x0))
+        self.steps_seen += 1
+        self.pbar.update_absolute(step + 1, total, preview)

@@ -1,0 +1,136 @@
+"""LensTextEncode and the CONDITIONING <-> lens_core text-feature plumbing.
+
+CONDITIONING is ComfyUI's native Lens layout: ``[[cond [B,S,4·D], {"pooled_output": None, "attention_mask":
+[B,S], "num_layers_stacked": 4}]]`` (layer outputs concatenated along the last dim, first layer first). An
+empty prompt is a zero-length cond (S = 0), as native Lens encodes it; the sampler turns it into the official
+empty negative (zero features, all-False mask, the positive's shape).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import comfy_bridge as bridge
+
+NUM_LAYERS = 4
+
+
+class LensTextEncode:
+    DESCRIPTION = "Encode a prompt with the Lens GPT-OSS text encoder (harmony template, layers stacked)."
+    CATEGORY = "Lens/conditioning"
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("Conditioning in ComfyUI's native Lens layout [B,S,4·2880] with attention_mask; "
+                       "interchangeable with native Lens text encoding.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": ("LENS_TEXT_ENCODER", {"tooltip": "From LensTextEncoderLoader or LensCheckpointLoader."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                "tooltip": "The prompt. Leave empty for the negative: an empty prompt gives the "
+                                           "official 'no text' conditioning."}),
+        }}
+
+    def encode(self, text_encoder, text):
+        from ..lens_core import prompt as core_prompt
+
+        if text == "":
+            width = NUM_LAYERS * max(text_encoder.hidden_size, 1)
+            return ([[torch.zeros(1, 0, width), {"pooled_output": None,
+                                                 "attention_mask": torch.zeros(1, 0, dtype=torch.long),
+                                                 "num_layers_stacked": NUM_LAYERS}]],)
+        te = text_encoder
+        tokens = 512
+        bridge.load(te.patcher, memory_required=bridge.text_encoder_memory(1, tokens, te.hidden_size, te.dtype))
+        with torch.inference_mode():
+            feats, mask = core_prompt.encode_prompts(te.module, te.tokenizer, [text], device=te.patcher.load_device)
+            cond = torch.cat([f.float() for f in feats], dim=-1)
+        out = [[bridge.to_intermediate(cond), {"pooled_output": None,
+                                               "attention_mask": bridge.to_intermediate(mask.long()),
+                                               "num_layers_stacked": len(feats)}]]
+        del feats
+        bridge.soft_empty_cache()
+        return (out,)
+
+
+def _entry(conditioning, name):
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError(f"{name}: expected a CONDITIONING from LensTextEncode (a non-empty list), found "
+                         f"{type(conditioning).__name__}")
+    if len(conditioning) != 1:
+        raise ValueError(f"{name}: LensSampler takes a single conditioning entry, found {len(conditioning)} "
+                         f"(combined/area conditioning is not supported); connect LensTextEncode directly")
+    cond, extra = conditioning[0][0], conditioning[0][1]
+    if not torch.is_tensor(cond) or cond.ndim != 3:
+        raise ValueError(f"{name}: expected a conditioning tensor [B,S,width], found "
+                         f"{getattr(cond, 'shape', type(cond).__name__)}")
+    return cond, dict(extra or {})
+
+
+def conditioning_to_features(conditioning, model: bridge.LensModel, name: str):
+    """(features list of 4 × [B,S,D], mask [B,S] bool) from a CONDITIONING, checked against the DiT's width."""
+    cond, extra = _entry(conditioning, name)
+    want = model.text_width
+    if cond.shape[1] == 0:                      # empty prompt (native convention): no text at all
+        layers = model.config.num_text_layers
+        zeros = cond.new_zeros(cond.shape[0], 0, model.config.enc_hidden_dim)
+        return [zeros] * layers, torch.zeros(cond.shape[0], 0, dtype=torch.bool)
+    if cond.shape[-1] != want:
+        raise ValueError(
+            f"{name}: conditioning width {cond.shape[-1]} does not fit this Lens model, which expects "
+            f"{model.config.num_text_layers}×{model.config.enc_hidden_dim} = {want} (4 stacked GPT-OSS layers). "
+            f"It comes from another model's text encoder; encode the prompt with LensTextEncode (or native "
+            f"Lens CLIPTextEncode) instead")
+    layers = int(extra.get("num_layers_stacked", model.config.num_text_layers))
+    if layers != model.config.num_text_layers:
+        raise ValueError(f"{name}: conditioning stacks {layers} text-encoder layers, this Lens model expects "
+                         f"{model.config.num_text_layers}; encode the prompt with LensTextEncode")
+    mask = extra.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(cond.shape[:2], dtype=torch.bool)
+    mask = mask.bool().reshape(cond.shape[0], -1)
+    if mask.shape[1] != cond.shape[1]:
+        raise ValueError(f"{name}: attention_mask has {mask.shape[1]} positions, the conditioning {cond.shape[1]}")
+    return list(cond.chunk(layers, dim=-1)), mask
+
+
+def align_pair(pos, pos_mask, neg, neg_mask, batch):
+    """Bring positive and negative features to one batch size and one length.
+
+    A zero-length negative becomes the official empty negative (zeros + all-False mask of the positive's
+    shape); otherwise the shorter is padded on the right with zeros / False (padded keys are masked out).
+    A batch of 1 is repeated to the latent batch.
+    """
+    from ..lens_core import prompt as core_prompt
+
+    def rep(feats, mask, what):
+        b = mask.shape[0]
+        if b == batch:
+            return feats, mask
+        if b == 1:
+            return [f.expand(batch, -1, -1) for f in feats], mask.expand(batch, -1)
+        raise ValueError(f"{what} conditioning has batch {b}, the latent has batch {batch}; use batch 1 or the "
+                         f"latent's batch size")
+
+    pos, pos_mask = rep(pos, pos_mask, "positive")
+    if pos_mask.shape[1] == 0:                  # empty positive: one fully masked position
+        pos = [f.new_zeros(f.shape[0], 1, f.shape[2]) for f in pos]
+        pos_mask = pos_mask.new_zeros(pos_mask.shape[0], 1)
+    if neg is None:
+        return pos, pos_mask, None, None
+    if neg_mask.shape[1] == 0:
+        neg, neg_mask = core_prompt.empty_negative(pos, pos_mask)
+        return pos, pos_mask, neg, neg_mask
+    neg, neg_mask = rep(neg, neg_mask, "negative")
+    length = max(pos_mask.shape[1], neg_mask.shape[1])
+
+    def pad(feats, mask):
+        extra = length - mask.shape[1]
+        if extra == 0:
+            return feats, mask
+        feats = [torch.cat([f, f.new_zeros(f.shape[0], extra, f.shape[2])], dim=1) for f in feats]
+        return feats, torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
+
+    pos, pos_mask = pad(pos, pos_mask)
+    neg, neg_mask = pad(neg, neg_mask)
+    return pos, pos_mask, neg, neg_mask

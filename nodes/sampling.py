@@ -1,0 +1,124 @@
+"""LensSampler: the official Lens flow-match sampler (lens_core.sampling) driven inside ComfyUI."""
+from __future__ import annotations
+
+import torch
+
+from . import comfy_bridge as bridge
+from .conditioning import align_pair, conditioning_to_features
+from .latents import LATENT_CHANNELS, check_lens_latent
+from ..lens_core import config as core_config
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def lens_latent(latent: dict):
+    """The [B,128,h,w] samples of a LATENT, building Lens-size zeros for an empty latent of another layout
+    (e.g. native EmptyLatentImage's [B,4,H/8,W/8]); ValueError for a non-empty latent of another family."""
+    samples = latent["samples"]
+    if torch.is_tensor(samples) and samples.ndim == 4 and samples.shape[1] != LATENT_CHANNELS \
+            and not torch.count_nonzero(samples):
+        ratio = int(latent.get("downscale_ratio_spacial", 8))
+        height, width = samples.shape[2] * ratio, samples.shape[3] * ratio
+        try:
+            h, w = core_config.validate_size(height, width)
+        except ValueError as exc:
+            raise ValueError(f"LensSampler: the empty latent is {width}×{height} pixels: {exc}. Fix: use a size "
+                             f"that is a multiple of 16, or LensEmptyLatent") from None
+        return torch.zeros(samples.shape[0], LATENT_CHANNELS, h, w)
+    check_lens_latent(samples, "LensSampler")
+    return samples
+
+
+def seeded_noise(seed: int, batch: int, h: int, w: int, batch_index=None) -> torch.Tensor:
+    """Initial noise [B,h·w,128] (fp32, CPU) from lens_core.sampling.make_noise; with a ``batch_index`` (from
+    LatentFromBatch & co.) sample i gets the noise the full batch would have given at index batch_index[i]."""
+    from ..lens_core import sampling as core_sampling
+
+    if not batch_index:
+        return core_sampling.make_noise(seed, batch, h, w)
+    full = core_sampling.make_noise(seed, max(batch_index) + 1, h, w)
+    return full[list(batch_index)]
+
+
+class LensSampler:
+    DESCRIPTION = ("Sample a Lens latent: official flow-match Euler schedule, CFG with norm rescale; "
+                   "'auto' steps/CFG follow the model variant (Lens 20/5, Turbo 4/1, Base 50/5).")
+    CATEGORY = "Lens/sampling"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised Lens latent [B,128,H/16,W/16]; batch_index / noise_mask are kept.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("LENS_MODEL", {"tooltip": "From LensModelLoader or LensCheckpointLoader."}),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt, from LensTextEncode (or native Lens text "
+                                                     "encoding)."}),
+            "negative": ("CONDITIONING", {"tooltip": "The negative prompt; encode an empty text for the official "
+                                                     "'no negative'. Unused at CFG 1."}),
+            "latent_image": ("LATENT", {"tooltip": "LensEmptyLatent (or native EmptyLatentImage) for text-to-image; "
+                                                   "LensVAEEncode output with denoise < 1 for img2img / hires."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                             "tooltip": "Seed of the initial noise (same seed = same image as the lens_core "
+                                        "pipeline)."}),
+            "steps": ("INT", {"default": 0, "min": 0, "max": 1000,
+                              "tooltip": "Sampling steps; 0 = the variant's default (Lens 20, Turbo 4, Base 50)."}),
+            "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance; 0 = the variant's default (Lens 5, Turbo 1, "
+                                         "Base 5). 1 disables guidance (one forward per step)."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "1 = text-to-image from pure noise; < 1 keeps that much of the input "
+                                             "latent's structure (img2img / hires ≈ 0.35)."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id=None):
+        from ..lens_core import sampling as core_sampling
+
+        d_steps, d_cfg = core_config.variant_defaults(model.variant)
+        steps = int(steps) or d_steps
+        cfg = float(cfg) or d_cfg
+        samples = lens_latent(latent_image)
+        batch, _, h, w = samples.shape
+        pos, pos_mask = conditioning_to_features(positive, model, "positive")
+        neg = neg_mask = None
+        if cfg != 1.0:
+            neg, neg_mask = conditioning_to_features(negative, model, "negative")
+        pos, pos_mask, neg, neg_mask = align_pair(pos, pos_mask, neg, neg_mask, batch)
+
+        noise = seeded_noise(int(seed), batch, h, w, latent_image.get("batch_index"))
+        init = None
+        if denoise < 1.0:
+            if not torch.count_nonzero(samples):
+                raise ValueError("LensSampler: denoise < 1 needs an input image latent (LensVAEEncode), found an "
+                                 "empty latent; set denoise to 1 for text-to-image")
+            init = core_config.pack_latents(samples.float())
+
+        device, dtype = model.patcher.load_device, model.dtype
+        text_tokens = pos_mask.shape[1]
+        rows = batch * (2 if neg is not None else 1)
+        bridge.load(model.patcher,
+                    memory_required=bridge.dit_memory(model.config, rows, h * w, text_tokens, dtype),
+                    minimum_memory_required=bridge.dit_memory(model.config, 1, h * w, text_tokens, dtype))
+
+        def move(feats, mask):
+            if feats is None:
+                return None, None
+            return [f.to(device, dtype) for f in feats], mask.to(device)
+
+        pos, pos_mask = move(pos, pos_mask)
+        neg, neg_mask = move(neg, neg_mask)
+        reporter = bridge.StepReporter(
+            steps, device, lambda x0: core_config.unpack_latents(x0[:1].float(), h, w),
+            node_id=unique_id)
+        with torch.inference_mode():
+            out = core_sampling.sample(
+                model.module, noise.to(device, dtype), pos, pos_mask,
+                negative_features=neg, negative_mask=neg_mask, steps=steps, cfg=cfg, grid=(h, w),
+                denoise=float(denoise), init_latents=None if init is None else init.to(device, dtype),
+                callback=reporter)
+            result = bridge.to_intermediate(core_config.unpack_latents(out.float(), h, w))
+        bridge.soft_empty_cache()
+        latent = dict(latent_image)
+        latent.pop("downscale_ratio_spacial", None)
+        latent["samples"] = result
+        return (latent,)

@@ -1,0 +1,241 @@
+"""The example workflows (workflows/*.json, UI format): only existing node types, widget values that validate,
+links that type-check, and the conversion to ComfyUI's API format used by the real-ComfyUI tests.
+
+``object_info`` here is built from the pack's own node classes plus the input specs of the few core ComfyUI
+nodes the workflows use (ComfyUI 0.3.64: SaveImage, UpscaleModelLoader, ImageUpscaleWithModel, ImageScale).
+The real-ComfyUI test (test_comfyui_integration.py) validates the same files against a live /object_info.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+UI_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+
+# Input specs of the core nodes used by the workflows, as ComfyUI 0.3.64's /object_info reports them
+# (nodes.py SaveImage / ImageScale, comfy_extras/nodes_upscale_model.py).
+CORE_OBJECT_INFO = {
+    "SaveImage": {"input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
+                  "input_order": {"required": ["images", "filename_prefix"]}, "output": []},
+    "UpscaleModelLoader": {"input": {"required": {"model_name": [["4x-UltraSharp.pth"]]}},
+                           "input_order": {"required": ["model_name"]}, "output": ["UPSCALE_MODEL"]},
+    "ImageUpscaleWithModel": {"input": {"required": {"upscale_model": ["UPSCALE_MODEL"], "image": ["IMAGE"]}},
+                              "input_order": {"required": ["upscale_model", "image"]}, "output": ["IMAGE"]},
+    "ImageScale": {"input": {"required": {
+        "image": ["IMAGE"],
+        "upscale_method": [["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]],
+        "width": ["INT", {"default": 512, "min": 0, "max": 16384, "step": 1}],
+        "height": ["INT", {"default": 512, "min": 0, "max": 16384, "step": 1}],
+        "crop": [["disabled", "center"]]}},
+        "input_order": {"required": ["image", "upscale_method", "width", "height", "crop"]}, "output": ["IMAGE"]},
+}
+
+
+def object_info_of(mappings) -> dict:
+    """/object_info-like entries for V1 node classes (the fields the converter and the checks use)."""
+    info = {}
+    for name, cls in mappings.items():
+        inputs = cls.INPUT_TYPES()
+        info[name] = {
+            "input": {k: {n: list(v) for n, v in inputs.get(k, {}).items()} for k in ("required", "optional")
+                      if k in inputs},
+            "input_order": {k: list(inputs[k]) for k in ("required", "optional") if k in inputs},
+            "output": list(cls.RETURN_TYPES),
+        }
+    return info
+
+
+def _is_widget(spec) -> bool:
+    t = spec[0]
+    return isinstance(t, list) or t in WIDGET_TYPES
+
+
+def _has_control_widget(name, spec) -> bool:
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return spec[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed"))
+
+
+def widget_values(node: dict, info: dict) -> dict:
+    """Map a UI node's positional ``widgets_values`` to input names (skipping the frontend's
+    control_after_generate values); inputs fed by a link are not widgets."""
+    linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+    values = list(node.get("widgets_values") or [])
+    out, pos = {}, 0
+    for section in ("required", "optional"):
+        for name in info["input_order"].get(section, []):
+            spec = info["input"][section][name]
+            if not _is_widget(spec) or name in linked:
+                continue
+            if pos >= len(values):
+                if section == "required":
+                    raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}")
+                continue
+            out[name] = values[pos]
+            pos += 1
+            if _has_control_widget(name, spec):
+                pos += 1
+    if pos != len(values):
+        raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values, {pos} expected")
+    return out
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a UI-format workflow into an API prompt (what the editor's "Export (API)" produces)."""
+    links = {l[0]: l for l in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in UI_ONLY_NODES or node.get("mode", 0) in (2, 4):
+            continue
+        info = object_info[node["type"]]
+        inputs = widget_values(node, info)
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                _, src, slot, _dst, _dslot, _t = links[inp["link"]]
+                inputs[inp["name"]] = [str(src), slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
+                                   "_meta": {"title": node.get("title", node["type"])}}
+    return prompt
+
+
+def validate_value(name, spec, value) -> str | None:
+    """None if ``value`` is acceptable for the input ``spec`` the way ComfyUI's validation checks it."""
+    t = spec[0]
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if isinstance(t, list):
+        return None if value in t else f"{name}={value!r} not in {t}"
+    if t == "INT":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{name}={value!r} is not an INT"
+    elif t == "FLOAT":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{name}={value!r} is not a FLOAT"
+    elif t == "STRING":
+        return None if isinstance(value, str) else f"{name}={value!r} is not a STRING"
+    elif t == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{name}={value!r} is not a BOOLEAN"
+    if "min" in opts and value < opts["min"]:
+        return f"{name}={value} < min {opts['min']}"
+    if "max" in opts and value > opts["max"]:
+        return f"{name}={value} > max {opts['max']}"
+    return None
+
+
+def check_workflow(workflow: dict, object_info: dict, check_combos: bool = True) -> list[str]:
+    """All problems found in a UI workflow against ``object_info`` (empty list = valid)."""
+    problems = []
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        if node["type"] in UI_ONLY_NODES:
+            continue
+        if node["type"] not in object_info:
+            problems.append(f"node {node['id']}: unknown node type {node['type']!r}")
+            continue
+        info = object_info[node["type"]]
+        try:
+            values = widget_values(node, info)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                if name in values:
+                    if isinstance(spec[0], list) and not check_combos:
+                        continue
+                    err = validate_value(name, spec, values[name])
+                    if err:
+                        problems.append(f"node {node['id']} ({node['type']}): {err}")
+                elif section == "required" and not _is_widget(spec):
+                    linked = [i for i in node.get("inputs", []) if i["name"] == name and i.get("link") is not None]
+                    if not linked:
+                        problems.append(f"node {node['id']} ({node['type']}): required input {name!r} not connected")
+    for lid, src, sslot, dst, dslot, typ in workflow["links"]:
+        out_type = object_info[nodes[src]["type"]]["output"][sslot]
+        dst_node = nodes[dst]
+        in_name = dst_node["inputs"][dslot]["name"]
+        dst_info = object_info[dst_node["type"]]["input"]
+        spec = dst_info.get("required", {}).get(in_name) or dst_info.get("optional", {}).get(in_name)
+        if spec is None or spec[0] != out_type or typ != out_type:
+            problems.append(f"link {lid}: {nodes[src]['type']} output {sslot} ({out_type}) -> "
+                            f"{dst_node['type']}.{in_name} ({spec and spec[0]}) does not type-check")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def pack_object_info():
+    from test_nodes import import_pack
+
+    info = object_info_of(import_pack().NODE_CLASS_MAPPINGS)
+    info.update(CORE_OBJECT_INFO)
+    return info
+
+
+def test_three_workflows_exist():
+    names = {p.stem for p in WORKFLOWS}
+    assert {"lens_t2i", "lens_turbo_t2i", "lens_hires"} <= names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_is_valid_ui_format(path, pack_object_info):
+    wf = json.loads(path.read_text())
+    for key in ("nodes", "links", "last_node_id", "last_link_id", "version"):
+        assert key in wf, key
+    assert wf["last_node_id"] >= max(n["id"] for n in wf["nodes"])
+    # combos listing model files depend on the user's folders: checked for type only
+    assert check_workflow(wf, pack_object_info, check_combos=False) == []
+    # every combo of a Lens node that is not a file list validates exactly
+    for node in wf["nodes"]:
+        info = pack_object_info[node["type"]]
+        for name, value in widget_values(node, info).items():
+            spec = info["input"]["required"][name]
+            if isinstance(spec[0], list) and not name.endswith(("_name", "folder")):
+                assert value in spec[0], (path.name, node["type"], name, value)
+
+
+def test_workflow_settings(pack_object_info):
+    def samplers(name):
+        wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+        api = ui_to_api(wf, pack_object_info)
+        return api, [n["inputs"] for n in api.values() if n["class_type"] == "LensSampler"]
+
+    api, (s,) = samplers("lens_t2i")
+    assert (s["steps"], s["cfg"], s["denoise"]) == (20, 5.0, 1.0)
+    (lat,) = [n["inputs"] for n in api.values() if n["class_type"] == "LensEmptyLatent"]
+    assert lat["base_resolution"] == 1440
+    _, (s,) = samplers("lens_turbo_t2i")
+    assert (s["steps"], s["cfg"]) == (4, 1.0)
+    api, (base, hires) = samplers("lens_hires")
+    assert base["denoise"] == 1.0 and abs(hires["denoise"] - 0.35) < 1e-9
+    types = [n["class_type"] for n in api.values()]
+    for t in ("UpscaleModelLoader", "ImageUpscaleWithModel", "LensVAEEncode", "SaveImage"):
+        assert t in types
+    (lat,) = [n["inputs"] for n in api.values() if n["class_type"] == "LensEmptyLatent"]
+    assert lat["base_resolution"] == 1024
+
+
+def test_converter_links_and_widgets(pack_object_info):
+    wf = json.loads((REPO / "workflows" / "lens_t2i.json").read_text())
+    api = ui_to_api(wf, pack_object_info)
+    sampler = next(n for n in api.values() if n["class_type"] == "LensSampler")
+    assert sampler["inputs"]["model"] == ["1", 0]
+    assert sampler["inputs"]["seed"] == 42          # the "randomize" control value is skipped
+    assert next(n for n in api.values() if n["class_type"] == "SaveImage")["inputs"]["images"] == ["8", 0]
+
+
+def test_checker_catches_bad_values(pack_object_info):
+    wf = json.loads((REPO / "workflows" / "lens_t2i.json").read_text())
+    bad = json.loads(json.dumps(wf))
+    for n in bad["nodes"]:
+        if n["type"] == "LensEmptyLatent":
+            n["widgets_values"][0] = "5:7"
+        if n["type"] == "LensSampler":
+            n["widgets_values"][3] = 99.0
+    bad["nodes"].append({"id": 99, "type": "NoSuchNode", "inputs": [], "outputs": [], "widgets_values": []})
+    problems = check_workflow(bad, pack_object_info)
+    assert any("5:7" in p for p in problems)
+    assert any("cfg=99.0" in p for p in problems)
+    assert any("NoSuchNode" in p for p in problems)
