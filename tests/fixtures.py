@@ -1,0 +1,326 @@
+"""Tiny checkpoint writers in the exact real layouts of every Lens checkpoint family.
+
+Each writer derives its weights from the golden tiny models (../shared/golden: ``dit_tiny/transformer``,
+``pipeline_tiny/{transformer,text_encoder,vae}``), so a test can compare what a family loads to against the plain
+fp32 tiny model. Layout facts: ../shared/docs/checkpoint_formats.md.
+
+Families (``FAMILIES``):
+
+==========================  =======================================================================================
+``diffusers``               a whole diffusers folder: model_index.json, transformer/ as fp32 shards + index,
+                            text_encoder/ as 3 MXFP4 shards + index, vae/, tokenizer/ (with tokenizer.json),
+                            scheduler/
+``comfy-dit-bf16``          ``lens_bf16.safetensors``: DiT, diffusers names, no prefix, all BF16
+``comfy-dit-mxfp8``         ``lens_mxfp8.safetensors``: block Linears (not img_mod/txt_mod) MXFP8 with E8M0 scales
+                            in cuBLAS-tiled order + ``.comfy_quant`` JSON markers; everything else BF16
+``comfy-te-nvfp4``          ``gpt_oss_20b_nvfp4.safetensors``: GPT-OSS without ``model.``; experts NVFP4 (U8 data
+                            high nibble first, tiled F8_E4M3 block scales, F32 per-expert global scale, comfy_quant)
+                            + the embedded ``tokenizer_json`` U8 tensor
+``vae-diffusers``           ``flux2-vae.safetensors`` with diffusers names (the Comfy-Org/Lens file)
+``vae-bfl``                 ``flux2-vae.safetensors`` with BFL/LDM names (the Klein repos' file)
+==========================  =======================================================================================
+
+The NVFP4 encoder re-encodes the golden MXFP4 experts *losslessly*: the golden E8M0 exponents lie in
+{121, 122, 123}, so with the per-expert global scale 2^-6 every block scale is an exact E4M3 power of two and the
+E2M1 codes are kept. The MXFP8 DiT is a real (lossy) quantization of the fp32 weights with ComfyUI's rule.
+
+Writers use safetensors' ``save_file`` (test-side only); nothing here is imported by lens_core.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lens_core import quant_linear as ql
+
+FAMILIES = ("diffusers", "comfy-dit-bf16", "comfy-dit-mxfp8", "comfy-te-nvfp4", "vae-diffusers", "vae-bfl")
+
+FORMAT_META = {"format": "pt"}
+
+
+def _golden(golden_dir) -> pathlib.Path:
+    return pathlib.Path(golden_dir)
+
+
+def dit_state_dict(golden_dir, which="dit_tiny") -> dict:
+    """fp32 DiT weights: ``dit_tiny`` (with golden io) or ``pipeline`` (the pipeline_tiny transformer)."""
+    g = _golden(golden_dir)
+    p = g / "dit_tiny" / "transformer" if which == "dit_tiny" else g / "pipeline_tiny" / "transformer"
+    return load_file(str(p / "diffusion_pytorch_model.safetensors"))
+
+
+def dit_config(golden_dir, which="dit_tiny") -> dict:
+    g = _golden(golden_dir)
+    p = g / "dit_tiny" / "transformer" if which == "dit_tiny" else g / "pipeline_tiny" / "transformer"
+    return json.loads((p / "config.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusers folder
+# --------------------------------------------------------------------------------------------------
+def _write_sharded(sd: dict, folder: pathlib.Path, stem: str, index_name: str, groups: list[list[str]]):
+    """Write ``sd`` as shards ``{stem}-0000i-of-0000N.safetensors`` + a huggingface-style index."""
+    n = len(groups)
+    weight_map, total = {}, 0
+    for i, keys in enumerate(groups, 1):
+        name = f"{stem}-{i:05d}-of-{n:05d}.safetensors"
+        part = {k: sd[k].contiguous() for k in keys}
+        save_file(part, str(folder / name), metadata=FORMAT_META)
+        for k, t in part.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+    (folder / index_name).write_text(json.dumps({"metadata": {"total_size": total},
+                                                 "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+
+def write_diffusers_folder(out, golden_dir, tokenizer_json, name="Lens-tiny") -> pathlib.Path:
+    """A complete diffusers Lens folder ``out/name``: transformer as 2 fp32 shards, text encoder as 3 shards."""
+    g = _golden(golden_dir) / "pipeline_tiny"
+    root = pathlib.Path(out) / name
+    root.mkdir(parents=True)
+    shutil.copy(g / "model_index.json", root / "model_index.json")
+    for sub in ("scheduler", "vae"):
+        shutil.copytree(g / sub, root / sub)
+    tok = root / "tokenizer"
+    shutil.copytree(g / "tokenizer", tok)
+    shutil.copy(tokenizer_json, tok / "tokenizer.json")
+    # transformer: fp32 shards split after block 0 (globals + block 0 | block 1)
+    tr = root / "transformer"
+    tr.mkdir()
+    shutil.copy(g / "transformer" / "config.json", tr / "config.json")
+    sd = load_file(str(g / "transformer" / "diffusion_pytorch_model.safetensors"))
+    first = sorted(k for k in sd if not k.startswith("transformer_blocks.1."))
+    second = sorted(k for k in sd if k.startswith("transformer_blocks.1."))
+    _write_sharded(sd, tr, "diffusion_pytorch_model", "diffusion_pytorch_model.safetensors.index.json",
+                   [first, second])
+    # text encoder: 3 shards like the real folder (embeddings + final norm | layers 0-2 | layers 3-5)
+    te = root / "text_encoder"
+    te.mkdir()
+    for f in ("config.json", "generation_config.json"):
+        shutil.copy(g / "text_encoder" / f, te / f)
+    tsd = te_state_dict(golden_dir)
+    glob = sorted(k for k in tsd if not k.startswith("model.layers."))
+    lo = sorted(k for k in tsd if k.startswith("model.layers.") and int(k.split(".")[2]) < 3)
+    hi = sorted(k for k in tsd if k.startswith("model.layers.") and int(k.split(".")[2]) >= 3)
+    _write_sharded(tsd, te, "model", "model.safetensors.index.json", [glob, lo, hi])
+    return root
+
+
+def te_state_dict(golden_dir) -> dict:
+    """The golden tiny GPT-OSS in its on-disk MXFP4 layout (``model.`` names), merged over its shards."""
+    d = _golden(golden_dir) / "pipeline_tiny" / "text_encoder"
+    sd = {}
+    for f in sorted(d.glob("model-*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+# --------------------------------------------------------------------------------------------------
+# Comfy-Org DiT single files
+# --------------------------------------------------------------------------------------------------
+def write_comfy_dit_bf16(path, golden_dir, which="dit_tiny", prefix="") -> pathlib.Path:
+    """``lens_bf16.safetensors``: the DiT in BF16 with diffusers names (optionally under ``prefix``)."""
+    sd = {prefix + k: v.to(torch.bfloat16).contiguous() for k, v in dit_state_dict(golden_dir, which).items()}
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def mxfp8_layer_names(sd: dict) -> list[str]:
+    """The Linears the tiny MXFP8 file quantizes: every 2-D block weight except img_mod/txt_mod, whose input
+    width is a multiple of 32 (the tiny GateMLP w2 has 341 inputs and stays BF16; all real Lens Linears are
+    aligned, checkpoint_formats.md §2.3)."""
+    out = []
+    for k, v in sd.items():
+        if k.startswith("transformer_blocks.") and k.endswith(".weight") and v.ndim == 2 \
+                and "_mod." not in k and v.shape[1] % 32 == 0:
+            out.append(k[: -len(".weight")])
+    return sorted(out)
+
+
+def comfy_quant_tensor(obj: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8)
+
+
+def write_comfy_dit_mxfp8(path, golden_dir, which="dit_tiny", marker_format="mxfp8") -> tuple[pathlib.Path, dict]:
+    """``lens_mxfp8.safetensors``. Returns (path, the fp32 state dict the file encodes exactly).
+
+    ``marker_format`` lets a test write an unknown quantization marker.
+    """
+    src = dit_state_dict(golden_dir, which)
+    layers = set(mxfp8_layer_names(src))
+    sd, exact = {}, {}
+    for k, v in src.items():
+        layer = k[: -len(".weight")] if k.endswith(".weight") else None
+        if layer in layers:
+            data, e = ql.quantize_mxfp8(v)
+            sd[k] = data
+            sd[layer + ".weight_scale"] = ql.tile_scales(e)
+            sd[layer + ".comfy_quant"] = comfy_quant_tensor({"format": marker_format})
+            exact[k] = ql.dequantize_mxfp8(data, e)
+        else:
+            sd[k] = v.to(torch.bfloat16)
+            exact[k] = sd[k].float()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.contiguous() for k, t in sd.items()}, str(path))
+    return path, exact
+
+
+# --------------------------------------------------------------------------------------------------
+# Comfy-Org NVFP4 text encoder
+# --------------------------------------------------------------------------------------------------
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _mxfp4_blocks_to_nvfp4(blocks: torch.Tensor, scales: torch.Tensor, global_exp: int = -6):
+    """MXFP4 ``[E, out, G, 16]`` (low nibble = even) + E8M0 ``[E, out, G]`` → NVFP4 (U8 ``[E, out, in/2]`` high
+    nibble = even, tiled F8_E4M3 ``[E, Rp, Cp]``, F32 ``[E]``), exactly (power-of-two scales)."""
+    e, out, g, _ = blocks.shape
+    lo = blocks & 0x0F
+    hi = blocks >> 4
+    codes = torch.stack([lo, hi], dim=-1).reshape(e, out, g * 32)           # element order
+    packed = ((codes[..., 0::2] << 4) | codes[..., 1::2]).to(torch.uint8)   # even element in the high nibble
+    exps = scales.to(torch.int32) - 127 - global_exp                         # per 32 → two per-16 blocks
+    block = torch.pow(2.0, exps.float()).repeat_interleave(2, dim=-1)       # [E, out, in/16]
+    fp8 = block.to(torch.float8_e4m3fn)
+    if not torch.equal(fp8.float(), block):
+        raise AssertionError("block scale not exactly representable in E4M3")
+    tiled = ql.tile_scales(fp8.view(torch.uint8)).view(torch.float8_e4m3fn)
+    glob = torch.full((e,), 2.0 ** global_exp, dtype=torch.float32)
+    return packed, tiled, glob
+
+
+def write_comfy_te_nvfp4(path, golden_dir, tokenizer_json, embed_tokenizer=True) -> pathlib.Path:
+    """``gpt_oss_20b_nvfp4.safetensors`` re-encoded losslessly from the golden tiny MXFP4 encoder."""
+    src = te_state_dict(golden_dir)
+    sd = {}
+    for k, v in src.items():
+        name = k[len("model."):] if k.startswith("model.") else k
+        if name.endswith(("_proj_blocks", "_proj_scales")):
+            continue
+        if name.endswith(("gate_up_proj_bias", "down_proj_bias")):
+            sd[name.replace("_proj_bias", "_proj.bias")] = v
+            continue
+        sd[name] = v
+    for k in src:
+        if k.endswith("_proj_blocks"):
+            stem = k[: -len("_blocks")]
+            packed, tiled, glob = _mxfp4_blocks_to_nvfp4(src[k], src[stem + "_scales"])
+            name = stem[len("model."):]
+            sd[name + ".weight"] = packed
+            sd[name + ".weight_scale"] = tiled
+            sd[name + ".weight_scale_2"] = glob
+            sd[name + ".comfy_quant"] = comfy_quant_tensor({"format": "nvfp4", "num_experts": int(packed.shape[0])})
+    if embed_tokenizer:
+        raw = pathlib.Path(tokenizer_json).read_bytes()
+        sd["tokenizer_json"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.contiguous() for k, t in sd.items()}, str(path))
+    return path
+
+
+def te_config(golden_dir) -> dict:
+    return json.loads((_golden(golden_dir) / "pipeline_tiny" / "text_encoder" / "config.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# VAE single files
+# --------------------------------------------------------------------------------------------------
+def vae_state_dict(golden_dir) -> dict:
+    return load_file(str(_golden(golden_dir) / "pipeline_tiny" / "vae" / "diffusion_pytorch_model.safetensors"))
+
+
+def vae_config(golden_dir) -> dict:
+    return json.loads((_golden(golden_dir) / "pipeline_tiny" / "vae" / "config.json").read_text())
+
+
+def _diffusers_vae_key_to_bfl(k: str, levels: int) -> str:
+    """checkpoint_formats.md §4.3, diffusers → BFL file names (independent of lens_core.vae on purpose)."""
+    import re
+
+    rules = [
+        (r"^quant_conv\.", "encoder.quant_conv."),
+        (r"^post_quant_conv\.", "decoder.post_quant_conv."),
+        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv_shortcut\.", r"encoder.down.\1.block.\2.nin_shortcut."),
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_(q|k|v)\.", r"\1.mid.attn_1.\2."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
+    ]
+    m = re.match(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)$", k)
+    if m:
+        return f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{m.group(3)}".replace("conv_shortcut", "nin_shortcut")
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.*)$", k)
+    if m:
+        i = levels - 1 - int(m.group(1))
+        if m.group(2) == "upsamplers":
+            return f"decoder.up.{i}.upsample.{m.group(4)}"
+        return f"decoder.up.{i}.block.{m.group(3)}.{m.group(4)}".replace("conv_shortcut", "nin_shortcut")
+    for pat, rep in rules:
+        if re.match(pat, k):
+            return re.sub(pat, rep, k)
+    return k
+
+
+def write_vae(path, golden_dir, scheme="diffusers") -> pathlib.Path:
+    """``flux2-vae.safetensors`` in the diffusers (Comfy-Org/Lens) or BFL/LDM (Klein) naming scheme."""
+    sd = vae_state_dict(golden_dir)
+    if scheme == "bfl":
+        levels = len(vae_config(golden_dir)["block_out_channels"])
+        out = {}
+        for k, v in sd.items():
+            nk = _diffusers_vae_key_to_bfl(k, levels)
+            if ".mid.attn_1." in nk and not nk.endswith("norm.weight") and not nk.endswith("norm.bias") \
+                    and nk.endswith(".weight"):
+                v = v[:, :, None, None]
+            out[nk] = v
+        sd = out
+    elif scheme != "diffusers":
+        raise ValueError(f"scheme: expected 'diffusers' or 'bfl', got {scheme!r}")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.contiguous() for k, t in sd.items()}, str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------------
+def write_truncated(src, dst, keep_fraction=0.6) -> pathlib.Path:
+    raw = pathlib.Path(src).read_bytes()
+    dst = pathlib.Path(dst)
+    dst.write_bytes(raw[: int(len(raw) * keep_fraction)])
+    return dst
+
+
+def write_sd_checkpoint(path) -> pathlib.Path:
+    """A tiny file with Stable Diffusion (LDM) UNet/VAE key names."""
+    sd = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+          "model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3),
+          "first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)}
+    save_file(sd, str(path))
+    return pathlib.Path(path)
+
+
+def write_flux1_checkpoint(path) -> pathlib.Path:
+    """A tiny file with FLUX.1 (BFL) transformer key names."""
+    sd = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8), "img_in.weight": torch.zeros(8, 64),
+          "single_blocks.0.linear1.weight": torch.zeros(8, 8)}
+    save_file(sd, str(path))
+    return pathlib.Path(path)
+
+
+def write_pickle_lookalike(path) -> pathlib.Path:
+    """Bytes shaped like a torch.save zip archive (never unpickled; the loader must refuse it by itself)."""
+    pathlib.Path(path).write_bytes(b"PK\x03\x04" + b"\x00" * 60 + b"archive/data.pkl")
+    return pathlib.Path(path)
