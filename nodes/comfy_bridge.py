@@ -30,7 +30,7 @@ def operations():
     return comfy.ops.manual_cast
 
 
-def devices(role: str) -> tuple[torch.device, torch.device]:
+def _role_devices(role: str) -> tuple[torch.device, torch.device]:
     """(load_device, offload_device) ComfyUI uses for a model of this role."""
     if role == "diffusion":
         return mm.get_torch_device(), mm.unet_offload_device()
@@ -41,14 +41,17 @@ def devices(role: str) -> tuple[torch.device, torch.device]:
     raise ValueError(f"unknown model role {role!r}: expected one of {ROLES}")
 
 
+devices = _role_devices
+
+
 def compute_dtype(role: str, load_device) -> torch.dtype:
     """The dtype activations run in: ComfyUI's choice for the role (never fp16 for the DiT: it gives NaNs)."""
     if role == "diffusion":
         dt = mm.unet_dtype(load_device, supported_dtypes=[torch.bfloat16, torch.float32])
     elif role == "vae":
         dt = mm.vae_dtype(load_device, allowed_dtypes=[torch.bfloat16, torch.float32])
-    else:
-        dt = mm.text_encoder_dtype(load_device)
+    else:   # GPT-OSS runs in bf16 (ComfyUI's own text-encoder default, fp16, is not used for it); fp32 on CPU
+        dt = mm.unet_dtype(load_device, supported_dtypes=[torch.bfloat16, torch.float32])
     return dt if dt in (torch.bfloat16, torch.float32) else torch.float32
 
 
@@ -74,8 +77,8 @@ def soft_empty_cache():
 # model handles (the LENS_MODEL / LENS_TEXT_ENCODER / LENS_VAE custom types)
 
 
-def make_patcher(module: torch.nn.Module, role: str, size: int = 0):
-    load_device, offload_device = devices(role)
+def make_patcher(module: torch.nn.Module, role: str, size: int = 0, devices=None):
+    load_device, offload_device = devices or _role_devices(role)
     return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device,
                                             size=size)
 

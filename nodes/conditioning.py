@@ -94,43 +94,12 @@ def conditioning_to_features(conditioning, model: bridge.LensModel, name: str):
     return list(cond.chunk(layers, dim=-1)), mask
 
 
-def align_pair(pos, pos_mask, neg, neg_mask, batch):
-    """Bring positive and negative features to one batch size and one length.
-
-    A zero-length negative becomes the official empty negative (zeros + all-False mask of the positive's
-    shape); otherwise the shorter is padded on the right with zeros / False (padded keys are masked out).
-    A batch of 1 is repeated to the latent batch.
-    """
-    from ..lens_core import prompt as core_prompt
-
-    def rep(feats, mask, what):
-        b = mask.shape[0]
-        if b == batch:
-            return feats, mask
-        if b == 1:
-            return [f.expand(batch, -1, -1) for f in feats], mask.expand(batch, -1)
-        raise ValueError(f"{what} conditioning has batch {b}, the latent has batch {batch}; use batch 1 or the "
-                         f"latent's batch size")
-
-    pos, pos_mask = rep(pos, pos_mask, "positive")
-    if pos_mask.shape[1] == 0:                  # empty positive: one fully masked position
-        pos = [f.new_zeros(f.shape[0], 1, f.shape[2]) for f in pos]
-        pos_mask = pos_mask.new_zeros(pos_mask.shape[0], 1)
-    if neg is None:
-        return pos, pos_mask, None, None
-    if neg_mask.shape[1] == 0:
-        neg, neg_mask = core_prompt.empty_negative(pos, pos_mask)
-        return pos, pos_mask, neg, neg_mask
-    neg, neg_mask = rep(neg, neg_mask, "negative")
-    length = max(pos_mask.shape[1], neg_mask.shape[1])
-
-    def pad(feats, mask):
-        extra = length - mask.shape[1]
-        if extra == 0:
-            return feats, mask
-        feats = [torch.cat([f, f.new_zeros(f.shape[0], extra, f.shape[2])], dim=1) for f in feats]
-        return feats, torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
-
-    pos, pos_mask = pad(pos, pos_mask)
-    neg, neg_mask = pad(neg, neg_mask)
-    return pos, pos_mask, neg, neg_mask
+def match_batch(feats, mask, batch: int, name: str):
+    """Repeat a batch-1 conditioning to the latent batch; ValueError for any other mismatch."""
+    b = mask.shape[0]
+    if b == batch:
+        return feats, mask
+    if b == 1:
+        return [f.expand(batch, -1, -1) for f in feats], mask.expand(batch, -1)
+    raise ValueError(f"{name}: conditioning batch {b} does not match the latent batch {batch}; encode one prompt "
+                     f"(batch 1) or as many as the latent batch")

@@ -25,15 +25,17 @@ def _checkpoints():
     return checkpoints
 
 
+_WHERE = {"diffusion": ("Lens DiT", "models/diffusion_models", "LensModelLoader"),
+          "text_encoder": ("GPT-OSS text encoder", "models/text_encoders", "LensTextEncoderLoader"),
+          "vae": ("FLUX.2 VAE", "models/vae", "LensVAELoader")}
+
+
 def _wrong_file(path, role, exc):
-    """Re-raise a checkpoint error as a ValueError saying which loader the file belongs to."""
-    hint = {"diffusion": "LensModelLoader takes a Lens DiT file (diffusion_models/lens*_bf16.safetensors) or a "
-                         "diffusers Lens folder",
-            "text_encoder": "LensTextEncoderLoader takes the GPT-OSS text encoder "
-                            "(text_encoders/gpt_oss_20b_*.safetensors) or a diffusers Lens folder",
-            "vae": "LensVAELoader takes the FLUX.2 VAE (vae/flux2-vae.safetensors) or a diffusers Lens folder"}[role]
-    return ValueError(f"{path}: not a usable Lens {role.replace('_', ' ')} checkpoint ({exc}). {hint}; "
-                      f"pick the matching file in this loader.")
+    """A ValueError naming the file, what it is, and which loader/folder it belongs to."""
+    what, _folder, node = _WHERE[role]
+    others = "; ".join(f"a {w} goes in {f} and loads with {n}" for r, (w, f, n) in _WHERE.items() if r != role)
+    return ValueError(f"{node}: {path} is not a usable {what} checkpoint ({exc}). Fix: pick a {what} file or a "
+                      f"diffusers Lens folder in this loader ({others}).")
 
 
 def load_model(path: str, weight_dtype: str = "default", variant: str = "auto") -> bridge.LensModel:
@@ -60,9 +62,12 @@ def load_model(path: str, weight_dtype: str = "default", variant: str = "auto") 
 def load_text_encoder(path: str, device: str = "default", experts: str = "packed") -> bridge.LensTextEncoder:
     ck = _checkpoints()
     load_device, offload_device = bridge.devices("text_encoder")
+    if device == "cpu":
+        load_device = offload_device = torch.device("cpu")
+    cdt = bridge.compute_dtype("text_encoder", load_device)
     src = bridge.component_path(path, "text_encoder")
     try:
-        module = ck.load_text_encoder(src, operations=bridge.operations(), device=offload_device,
+        module = ck.load_text_encoder(src, dtype=cdt, device=offload_device, operations=bridge.operations(),
                                       experts=experts)
     except (ValueError, KeyError) as exc:
         raise _wrong_file(src, "text_encoder", exc) from exc
@@ -70,10 +75,8 @@ def load_text_encoder(path: str, device: str = "default", experts: str = "packed
         os.path.isfile(os.path.join(path, bridge.DIFFUSERS_MARKER)) else src
     tokenizer = ck.load_tokenizer(tok_src)
     module.eval()
-    patcher = bridge.make_patcher(module, "text_encoder")
-    if device == "cpu":
-        patcher.load_device = torch.device("cpu")
-    cdt = bridge.compute_dtype("text_encoder", patcher.load_device)
+    module.compute_dtype = cdt
+    patcher = bridge.make_patcher(module, "text_encoder", devices=(load_device, offload_device))
     cfg = getattr(module, "config", None)
     return bridge.LensTextEncoder(patcher=patcher, tokenizer=tokenizer, dtype=cdt, path=path,
                                   hidden_size=int(getattr(cfg, "hidden_size", 0) or 0),
@@ -83,14 +86,15 @@ def load_text_encoder(path: str, device: str = "default", experts: str = "packed
 def load_vae(path: str) -> bridge.LensVAE:
     ck = _checkpoints()
     load_device, offload_device = bridge.devices("vae")
+    cdt = bridge.compute_dtype("vae", load_device)
     src = bridge.component_path(path, "vae")
     try:
-        module = ck.load_vae(src, operations=bridge.operations(), device=offload_device)
+        module = ck.load_vae(src, dtype=cdt, device=offload_device, operations=bridge.operations())
     except (ValueError, KeyError) as exc:
         raise _wrong_file(src, "vae", exc) from exc
     module.eval()
-    return bridge.LensVAE(patcher=bridge.make_patcher(module, "vae"),
-                          dtype=bridge.compute_dtype("vae", load_device), path=path)
+    module.compute_dtype = cdt
+    return bridge.LensVAE(patcher=bridge.make_patcher(module, "vae"), dtype=cdt, path=path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import comfy_bridge as bridge
-from .conditioning import align_pair, conditioning_to_features
+from .conditioning import conditioning_to_features, match_batch
 from .latents import LATENT_CHANNELS, check_lens_latent
 from ..lens_core import config as core_config
 
@@ -79,11 +79,17 @@ class LensSampler:
         cfg = float(cfg) or d_cfg
         samples = lens_latent(latent_image)
         batch, _, h, w = samples.shape
-        pos, pos_mask = conditioning_to_features(positive, model, "positive")
-        neg = neg_mask = None
+        pos, pos_mask = match_batch(*conditioning_to_features(positive, model, "positive"), batch, "positive")
+        if pos_mask.shape[1] == 0:              # empty positive prompt: one fully masked text position
+            pos = [f.new_zeros(batch, 1, f.shape[2]) for f in pos]
+            pos_mask = torch.zeros(batch, 1, dtype=torch.bool)
+        neg = neg_mask = None                   # None = the official empty negative (zeros, all-False mask)
         if cfg != 1.0:
             neg, neg_mask = conditioning_to_features(negative, model, "negative")
-        pos, pos_mask, neg, neg_mask = align_pair(pos, pos_mask, neg, neg_mask, batch)
+            if neg_mask.shape[1] == 0:
+                neg = neg_mask = None
+            else:
+                neg, neg_mask = match_batch(neg, neg_mask, batch, "negative")
 
         noise = seeded_noise(int(seed), batch, h, w, latent_image.get("batch_index"))
         init = None
@@ -94,28 +100,22 @@ class LensSampler:
             init = core_config.pack_latents(samples.float())
 
         device, dtype = model.patcher.load_device, model.dtype
-        text_tokens = pos_mask.shape[1]
-        rows = batch * (2 if neg is not None else 1)
+        text_tokens = max(pos_mask.shape[1], 0 if neg_mask is None else neg_mask.shape[1])
+        rows = batch * (1 if cfg == 1.0 else 2)
         bridge.load(model.patcher,
                     memory_required=bridge.dit_memory(model.config, rows, h * w, text_tokens, dtype),
                     minimum_memory_required=bridge.dit_memory(model.config, 1, h * w, text_tokens, dtype))
 
-        def move(feats, mask):
-            if feats is None:
-                return None, None
-            return [f.to(device, dtype) for f in feats], mask.to(device)
-
-        pos, pos_mask = move(pos, pos_mask)
-        neg, neg_mask = move(neg, neg_mask)
         reporter = bridge.StepReporter(
             steps, device, lambda x0: core_config.unpack_latents(x0[:1].float(), h, w),
             node_id=unique_id)
         with torch.inference_mode():
+            # cfg 1: one forward per step on the positive only (the sampler's fast path); otherwise the
+            # reference computation ([pos; neg] in one batch), which equals the official pipeline bit for bit
             out = core_sampling.sample(
-                model.module, noise.to(device, dtype), pos, pos_mask,
-                negative_features=neg, negative_mask=neg_mask, steps=steps, cfg=cfg, grid=(h, w),
-                denoise=float(denoise), init_latents=None if init is None else init.to(device, dtype),
-                callback=reporter)
+                model.module, noise, pos, pos_mask, neg, neg_mask, grid=(h, w), steps=steps, cfg=cfg,
+                denoise=float(denoise), init_latents=init, callback=reporter, exact=cfg != 1.0,
+                dtype=dtype, device=device)
             result = bridge.to_intermediate(core_config.unpack_latents(out.float(), h, w))
         bridge.soft_empty_cache()
         latent = dict(latent_image)

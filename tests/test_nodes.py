@@ -120,3 +120,222 @@ def test_custom_types_chain(pack):
     assert m["LensSampler"].INPUT_TYPES()["required"]["model"][0] == "LENS_MODEL"
     assert m["LensVAEDecode"].RETURN_TYPES == ("IMAGE",)
     assert m["LensVAEEncode"].RETURN_TYPES == ("LATENT",)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running the graph on the tiny golden pipeline
+
+
+@pytest.fixture(scope="module")
+def models_dir(pack, pipeline_dir, tmp_path_factory):
+    """A ComfyUI models folder holding the tiny pipeline as a diffusers folder plus single-file copies."""
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("models")
+    for sub in ("diffusion_models", "text_encoders", "vae"):
+        (root / sub).mkdir()
+    os.symlink(pipeline_dir, root / "diffusion_models" / "Lens-tiny")
+    vae_file = pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    os.symlink(vae_file, root / "vae" / "tiny-flux2-vae.safetensors")
+    os.symlink(vae_file, root / "diffusion_models" / "misplaced-flux2-vae.safetensors")   # a user mistake
+    if hasattr(folder_paths, "set_models_dir"):          # the stand-in
+        folder_paths.set_models_dir(root)
+    else:                                                # real folder_paths: register the temp folders
+        for sub in ("diffusion_models", "text_encoders", "vae"):
+            folder_paths.add_model_folder_path(sub, str(root / sub), is_default=True)
+    return root
+
+
+def run(pack, name, **kwargs):
+    cls = pack.NODE_CLASS_MAPPINGS[name]
+    return getattr(cls(), cls.FUNCTION)(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def loaded(pack, models_dir):
+    opts = pack.NODE_CLASS_MAPPINGS["LensModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert "Lens-tiny" in opts
+    assert "Lens-tiny/transformer/diffusion_pytorch_model.safetensors" not in opts
+    model, te, vae = run(pack, "LensCheckpointLoader", folder="Lens-tiny", weight_dtype="default", variant="auto",
+                         text_encoder_device="default", experts="packed")
+    return {"model": model, "te": te, "vae": vae}
+
+
+def graph(pack, loaded, prompt=PROMPT, negative="", steps=4, cfg=1.0, seed=1234, width=96, height=64,
+          latent=None, denoise=1.0):
+    (pos,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text=prompt)
+    (neg,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text=negative)
+    if latent is None:
+        (latent,) = run(pack, "LensEmptyLatent", aspect_ratio="custom", base_resolution=1024, width=width,
+                        height=height, batch_size=1)
+    (out,) = run(pack, "LensSampler", model=loaded["model"], positive=pos, negative=neg, latent_image=latent,
+                 seed=seed, steps=steps, cfg=cfg, denoise=denoise)
+    (image,) = run(pack, "LensVAEDecode", vae=loaded["vae"], samples=out, tiled="auto")
+    return pos, neg, out, image
+
+
+def _golden_case(golden_dir, name):
+    from safetensors.torch import load_file
+    return load_file(str(golden_dir / "pipeline_tiny" / "cases" / f"{name}.fp32.safetensors"))
+
+
+def _uint8(image):
+    """IMAGE [B,H,W,3] 0..1 -> uint8 as the official pipeline rounds ((x·2−1+1)·127.5, truncated)."""
+    return ((image * 2 - 1 + 1) * 127.5).to(torch.uint8)
+
+
+@pytest.mark.parametrize("case,steps,cfg", [("a_cfg1_4steps", 4, 1.0), ("b_cfg5_6steps_emptyneg", 6, 5.0)])
+def test_graph_reproduces_golden_pipeline(pack, loaded, golden_dir, case, steps, cfg):
+    ref = _golden_case(golden_dir, case)
+    pos, neg, out, image = graph(pack, loaded, steps=steps, cfg=cfg)
+    # conditioning in the native Lens layout
+    cond, extra = pos[0]
+    assert cond.shape == (1, 29, 4 * 64) and extra["num_layers_stacked"] == 4 and extra["pooled_output"] is None
+    assert extra["attention_mask"].shape == (1, 29) and bool(extra["attention_mask"].all())
+    feats = torch.cat([ref[f"prompt_embeds_{i}"] for i in range(4)], dim=-1)
+    assert (cond - feats).norm() / feats.norm() < 1e-5
+    assert neg[0][0].shape[1] == 0                        # empty negative: zero-length, as native Lens
+    # latent and image
+    assert out["samples"].shape == (1, 128, 4, 6)
+    from lens_core.config import pack_latents
+    final = pack_latents(out["samples"])
+    rel = ((final - ref["final_latents"]).norm() / ref["final_latents"].norm()).item()
+    print(f"{case}: final latents rel err vs golden {rel:.2e}")
+    assert rel < 1e-4, rel
+    assert image.shape == (1, 64, 96, 3) and image.dtype == torch.float32
+    assert 0 <= image.min() and image.max() <= 1
+    same = (_uint8(image) == ref["image_uint8"]).float().mean().item()
+    print(f"{case}: uint8 pixels equal to golden {same:.4%}, max diff "
+          f"{(_uint8(image).int() - ref['image_uint8'].int()).abs().max().item()}")
+    assert same >= 0.999, same
+
+
+def test_every_use_loads_through_comfy(pack, loaded, stub_only):
+    """load_models_gpu([patcher], memory_required=...) right before each text encode / sample / decode, and
+    every model is a ModelPatcher built from comfy.ops layers with the role's devices."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+
+    for key in ("model", "te", "vae"):
+        patcher = loaded[key].patcher
+        assert isinstance(patcher, comfy.model_patcher.ModelPatcher)
+        linears = [m for m in patcher.model.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(isinstance(m, comfy.ops.manual_cast.Linear) for m in linears), key
+    mm.LOAD_CALLS.clear()
+    graph(pack, loaded, steps=2, cfg=5.0)
+    order = [(calls[0].model, mem) for calls, mem, _ in mm.LOAD_CALLS]
+    roles = [type(m).__name__ for m, _ in order]
+    assert roles == ["LensTextEncoder", "LensTransformer", "LensVAE"], roles   # empty negative: no encode
+    assert all(mem > 0 for _, mem in order)
+    assert all(len(calls) == 1 for calls, _, _ in mm.LOAD_CALLS)
+
+
+def test_progress_previews_and_interrupt(pack, loaded, stub_only):
+    import comfy.model_management as mm
+    import comfy.utils
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    events = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None:
+                                             events.append((value, total, preview)))
+    old = args.preview_method
+    args.preview_method = LatentPreviewMethod.Auto
+    try:
+        graph(pack, loaded, steps=3, cfg=1.0)
+        sampler_events = [e for e in events if e[1] == 3]
+        assert [e[0] for e in sampler_events] == [1, 2, 3]
+        for _, _, preview in sampler_events:
+            fmt, img, size = preview
+            assert fmt == "JPEG" and img.size == (12, 8) and size == args.preview_size   # 2×2-unpatched grid
+        # interrupt: POST /interrupt sets this flag; the sampler stops at the next step and resets it
+        events.clear()
+        mm.interrupt_current_processing(True)
+        with pytest.raises(mm.InterruptProcessingException):
+            graph(pack, loaded, steps=3, cfg=1.0)
+        assert not mm.processing_interrupted()
+        assert len([e for e in events if e[1] == 3]) == 0
+        graph(pack, loaded, steps=1, cfg=1.0)               # the next run works
+    finally:
+        args.preview_method = old
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+
+
+def test_native_empty_latent_and_latent_keys(pack, loaded):
+    """A native EmptyLatentImage latent (zeros [B,4,H/8,W/8]) gives the same image as LensEmptyLatent;
+    batch_index and noise_mask are kept; batch_index picks the per-sample noise of the full batch."""
+    native = {"samples": torch.zeros(2, 4, 8, 12), "batch_index": [1, 0],
+              "noise_mask": torch.ones(2, 1, 64, 96)}
+    (pos,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text=PROMPT)
+    (neg,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text="")
+    kw = dict(model=loaded["model"], positive=pos, negative=neg, seed=7, steps=2, cfg=1.0, denoise=1.0)
+    (out,) = run(pack, "LensSampler", latent_image=native, **kw)
+    assert out["samples"].shape == (2, 128, 4, 6)
+    assert out["batch_index"] == [1, 0] and out["noise_mask"] is native["noise_mask"]
+    (lens,) = run(pack, "LensEmptyLatent", aspect_ratio="custom", base_resolution=1024, width=96, height=64,
+                  batch_size=2)
+    (ref,) = run(pack, "LensSampler", latent_image=lens, **kw)
+    swapped = ref["samples"][[1, 0]]                 # same noise per sample, up to batched-matmul rounding
+    assert ((out["samples"] - swapped).norm() / swapped.norm()).item() < 1e-5
+    assert ((out["samples"] - ref["samples"]).norm() / ref["samples"].norm()).item() > 0.1
+
+
+def test_empty_latent_presets(pack):
+    (lat,) = run(pack, "LensEmptyLatent", aspect_ratio="16:9", base_resolution=1024, width=0, height=0, batch_size=3)
+    assert lat["samples"].shape == (3, 128, 768 // 16, 1376 // 16)
+    (lat,) = run(pack, "LensEmptyLatent", aspect_ratio="1:1", base_resolution=1440, width=0, height=0, batch_size=1)
+    assert lat["samples"].shape == (1, 128, 90, 90)
+
+
+def test_img2img_through_vae_encode(pack, loaded):
+    _, _, _, image = graph(pack, loaded, steps=2, cfg=1.0)
+    (latent,) = run(pack, "LensVAEEncode", vae=loaded["vae"], pixels=image, tiled="off")
+    assert latent["samples"].shape == (1, 128, 4, 6)
+    _, _, out, again = graph(pack, loaded, steps=4, cfg=1.0, latent=latent, denoise=0.5)
+    assert again.shape == image.shape
+    with pytest.raises(ValueError, match="denoise"):
+        graph(pack, loaded, steps=4, cfg=1.0, denoise=0.5)      # empty latent + denoise < 1
+
+
+def test_single_file_loaders_and_wrong_files(pack, loaded, models_dir):
+    (model,) = run(pack, "LensModelLoader", model_name="Lens-tiny", weight_dtype="default", variant="turbo")
+    assert model.variant == "turbo"
+    # a lone VAE file has no config.json: the loader derives the widths from the shapes (the tiny VAE's 8
+    # norm groups cannot be, so only the folder-loaded VAE decodes like the golden pipeline)
+    (vae_file,) = run(pack, "LensVAELoader", vae_name="tiny-flux2-vae.safetensors")
+    assert vae_file.module.config.block_out_channels == loaded["vae"].module.config.block_out_channels
+    (vae,) = run(pack, "LensVAELoader", vae_name="Lens-tiny")
+    (te,) = run(pack, "LensTextEncoderLoader", text_encoder_name="Lens-tiny", device="cpu", experts="packed")
+    _, _, _, image = graph(pack, {"model": model, "te": te, "vae": vae}, steps=0, cfg=0.0)   # auto: turbo 4/1
+    _, _, _, ref = graph(pack, loaded, steps=4, cfg=1.0)
+    assert torch.equal(image, ref)
+    with pytest.raises(ValueError) as exc:
+        run(pack, "LensModelLoader", model_name="misplaced-flux2-vae.safetensors", weight_dtype="default",
+            variant="auto")
+    msg = str(exc.value)
+    print(msg)
+    assert "misplaced-flux2-vae.safetensors" in msg and "looks like a FLUX.2 VAE" in msg and "LensVAELoader" in msg
+    with pytest.raises(FileNotFoundError, match="not found"):
+        run(pack, "LensVAELoader", vae_name="missing.safetensors")
+
+
+def test_bad_graph_inputs_name_problem_and_fix(pack, loaded):
+    (pos,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text=PROMPT)
+    (lat,) = run(pack, "LensEmptyLatent", aspect_ratio="custom", base_resolution=1024, width=96, height=64,
+                 batch_size=1)
+    kw = dict(model=loaded["model"], negative=pos, seed=0, steps=1, cfg=1.0, denoise=1.0)
+    # size not a multiple of 16 in custom mode
+    with pytest.raises(ValueError, match=r"multiple of 16.*Fix"):
+        run(pack, "LensEmptyLatent", aspect_ratio="custom", base_resolution=1024, width=1000, height=1000,
+            batch_size=1)
+    # latent of another model family (SD-style 4 channels, not empty)
+    sd = {"samples": torch.randn(1, 4, 8, 12)}
+    with pytest.raises(ValueError, match=r"expected a Lens / FLUX.2 latent.*found \(1, 4, 8, 12\).*another model"):
+        run(pack, "LensSampler", positive=pos, latent_image=sd, **kw)
+    with pytest.raises(ValueError, match="another model family"):
+        run(pack, "LensVAEDecode", vae=loaded["vae"], samples={"samples": torch.zeros(1, 16, 8, 8)}, tiled="auto")
+    # conditioning from another model (e.g. a CLIP/T5 conditioning of width 4096)
+    other = [[torch.randn(1, 77, 4096), {"pooled_output": torch.randn(1, 768)}]]
+    with pytest.raises(ValueError, match=r"width 4096.*expects 4×64 = 256.*LensTextEncode"):
+        run(pack, "LensSampler", positive=other, latent_image=lat, **kw)
