@@ -1,0 +1,328 @@
+"""The Lens MMDiT denoiser (``LensTransformer2DModel`` of the official code), written from
+../shared/docs/lens_dit_spec.md §2–§3.
+
+Shape conventions: image tokens ``[B, S_img, 128]`` (row-major over the latent grid H′×W′), text features
+either a list of 4 ``[B, S_txt, D]`` tensors (selected GPT-OSS layers in order) or the stacked ComfyUI layout
+``[B, S_txt, 4·D]``, mask ``[B, S_txt]`` bool (True = valid), timestep ``[B]`` = σ ∈ [0, 1].
+
+Parameter names equal the checkpoint keys (``img_in.weight``, ``transformer_blocks.N.attn.img_qkv.weight``,
+…), so a diffusers / Comfy-Org state dict loads with ``load_state_dict`` and no renaming.
+
+Two numerical modes share one implementation:
+
+- ``exact=True`` (reference-exact): every rounding point of the official bf16 run (spec §3, §8) is kept, the
+  additive ``-inf`` mask is always passed to SDPA, RoPE is applied as a complex64 product. It reproduces the
+  golden ``out_bf16`` bit for bit and ``out`` (fp32) to float noise.
+- ``exact=False`` (fast): no attention mask when no text position is padded (lets SDPA take its unmasked
+  kernel), fused ``addcmul`` for the modulation and the gated residuals, real-valued RoPE. Differences are
+  bf16 rounding of single elements (measured in tests/test_dit.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LensDiTConfig
+from .ops import cast_to, resolve_operations
+
+ROPE_THETA = 10000.0
+ROPE_MAX_POSITIONS = 4096  # the official tables cover positions -4096..4095
+BLOCK_NORM_EPS = 1e-6
+TEXT_NORM_EPS = 1e-5
+TIME_PROJ_DIM = 256
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rotary position tables (spec §3 step 6)
+
+
+def _axis_angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """fp32 angles p·inv_freq_j, inv_freq_j = 1 / 10000^(2j/dim) (exponent, power and reciprocal in fp32)."""
+    inv_freq = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, dim, 2, device=positions.device).float().div(dim))
+    return torch.outer(positions, inv_freq)
+
+
+def _centred_positions(n: int, device) -> torch.Tensor:
+    """Image-axis positions with scale_rope: the first n − n//2 rows are negative, e.g. 64 → −32..31."""
+    return torch.arange(n, device=device) - (n - n // 2)
+
+
+def rope_tables(grid: tuple[int, int], text_len: int, axes_dims=(8, 28, 28), device=None):
+    """Complex64 rotation factors (image [H′·W′, D/2], text [S_txt, D/2]) for a latent grid and text length."""
+    gh, gw = grid
+    if max(gh - gh // 2, gw - gw // 2, max(gh // 2, gw // 2) + text_len) > ROPE_MAX_POSITIONS:
+        raise ValueError(f"RoPE supports positions up to {ROPE_MAX_POSITIONS}: expected max(H'//2, W'//2) + "
+                         f"S_txt <= {ROPE_MAX_POSITIONS}, got grid {grid} with S_txt {text_len}")
+    d_f, d_h, d_w = axes_dims
+    zeros = torch.zeros(gh * gw, d_f // 2, device=device)
+    rows = _axis_angles(_centred_positions(gh, device), d_h)  # [gh, d_h/2]
+    cols = _axis_angles(_centred_positions(gw, device), d_w)
+    img = torch.cat([zeros,
+                     rows[:, None, :].expand(gh, gw, -1).reshape(gh * gw, -1),
+                     cols[None, :, :].expand(gh, gw, -1).reshape(gh * gw, -1)], dim=1)
+    pos = torch.arange(text_len, device=device) + max(gh // 2, gw // 2)
+    txt = torch.cat([_axis_angles(pos, d) for d in axes_dims], dim=1)
+    return torch.polar(torch.ones_like(img), img), torch.polar(torch.ones_like(txt), txt)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    """Rotate adjacent (even, odd) pairs of x [B, S, H, D] by freqs [S, D/2] (complex), computed in fp32."""
+    if exact:
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * freqs.unsqueeze(1)).flatten(3).to(x.dtype)
+    cos, sin = freqs.real.unsqueeze(1), freqs.imag.unsqueeze(1)
+    xf = x.float().unflatten(-1, (-1, 2))
+    xe, xo = xf[..., 0], xf[..., 1]
+    return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(3).to(x.dtype)
+
+
+def timestep_projection(t: torch.Tensor, dim: int = TIME_PROJ_DIM) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of σ (spec §3 step 5): arg_k = 1000·(t·f_k) in fp32, f_k fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half)
+    arg = 1000 * (t[:, None].float() * freqs[None, :])
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules (names mirror the checkpoint keys)
+
+
+class _TimestepEmbedder(nn.Module):
+    def __init__(self, dim, ops, device, dtype):
+        super().__init__()
+        self.linear_1 = ops.Linear(TIME_PROJ_DIM, dim, device=device, dtype=dtype)
+        self.linear_2 = ops.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, proj):
+        return self.linear_2(F.silu(self.linear_1(proj)))
+
+
+class _TimeTextEmbed(nn.Module):
+    def __init__(self, dim, ops, device, dtype):
+        super().__init__()
+        self.timestep_embedder = _TimestepEmbedder(dim, ops, device, dtype)
+
+
+class _GateMLP(nn.Module):
+    """w2(SiLU(w1 x) ⊙ w3 x), no biases."""
+
+    def __init__(self, dim, hidden, ops, device, dtype):
+        super().__init__()
+        self.w1 = ops.Linear(dim, hidden, bias=False, device=device, dtype=dtype)
+        self.w2 = ops.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
+        self.w3 = ops.Linear(dim, hidden, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x, exact=True):
+        if exact:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        a = F.silu(self.w1(x), inplace=True)
+        return self.w2(a.mul_(self.w3(x)))
+
+
+class _JointAttention(nn.Module):
+    def __init__(self, dim, heads, head_dim, ops, device, dtype):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.img_qkv = ops.Linear(dim, 3 * inner, device=device, dtype=dtype)
+        self.txt_qkv = ops.Linear(dim, 3 * inner, device=device, dtype=dtype)
+        self.norm_q = ops.RMSNorm(head_dim, eps=BLOCK_NORM_EPS, device=device, dtype=dtype)
+        self.norm_k = ops.RMSNorm(head_dim, eps=BLOCK_NORM_EPS, device=device, dtype=dtype)
+        self.norm_added_q = ops.RMSNorm(head_dim, eps=BLOCK_NORM_EPS, device=device, dtype=dtype)
+        self.norm_added_k = ops.RMSNorm(head_dim, eps=BLOCK_NORM_EPS, device=device, dtype=dtype)
+        self.to_out = nn.ModuleList([ops.Linear(inner, dim, device=device, dtype=dtype), nn.Identity()])
+        self.to_add_out = ops.Linear(inner, dim, device=device, dtype=dtype)
+
+    def forward(self, x_img, x_txt, rope, attn_mask, exact=True):
+        b, s_img, _ = x_img.shape
+        s_txt = x_txt.shape[1]
+        img_q, img_k, img_v = self.img_qkv(x_img).view(b, s_img, 3, self.heads, self.head_dim).unbind(2)
+        txt_q, txt_k, txt_v = self.txt_qkv(x_txt).view(b, s_txt, 3, self.heads, self.head_dim).unbind(2)
+        rope_img, rope_txt = rope
+        img_q = apply_rope(self.norm_q(img_q), rope_img, exact)
+        img_k = apply_rope(self.norm_k(img_k), rope_img, exact)
+        txt_q, txt_k = self.norm_added_q(txt_q), self.norm_added_k(txt_k)
+        if s_txt:
+            txt_q = apply_rope(txt_q, rope_txt, exact)
+            txt_k = apply_rope(txt_k, rope_txt, exact)
+        q = torch.cat([img_q, txt_q], dim=1).transpose(1, 2)
+        k = torch.cat([img_k, txt_k], dim=1).transpose(1, 2)
+        v = torch.cat([img_v, txt_v], dim=1).transpose(1, 2)
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(b, s_img + s_txt, -1)
+        return self.to_out[0](out[:, :s_img]), self.to_add_out(out[:, s_img:])
+
+
+def _modulate(x, shift, scale, exact):
+    if exact:
+        return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def _gated_add(x, gate, y, exact):
+    if exact:
+        return x + gate * y
+    return torch.addcmul(x, gate, y)
+
+
+class LensTransformerBlock(nn.Module):
+    """One dual-stream block (spec §3 step 7). ``forward`` returns (text, image), like the official block."""
+
+    def __init__(self, cfg: LensDiTConfig, ops, device=None, dtype=None):
+        super().__init__()
+        dim = cfg.width
+        kw = dict(device=device, dtype=dtype)
+        self.img_mod = nn.Sequential(nn.SiLU(), ops.Linear(dim, 6 * dim, **kw))
+        self.txt_mod = nn.Sequential(nn.SiLU(), ops.Linear(dim, 6 * dim, **kw))
+        self.img_norm1 = ops.RMSNorm(dim, eps=BLOCK_NORM_EPS, **kw)
+        self.img_norm2 = ops.RMSNorm(dim, eps=BLOCK_NORM_EPS, **kw)
+        self.txt_norm1 = ops.RMSNorm(dim, eps=BLOCK_NORM_EPS, **kw)
+        self.txt_norm2 = ops.RMSNorm(dim, eps=BLOCK_NORM_EPS, **kw)
+        self.attn = _JointAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim, ops, device, dtype)
+        self.img_mlp = _GateMLP(dim, cfg.mlp_hidden, ops, device, dtype)
+        self.txt_mlp = _GateMLP(dim, cfg.mlp_hidden, ops, device, dtype)
+
+    def forward(self, img, txt, temb, rope, attn_mask, exact=True):
+        # modulation once per block: [B, 1, 6·D] -> shift1, scale1, gate1, shift2, scale2, gate2
+        im = self.img_mod(temb).unsqueeze(1).chunk(6, dim=-1)
+        tm = self.txt_mod(temb).unsqueeze(1).chunk(6, dim=-1)
+        x_img = _modulate(self.img_norm1(img), im[0], im[1], exact)
+        x_txt = _modulate(self.txt_norm1(txt), tm[0], tm[1], exact)
+        a_img, a_txt = self.attn(x_img, x_txt, rope, attn_mask, exact)
+        img = _gated_add(img, im[2], a_img, exact)
+        txt = _gated_add(txt, tm[2], a_txt, exact)
+        img = _gated_add(img, im[5], self.img_mlp(_modulate(self.img_norm2(img), im[3], im[4], exact), exact),
+                         exact)
+        txt = _gated_add(txt, tm[5], self.txt_mlp(_modulate(self.txt_norm2(txt), tm[3], tm[4], exact), exact),
+                         exact)
+        return txt, img
+
+
+class _AdaNormOut(nn.Module):
+    """Final AdaLN: LayerNorm (no affine, eps 1e-6)·(1 + scale) + shift, with emb = [scale | shift]."""
+
+    def __init__(self, dim, ops, device, dtype):
+        super().__init__()
+        self.linear = ops.Linear(dim, 2 * dim, device=device, dtype=dtype)
+        self.norm = ops.LayerNorm(dim, eps=1e-6, elementwise_affine=False, device=device, dtype=dtype)
+
+    def forward(self, x, temb, exact=True):
+        scale, shift = self.linear(F.silu(temb).to(x.dtype)).unsqueeze(1).chunk(2, dim=-1)
+        return _modulate(self.norm(x), shift, scale, exact)
+
+
+class LensTransformer(nn.Module):
+    """The Lens MMDiT. ``LensTransformer(config, operations=None, device=None, dtype=None)``.
+
+    ``config`` is a :class:`LensDiTConfig` or a dict of transformer/config.json fields. All layers come from
+    ``operations`` (``lens_core.ops.resolve_operations``); building on ``device="meta"`` allocates nothing.
+    ``exact`` (default True) selects the reference-exact numerics; ``forward(..., exact=...)`` overrides it
+    per call.
+    """
+
+    def __init__(self, config, operations=None, device=None, dtype=None, exact: bool = True):
+        super().__init__()
+        cfg = config if isinstance(config, LensDiTConfig) else LensDiTConfig.from_dict(dict(config))
+        self.config = cfg
+        self.exact = exact
+        ops = resolve_operations(operations)
+        kw = dict(device=device, dtype=dtype)
+        dim = cfg.width
+        self.img_in = ops.Linear(cfg.in_channels, dim, **kw)
+        self.txt_norm = nn.ModuleList([ops.RMSNorm(cfg.enc_hidden_dim, eps=TEXT_NORM_EPS, **kw)
+                                       for _ in range(cfg.num_text_layers)])
+        self.txt_in = ops.Linear(cfg.enc_hidden_dim * cfg.num_text_layers, dim, **kw)
+        self.time_text_embed = _TimeTextEmbed(dim, ops, device, dtype)
+        self.transformer_blocks = nn.ModuleList([LensTransformerBlock(cfg, ops, **kw)
+                                                 for _ in range(cfg.num_layers)])
+        self.norm_out = _AdaNormOut(dim, ops, device, dtype)
+        self.proj_out = ops.Linear(dim, cfg.out_features, **kw)
+        self._rope_cache: dict = {}
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype: the weights' dtype (bf16 for 8-bit storage formats)."""
+        dt = self.img_in.weight.dtype
+        return dt if dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64) else torch.bfloat16
+
+    def rope(self, grid, text_len, device):
+        """(image, text) complex RoPE factors, computed once per (grid, text length, device) and cached."""
+        key = (tuple(grid), int(text_len), str(device))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) > 16:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_tables(grid, text_len, self.config.axes_dims_rope, device)
+        return self._rope_cache[key]
+
+    def split_text_features(self, text_features):
+        """Accept a list/tuple of 4 [B,S,D] tensors or the stacked [B,S,4·D] layout; return the list."""
+        n, d = self.config.num_text_layers, self.config.enc_hidden_dim
+        if isinstance(text_features, torch.Tensor):
+            if text_features.ndim != 3 or text_features.shape[-1] != n * d:
+                raise ValueError(f"text features: expected a list of {n} [B, S, {d}] tensors or a stacked "
+                                 f"[B, S, {n * d}] tensor, got shape {tuple(text_features.shape)}")
+            return list(text_features.split(d, dim=-1))
+        feats = list(text_features)
+        if len(feats) != n:
+            raise ValueError(f"text features: expected {n} per-layer tensors, got {len(feats)}")
+        for i, f in enumerate(feats):
+            if f.ndim != 3 or f.shape[-1] != d or f.shape[:2] != feats[0].shape[:2]:
+                raise ValueError(f"text feature layer {i}: expected [B, S, {d}] matching layer 0 "
+                                 f"{tuple(feats[0].shape[:2])}, got shape {tuple(f.shape)}")
+        return feats
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, hidden_states, text_features, text_mask, timestep, grid, exact=None):
+        """Velocity [B, S_img, 128] for image tokens [B, S_img, 128] at σ = ``timestep`` [B] (spec §3).
+
+        Text features and the timestep are brought to ``hidden_states``' dtype/device (the official pipeline
+        casts them to the model dtype before the call, so this is the same thing). ``grid`` = (H′, W′).
+        """
+        exact = self.exact if exact is None else exact
+        cfg = self.config
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
+            raise ValueError(f"hidden_states: expected [B, S_img, {cfg.in_channels}], got shape "
+                             f"{tuple(hidden_states.shape)}")
+        b, s_img, _ = hidden_states.shape
+        gh, gw = (int(g) for g in grid)
+        if gh * gw != s_img:
+            raise ValueError(f"grid {tuple(grid)}: expected H'*W' = S_img = {s_img}, got {gh * gw}")
+        feats = self.split_text_features(text_features)
+        s_txt = feats[0].shape[1]
+        if feats[0].shape[0] != b:
+            raise ValueError(f"text features: expected batch {b} (as hidden_states), got {feats[0].shape[0]}")
+        if text_mask is None or tuple(text_mask.shape) != (b, s_txt):
+            raise ValueError(f"text_mask: expected shape {(b, s_txt)} matching the text features, got "
+                             f"{None if text_mask is None else tuple(text_mask.shape)}")
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(b)
+        if tuple(timestep.shape) != (b,):
+            raise ValueError(f"timestep: expected shape ({b},) of sigmas in [0, 1], got {tuple(timestep.shape)}")
+        dtype, device = hidden_states.dtype, hidden_states.device
+        text_mask = text_mask.to(device=device, dtype=torch.bool)
+
+        # 1. joint additive mask [B,1,1,S_img+S_txt]; the fast path drops it when nothing is padded
+        attn_mask = None
+        if exact or not bool(text_mask.all()):
+            joint = torch.cat([torch.ones(b, s_img, dtype=torch.bool, device=device), text_mask], dim=1)
+            attn_mask = torch.zeros(joint.shape, dtype=torch.float32, device=device)
+            attn_mask.masked_fill_(~joint, float("-inf"))
+            attn_mask = attn_mask[:, None, None, :]
+
+        img = self.img_in(hidden_states)  # 2.
+        t = timestep.to(img.dtype)  # 3.
+        txt = torch.cat([norm(cast_to(f, dtype, device)) for norm, f in zip(self.txt_norm, feats)], dim=-1)
+        txt = self.txt_in(txt)  # 4.
+        temb = self.time_text_embed.timestep_embedder(timestep_projection(t).to(img.dtype))  # 5.
+        rope = self.rope((gh, gw), s_txt, device)  # 6.
+        for block in self.transformer_blocks:  # 7.
+            txt, img = block(img, txt, temb, rope, attn_mask, exact)
+        return self.proj_out(self.norm_out(img, temb, exact))  # 8.

@@ -1,0 +1,293 @@
+"""lens_core.dit: the Lens MMDiT against the official forward (golden dit_tiny), real-size structure, errors."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lens_core.config import REAL_DIT_CONFIG, LensDiTConfig
+from lens_core.dit import LensTransformer, rope_tables
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference-exact child process.
+#
+# The bf16 goldens were produced on a CPU whose oneDNN bf16 GEMMs ran AVX512-BF16 kernels (no AMX), one
+# thread, MKL in its compatible mode. The kernel choice changes a GEMM's fp32 accumulation order, so on an
+# AMX machine a bf16 forward differs in the last bit of some elements (measured: 1001 of 6144 outputs of
+# io.safetensors differ by ≤ 1 bf16 ulp-chain, max 0.016 abs). These choices are environment variables read
+# at start-up, hence a child process; it returns its measurements as JSON.
+EXACT_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1"}
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def run_exact(code: str, timeout: int = 300) -> dict:
+    """Run ``code`` (its last stdout line must be JSON) in a child process with :data:`EXACT_ENV`."""
+    env = dict(os.environ, **EXACT_ENV)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    prelude = "import torch\ntorch.set_num_threads(1)\n"
+    proc = subprocess.run([sys.executable, "-c", prelude + code], env=env, cwd=str(REPO), capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"exactness child failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def load_case(golden_dir, name):
+    d = load_file(str(golden_dir / "dit_tiny" / f"{name}.safetensors"))
+    feats = [d[f"encoder_hidden_states_{i}"] for i in range(4)]
+    grid = tuple(int(v) for v in d["img_shape"][1:])
+    return d, feats, grid
+
+
+@pytest.fixture(scope="module")
+def tiny(golden_dir):
+    root = golden_dir / "dit_tiny" / "transformer"
+    cfg = LensDiTConfig.from_json(root / "config.json")
+    model = LensTransformer(cfg)
+    model.load_state_dict(load_file(str(root / "diffusion_pytorch_model.safetensors")))
+    return model.eval()
+
+
+def capture(model):
+    """Forward hooks recording the golden's ``inter_*`` intermediates."""
+    cap = {}
+
+    def put(name):
+        def hook(mod, inp, out):
+            cap[name] = out
+        return hook
+
+    model._hooks_tmp = [
+        model.img_in.register_forward_hook(put("inter_img_in")),
+        model.txt_in.register_forward_hook(put("inter_txt_in")),
+        model.time_text_embed.timestep_embedder.register_forward_hook(put("inter_temb")),
+        model.norm_out.register_forward_hook(put("inter_norm_out")),
+    ]
+    for i, blk in enumerate(model.transformer_blocks):
+        def hook(mod, inp, out, i=i):
+            cap[f"inter_block{i}_txt"], cap[f"inter_block{i}_img"] = out
+        model._hooks_tmp.append(blk.register_forward_hook(hook))
+    return cap
+
+
+@pytest.mark.parametrize("name", ["io", "io_uncond"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_fp32_matches_golden(tiny, golden_dir, name, exact):
+    d, feats, grid = load_case(golden_dir, name)
+    cap = capture(tiny)
+    try:
+        with torch.no_grad():
+            out = tiny(d["hidden_states"], feats, d["encoder_hidden_states_mask"], d["timestep"], grid=grid,
+                       exact=exact)
+    finally:
+        for h in tiny._hooks_tmp:
+            h.remove()
+    assert out.dtype == torch.float32 and out.shape == d["out"].shape
+    assert rel(out, d["out"]) <= 1e-5
+    for key, value in cap.items():  # every intermediate too (debugging aid; the same tolerance)
+        assert rel(value, d[key]) <= 1e-5, key
+
+
+def test_rope_tables_exact(golden_dir):
+    for name in ("io", "io_uncond"):
+        d, feats, grid = load_case(golden_dir, name)
+        img, txt = rope_tables(grid, feats[0].shape[1])
+        assert torch.equal(torch.view_as_real(img), d["inter_rope_img"])
+        assert torch.equal(torch.view_as_real(txt), d["inter_rope_txt"])
+
+
+def test_rope_positions_and_cache(tiny):
+    img, txt = rope_tables((64, 64), 3)
+    # height pair 0 and text pair 0 have inv_freq 1, so their factor is polar(1, position)
+    rows = img[:, 4].view(64, 64)[:, 0]
+    exp_rows = torch.arange(-32, 32).float()
+    assert torch.allclose(torch.view_as_real(rows), torch.view_as_real(torch.polar(torch.ones(64), exp_rows)))
+    assert torch.equal(img[:, 0], torch.ones(64 * 64, dtype=torch.complex64))  # frame axis: position 0
+    exp_txt = torch.polar(torch.ones(3), torch.arange(32, 35).float())
+    for pair in (0, 4, 18):  # text position 32 + j on all three axis groups
+        assert torch.allclose(torch.view_as_real(txt[:, pair]), torch.view_as_real(exp_txt))
+    a = tiny.rope((4, 6), 5, torch.device("cpu"))
+    assert tiny.rope((4, 6), 5, torch.device("cpu")) is a
+    with pytest.raises(ValueError, match="RoPE supports positions up to 4096"):
+        rope_tables((8, 8), 4093)
+
+
+def test_bf16_bit_exact_in_reference_env(golden_dir):
+    code = f"""
+import json, torch
+from safetensors.torch import load_file
+from lens_core.config import LensDiTConfig
+from lens_core.dit import LensTransformer
+G = {str(golden_dir / 'dit_tiny')!r}
+cfg = LensDiTConfig.from_json(G + '/transformer/config.json')
+m = LensTransformer(cfg).to(torch.bfloat16)
+m.load_state_dict(load_file(G + '/transformer/diffusion_pytorch_model.safetensors'))
+res = {{}}
+for name in ('io', 'io_uncond'):
+    d = load_file(G + '/' + name + '.safetensors')
+    feats = [d[f'encoder_hidden_states_{{i}}'].bfloat16() for i in range(4)]
+    grid = tuple(int(v) for v in d['img_shape'][1:])
+    for exact in (True, False):
+        with torch.no_grad():
+            out = m(d['hidden_states'].bfloat16(), feats, d['encoder_hidden_states_mask'],
+                    d['timestep'].bfloat16(), grid=grid, exact=exact)
+        ref = d['out_bf16']
+        res[f'{{name}}_{{exact}}'] = dict(
+            dtype=str(out.dtype), equal=bool(torch.equal(out, ref)), n_diff=int((out != ref).sum()),
+            max_abs=float((out.float() - ref.float()).abs().max()),
+            rel=float((out.float() - ref.float()).norm() / ref.float().norm()))
+print(json.dumps(res))
+"""
+    res = run_exact(code)
+    print(json.dumps(res, indent=1))
+    for name in ("io", "io_uncond"):
+        ex, fast = res[f"{name}_True"], res[f"{name}_False"]
+        assert ex["dtype"] == "torch.bfloat16"
+        if cpu_has_avx512_bf16():
+            assert ex["equal"], ex  # reference-exact mode: bit for bit
+        else:  # other kernels: only last-bit GEMM differences remain
+            assert ex["max_abs"] <= 0.05 and ex["rel"] <= 1e-2, ex
+        # fast path (addcmul, unmasked SDPA when nothing is padded, real RoPE): bf16 rounding level
+        assert fast["rel"] <= 1e-2 and fast["max_abs"] <= 0.1, fast
+
+
+def test_stacked_features_and_mask_dtype(tiny, golden_dir):
+    d, feats, grid = load_case(golden_dir, "io")
+    with torch.no_grad():
+        a = tiny(d["hidden_states"], feats, d["encoder_hidden_states_mask"], d["timestep"], grid=grid)
+        b = tiny(d["hidden_states"], torch.cat(feats, dim=-1), d["encoder_hidden_states_mask"].long(),
+                 d["timestep"], grid=grid)
+    assert torch.equal(a, b)
+
+
+def test_empty_text_equals_masked_zero_text(tiny, golden_dir):
+    # spec §4: an all-False mask over zero features gives the same image output as S_txt = 0
+    d, feats, grid = load_case(golden_dir, "io_uncond")
+    x, t = d["hidden_states"][1:], d["timestep"][1:]
+    empty = [f[1:, :0] for f in feats]
+    with torch.no_grad():
+        for exact in (True, False):
+            out0 = tiny(x, empty, torch.zeros(1, 0, dtype=torch.bool), t, grid=grid, exact=exact)
+            assert out0.shape == (1, 24, 128)
+            assert rel(out0, d["out"][1:]) <= 1e-5
+            assert rel(out0, tiny(x, [f[1:] for f in feats], d["encoder_hidden_states_mask"][1:], t, grid=grid,
+                                  exact=exact)) <= 1e-6
+
+
+def test_padding_is_ignored(tiny, golden_dir):
+    d, feats, grid = load_case(golden_dir, "io")
+    mask = d["encoder_hidden_states_mask"]
+    changed = [f.clone() for f in feats]
+    for f in changed:
+        f[~mask] = 123.0  # padded positions never influence the image output
+    with torch.no_grad():
+        for exact in (True, False):
+            a = tiny(d["hidden_states"], feats, mask, d["timestep"], grid=grid, exact=exact)
+            b = tiny(d["hidden_states"], changed, mask, d["timestep"], grid=grid, exact=exact)
+            assert torch.equal(a, b)
+
+
+class _CastLinear(torch.nn.Linear):
+    """A ComfyUI manual_cast-like Linear: weights stay in their storage dtype, cast in forward."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None
+                                          else self.bias.to(x.dtype))
+
+
+def test_operations_injection_and_weight_casting(golden_dir, tiny):
+    root = golden_dir / "dit_tiny" / "transformer"
+    cfg = LensDiTConfig.from_json(root / "config.json")
+    ops = types.SimpleNamespace(Linear=_CastLinear)
+    model = LensTransformer(cfg, operations=ops, dtype=torch.bfloat16)
+    model.load_state_dict(load_file(str(root / "diffusion_pytorch_model.safetensors")))
+    assert isinstance(model.transformer_blocks[0].attn.img_qkv, _CastLinear)
+    assert model.txt_norm[0].weight.dtype == torch.bfloat16  # RMSNorm weights cast with cast_to
+    ref = LensTransformer(cfg)
+    ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+    d, feats, grid = load_case(golden_dir, "io")
+    with torch.no_grad():
+        out = model(d["hidden_states"], feats, d["encoder_hidden_states_mask"], d["timestep"], grid=grid)
+        exp = ref(d["hidden_states"], feats, d["encoder_hidden_states_mask"], d["timestep"], grid=grid)
+    assert out.dtype == torch.float32 and rel(out, exp) <= 1e-6
+
+
+def test_real_config_on_meta():
+    model = LensTransformer(REAL_DIT_CONFIG, device="meta")
+    sd = model.state_dict()
+    assert len(sd) == 1264
+    assert sum(v.numel() for v in sd.values()) == 4_104_225_152
+    assert all(v.device.type == "meta" for v in sd.values())
+    expected = {
+        "img_in.weight": (1536, 128), "img_in.bias": (1536,),
+        "txt_in.weight": (1536, 11520), "txt_in.bias": (1536,),
+        "time_text_embed.timestep_embedder.linear_1.weight": (1536, 256),
+        "time_text_embed.timestep_embedder.linear_1.bias": (1536,),
+        "time_text_embed.timestep_embedder.linear_2.weight": (1536, 1536),
+        "time_text_embed.timestep_embedder.linear_2.bias": (1536,),
+        "norm_out.linear.weight": (3072, 1536), "norm_out.linear.bias": (3072,),
+        "proj_out.weight": (128, 1536), "proj_out.bias": (128,),
+    }
+    expected.update({f"txt_norm.{i}.weight": (2880,) for i in range(4)})
+    per_block = {
+        "img_mod.1.weight": (9216, 1536), "img_mod.1.bias": (9216,),
+        "txt_mod.1.weight": (9216, 1536), "txt_mod.1.bias": (9216,),
+        "attn.img_qkv.weight": (4608, 1536), "attn.img_qkv.bias": (4608,),
+        "attn.txt_qkv.weight": (4608, 1536), "attn.txt_qkv.bias": (4608,),
+        "attn.to_out.0.weight": (1536, 1536), "attn.to_out.0.bias": (1536,),
+        "attn.to_add_out.weight": (1536, 1536), "attn.to_add_out.bias": (1536,),
+    }
+    for n in ("img_norm1", "img_norm2", "txt_norm1", "txt_norm2"):
+        per_block[f"{n}.weight"] = (1536,)
+    for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+        per_block[f"attn.{n}.weight"] = (64,)
+    for s in ("img_mlp", "txt_mlp"):
+        per_block.update({f"{s}.w1.weight": (4096, 1536), f"{s}.w3.weight": (4096, 1536),
+                          f"{s}.w2.weight": (1536, 4096)})
+    assert len(per_block) == 26
+    for i in range(48):
+        expected.update({f"transformer_blocks.{i}.{k}": v for k, v in per_block.items()})
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    assert model.dtype == torch.float32
+
+
+def test_bad_inputs(tiny, golden_dir):
+    d, feats, grid = load_case(golden_dir, "io")
+    x, m, t = d["hidden_states"], d["encoder_hidden_states_mask"], d["timestep"]
+    with pytest.raises(ValueError, match=r"expected \[B, S, 64\].*got shape \(2, 7, 32\)"):
+        tiny(x, feats[:3] + [feats[3][..., :32]], m, t, grid=grid)
+    with pytest.raises(ValueError, match=r"stacked \[B, S, 256\] tensor, got shape \(2, 7, 255\)"):
+        tiny(x, torch.cat(feats, -1)[..., :255], m, t, grid=grid)
+    with pytest.raises(ValueError, match="expected 4 per-layer tensors, got 3"):
+        tiny(x, feats[:3], m, t, grid=grid)
+    with pytest.raises(ValueError, match=r"text_mask: expected shape \(2, 7\).*got \(2, 6\)"):
+        tiny(x, feats, m[:, :6], t, grid=grid)
+    with pytest.raises(ValueError, match="expected H'\\*W' = S_img = 24, got 25"):
+        tiny(x, feats, m, t, grid=(5, 5))
+    with pytest.raises(ValueError, match=r"hidden_states: expected \[B, S_img, 128\]"):
+        tiny(x[..., :64], feats, m, t, grid=grid)
+    with pytest.raises(ValueError, match="timestep: expected shape"):
+        tiny(x, feats, m, t[:1].repeat(3), grid=grid)
