@@ -1,0 +1,295 @@
+"""4-bit expert banks of the GPT-OSS text encoder: MXFP4 / NVFP4 unpacking and the packed expert bank.
+
+Spec: ../shared/docs/checkpoint_formats.md §1.4 (MXFP4, the diffusers ``text_encoder/`` folder) and §2.4 + §3
+(NVFP4, the Comfy-Org ``gpt_oss_20b_nvfp4.safetensors`` file); ../shared/docs/text_encoder_spec.md §1.4, §2.6.
+
+Both formats store E2M1 4-bit codes (bit 3 = sign, ``code & 7`` → 0, .5, 1, 1.5, 2, 3, 4, 6), two per byte:
+- MXFP4: ``*_blocks [E, rows, G, 16]`` uint8, **low nibble = even element**; ``*_scales [E, rows, G]`` uint8
+  E8M0 exponents, one per 32 inputs: ``w = code · 2^(s − 127)``.
+- NVFP4: ``.weight [E, rows, in/2]`` uint8, **high nibble = even element**; ``.weight_scale`` float8_e4m3fn,
+  one per 16 inputs, stored cuBLAS-tiled per expert ``[E, Rp, Cp]``; ``.weight_scale_2 [E]`` fp32 global:
+  ``w = code · fp32(scale) · global``.
+The dequantized result is always the ``nn.Linear`` layout ``[..., out, in]``.
+
+:class:`PackedExperts` keeps the bytes as (non-trainable) parameters, so a host like ComfyUI's ModelPatcher
+sees and moves them, and dequantizes, at each forward, only the experts the router picked, in the input's
+dtype on the input's device (``comfy_cast_weights`` semantics: weights left on an offload device are copied per
+call, one expert at a time). ``mode="dequantized"`` expands every expert once when the state dict is loaded.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .ops import cast_to
+
+# E2M1 value of each 4-bit code (OCP microscaling spec; checkpoint_formats.md §1.4).
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_BLOCK = 32
+NVFP4_BLOCK = 16
+# Dtypes in which "4-bit value × block scale" is computed directly (exact for bf16/fp32: both factors are
+# representable and the product has at most 3 significant bits); anything else goes through fp32.
+_DIRECT_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_table(dtype: torch.dtype, device: str, low_first: bool) -> torch.Tensor:
+    """``[256, 2]``: the two values of a packed byte in element order."""
+    lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32)
+    codes = torch.arange(256)
+    lo, hi = lut[codes & 0x0F], lut[codes >> 4]
+    pair = torch.stack([lo, hi] if low_first else [hi, lo], dim=-1)
+    return pair.to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _e8m0_table(dtype: torch.dtype, device: str) -> torch.Tensor:
+    """``[256]``: 2^(s − 127) for each exponent byte (s = 255 gives inf, as a plain ldexp would)."""
+    exps = torch.arange(256, dtype=torch.int32) - 127
+    return torch.ldexp(torch.ones(256, dtype=torch.float32), exps).to(device=device, dtype=dtype)
+
+
+def _work_dtype(dtype):
+    return dtype if dtype in _DIRECT_DTYPES else torch.float32
+
+
+def _unpack_codes(packed: torch.Tensor, dtype, low_first: bool) -> torch.Tensor:
+    """``[..., n]`` bytes → ``[..., 2n]`` E2M1 values."""
+    table = _byte_table(dtype, str(packed.device), low_first)
+    return table[packed.long()].reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """MXFP4 ``blocks [..., rows, G, 16]`` + E8M0 ``scales [..., rows, G]`` → ``[..., rows, G·32]`` in ``dtype``.
+
+    Bit-identical to transformers' ``convert_moe_packed_tensors`` (up to its final transpose) for bf16/fp32.
+    """
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"MXFP4: expected uint8 blocks and scales, found {blocks.dtype} and {scales.dtype}")
+    if blocks.dim() < 2 or blocks.shape[-1] != MXFP4_BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise ValueError(f"MXFP4: expected blocks [..., G, 16] and scales [..., G] with the same leading shape, "
+                         f"found blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)}")
+    work = _work_dtype(dtype)
+    values = _unpack_codes(blocks, work, low_first=True)                    # [..., G, 32]
+    scale = _e8m0_table(work, str(scales.device))[scales.long()]             # [..., G]
+    out = (values * scale.unsqueeze(-1)).reshape(*blocks.shape[:-2], blocks.shape[-2] * MXFP4_BLOCK)
+    return out.to(dtype)
+
+
+def untile_block_scales(tiled: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Undo ComfyUI's cuBLAS 128×4 block-scale tiling (checkpoint_formats.md §2.4).
+
+    ``tiled``: ``[Rp, Cp]`` or per expert ``[E, Rp, Cp]`` with ``Rp = 128·⌈rows/128⌉``, ``Cp = 4·⌈cols/4⌉``.
+    Returns the logical ``[..., rows, cols]`` scales (same dtype). The byte of logical (r, c) sits at
+    ``t·512 + (r mod 32)·16 + ((r mod 128) // 32)·4 + (c mod 4)`` with ``t = (r // 128)·(Cp/4) + c // 4``.
+    """
+    rp, cp = 128 * math.ceil(rows / 128), 4 * math.ceil(cols / 4)
+    if tiled.dim() not in (2, 3) or tuple(tiled.shape[-2:]) != (rp, cp):
+        raise ValueError(f"tiled block scales: expected [..., {rp}, {cp}] for a logical [{rows}, {cols}] matrix, "
+                         f"found {tuple(tiled.shape)}")
+    r = torch.arange(rows, device=tiled.device).unsqueeze(1)
+    c = torch.arange(cols, device=tiled.device).unsqueeze(0)
+    tile = (r // 128) * (cp // 4) + c // 4
+    offset = tile * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + (c % 4)
+    flat = tiled.reshape(*tiled.shape[:-2], rp * cp)
+    return flat[..., offset.reshape(-1)].reshape(*tiled.shape[:-2], rows, cols)
+
+
+def _as_e4m3(scales: torch.Tensor) -> torch.Tensor:
+    if scales.dtype == torch.float8_e4m3fn:
+        return scales
+    if scales.dtype in (torch.uint8, torch.int8):
+        return scales.view(torch.float8_e4m3fn)
+    raise ValueError(f"NVFP4 block scales: expected float8_e4m3fn (or its raw uint8 bytes), found {scales.dtype}")
+
+
+def nvfp4_dequantize(weight: torch.Tensor, block_scales: torch.Tensor, global_scale, dtype=torch.bfloat16,
+                     ) -> torch.Tensor:
+    """NVFP4 ``weight [..., rows, in/2]`` uint8 (high nibble = even element) with **un-tiled** E4M3
+    ``block_scales [..., rows, in/16]`` and an fp32 global scale (a scalar, or one per leading index, e.g.
+    ``[E]`` for a bank) → ``[..., rows, in]`` in ``dtype``. The products are computed in fp32 (accuracy) then
+    rounded once to ``dtype``; ComfyUI's eager kernel multiplies the scales in the output dtype first, which
+    can differ by one rounding step."""
+    if weight.dtype != torch.uint8:
+        raise ValueError(f"NVFP4 weight: expected uint8 packed codes, found {weight.dtype}")
+    block_scales = _as_e4m3(block_scales)
+    n_in = weight.shape[-1] * 2
+    if n_in % NVFP4_BLOCK or tuple(block_scales.shape) != (*weight.shape[:-1], n_in // NVFP4_BLOCK):
+        raise ValueError(f"NVFP4: expected block scales {(*weight.shape[:-1], n_in // NVFP4_BLOCK)} for weight "
+                         f"{tuple(weight.shape)}, found {tuple(block_scales.shape)}")
+    values = _unpack_codes(weight, torch.float32, low_first=False)
+    values = values.reshape(*weight.shape[:-1], n_in // NVFP4_BLOCK, NVFP4_BLOCK)
+    g = torch.as_tensor(global_scale, dtype=torch.float32, device=weight.device)
+    g = g.reshape(*g.shape, *([1] * (weight.dim() - g.dim())))               # broadcast over rows / blocks
+    scale = block_scales.to(torch.float32) * g
+    return (values * scale.unsqueeze(-1)).reshape(*weight.shape[:-1], n_in).to(dtype)
+
+
+def nvfp4_bank_tensors(proj: str, weight, weight_scale, weight_scale_2, bias=None) -> dict:
+    """Turn one NVFP4 expert bank of the Comfy-Org GPT-OSS file (``layers.i.mlp.experts.<proj>.weight``,
+    ``.weight_scale``, ``.weight_scale_2``, ``.bias``) into the tensors :class:`PackedExperts` holds in
+    ``fmt="nvfp4"``: ``{proj}_blocks`` uint8 ``[E, out, in/2]``, ``{proj}_scales`` float8_e4m3fn ``[E, out, in/16]``
+    (un-tiled), ``{proj}_scales_2`` fp32 ``[E]`` and ``{proj}_bias`` (unchanged, if given)."""
+    if weight.dtype != torch.uint8 or weight.dim() != 3:
+        raise ValueError(f"{proj}.weight: expected a uint8 [E, out, in/2] NVFP4 bank, found {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    e, rows, half = weight.shape
+    scales = untile_block_scales(_as_e4m3(weight_scale), rows, half * 2 // NVFP4_BLOCK)
+    g = torch.as_tensor(weight_scale_2, dtype=torch.float32)
+    if g.numel() == 1:
+        g = g.reshape(1).expand(e).clone()
+    if tuple(g.shape) != (e,):
+        raise ValueError(f"{proj}.weight_scale_2: expected a scalar or [{e}] global scales, found {tuple(g.shape)}")
+    out = {f"{proj}_blocks": weight, f"{proj}_scales": scales.contiguous(), f"{proj}_scales_2": g}
+    if bias is not None:
+        out[f"{proj}_bias"] = bias
+    return out
+
+
+def nvfp4_state_dict_to_lens(state_dict: dict) -> dict:
+    """Map a Comfy-Org ``gpt_oss_20b_nvfp4.safetensors`` state dict (keys without ``model.``) to the keys of a
+    ``LensTextEncoder(..., expert_format="nvfp4")``: adds ``model.``, converts each expert bank with
+    :func:`nvfp4_bank_tensors`, drops ``*.comfy_quant`` markers and the ``tokenizer_json`` blob (read it
+    separately with ``lens_core.prompt.load_tokenizer``). Tensors are not copied except the un-tiled scales."""
+    out, banks = {}, {}
+    for key, t in state_dict.items():
+        if key == "tokenizer_json" or key.endswith(".comfy_quant"):
+            continue
+        for proj in ("gate_up_proj", "down_proj"):
+            marker = f".mlp.experts.{proj}."
+            if marker in key:
+                prefix, leaf = key.split(marker)
+                banks.setdefault((prefix + ".mlp.experts.", proj), {})[leaf] = t
+                break
+        else:
+            out[key if key.startswith("model.") or key.startswith("lm_head") else "model." + key] = t
+    for (prefix, proj), parts in banks.items():
+        missing = {"weight", "weight_scale", "weight_scale_2"} - set(parts)
+        if missing:
+            raise ValueError(f"NVFP4 expert bank {prefix}{proj}: expected weight, weight_scale and weight_scale_2, "
+                             f"missing {sorted(missing)}")
+        tensors = nvfp4_bank_tensors(proj, parts["weight"], parts["weight_scale"], parts["weight_scale_2"],
+                                     parts.get("bias"))
+        base = prefix if prefix.startswith("model.") else "model." + prefix
+        out.update({base + name: t for name, t in tensors.items()})
+    return out
+
+
+def swiglu_clamped(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS activation on interleaved ``[gate0, up0, gate1, up1, …]``: gate clamped above, up clamped both
+    ways, ``(up + 1) · gate · sigmoid(alpha · gate)`` (text_encoder_spec.md §2.6)."""
+    gate = gate_up[..., 0::2].clamp(max=limit)
+    up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+class PackedExperts(nn.Module):
+    """The ``mlp.experts`` bank of one GPT-OSS layer with 4-bit weights kept packed.
+
+    Parameter names are the on-disk MXFP4 keys (``gate_up_proj_blocks``, ``gate_up_proj_scales``,
+    ``gate_up_proj_bias``, ``down_proj_*``); ``fmt="nvfp4"`` holds the converted NVFP4 tensors of
+    :func:`nvfp4_bank_tensors` instead (plus ``*_scales_2``). All packed tensors are ``requires_grad=False``
+    parameters. ``mode="dequantized"`` replaces them by dense ``gate_up_proj``/``down_proj`` ``[E, out, in]`` in
+    ``dtype`` as soon as the packed tensors are loaded (or on :meth:`dequantize_`).
+
+    ``forward(x [N, D], router_indices [N, k], routing_weights [N, k]) -> [N, D]``.
+    """
+
+    comfy_cast_weights = True  # always casts its tensors to the input's device/dtype (like comfy.ops layers)
+    weight_function: list = []
+    bias_function: list = []
+
+    def __init__(self, num_experts, hidden_size, intermediate_size, alpha=1.702, limit=7.0, fmt="mxfp4",
+                 mode="packed", device=None, dtype=None):
+        super().__init__()
+        if fmt not in ("mxfp4", "nvfp4"):
+            raise ValueError(f"expert format: expected 'mxfp4' or 'nvfp4', found {fmt!r}")
+        if mode not in ("packed", "dequantized"):
+            raise ValueError(f"experts: expected 'packed' or 'dequantized', found {mode!r}")
+        block = MXFP4_BLOCK if fmt == "mxfp4" else NVFP4_BLOCK
+        for n in (hidden_size, intermediate_size):
+            if n % block:
+                raise ValueError(f"{fmt} experts: expected hidden/intermediate sizes divisible by {block}, found {n}")
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.alpha, self.limit, self.fmt, self.mode = alpha, limit, fmt, mode
+        self.dense_dtype = dtype or torch.bfloat16
+        shapes = {"gate_up_proj": (2 * intermediate_size, hidden_size), "down_proj": (hidden_size, intermediate_size)}
+
+        def frozen(*shape, dt):
+            return nn.Parameter(torch.empty(*shape, device=device, dtype=dt), requires_grad=False)
+
+        for proj, (rows, cols) in shapes.items():
+            if fmt == "mxfp4":
+                setattr(self, f"{proj}_blocks", frozen(num_experts, rows, cols // 32, 16, dt=torch.uint8))
+                setattr(self, f"{proj}_scales", frozen(num_experts, rows, cols // 32, dt=torch.uint8))
+            else:
+                setattr(self, f"{proj}_blocks", frozen(num_experts, rows, cols // 2, dt=torch.uint8))
+                setattr(self, f"{proj}_scales", frozen(num_experts, rows, cols // 16, dt=torch.float8_e4m3fn))
+                setattr(self, f"{proj}_scales_2", frozen(num_experts, dt=torch.float32))
+            setattr(self, f"{proj}_bias", frozen(num_experts, rows, dt=dtype or torch.bfloat16))
+
+    @property
+    def is_packed(self) -> bool:
+        return hasattr(self, "gate_up_proj_blocks")
+
+    def _packed_names(self, proj):
+        names = [f"{proj}_blocks", f"{proj}_scales"]
+        return names + [f"{proj}_scales_2"] if self.fmt == "nvfp4" else names
+
+    def dequantize_expert(self, proj: str, e: int, dtype, device) -> torch.Tensor:
+        """Dense ``[out, in]`` weight of expert ``e`` of ``proj`` in ``dtype`` on ``device``."""
+        if f"{proj}_blocks" not in self._parameters:
+            return cast_to(getattr(self, proj)[e], dtype, device)
+        parts = [cast_to(getattr(self, n)[e], None, device) for n in self._packed_names(proj)]
+        if self.fmt == "mxfp4":
+            return mxfp4_dequantize(parts[0], parts[1], dtype)
+        return nvfp4_dequantize(parts[0], parts[1], parts[2], dtype)
+
+    @torch.no_grad()
+    def dequantize_(self, dtype=None):
+        """Expand every expert once into dense ``gate_up_proj``/``down_proj`` parameters and drop the bytes."""
+        if not self.is_packed:
+            return self
+        dtype = dtype or self.dense_dtype
+        for proj in ("gate_up_proj", "down_proj"):
+            blocks = getattr(self, f"{proj}_blocks")
+            rows = blocks.shape[1]
+            cols = blocks.shape[2] * 32 if self.fmt == "mxfp4" else blocks.shape[2] * 2
+            if blocks.device.type == "meta":
+                dense = torch.empty(self.num_experts, rows, cols, device="meta", dtype=dtype)
+            else:
+                dense = torch.empty(self.num_experts, rows, cols, device=blocks.device, dtype=dtype)
+                for e in range(self.num_experts):
+                    dense[e] = self.dequantize_expert(proj, e, dtype, blocks.device)
+            for n in self._packed_names(proj):
+                delattr(self, n)
+            setattr(self, proj, nn.Parameter(dense, requires_grad=False))
+        self.mode = "dequantized"
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.mode == "dequantized" and self.is_packed and f"{prefix}gate_up_proj_blocks" in state_dict:
+            self.dequantize_()
+
+    def forward(self, x: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor):
+        out = torch.zeros_like(x)
+        for e in torch.unique(router_indices).tolist():
+            tok, slot = torch.where(router_indices == e)
+            w_gu = self.dequantize_expert("gate_up_proj", e, x.dtype, x.device)
+            b_gu = cast_to(self.gate_up_proj_bias[e], x.dtype, x.device)
+            # matmul, then the bias as a separate rounding step: bit-identical to transformers in bf16
+            act = swiglu_clamped(torch.matmul(x[tok], w_gu.t()) + b_gu, self.alpha, self.limit)
+            del w_gu
+            w_d = self.dequantize_expert("down_proj", e, x.dtype, x.device)
+            y = torch.matmul(act, w_d.t()) + cast_to(self.down_proj_bias[e], x.dtype, x.device)
+            out.index_add_(0, tok, (y * routing_weights[tok, slot, None]).to(x.dtype))
+        return out
+
+    def extra_repr(self):
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                f"fmt={self.fmt}, mode={self.mode}")

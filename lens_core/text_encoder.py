@@ -1,0 +1,375 @@
+"""GPT-OSS decoder used as the Lens text encoder (raw outputs of selected layers, early exit).
+
+Spec: ../shared/docs/text_encoder_spec.md §2 (forward) and §3.1 (which layers Lens takes).
+
+Per layer: ``h = x + Attn(RMSNorm(x))``, ``out = h + MoE(RMSNorm(h))``.
+- RMSNorm: fp32 statistics, the weight multiplied **in fp32**, then cast back (GPT-OSS flavour).
+- Attention: GQA, YaRN RoPE (half-split rotation, cos/sin scaled by the YaRN attention factor), logits scaled
+  by head_dim^-0.5, an additive dtype-min mask (causal + key padding, plus a sliding window on sliding layers)
+  and one learned "sink" logit per head appended as an extra column of the softmax and then dropped.
+- MoE: router Linear → top-k on raw logits → softmax over those k → clamped SwiGLU experts with the "+1"
+  (:class:`lens_core.quant.PackedExperts`, 4-bit weights kept packed by default).
+The forward stops after the last selected layer and returns the selected layers' outputs in selection order,
+without the final norm. Parameter names equal the diffusers ``text_encoder/`` keys (``model.embed_tokens.weight``,
+``model.layers.L....``), so the folder's state dict loads with ``load_state_dict(sd, assign=True)`` into a
+module built on ``meta`` (drop ``lm_head.*``, ``model.norm.*`` and layers past the last selected one:
+:meth:`LensTextEncoder.is_unused_key`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .ops import cast_to, resolve_operations
+from .quant import PackedExperts
+
+LENS_SELECTED_LAYERS = (5, 11, 17, 23)
+
+_YARN_DEFAULTS = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                      original_max_position_embeddings=4096, truncate=False)
+
+
+@dataclasses.dataclass
+class TextEncoderConfig:
+    """The fields of a GPT-OSS ``config.json`` the encoder needs (defaults = gpt-oss-20b / Lens)."""
+
+    vocab_size: int = 201088
+    hidden_size: int = 2880
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    intermediate_size: int = 2880
+    num_local_experts: int = 32
+    num_experts_per_tok: int = 4
+    sliding_window: int = 128
+    layer_types: tuple = ()
+    rms_norm_eps: float = 1e-5
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    attention_bias: bool = True
+    rope: dict = dataclasses.field(default_factory=lambda: dict(_YARN_DEFAULTS))
+    pad_token_id: int = 199999
+
+    def __post_init__(self):
+        if not self.layer_types:
+            self.layer_types = tuple("sliding_attention" if i % 2 == 0 else "full_attention"
+                                     for i in range(self.num_hidden_layers))
+        self.layer_types = tuple(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"text encoder config: expected {self.num_hidden_layers} layer_types, found "
+                             f"{len(self.layer_types)}")
+        bad = set(self.layer_types) - {"sliding_attention", "full_attention"}
+        if bad:
+            raise ValueError(f"text encoder config: expected layer_types 'sliding_attention'/'full_attention', "
+                             f"found {sorted(bad)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"text encoder config: expected num_attention_heads ({self.num_attention_heads}) "
+                             f"divisible by num_key_value_heads ({self.num_key_value_heads})")
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(f"text encoder config: expected 1 <= num_experts_per_tok <= {self.num_local_experts}, "
+                             f"found {self.num_experts_per_tok}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextEncoderConfig":
+        """From a transformers GPT-OSS config dict; rope given as ``rope_parameters`` (transformers 5) or as
+        legacy ``rope_scaling`` + ``rope_theta``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"text encoder config: expected a dict, found {type(d).__name__}")
+        if d.get("model_type", "gpt_oss") != "gpt_oss":
+            raise ValueError(f"text encoder config: expected model_type 'gpt_oss', found {d.get('model_type')!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope"}
+        kw = {k: d[k] for k in names if k in d and d[k] is not None}
+        if "num_experts_per_tok" not in kw and "experts_per_token" in d:
+            kw["num_experts_per_tok"] = d["experts_per_token"]
+        if "head_dim" not in kw and "hidden_size" in d and "num_attention_heads" in d:
+            kw["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        kw["rope"] = _rope_from_config(d)
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, path) -> "TextEncoderConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: expected a GPT-OSS config.json, could not read it ({exc})") from exc
+        try:
+            return cls.from_dict(d)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+
+def _rope_from_config(d: dict) -> dict:
+    params = d.get("rope_parameters")
+    if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
+        raise ValueError("text encoder config: per-layer-type rope_parameters are not supported for GPT-OSS")
+    if not params:
+        legacy = d.get("rope_scaling")
+        if legacy is None and d.get("rope_theta") is None:
+            return dict(_YARN_DEFAULTS)
+        params = dict(legacy or {})
+        if "rope_theta" in d:
+            params.setdefault("rope_theta", d["rope_theta"])
+    params = dict(params)
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    if params["rope_type"] not in ("yarn", "default"):
+        raise ValueError(f"text encoder config: expected rope_type 'yarn' (or 'default'), found "
+                         f"{params['rope_type']!r}")
+    if "rope_theta" not in params:
+        raise ValueError("text encoder config: expected rope_theta (in rope_parameters or at top level), found none")
+    if params["rope_type"] == "yarn":
+        params.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
+        for key in ("factor", "original_max_position_embeddings"):
+            if params.get(key) is None:
+                raise ValueError(f"text encoder config: yarn rope needs {key}, found none")
+    return params
+
+
+def rope_inv_freq(head_dim: int, rope: dict):
+    """``(inv_freq [head_dim/2] fp32, attention_scaling)`` for default or YaRN RoPE (spec §2.5)."""
+    base = float(rope["rope_theta"])
+    dim = head_dim
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if rope["rope_type"] == "default":
+        return 1.0 / pos_freqs, 1.0
+    factor = float(rope["factor"])
+    l0 = float(rope["original_max_position_embeddings"])
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_scaling = rope.get("attention_factor")
+    if attention_scaling is None:
+        if rope.get("mscale") and rope.get("mscale_all_dim"):
+            attention_scaling = mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"])
+        else:
+            attention_scaling = mscale(factor)
+
+    def correction_dim(rotations):
+        return dim * math.log(l0 / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = correction_dim(rope.get("beta_fast") or 32)
+    high = correction_dim(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # weight of the original frequency
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_scaling)
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class GptOssRMSNorm(nn.Module):
+    """RMSNorm whose weight multiplies the fp32-normalised activations before the cast back."""
+
+    def __init__(self, dim, eps=1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (cast_to(self.weight, torch.float32, x.device) * xf).to(x.dtype)
+
+
+class GptOssAttention(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig, sliding: bool, ops, device=None, dtype=None):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.sliding_window if sliding else None
+        d, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = ops.Linear(d, self.heads * self.head_dim, bias=bias, device=device, dtype=dtype)
+        self.k_proj = ops.Linear(d, self.kv_heads * self.head_dim, bias=bias, device=device, dtype=dtype)
+        self.v_proj = ops.Linear(d, self.kv_heads * self.head_dim, bias=bias, device=device, dtype=dtype)
+        self.o_proj = ops.Linear(self.heads * self.head_dim, d, bias=bias, device=device, dtype=dtype)
+        self.sinks = nn.Parameter(torch.empty(self.heads, device=device, dtype=dtype))
+
+    def forward(self, x, cos, sin, masks):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        rep = self.heads // self.kv_heads  # query head h reads kv head h // rep
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        logits = torch.matmul(q, k.transpose(2, 3)) * self.head_dim ** -0.5
+        logits = logits + masks["sliding" if self.window else "full"].to(logits.dtype)
+        sink = cast_to(self.sinks, logits.dtype, x.device).view(1, -1, 1, 1).expand(b, -1, t, 1)
+        logits = torch.cat([logits, sink], dim=-1)
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+        probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1].to(v.dtype)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class GptOssMoE(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig, ops, experts="packed", expert_format="mxfp4", device=None,
+                 dtype=None):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.router = ops.Linear(cfg.hidden_size, cfg.num_local_experts, bias=True, device=device, dtype=dtype)
+        self.experts = PackedExperts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
+                                     alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, fmt=expert_format,
+                                     mode=experts, device=device, dtype=dtype)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        logits = self.router(flat)
+        top_values, top_index = torch.topk(logits, self.top_k, dim=-1)
+        weights = torch.softmax(top_values, dim=-1, dtype=top_values.dtype)
+        return self.experts(flat, top_index, weights).reshape(b, t, d)
+
+
+class GptOssDecoderLayer(nn.Module):
+    def __init__(self, cfg, layer_idx, ops, experts, expert_format, device=None, dtype=None):
+        super().__init__()
+        sliding = cfg.layer_types[layer_idx] == "sliding_attention"
+        self.input_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
+        self.self_attn = GptOssAttention(cfg, sliding, ops, device=device, dtype=dtype)
+        self.post_attention_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
+        self.mlp = GptOssMoE(cfg, ops, experts, expert_format, device=device, dtype=dtype)
+
+    def forward(self, x, cos, sin, masks):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _GptOssBody(nn.Module):
+    """Holds the ``model.*`` parameters (embedding + decoder layers)."""
+
+    def __init__(self, cfg, n_layers, ops, experts, expert_format, device=None, dtype=None):
+        super().__init__()
+        self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(GptOssDecoderLayer(cfg, i, ops, experts, expert_format, device=device,
+                                                       dtype=dtype) for i in range(n_layers))
+
+
+def _validate_selected(selected, num_layers):
+    try:
+        sel = tuple(int(i) for i in selected)
+    except (TypeError, ValueError):
+        raise ValueError(f"selected_layers: expected a list of layer indices, found {selected!r}") from None
+    if not sel or len(set(sel)) != len(sel) or any(i < 0 or i >= num_layers for i in sel):
+        raise ValueError(f"selected_layers: expected distinct indices in 0..{num_layers - 1}, found {list(sel)}")
+    return sel
+
+
+def attention_masks(attention_mask: torch.Tensor, window: int, dtype, device):
+    """Additive masks ``[B, 1, T, T]`` (0 = allowed, dtype-min = blocked) for full and sliding layers.
+
+    Key j is visible from query i iff j <= i and j is a real token; sliding layers also need i - j < window.
+    Padding masks keys only."""
+    t = attention_mask.shape[1]
+    i = torch.arange(t, device=device).view(t, 1)
+    j = torch.arange(t, device=device).view(1, t)
+    keys = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    full = (j <= i) & keys
+    sliding = full & (i - j < window)
+    neg = torch.finfo(dtype).min
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return {"full": torch.where(full, zero, neg), "sliding": torch.where(sliding, zero, neg)}
+
+
+class LensTextEncoder(nn.Module):
+    """GPT-OSS decoder returning the raw outputs of ``selected_layers`` (default Lens: 5, 11, 17, 23).
+
+    ``operations``: layer namespace (``lens_core.ops.resolve_operations``); ``experts``: ``"packed"`` keeps
+    4-bit experts as bytes and dequantizes the routed experts per call, ``"dequantized"`` expands them at load;
+    ``expert_format``: ``"mxfp4"`` (diffusers folder) or ``"nvfp4"`` (Comfy-Org file, after
+    ``lens_core.quant.nvfp4_state_dict_to_lens``). Only layers ``0..max(selected_layers)`` are built.
+    """
+
+    def __init__(self, config: TextEncoderConfig, selected_layers=LENS_SELECTED_LAYERS, operations=None,
+                 device=None, dtype=None, experts="packed", expert_format="mxfp4"):
+        super().__init__()
+        if isinstance(config, dict):
+            config = TextEncoderConfig.from_dict(config)
+        self.config = config
+        self.selected_layers = _validate_selected(selected_layers, config.num_hidden_layers)
+        self.compute_dtype = dtype
+        ops = resolve_operations(operations)
+        n_layers = max(self.selected_layers) + 1
+        self.model = _GptOssBody(config, n_layers, ops, experts, expert_format, device=device, dtype=dtype)
+        inv_freq, self.attention_scaling = rope_inv_freq(config.head_dim, config.rope)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def is_unused_key(self, key: str) -> bool:
+        """True for checkpoint keys this encoder does not hold (``lm_head``, final norm, layers past the last
+        selected one): drop them before ``load_state_dict``."""
+        if key.startswith("lm_head.") or key.startswith("model.norm."):
+            return True
+        parts = key.split(".")
+        if key.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
+            return int(parts[2]) > max(self.selected_layers)
+        return False
+
+    @torch.no_grad()
+    def dequantize_experts_(self, dtype=None):
+        """Expand every packed expert bank to dense weights (``experts="dequantized"``; also usable on a packed
+        encoder to trade memory for speed). Idempotent."""
+        for layer in self.model.layers:
+            layer.mlp.experts.dequantize_(dtype)
+        return self
+
+    def _rope_tables(self, t, dtype, device):
+        inv_freq = self.inv_freq
+        if inv_freq.device.type == "meta":  # built on meta and never materialised: recompute
+            inv_freq, _ = rope_inv_freq(self.config.head_dim, self.config.rope)
+        angles = torch.arange(t, device=device, dtype=torch.float32)[:, None] * inv_freq.to(device, torch.float32)
+        return ((angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """``input_ids [B, T]`` (right-padded), ``attention_mask [B, T]`` (True/1 = real token) → list of
+        ``[B, T, hidden]`` outputs of the selected layers, in selection order (no final norm)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [B, T], found {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, found "
+                             f"{tuple(attention_mask.shape)}")
+        if any(layer.mlp.experts.mode == "dequantized" and layer.mlp.experts.is_packed for layer in self.model.layers):
+            self.dequantize_experts_()  # loaded tensor by tensor (not via load_state_dict): expand now
+        x = self.model.embed_tokens(input_ids)
+        dtype = self.compute_dtype or self.model.layers[0].self_attn.k_proj.weight.dtype
+        x = x.to(dtype)
+        cos, sin = self._rope_tables(input_ids.shape[1], dtype, x.device)
+        masks = attention_masks(attention_mask, self.config.sliding_window, dtype, x.device)
+        wanted = {layer: pos for pos, layer in enumerate(self.selected_layers)}
+        outputs = [None] * len(self.selected_layers)
+        for idx, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, masks)
+            if idx in wanted:
+                outputs[wanted[idx]] = x
+        return outputs
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes held by the module's parameters and persistent buffers (works on ``meta``)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def load_config(folder) -> TextEncoderConfig:
+    """``TextEncoderConfig`` from ``folder/config.json`` (convenience for the checkpoint loader and tests)."""
+    path = os.path.join(os.fspath(folder), "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: expected the GPT-OSS text encoder config.json, found nothing")
+    return TextEncoderConfig.from_json(path)

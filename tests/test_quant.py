@@ -1,0 +1,175 @@
+"""lens_core.quant: MXFP4 vs transformers' dequantizer (bit-exact), NVFP4 from a known dense weight, the bank."""
+import pytest
+import torch
+
+from lens_core import quant as Q
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _bits(t):
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mxfp4_bit_exact_vs_transformers(dtype):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 40, 5, 16), generator=g, dtype=torch.uint8)
+    # every exponent byte except 255 (NaN in E8M0), including the sub-normal and overflowing ends
+    scales = torch.randint(0, 255, (3, 40, 5), generator=g, dtype=torch.uint8)
+    scales[0, 0, :] = torch.tensor([0, 1, 127, 253, 254], dtype=torch.uint8)
+    ours = Q.mxfp4_dequantize(blocks, scales, dtype)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=dtype).transpose(1, 2)  # theirs is [E, in, out]
+    assert ours.shape == (3, 40, 160) and ours.dtype == dtype
+    assert torch.equal(_bits(ours), _bits(ref.contiguous()))
+    # realistic exponents: bf16 dequantization is exact, i.e. equals the fp32 one
+    s = torch.randint(110, 135, (3, 40, 5), generator=g, dtype=torch.uint8)
+    assert torch.equal(Q.mxfp4_dequantize(blocks, s, torch.bfloat16).float(), Q.mxfp4_dequantize(blocks, s, torch.float32))
+
+
+def test_mxfp4_nibble_order_and_scale_by_hand():
+    blocks = torch.zeros(1, 1, 16, dtype=torch.uint8)
+    blocks[0, 0, 0] = 0x2F  # low nibble 0xF (-6) = element 0, high nibble 0x2 (1.0) = element 1
+    scales = torch.tensor([[129]], dtype=torch.uint8)  # 2^2
+    w = Q.mxfp4_dequantize(blocks, scales, torch.float32)
+    assert w[0, :3].tolist() == [-24.0, 4.0, 0.0]
+    with pytest.raises(ValueError, match=r"blocks \[..., G, 16\]"):
+        Q.mxfp4_dequantize(torch.zeros(2, 3, 8, dtype=torch.uint8), torch.zeros(2, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        Q.mxfp4_dequantize(blocks.float(), scales)
+
+
+def _tile_reference(s):
+    """cuBLAS 128x4 tiling written as reshapes (independent of the closed-form offsets in quant.py)."""
+    r, c = s.shape
+    rp, cp = -(-r // 128) * 128, -(-c // 4) * 4
+    p = torch.zeros(rp, cp, dtype=s.dtype)
+    p[:r, :c] = s
+    # [row tiles, 4 sub-blocks of 32 rows, 32 rows, col tiles, 4 cols] -> [row tile, col tile, 32, 4 sub, 4 cols]
+    t = p.view(rp // 128, 4, 32, cp // 4, 4).permute(0, 3, 2, 1, 4)
+    return t.reshape(rp, cp)
+
+
+def _known_nvfp4_bank(e, rows, cols, seed):
+    """A dense bank W that NVFP4 represents exactly, and its packed/tiled on-disk form."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (e, rows, cols), generator=g)
+    # E4M3 block scales: random positive finite bytes (0x01..0x7E), one per 16 inputs
+    scale_bytes = torch.randint(1, 0x7F, (e, rows, cols // 16), generator=g, dtype=torch.uint8)
+    scales = scale_bytes.view(torch.float8_e4m3fn)
+    global_scale = torch.tensor([0.25 * (i + 1) for i in range(e)], dtype=torch.float32)
+    dense = E2M1[codes] * scales.float().repeat_interleave(16, -1) * global_scale.view(e, 1, 1)
+    packed = ((codes[..., 0::2] << 4) | codes[..., 1::2]).to(torch.uint8)  # high nibble = even element
+    tiled = torch.stack([_tile_reference(scale_bytes[i]) for i in range(e)]).view(torch.float8_e4m3fn)
+    return dense, packed, tiled, global_scale
+
+
+def test_untile_matches_independent_tiling():
+    g = torch.Generator().manual_seed(1)
+    for r, c in [(2880, 180), (300, 7), (128, 4), (64, 3)]:
+        s = torch.randint(0, 256, (r, c), generator=g, dtype=torch.uint8)
+        assert torch.equal(Q.untile_block_scales(_tile_reference(s), r, c), s)
+    with pytest.raises(ValueError, match=r"expected \[..., 128, 8\]"):
+        Q.untile_block_scales(torch.zeros(64, 8, dtype=torch.uint8), 64, 5)
+
+
+def test_nvfp4_from_known_dense_weight():
+    dense, packed, tiled, gs = _known_nvfp4_bank(3, 200, 64, seed=2)
+    assert tiled.shape == (3, 256, 4)  # rows padded to 128, cols to 4 by the tiling
+    bank = Q.nvfp4_bank_tensors("down_proj", packed, tiled, gs, bias=torch.zeros(3, 200))
+    assert set(bank) == {"down_proj_blocks", "down_proj_scales", "down_proj_scales_2", "down_proj_bias"}
+    w = Q.nvfp4_dequantize(bank["down_proj_blocks"], bank["down_proj_scales"], bank["down_proj_scales_2"],
+                           torch.float32)
+    assert torch.equal(w, dense)
+    # raw uint8 scale bytes and a scalar global scale are accepted too
+    w0 = Q.nvfp4_dequantize(packed[0], Q.untile_block_scales(tiled[0].view(torch.uint8), 200, 4), gs[0],
+                            torch.float32)
+    assert torch.equal(w0, dense[0])
+    one = Q.nvfp4_bank_tensors("x", packed, tiled, torch.tensor(0.5))
+    assert one["x_scales_2"].tolist() == [0.5] * 3
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        Q.nvfp4_dequantize(packed, bank["down_proj_scales"].float(), gs)
+    with pytest.raises(ValueError, match="weight_scale_2"):
+        Q.nvfp4_bank_tensors("x", packed, tiled, torch.ones(2))
+
+
+def test_nvfp4_state_dict_to_lens_and_bank_forward():
+    e, d, inter = 3, 32, 32
+    gu, gu_p, gu_t, gu_g = _known_nvfp4_bank(e, 2 * inter, d, seed=3)
+    dn, dn_p, dn_t, dn_g = _known_nvfp4_bank(e, d, inter, seed=4)
+    gu, dn = gu / 8, dn / 8  # keep activations moderate: scale the global scales instead
+    gu_g, dn_g = gu_g / 8, dn_g / 8
+    b_gu, b_dn = torch.randn(e, 2 * inter), torch.randn(e, d)
+    sd = {"layers.0.mlp.experts.gate_up_proj.weight": gu_p, "layers.0.mlp.experts.gate_up_proj.weight_scale": gu_t,
+          "layers.0.mlp.experts.gate_up_proj.weight_scale_2": gu_g, "layers.0.mlp.experts.gate_up_proj.bias": b_gu,
+          "layers.0.mlp.experts.gate_up_proj.comfy_quant": torch.tensor(list(b'{"format":"nvfp4"}'), dtype=torch.uint8),
+          "layers.0.mlp.experts.down_proj.weight": dn_p, "layers.0.mlp.experts.down_proj.weight_scale": dn_t,
+          "layers.0.mlp.experts.down_proj.weight_scale_2": dn_g, "layers.0.mlp.experts.down_proj.bias": b_dn,
+          "layers.0.mlp.router.weight": torch.zeros(e, d), "tokenizer_json": torch.zeros(5, dtype=torch.uint8)}
+    out = Q.nvfp4_state_dict_to_lens(sd)
+    prefix = "model.layers.0.mlp.experts."
+    assert "model.layers.0.mlp.router.weight" in out and "tokenizer_json" not in out
+    assert not any(k.endswith("comfy_quant") for k in out)
+    bank = Q.PackedExperts(e, d, inter, fmt="nvfp4", dtype=torch.float32, device="meta")
+    bank.load_state_dict({k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}, assign=True)
+    x = torch.randn(10, d)
+    idx = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1], [0, 1]])
+    wts = torch.softmax(torch.randn(10, 2), -1)
+    y = bank(x, idx, wts)
+    ref = torch.zeros_like(x)
+    for n in range(10):
+        for s in range(2):
+            k = idx[n, s]
+            h = gu[k] @ x[n] + b_gu[k]
+            g_, u_ = h[0::2].clamp(max=7.0), h[1::2].clamp(-7.0, 7.0)
+            ref[n] += wts[n, s] * (dn[k] @ ((u_ + 1) * g_ * torch.sigmoid(1.702 * g_)) + b_dn[k])
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    with pytest.raises(ValueError, match="missing"):
+        Q.nvfp4_state_dict_to_lens({"layers.0.mlp.experts.down_proj.weight": dn_p})
+
+
+def _random_mxfp4_bank(e, d, inter, seed, bias_dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for proj, (rows, cols) in {"gate_up_proj": (2 * inter, d), "down_proj": (d, inter)}.items():
+        sd[f"{proj}_blocks"] = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+        sd[f"{proj}_scales"] = torch.randint(121, 124, (e, rows, cols // 32), generator=g, dtype=torch.uint8)
+        sd[f"{proj}_bias"] = (0.1 * torch.randn(e, rows, generator=g)).to(bias_dtype)
+    return sd
+
+
+def test_packed_bank_matches_dequantized_mode_and_is_frozen():
+    e, d, inter = 4, 64, 32
+    sd = _random_mxfp4_bank(e, d, inter, seed=5)
+    packed = Q.PackedExperts(e, d, inter, device="meta", dtype=torch.float32)
+    packed.load_state_dict(sd, assign=True)
+    dense = Q.PackedExperts(e, d, inter, mode="dequantized", device="meta", dtype=torch.float32)
+    dense.load_state_dict(sd, assign=True)
+    assert packed.is_packed and not dense.is_packed
+    assert {n for n, _ in dense.named_parameters()} == {"gate_up_proj", "gate_up_proj_bias", "down_proj",
+                                                         "down_proj_bias"}
+    assert dense.gate_up_proj.shape == (e, 2 * inter, d) and dense.gate_up_proj.dtype == torch.float32
+    assert all(not p.requires_grad for p in packed.parameters())
+    assert packed.gate_up_proj_blocks.dtype == torch.uint8 and packed.comfy_cast_weights
+    x = torch.randn(12, d)
+    idx = torch.stack([torch.randperm(e)[:2] for _ in range(12)])
+    wts = torch.softmax(torch.randn(12, 2), -1)
+    assert torch.equal(packed(x, idx, wts), dense(x, idx, wts))
+    # bf16 compute from bf16-stored biases, fp32 input on the other side: both follow the input dtype
+    assert packed(x.bfloat16(), idx, wts.bfloat16()).dtype == torch.bfloat16
+    # only routed experts contribute: an expert nobody picked can hold garbage
+    packed.gate_up_proj_scales.data[3] = 255
+    idx3 = idx.clone()
+    idx3[idx3 == 3] = (idx3[idx3 == 3] + 1) % 3
+    assert torch.isfinite(packed(x, idx3, wts)).all()
+
+
+def test_bank_bad_arguments():
+    with pytest.raises(ValueError, match="expected 'mxfp4' or 'nvfp4'"):
+        Q.PackedExperts(2, 64, 64, fmt="int4")
+    with pytest.raises(ValueError, match="expected 'packed' or 'dequantized'"):
+        Q.PackedExperts(2, 64, 64, mode="fast")
+    with pytest.raises(ValueError, match="divisible by 32"):
+        Q.PackedExperts(2, 48, 64)
