@@ -1,0 +1,255 @@
+"""Flow-match sampling for Lens: sigma schedule, model-timestep quantisation, Euler steps, CFG with the
+per-token norm rescale, img2img start, seeded noise. Spec: ../shared/docs/lens_dit_spec.md §4 and §8.
+
+The public entry point is :func:`sample`; the pipeline (``lens_core.pipeline``) and the ComfyUI LensSampler
+node both call it. Everything is in the packed token layout ``[B, S_img, 128]``.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import torch
+
+from .config import variant_defaults
+
+__all__ = ["empirical_mu", "sigma_schedule", "scheduler_timesteps", "model_timesteps", "cfg_combine",
+           "euler_step", "make_noise", "start_index", "sample", "variant_defaults"]
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedule
+
+
+def empirical_mu(image_seq_len: int, steps: int) -> float:
+    """FLUX.2's empirical shift mu for N_img image tokens and ``steps`` steps (Python float64, spec §4)."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    m200 = a2 * image_seq_len + b2
+    if image_seq_len > 4300:
+        return float(m200)
+    m10 = a1 * image_seq_len + b1
+    a = (m200 - m10) / 190.0
+    b = m200 - 200.0 * a
+    return float(a * steps + b)
+
+
+def sigma_schedule(steps: int, image_seq_len: int) -> torch.Tensor:
+    """Shifted sigmas [steps + 1] float32 on the CPU, ending with 0 (spec §4 "Schedule").
+
+    Raw sigmas are linspace(1, 1/N, N) in float64 cast to float32; the shift e^mu / (e^mu + (1/σ − 1)) is
+    evaluated in float32 with e^mu rounded to float32 first, exactly as the reference scheduler does.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if image_seq_len < 1:
+        raise ValueError(f"image_seq_len must be positive, got {image_seq_len!r}")
+    mu = empirical_mu(image_seq_len, steps)
+    raw = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+    em = np.float32(math.exp(mu))
+    shifted = em / (em + (np.float32(1.0) / raw - np.float32(1.0)))
+    sig = torch.from_numpy(shifted.astype(np.float32))
+    return torch.cat([sig, torch.zeros(1)])
+
+
+def scheduler_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """The scheduler's timesteps σ·1000 in float32 (without the terminal σ = 0)."""
+    return sigmas[:-1].float() * NUM_TRAIN_TIMESTEPS
+
+
+def model_timesteps(sigmas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the DiT receives per step: (σ·1000 cast to the latent dtype) / 1000, in that dtype (spec §4).
+
+    bf16: bf16(bf16(σ·1000)/1000), e.g. 0.994191 -> 0.996094; fp32: fp32(fp32(σ·1000)/1000).
+    """
+    return scheduler_timesteps(sigmas).to(dtype) / NUM_TRAIN_TIMESTEPS
+
+
+def start_index(steps: int, denoise: float) -> int:
+    """First step index for img2img: the last round(steps·denoise) steps of the schedule are run."""
+    if not (0.0 < float(denoise) <= 1.0):
+        raise ValueError(f"denoise must be in (0, 1], got {denoise!r}")
+    return steps - min(steps, int(round(steps * float(denoise))))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One step
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """uncond + g·(cond − uncond), rescaled per token so its norm over the channels equals ‖cond‖.
+
+    Runs in the tensors' dtype with the reference's rounding points (each op rounded to the model dtype,
+    norms accumulated in fp32). Applied for every g (g = 1 is not bit-identical to ``cond``).
+    """
+    comb = uncond + guidance * (cond - uncond)
+    cond_norm = torch.linalg.vector_norm(cond, dim=-1, keepdim=True)
+    comb_norm = torch.linalg.vector_norm(comb, dim=-1, keepdim=True)
+    scale = torch.where(comb_norm > 0, cond_norm / comb_norm.clamp_min(1e-12), torch.ones_like(comb_norm))
+    return comb * scale
+
+
+def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
+               sigma_next: torch.Tensor) -> torch.Tensor:
+    """x + (σ_next − σ)·v with the reference rounding: dt is a 0-dim fp32 tensor, so dt·v is formed in v's
+    dtype (dt rounded to it first); the sum is fp32 and the result is stored in v's dtype."""
+    dt = sigma_next.float() - sigma.float()
+    return (latents.float() + dt * velocity).to(velocity.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Noise
+
+
+def make_noise(seed: int, batch: int, h: int, w: int, channels: int = 128) -> torch.Tensor:
+    """Seeded standard-normal noise [batch, h·w, channels], fp32 on the CPU (same seed → same noise on any
+    device). A bf16 run rounds it to bf16, which equals drawing in bf16 from the same CPU generator."""
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn((batch, h * w, channels), generator=gen, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text batching helpers (features: list of per-layer [B,S,D] tensors or one stacked [B,S,4D] tensor)
+
+
+def _map(features, fn):
+    if isinstance(features, torch.Tensor):
+        return fn(features)
+    return [fn(f) for f in features]
+
+
+def _zip(a, b, fn):
+    if isinstance(a, torch.Tensor):
+        return fn(a, b)
+    return [fn(x, y) for x, y in zip(a, b)]
+
+
+def _first(features) -> torch.Tensor:
+    return features if isinstance(features, torch.Tensor) else features[0]
+
+
+def _pad_text(features, mask, target):
+    cur = mask.shape[1]
+    if cur == target:
+        return features, mask
+    feats = _map(features, lambda f: torch.cat([f, f.new_zeros(f.shape[0], target - cur, f.shape[-1])], 1))
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], target - cur)], dim=1)
+    return feats, mask
+
+
+def _accepts_exact(model) -> bool:
+    try:
+        return "exact" in inspect.signature(model.forward if hasattr(model, "forward") else model).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sampler
+
+
+def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=None, *, grid, steps, cfg,
+           denoise=1.0, init_latents=None, callback=None, exact=True, dtype=None, device=None):
+    """Denoise ``noise`` [B, S_img, 128] into final latents [B, S_img, 128] (run dtype, on ``device``).
+
+    Arguments:
+        model: a :class:`~lens_core.dit.LensTransformer` or any callable
+            ``model(hidden_states, text_features, text_mask, timestep, grid=grid)`` returning the velocity.
+        noise: the initial latents for text-to-image (e.g. :func:`make_noise`), packed [B, S_img, 128]; like
+            the official ``latents=`` it is only moved and cast to the run dtype.
+        pos_features / pos_mask: positive text features (list of 4 [B, S, D] or stacked [B, S, 4D]) and the
+            [B, S] bool mask (True = valid).
+        neg_features / neg_mask: negative features and mask, or ``None`` for the empty negative prompt,
+            which is zero features of the positive's shape with an all-False mask (spec §4). A negative of a
+            different length is zero-padded (mask False) to a common length.
+        grid: (H/16, W/16); steps: number of steps of the schedule; cfg: guidance scale (applied for every
+            value with the per-token norm rescale, spec §4).
+        denoise / init_latents: img2img. With ``denoise`` < 1 the full ``steps`` schedule is built and only
+            its last round(steps·denoise) steps are run, starting at σ_s = sigmas[steps − that]; the start
+            latent is x = (1 − σ_s)·init_latents + σ_s·noise (computed in fp32, then cast), where
+            ``init_latents`` is the clean packed latent [B, S_img, 128]. With ``denoise`` = 1,
+            ``init_latents`` is ignored and the run starts from ``noise`` (σ = 1).
+        callback: ``callback(step, total, latents, x0)`` after every step (step 0-based among the ``total``
+            steps run; ``latents`` the new latents, ``x0`` the predicted clean latent x − σ·v, fp32). It may
+            raise to interrupt; if it returns a tensor, that tensor replaces the latents.
+        exact: True (default) = the reference computation: CFG always as one batch of 2 ([pos; neg]), the
+            DiT in its reference-exact mode; reproduces the official pipeline bit for bit. False = the fast
+            path: at cfg == 1 a single forward on the positive only (no uncond pass) and the DiT's fast mode;
+            differences are at bf16 rounding level (tests/test_sampling.py measures them).
+        dtype: run dtype (default: ``model.dtype`` if it exists, else float32). device: default the
+            model's parameter device (else ``noise.device``).
+    """
+    if not isinstance(noise, torch.Tensor) or noise.ndim != 3:
+        raise ValueError(f"noise: expected packed latents [B, S_img, 128], got "
+                         f"{getattr(noise, 'shape', type(noise).__name__)}")
+    b, s_img, _ = noise.shape
+    gh, gw = (int(g) for g in grid)
+    if gh * gw != s_img:
+        raise ValueError(f"grid {tuple(grid)}: expected H'*W' = S_img = {s_img}, got {gh * gw}")
+    if dtype is None:
+        dtype = getattr(model, "dtype", None)
+        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    if device is None:
+        param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        device = param.device if param is not None and param.device.type != "meta" else noise.device
+    device = torch.device(device)
+    if pos_mask is None or pos_mask.ndim != 2 or pos_mask.shape[0] != b:
+        raise ValueError(f"pos_mask: expected [B={b}, S] bool, got "
+                         f"{None if pos_mask is None else tuple(pos_mask.shape)}")
+    if _first(pos_features).shape[:2] != pos_mask.shape:
+        raise ValueError(f"positive features: expected [B, S] = {tuple(pos_mask.shape)} like the mask, got "
+                         f"{tuple(_first(pos_features).shape)}")
+    pos_mask = pos_mask.bool()
+    guidance = float(cfg)
+    single = (not exact) and guidance == 1.0
+
+    if single:
+        feats, mask = pos_features, pos_mask
+    else:
+        if neg_features is None:
+            neg_features = _map(pos_features, torch.zeros_like)
+            neg_mask = torch.zeros_like(pos_mask)
+        if neg_mask is None or neg_mask.ndim != 2 or neg_mask.shape[0] != b:
+            raise ValueError(f"neg_mask: expected [B={b}, S] bool, got "
+                             f"{None if neg_mask is None else tuple(neg_mask.shape)}")
+        if _first(neg_features).shape[:2] != neg_mask.shape:
+            raise ValueError(f"negative features: expected [B, S] = {tuple(neg_mask.shape)} like the mask, got "
+                             f"{tuple(_first(neg_features).shape)}")
+        target = max(pos_mask.shape[1], neg_mask.shape[1])
+        pf, pm = _pad_text(pos_features, pos_mask, target)
+        nf, nm = _pad_text(neg_features, neg_mask.bool(), target)
+        feats = _zip(pf, nf, lambda p, n: torch.cat([p, n.to(p.device)], dim=0))
+        mask = torch.cat([pm, nm.to(pm.device)], dim=0)
+    feats = _map(feats, lambda f: f.to(device=device, dtype=dtype))
+    mask = mask.to(device)
+
+    sigmas = sigma_schedule(steps, s_img).to(device)
+    t_model = model_timesteps(sigmas, dtype)
+    first = start_index(steps, denoise)
+    latents = noise.to(device=device, dtype=dtype)
+    if first > 0:
+        if init_latents is None or tuple(init_latents.shape) != tuple(noise.shape):
+            raise ValueError(f"init_latents: denoise < 1 needs the clean latents of shape {tuple(noise.shape)}, "
+                             f"got {None if init_latents is None else tuple(init_latents.shape)}")
+        s0 = sigmas[first]
+        latents = ((1.0 - s0) * init_latents.to(device).float() + s0 * noise.to(device).float()).to(dtype)
+
+    kwargs = {"exact": exact} if _accepts_exact(model) else {}
+    total = steps - first
+    rows = b if single else 2 * b
+    for n, i in enumerate(range(first, steps)):
+        hidden = latents if single else latents.repeat(2, 1, 1)
+        v = model(hidden, feats, mask, t_model[i].expand(rows), grid=(gh, gw), **kwargs)
+        if not single:
+            cond, uncond = v.chunk(2)
+            v = cfg_combine(cond, uncond, guidance)
+        x0 = latents.float() - sigmas[i] * v.float()
+        latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+        if callback is not None:
+            replaced = callback(n, total, latents, x0)
+            if isinstance(replaced, torch.Tensor):
+                latents = replaced.to(device=device, dtype=dtype)
+    return latents
