@@ -1,0 +1,388 @@
+"""lens-nodes inside a real ComfyUI, driven over its HTTP + websocket API (marked ``comfyui``; skipped unless
+COMFYUI_DIR points at a ComfyUI set up with ../shared/tools/comfyui_headless.sh).
+
+The server runs with a temporary --base-directory (so output/, user/, temp/ never land in the ComfyUI
+checkout), an extra_model_paths.yaml whose ``custom_nodes`` entry holds a symlink ``lens-nodes`` -> this
+repository and whose model folders hold the tiny golden pipeline, and ``--preview-method auto``.
+Ports 18188-18199 on 127.0.0.1; the server is stopped by PID at the end.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import pathlib
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from test_workflows import check_workflow, ui_to_api
+
+pytestmark = pytest.mark.comfyui
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOOL = (REPO.parent / "shared" / "tools" / "comfyui_headless.sh").resolve()
+PORTS = range(18188, 18200)
+LENS_NODES = {"LensModelLoader", "LensTextEncoderLoader", "LensVAELoader", "LensCheckpointLoader", "LensTextEncode",
+              "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode"}
+TINY = "Lens-tiny"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a minimal websocket client (RFC 6455, stdlib only): collects ComfyUI's JSON events and binary previews
+
+
+class EventStream:
+    def __init__(self, port: int, client_id: str):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                           f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += self.sock.recv(4096)
+        head, self.buf = buf.split(b"\r\n\r\n", 1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        self.sock.settimeout(None)
+        self.events = []            # ("json", dict) or ("binary", event_type)
+        self.cond = threading.Condition()
+        self.closed = False
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _read(self, n):
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _send(self, opcode, payload=b""):
+        mask = os.urandom(4)
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + data)
+
+    def _loop(self):
+        try:
+            while True:
+                b1, b2 = self._read(2)
+                opcode, length = b1 & 0x0F, b2 & 0x7F
+                if length == 126:
+                    length = struct.unpack(">H", self._read(2))[0]
+                elif length == 127:
+                    length = struct.unpack(">Q", self._read(8))[0]
+                payload = self._read(length)
+                if opcode == 0x9:
+                    self._send(0xA, payload[:125])
+                    continue
+                if opcode == 0x8:
+                    break
+                with self.cond:
+                    if opcode == 0x1:
+                        self.events.append(("json", json.loads(payload)))
+                    elif opcode == 0x2:
+                        self.events.append(("binary", struct.unpack(">I", payload[:4])[0]))
+                    self.cond.notify_all()
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            with self.cond:
+                self.closed = True
+                self.cond.notify_all()
+
+    def wait_for(self, predicate, timeout=300.0):
+        """Wait until ``predicate(event)`` holds for some JSON event; returns it."""
+        deadline = time.time() + timeout
+        with self.cond:
+            while True:
+                for kind, ev in self.events:
+                    if kind == "json" and predicate(ev):
+                        return ev
+                left = deadline - time.time()
+                if left <= 0 or self.closed:
+                    raise TimeoutError(f"no matching websocket event; got {[e for k, e in self.events if k == 'json'][-5:]}")
+                self.cond.wait(left)
+
+    def for_prompt(self, prompt_id):
+        """Events of one prompt: JSON events carrying its prompt_id plus the binary frames between them."""
+        with self.cond:
+            out, inside = [], False
+            for kind, ev in self.events:
+                if kind == "json":
+                    inside = ev.get("data", {}).get("prompt_id") == prompt_id
+                    if inside:
+                        out.append((kind, ev))
+                elif inside:
+                    out.append((kind, ev))
+            return out
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# server fixture
+
+
+def _free_port():
+    for port in PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.skip("no free port in 18188-18199")
+
+
+class Server:
+    def __init__(self, port, pid, base, log):
+        self.port, self.pid, self.base, self.log = port, pid, base, log
+        self.client_id = uuid.uuid4().hex
+        self.ws = EventStream(port, self.client_id)
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url(path), timeout=60) as r:
+            return json.loads(r.read())
+
+    def post(self, path, body):
+        req = urllib.request.Request(self.url(path), data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                raw = r.read()
+                return r.status, json.loads(raw) if raw.strip() else {}
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def submit(self, prompt):
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        assert status == 200, body
+        return body["prompt_id"]
+
+    def finish(self, prompt_id, timeout=300):
+        """Wait for the end of a prompt; returns (status event type, history entry)."""
+        ev = self.ws.wait_for(lambda e: e.get("data", {}).get("prompt_id") == prompt_id and e["type"] in
+                              ("execution_success", "execution_error", "execution_interrupted"), timeout)
+        for _ in range(100):
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist:
+                return ev["type"], hist[prompt_id]
+            time.sleep(0.1)
+        return ev["type"], None
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir:
+        pytest.skip("COMFYUI_DIR not set (real-ComfyUI integration tests)")
+    pipeline_dir = request.getfixturevalue("pipeline_dir")
+    tmp = tmp_path_factory.mktemp("comfyui")
+    (tmp / "base" / "custom_nodes").mkdir(parents=True)
+    (tmp / "custom").mkdir()
+    os.symlink(REPO, tmp / "custom" / "lens-nodes")
+    for sub in ("diffusion_models", "text_encoders", "vae"):
+        (tmp / "models" / sub).mkdir(parents=True)
+    os.symlink(pipeline_dir, tmp / "models" / "diffusion_models" / TINY)
+    os.symlink(pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors",
+               tmp / "models" / "diffusion_models" / "misplaced-flux2-vae.safetensors")
+    yaml = tmp / "extra_model_paths.yaml"
+    yaml.write_text(f"lens_nodes_test:\n    base_path: {tmp}\n    custom_nodes: custom\n"
+                    f"    diffusion_models: models/diffusion_models\n    text_encoders: models/text_encoders\n"
+                    f"    vae: models/vae\n")
+    port = _free_port()
+    out = subprocess.run(["bash", str(TOOL), "start", comfy_dir, str(port), "--base-directory", str(tmp / "base"),
+                          "--extra-model-paths-config", str(yaml), "--preview-method", "auto"],
+                         capture_output=True, text=True, timeout=200)
+    log = pathlib.Path(comfy_dir) / f"server-{port}.log"
+    if out.returncode != 0:
+        text = log.read_text()[-3000:] if log.exists() else ""
+        if log.exists():
+            log.unlink()
+        pytest.fail(f"ComfyUI did not start: {out.stderr}{text}")
+    pid = int(out.stdout.strip().splitlines()[-1])
+    srv = Server(port, pid, tmp / "base", log)
+    try:
+        yield srv
+    finally:
+        srv.ws.close()
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        if log.exists():            # the launcher writes its log into the ComfyUI folder: keep it out of there
+            (tmp / log.name).write_text(log.read_text())
+            log.unlink()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def _workflow_prompt(name, object_info, **changes):
+    wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    prompt = ui_to_api(wf, object_info)
+    for node in prompt.values():
+        inputs, t = node["inputs"], node["class_type"]
+        if t == "LensModelLoader":
+            inputs["model_name"] = TINY
+        elif t == "LensTextEncoderLoader":
+            inputs["text_encoder_name"] = TINY
+        elif t == "LensVAELoader":
+            inputs["vae_name"] = TINY
+        elif t == "LensEmptyLatent":
+            inputs.update(aspect_ratio="custom", width=96, height=64)
+        elif t == "SaveImage":
+            inputs["filename_prefix"] = f"lens_test/{name}"
+        for key, value in changes.get(t, {}).items():
+            inputs[key] = value
+    return prompt
+
+
+def _node_id(prompt, class_type):
+    (nid,) = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    return nid
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_pack_loads_and_lists_every_node(server, object_info):
+    log = server.log.read_text()
+    assert "lens-nodes" in log                       # listed in the custom-node import times
+    assert not [line for line in log.splitlines() if "lens-nodes" in line and "IMPORT FAILED" in line], log[-3000:]
+    assert "Cannot import" not in log or "lens-nodes" not in log.split("Cannot import", 1)[1][:500]
+    assert LENS_NODES <= set(object_info)
+    for name in LENS_NODES:
+        assert object_info[name]["python_module"] == "custom_nodes.lens-nodes"
+        assert object_info[name]["category"].startswith("Lens/")
+    assert TINY in object_info["LensModelLoader"]["input"]["required"]["model_name"][0]
+    assert TINY in object_info["LensTextEncoderLoader"]["input"]["required"]["text_encoder_name"][0]
+    templates = server.get("/workflow_templates")     # the template browser lists the pack's workflows
+    assert {"lens_t2i", "lens_turbo_t2i", "lens_hires"} <= set(templates.get("lens-nodes", [])), templates
+    stats = server.get("/system_stats")
+    print("ComfyUI version:", stats["system"]["comfyui_version"])
+
+
+def test_workflows_validate_against_live_object_info(object_info):
+    for path in sorted((REPO / "workflows").glob("*.json")):
+        wf = json.loads(path.read_text())
+        assert check_workflow(wf, object_info, check_combos=False) == [], path.name
+        prompt = ui_to_api(wf, object_info)
+        assert {v["class_type"] for v in prompt.values()} <= set(object_info)
+
+
+@pytest.mark.parametrize("name,steps", [("lens_t2i", 20), ("lens_turbo_t2i", 4)])
+def test_workflow_runs_saves_image_with_progress(server, object_info, name, steps):
+    from PIL import Image
+
+    prompt = _workflow_prompt(name, object_info)
+    sampler = _node_id(prompt, "LensSampler")
+    assert prompt[sampler]["inputs"]["steps"] == steps
+    pid = server.submit(prompt)
+    status, hist = server.finish(pid)
+    assert status == "execution_success", hist and hist["status"]
+    # progress: one websocket event per sampling step, and a latent preview per step
+    events = server.ws.for_prompt(pid)
+    progress = [e["data"] for k, e in events if k == "json" and e["type"] == "progress" and e["data"]["node"] == sampler]
+    assert [p["value"] for p in progress] == list(range(1, steps + 1))
+    assert all(p["max"] == steps for p in progress)
+    previews = [e for k, e in events if k == "binary"]
+    print(f"{name}: {len(progress)} progress events for {steps} steps, {len(previews)} binary previews")
+    assert len(previews) >= steps
+    # the saved image
+    (images,) = [o["images"] for o in hist["outputs"].values() if "images" in o]
+    img = images[0]
+    path = server.base / "output" / img["subfolder"] / img["filename"]
+    with Image.open(path) as im:
+        assert im.size == (96, 64)
+
+
+def test_same_prompt_twice_reuses_cache(server, object_info):
+    prompt = _workflow_prompt("lens_turbo_t2i", object_info, LensSampler={"seed": 4242})
+    first = server.submit(prompt)
+    assert server.finish(first)[0] == "execution_success"
+    second = server.submit(copy.deepcopy(prompt))
+    status, hist = server.finish(second)
+    assert status == "execution_success"
+    events = server.ws.for_prompt(second)
+    cached = [e["data"]["nodes"] for k, e in events if k == "json" and e["type"] == "execution_cached"]
+    assert cached and set(cached[0]) >= set(prompt) - {_node_id(prompt, "SaveImage")}
+    ran = [e["data"]["node"] for k, e in events if k == "json" and e["type"] == "executing" and e["data"]["node"]]
+    assert _node_id(prompt, "LensSampler") not in ran and _node_id(prompt, "LensModelLoader") not in ran
+
+
+def test_interrupt_stops_sampling_and_next_run_succeeds(server, object_info):
+    steps = 400
+    prompt = _workflow_prompt("lens_t2i", object_info, LensSampler={"steps": steps, "seed": 99},
+                              LensEmptyLatent={"width": 512, "height": 512})
+    sampler = _node_id(prompt, "LensSampler")
+    pid = server.submit(prompt)
+    server.ws.wait_for(lambda e: e["type"] == "progress" and e["data"].get("prompt_id") == pid
+                       and e["data"]["node"] == sampler)
+    status_code, _ = server.post("/interrupt", {})
+    assert status_code == 200
+    status, hist = server.finish(pid)
+    assert status == "execution_interrupted"
+    done = [e["data"]["value"] for k, e in server.ws.for_prompt(pid) if k == "json" and e["type"] == "progress"
+            and e["data"]["node"] == sampler]
+    print(f"interrupted after {max(done)} of {steps} steps")
+    assert max(done) < steps
+    again = _workflow_prompt("lens_turbo_t2i", object_info, LensSampler={"seed": 100})
+    assert server.finish(server.submit(again))[0] == "execution_success"
+
+
+def _expect_error(server, prompt, *needles):
+    pid = server.submit(prompt)
+    status, hist = server.finish(pid)
+    assert status == "execution_error"
+    (err,) = [e["data"] for k, e in server.ws.for_prompt(pid) if k == "json" and e["type"] == "execution_error"]
+    print(f"{err['node_type']}: {err['exception_type']}: {err['exception_message']}")
+    for needle in needles:
+        assert needle in err["exception_message"], err["exception_message"]
+    return err
+
+
+def test_bad_inputs_fail_with_a_fix_and_comfyui_keeps_running(server, object_info):
+    vae = {"class_type": "LensVAELoader", "inputs": {"vae_name": TINY}}
+    # a VAE file put in diffusion_models and picked in the model loader
+    p = _workflow_prompt("lens_turbo_t2i", object_info,
+                         LensModelLoader={"model_name": "misplaced-flux2-vae.safetensors"})
+    err = _expect_error(server, p, "misplaced-flux2-vae.safetensors", "FLUX.2 VAE", "LensVAELoader", "Fix")
+    assert err["node_type"] == "LensModelLoader" and err["exception_type"].endswith("ValueError")
+    # a latent of another model family (SD-style 4 channels) into the Lens decoder
+    p = {"1": vae, "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+         "3": {"class_type": "LensVAEDecode", "inputs": {"vae": ["1", 0], "samples": ["2", 0], "tiled": "auto"}},
+         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    _expect_error(server, p, "expected a Lens / FLUX.2 latent", "another model family", "LensEmptyLatent")
+    # a custom size that is not a multiple of 16
+    p = _workflow_prompt("lens_turbo_t2i", object_info, LensEmptyLatent={"width": 1000, "height": 1000})
+    _expect_error(server, p, "multiple of 16", "Fix")
+    # ComfyUI is still up and runs the next prompt
+    assert server.get("/system_stats")["system"]["comfyui_version"]
+    good = _workflow_prompt("lens_turbo_t2i", object_info, LensSampler={"seed": 5})
+    assert server.finish(server.submit(good))[0] == "execution_success"
