@@ -386,3 +386,54 @@ def test_bad_inputs_fail_with_a_fix_and_comfyui_keeps_running(server, object_inf
     assert server.get("/system_stats")["system"]["comfyui_version"]
     good = _workflow_prompt("lens_turbo_t2i", object_info, LensSampler={"seed": 5})
     assert server.finish(server.submit(good))[0] == "execution_success"
+
+
+INPROCESS = r'''
+import importlib.util, json, sys, torch
+repo, pipeline_dir, models = sys.argv[1], sys.argv[2], sys.argv[3]
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_management as mm, folder_paths
+folder_paths.add_model_folder_path("diffusion_models", models, is_default=True)
+spec = importlib.util.spec_from_file_location("lens_nodes_inproc", repo + "/__init__.py",
+                                              submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_inproc"] = pack; spec.loader.exec_module(pack)
+N = pack.NODE_CLASS_MAPPINGS
+model, te, vae = N["LensCheckpointLoader"]().load("Lens-tiny")
+enc = N["LensTextEncode"]()
+(pos,), (neg,) = enc.encode(te, "a red cube on a wooden table"), enc.encode(te, "")
+(lat,) = N["LensEmptyLatent"]().generate("custom", 1024, 96, 64, 1)
+run = lambda: N["LensSampler"]().sample(model, pos, neg, lat, 3, 4, 5.0, 1.0)[0]["samples"]
+full = run()
+report = {}
+for name, h in (("model", model), ("text_encoder", te), ("vae", vae)):
+    params = [m for m in h.patcher.model.modules() if any(True for _ in m.parameters(recurse=False))]
+    report[name] = sorted({type(m).__name__ for m in params if not hasattr(m, "comfy_cast_weights")})
+# ComfyUI's partial (lowvram) load: a tiny budget leaves every comfy.ops layer on the offload device in
+# cast-per-call mode; the forward must still work and give the same numbers
+mm.unload_all_models()
+model.patcher.load(model.patcher.load_device, lowvram_model_memory=1)
+casting = sum(1 for m in model.patcher.model.modules() if getattr(m, "prev_comfy_cast_weights", None) is not None)
+low = N["LensSampler"]().sample(model, pos, neg, lat, 3, 4, 5.0, 1.0)[0]["samples"]
+te.patcher.load(te.patcher.load_device, lowvram_model_memory=1)
+(pos2,) = enc.encode(te, "a red cube on a wooden table")
+print(json.dumps({"non_comfy_param_modules": report, "lowvram_layers": casting,
+                  "lowvram_equal": bool(torch.equal(full, low)),
+                  "te_equal": bool(torch.equal(pos[0][0], pos2[0][0]))}))
+'''
+
+
+def test_in_process_lowvram_load_keeps_numbers(server, tmp_path):
+    """In-process with the real comfy modules: after ComfyUI's partial (lowvram) load of the DiT and the text
+    encoder, sampling and encoding give the same numbers. (On a CPU-only machine load and offload device are
+    the same, so this exercises ComfyUI's lowvram bookkeeping with our modules, not a GPU split.)"""
+    script = tmp_path / "inprocess.py"
+    script.write_text(INPROCESS)
+    models = server.base.parent / "models" / "diffusion_models"
+    out = subprocess.run(["bash", str(TOOL), "python", os.environ["COMFYUI_DIR"], str(script), str(REPO),
+                          "", str(models)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["lowvram_layers"] > 0
+    assert result["lowvram_equal"] and result["te_equal"]
