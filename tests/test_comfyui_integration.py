@@ -437,3 +437,64 @@ def test_in_process_lowvram_load_keeps_numbers(server, tmp_path):
     print(result)
     assert result["lowvram_layers"] > 0
     assert result["lowvram_equal"] and result["te_equal"]
+
+
+SIGNATURES = r'''
+import importlib, inspect, json, sys
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+names = json.loads(sys.argv[1])
+out = {}
+for mod, attrs in names.items():
+    m = importlib.import_module(mod)
+    for a in attrs:
+        obj = getattr(m, a, None)
+        if obj is None:
+            out[f"{mod}.{a}"] = None
+            continue
+        target = obj.__init__ if inspect.isclass(obj) else obj
+        try:
+            out[f"{mod}.{a}"] = list(inspect.signature(target).parameters)
+        except (TypeError, ValueError):
+            out[f"{mod}.{a}"] = "?"
+print(json.dumps(out))
+'''
+
+
+def test_stand_in_signatures_match_real_comfy(server, tmp_path):
+    """Every function/class of tests/comfy_stub exists in the real ComfyUI with the same parameter names."""
+    import ast
+
+    stub = REPO / "tests" / "comfy_stub"
+    names = {}
+    for path in list((stub / "comfy").glob("*.py")) + [stub / "folder_paths.py"]:
+        if path.name == "__init__.py":
+            continue
+        mod = "folder_paths" if path.name == "folder_paths.py" else f"comfy.{path.stem}"
+        tree = ast.parse(path.read_text())
+        names[mod] = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                      and not n.name.startswith("_") and n.name != "set_models_dir"]
+    assert sum(len(v) for v in names.values()) > 30
+    script = tmp_path / "signatures.py"
+    script.write_text(SIGNATURES)
+    out = subprocess.run(["bash", str(TOOL), "python", os.environ["COMFYUI_DIR"], str(script), json.dumps(names)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    real = json.loads(out.stdout.strip().splitlines()[-1])
+    mismatches = []
+    for mod, attrs in names.items():
+        tree = ast.parse((stub / (mod.replace(".", "/") + ".py")).read_text())
+        for a in attrs:
+            key = f"{mod}.{a}"
+            if real.get(key) is None:
+                mismatches.append(f"{key}: missing in ComfyUI")
+                continue
+            node = next(n for n in tree.body if getattr(n, "name", None) == a)
+            if isinstance(node, ast.ClassDef):
+                node = next((f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
+                if node is None:
+                    continue
+            params = [x.arg for x in node.args.args + node.args.kwonlyargs]
+            if real[key] != "?" and params != real[key]:
+                mismatches.append(f"{key}: stand-in {params} vs ComfyUI {real[key]}")
+    assert mismatches == [], mismatches
