@@ -22,11 +22,6 @@ def pipe32(pipeline_dir):
     return LensPipeline.from_pretrained(pipeline_dir, dtype=torch.float32, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def pipe16(pipeline_dir):
-    return LensPipeline.from_pretrained(pipeline_dir, dtype=torch.bfloat16, device="cpu")
-
-
 def golden_case(golden_dir, case, dtype):
     return load_file(str(golden_dir / "pipeline_tiny" / "cases" / f"{case}.{dtype}.safetensors"))
 
@@ -47,23 +42,42 @@ def test_golden_pipeline_fp32(pipe32, golden_dir, case):
     assert out.images[0].size == (96, 64)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_golden_pipeline_bf16_reference_mode(pipe16, golden_dir, case):
-    """bf16 run in reference-exact mode against the bf16 goldens. The figure is printed (target: bit-identical;
-    it depends on the model modules' bf16 exactness). Asserted: the run tracks the bf16 reference at least 4×
-    closer than the fp32 reference is to it, i.e. it really reproduces the bf16 rounding path."""
-    steps, cfg = CASES[case]
-    g = golden_case(golden_dir, case, "bf16")
-    g32 = golden_case(golden_dir, case, "fp32")
-    out = pipe16(PROMPT, height=64, width=96, steps=steps, cfg=cfg, latents=g["noise"])
-    assert out.latents.dtype == torch.bfloat16
-    err = rel(out.latents, g["final_latents"])
-    gap = rel(g32["final_latents"], g["final_latents"])
-    same = (out.uint8 == g["image_uint8"]).float().mean().item()
-    bit = torch.equal(out.latents, g["final_latents"])
-    print(f"\n{case} bf16: bit-identical latents {bit}, latents rel {err:.3g} (fp32-vs-bf16 golden gap {gap:.3g}), "
-          f"uint8 equal {same:.4%}, max |Δ| {(out.uint8.int() - g['image_uint8'].int()).abs().max().item()}")
-    assert err <= 0.25 * gap
+def test_golden_pipeline_bf16_reference_mode(pipeline_dir, golden_dir):
+    """bf16 runs of cases a and b in reference-exact mode against the bf16 goldens, in a child process with the
+    reference kernel environment (tests/test_dit.py EXACT_ENV: AVX512-BF16 oneDNN GEMMs, MKL compatible mode,
+    one thread). On a CPU with AVX512-BF16 the final latents must be bit-identical; the uint8 figure is
+    printed (the VAE's bf16 convolutions are not bit-exact, see tests/test_vae.py). Elsewhere: the run must
+    track the bf16 reference at least 4× closer than the fp32 reference is to it."""
+    from test_dit import cpu_has_avx512_bf16, run_exact
+
+    code = f"""
+import json, torch
+from safetensors.torch import load_file
+from lens_core.pipeline import LensPipeline
+pipe = LensPipeline.from_pretrained({str(pipeline_dir)!r}, dtype=torch.bfloat16, device="cpu")
+res = {{}}
+for case, (steps, cfg) in {CASES!r}.items():
+    g = load_file({str(golden_dir / "pipeline_tiny" / "cases")!r} + "/" + case + ".bf16.safetensors")
+    g32 = load_file({str(golden_dir / "pipeline_tiny" / "cases")!r} + "/" + case + ".fp32.safetensors")
+    out = pipe({PROMPT!r}, height=64, width=96, steps=steps, cfg=cfg, latents=g["noise"])
+    ref = g["final_latents"]
+    d = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+    res[case] = dict(dtype=str(out.latents.dtype), bit=bool(torch.equal(out.latents, ref)),
+                     rel=d(out.latents, ref), gap=d(g32["final_latents"], ref),
+                     uint8_equal=float((out.uint8 == g["image_uint8"]).float().mean()),
+                     uint8_max=int((out.uint8.int() - g["image_uint8"].int()).abs().max()))
+print(json.dumps(res))
+"""
+    res = run_exact(code, timeout=600)
+    for case, r in res.items():
+        print(f"\n{case} bf16: bit-identical final latents {r['bit']}, latents rel {r['rel']:.3g} (fp32-vs-bf16 "
+              f"golden gap {r['gap']:.3g}), uint8 equal {r['uint8_equal']:.2%}, max |Δ| {r['uint8_max']}")
+        assert r["dtype"] == "torch.bfloat16"
+        if cpu_has_avx512_bf16():
+            assert r["bit"], r
+        else:
+            assert r["rel"] <= 0.25 * r["gap"], r
+        assert r["uint8_max"] <= 16, r  # golden bf16-vs-fp32 image gap: 16 (a), 52 (b)
 
 
 def test_component_dict_with_single_file_families(pipe32, pipeline_dir, golden_dir, tokenizer_json, tmp_path):
