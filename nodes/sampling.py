@@ -66,7 +66,7 @@ class LensSampler:
             "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Classifier-free guidance; 0 = the variant's default (Lens 5, Turbo 1, "
                                          "Base 5). 1 disables guidance (one forward per step)."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                   "tooltip": "1 = text-to-image from pure noise; < 1 keeps that much of the input "
                                              "latent's structure (img2img / hires ≈ 0.35)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
@@ -106,8 +106,9 @@ class LensSampler:
                     memory_required=bridge.dit_memory(model.config, rows, h * w, text_tokens, dtype),
                     minimum_memory_required=bridge.dit_memory(model.config, 1, h * w, text_tokens, dtype))
 
+        run_steps = steps - core_sampling.start_index(steps, float(denoise))   # img2img runs the schedule's tail
         reporter = bridge.StepReporter(
-            steps, device, lambda x0: core_config.unpack_latents(x0[:1].float(), h, w),
+            run_steps, device, lambda x0: core_config.unpack_latents(x0[:1].float(), h, w),
             node_id=unique_id)
         with torch.inference_mode():
             # cfg 1: one forward per step on the positive only (the sampler's fast path); otherwise the

@@ -35,6 +35,19 @@ PORTS = range(18188, 18200)
 LENS_NODES = {"LensModelLoader", "LensTextEncoderLoader", "LensVAELoader", "LensCheckpointLoader", "LensTextEncode",
               "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode"}
 TINY = "Lens-tiny"
+UPSCALER = "tiny-compact-4x.safetensors"
+
+
+def _write_tiny_upscaler(path):
+    """A 4× RealESRGAN-Compact upscale model (4 features, no inner convs) that ComfyUI's loader recognises."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"body.0.weight": torch.randn(4, 3, 3, 3, generator=g) * 0.2, "body.0.bias": torch.zeros(4),
+               "body.1.weight": torch.full((4,), 0.25),
+               "body.2.weight": torch.randn(48, 4, 3, 3, generator=g) * 0.2, "body.2.bias": torch.full((48,), 0.5)},
+              str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,15 +212,16 @@ def server(request, tmp_path_factory):
     (tmp / "base" / "custom_nodes").mkdir(parents=True)
     (tmp / "custom").mkdir()
     os.symlink(REPO, tmp / "custom" / "lens-nodes")
-    for sub in ("diffusion_models", "text_encoders", "vae"):
+    for sub in ("diffusion_models", "text_encoders", "vae", "upscale_models"):
         (tmp / "models" / sub).mkdir(parents=True)
+    _write_tiny_upscaler(tmp / "models" / "upscale_models" / UPSCALER)
     os.symlink(pipeline_dir, tmp / "models" / "diffusion_models" / TINY)
     os.symlink(pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors",
                tmp / "models" / "diffusion_models" / "misplaced-flux2-vae.safetensors")
     yaml = tmp / "extra_model_paths.yaml"
     yaml.write_text(f"lens_nodes_test:\n    base_path: {tmp}\n    custom_nodes: custom\n"
                     f"    diffusion_models: models/diffusion_models\n    text_encoders: models/text_encoders\n"
-                    f"    vae: models/vae\n")
+                    f"    vae: models/vae\n    upscale_models: models/upscale_models\n")
     port = _free_port()
     out = subprocess.run(["bash", str(TOOL), "start", comfy_dir, str(port), "--base-directory", str(tmp / "base"),
                           "--extra-model-paths-config", str(yaml), "--preview-method", "auto"],
@@ -320,6 +334,33 @@ def test_workflow_runs_saves_image_with_progress(server, object_info, name, step
     path = server.base / "output" / img["subfolder"] / img["filename"]
     with Image.open(path) as im:
         assert im.size == (96, 64)
+
+
+def test_hires_workflow_runs(server, object_info):
+    """The hires workflow (t2i -> upscale model -> VAE encode -> LensSampler denoise 0.35 -> decode) at tiny
+    sizes: 64² base, 4× upscale, scaled to 128² for the second pass."""
+    from PIL import Image
+
+    prompt = _workflow_prompt("lens_hires", object_info, UpscaleModelLoader={"model_name": UPSCALER},
+                              LensEmptyLatent={"width": 64, "height": 64},
+                              ImageScale={"width": 128, "height": 128})
+    samplers = [k for k, v in prompt.items() if v["class_type"] == "LensSampler"]
+    assert sorted(prompt[k]["inputs"]["denoise"] for k in samplers) == [0.35, 1.0]
+    pid = server.submit(prompt)
+    status, hist = server.finish(pid)
+    assert status == "execution_success", hist and hist["status"]
+    sizes = []
+    for out in hist["outputs"].values():
+        for img in out.get("images", []):
+            with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:
+                sizes.append(im.size)
+    assert sorted(sizes) == [(64, 64), (128, 128)]
+    second = max(samplers, key=int)
+    steps = prompt[second]["inputs"]["steps"]
+    done = [e["data"] for k, e in server.ws.for_prompt(pid) if k == "json" and e["type"] == "progress"
+            and e["data"]["node"] == second]
+    run = round(steps * 0.35)                                    # denoise 0.35: the last 7 of 20 steps run
+    assert [d["value"] for d in done] == list(range(1, run + 1)) and all(d["max"] == run for d in done)
 
 
 def test_same_prompt_twice_reuses_cache(server, object_info):
