@@ -79,8 +79,9 @@ def conditioning_to_features(conditioning, model: bridge.LensModel, name: str):
         raise ValueError(
             f"{name}: conditioning width {cond.shape[-1]} does not fit this Lens model, which expects "
             f"{model.config.num_text_layers}×{model.config.enc_hidden_dim} = {want} (4 stacked GPT-OSS layers). "
-            f"It comes from another model's text encoder; encode the prompt with LensTextEncode (or native "
-            f"Lens CLIPTextEncode) instead")
+            f"It comes from a text encoder that does not belong to this model. Fix: encode the prompt with the "
+            f"text encoder matching this model (LensTextEncode with its GPT-OSS encoder, or native Lens "
+            f"CLIPTextEncode)")
     layers = int(extra.get("num_layers_stacked", model.config.num_text_layers))
     if layers != model.config.num_text_layers:
         raise ValueError(f"{name}: conditioning stacks {layers} text-encoder layers, this Lens model expects "

@@ -38,6 +38,22 @@ TINY = "Lens-tiny"
 UPSCALER = "tiny-compact-4x.safetensors"
 
 
+def _write_dits(folder, golden_dir):
+    """Comfy-Org style single files: ``lens_bf16.safetensors`` (the tiny pipeline DiT in bf16, the name the
+    workflows use) and ``lens-narrow-text_bf16.safetensors``, a Lens-layout DiT whose text input is 4×32 wide
+    (a model another text encoder's conditioning does not fit)."""
+    import torch
+    from fixtures import dit_state_dict, write_comfy_dit_bf16
+    from safetensors.torch import save_file
+
+    write_comfy_dit_bf16(folder / "lens_bf16.safetensors", golden_dir, which="pipeline")
+    sd = {k: v.to(torch.bfloat16) for k, v in dit_state_dict(golden_dir, "pipeline").items()}
+    for i in range(4):
+        sd[f"txt_norm.{i}.weight"] = sd[f"txt_norm.{i}.weight"][:32].contiguous()
+    sd["txt_in.weight"] = sd["txt_in.weight"].reshape(128, 4, 64)[:, :, :32].reshape(128, 128).contiguous()
+    save_file(sd, str(folder / "lens-narrow-text_bf16.safetensors"))
+
+
 def _write_tiny_upscaler(path):
     """A 4× RealESRGAN-Compact upscale model (4 features, no inner convs) that ComfyUI's loader recognises."""
     import torch
@@ -215,6 +231,7 @@ def server(request, tmp_path_factory):
     for sub in ("diffusion_models", "text_encoders", "vae", "upscale_models"):
         (tmp / "models" / sub).mkdir(parents=True)
     _write_tiny_upscaler(tmp / "models" / "upscale_models" / UPSCALER)
+    _write_dits(tmp / "models" / "diffusion_models", request.getfixturevalue("golden_dir"))
     os.symlink(pipeline_dir, tmp / "models" / "diffusion_models" / TINY)
     os.symlink(pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors",
                tmp / "models" / "diffusion_models" / "misplaced-flux2-vae.safetensors")
@@ -262,7 +279,7 @@ def _workflow_prompt(name, object_info, **changes):
     prompt = ui_to_api(wf, object_info)
     for node in prompt.values():
         inputs, t = node["inputs"], node["class_type"]
-        if t == "LensModelLoader":
+        if t == "LensModelLoader" and inputs["model_name"] != "lens_bf16.safetensors":
             inputs["model_name"] = TINY
         elif t == "LensTextEncoderLoader":
             inputs["text_encoder_name"] = TINY
@@ -423,6 +440,11 @@ def test_bad_inputs_fail_with_a_fix_and_comfyui_keeps_running(server, object_inf
     # a custom size that is not a multiple of 16
     p = _workflow_prompt("lens_turbo_t2i", object_info, LensEmptyLatent={"width": 1000, "height": 1000})
     _expect_error(server, p, "multiple of 16", "Fix")
+    # conditioning from a text encoder whose width does not fit the model (4×64 into a 4×32 model)
+    p = _workflow_prompt("lens_turbo_t2i", object_info,
+                         LensModelLoader={"model_name": "lens-narrow-text_bf16.safetensors"})
+    err = _expect_error(server, p, "conditioning width 256", "4×32 = 128", "LensTextEncode")
+    assert err["node_type"] == "LensSampler"
     # ComfyUI is still up and runs the next prompt
     assert server.get("/system_stats")["system"]["comfyui_version"]
     good = _workflow_prompt("lens_turbo_t2i", object_info, LensSampler={"seed": 5})
