@@ -1,9 +1,143 @@
-"""Benchmark of the 'vae' component (to be filled in by its issue)."""
+"""Benchmark of the FLUX.2 VAE (``python -m lens_core.bench --component vae ...``).
+
+* ``--what speed``: decode time at ``--size``² with the real FLUX.2 VAE config and random weights, ours vs
+  diffusers ``AutoencoderKLFlux2`` holding the same weights, for each ``--dtypes`` entry.
+* ``--what memory``: peak RSS of a fresh process decoding at ``--mem-size`` (H×W) untiled vs tiled (and the
+  RSS after building the model, so the activation share can be read off), with ``--mem-config``.
+"""
+from __future__ import annotations
+
+import time
+
+from lens_core.bench import median_time, run_isolated
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("--what", default="speed,memory", help="comma list of speed, memory")
+    parser.add_argument("--size", type=int, default=1024, help="square image size for the speed figure")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--no-diffusers", action="store_true", help="time ours only")
+    parser.add_argument("--mem-size", default="1440x1440", help="HxW for the memory figure")
+    parser.add_argument("--mem-dtype", default="float32")
+    parser.add_argument("--mem-config", default="real", choices=("real", "tiny"))
+    parser.add_argument("--tile", type=int, default=512, help="tile size in pixels for the tiled figure")
+
+
+def random_state_dict(config, seed=0):
+    """Fan-in scaled random weights for a LensVAE of ``config`` (plausible activation ranges), fp32."""
+    import torch
+
+    from lens_core.vae import LensVAE
+
+    g = torch.Generator().manual_seed(seed)
+    model = LensVAE(config, device="meta")
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            sd[name] = torch.tensor(1000)
+        elif name == "bn.running_var":
+            sd[name] = torch.exp(0.5 * torch.randn(t.shape, generator=g))
+        elif t.ndim >= 2:
+            fan_in = t[0].numel()
+            sd[name] = torch.randn(t.shape, generator=g) / fan_in ** 0.5
+        elif "norm" in name and name.endswith("weight"):
+            sd[name] = 1 + 0.1 * torch.randn(t.shape, generator=g)
+        else:
+            sd[name] = 0.1 * torch.randn(t.shape, generator=g)
+    return sd
+
+
+def _build(config, dtype_name, seed=0):
+    import torch
+
+    from lens_core.vae import LensVAE
+
+    dtype = getattr(torch, dtype_name)
+    model = LensVAE(config, device="meta")
+    model.load_state_dict(random_state_dict(config, seed), assign=True)
+    return model.to(dtype).eval()
+
+
+def _diffusers(config, sd, dtype):
+    from diffusers import AutoencoderKLFlux2
+
+    ref = AutoencoderKLFlux2(**{k: v for k, v in config.to_dict().items()})
+    ref.load_state_dict(sd)
+    return ref.to(dtype).eval()
+
+
+def _speed_rows(args):
+    import torch
+
+    from lens_core.vae import REAL_VAE_CONFIG, LensVAE, unpatchify
+
+    rows = []
+    cfg = REAL_VAE_CONFIG
+    sd = random_state_dict(cfg)
+    s = args.size
+    lat = torch.randn(1, cfg.packed_channels, s // 16, s // 16, generator=torch.Generator().manual_seed(1))
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        ours = LensVAE(cfg, device="meta")
+        ours.load_state_dict(sd, assign=True)
+        ours = ours.to(dtype).eval()
+        with torch.no_grad():
+            t_ours = median_time(lambda: ours.decode(lat, tiled=False), runs=args.runs, warmup=1)
+            out = ours.decode(lat, tiled=False)
+        row = {"what": f"decode {s}x{s}", "dtype": dtype_name, "ours_s": t_ours}
+        del ours
+        if not args.no_diffusers:
+            ref = _diffusers(cfg, sd, dtype)
+            z = unpatchify(lat.to(dtype) * torch.sqrt(ref.bn.running_var + ref.bn.eps)[:, None, None]
+                           + ref.bn.running_mean[:, None, None])
+            with torch.no_grad():
+                t_ref = median_time(lambda: ref.decode(z).sample, runs=args.runs, warmup=1)
+                ref_out = ref.decode(z).sample
+            err = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
+            row.update(diffusers_s=t_ref, ratio=t_ours / t_ref, rel_err_vs_diffusers=err)
+            del ref
+        rows.append(row)
+    return rows
+
+
+def _decode_peak(config_name, dtype_name, h, w, tiled, tile):
+    """Child-process body: build, note RSS, decode once; returns (RSS after build, decode seconds)."""
+    import resource
+
+    import torch
+
+    from lens_core.vae import REAL_VAE_CONFIG, VAEConfig
+
+    cfg = REAL_VAE_CONFIG if config_name == "real" else VAEConfig(block_out_channels=(16, 32, 32, 64),
+                                                                  norm_num_groups=8)
+    model = _build(cfg, dtype_name)
+    model.tile_size = tile
+    lat = torch.randn(1, cfg.packed_channels, h // 16, w // 16, generator=torch.Generator().manual_seed(1))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.decode(lat, tiled=tiled)
+    return base, time.perf_counter() - t0
+
+
+def _memory_rows(args):
+    h, w = (int(v) for v in args.mem_size.lower().split("x"))
+    rows = []
+    for tiled in (False, True):
+        (base, secs), peak = run_isolated(_decode_peak, args.mem_config, args.mem_dtype, h, w, tiled, args.tile)
+        rows.append({"what": f"decode {h}x{w} {'tiled ' + str(args.tile) if tiled else 'untiled'}",
+                     "config": args.mem_config, "dtype": args.mem_dtype, "peak_rss_MiB": peak / 2**20,
+                     "after_build_MiB": base / 2**20, "activation_MiB": (peak - base) / 2**20, "seconds": secs})
+    rows.append({"what": "ratio tiled/untiled", "peak_rss_MiB": rows[1]["peak_rss_MiB"] / rows[0]["peak_rss_MiB"],
+                 "activation_MiB": rows[1]["activation_MiB"] / max(rows[0]["activation_MiB"], 1e-9)})
+    return rows
 
 
 def run(args):
-    raise SystemExit("the 'vae' benchmark is not implemented yet")
+    rows = []
+    what = args.what.split(",")
+    if "memory" in what:
+        rows += _memory_rows(args)
+    if "speed" in what:
+        rows += _speed_rows(args)
+    return rows
