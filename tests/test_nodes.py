@@ -363,3 +363,23 @@ def test_graph_equals_lens_core_pipeline(pack, loaded, pipeline_dir, steps, cfg)
     assert diff < 1e-5
     same = (_uint8(image) == ref.uint8).float().mean().item()
     assert same >= 0.999, same
+
+
+def test_loader_options_dtype_and_experts(pack, loaded):
+    """weight_dtype bf16 / fp8_e4m3fn and dequantized experts load and sample; their results stay close to
+    the default (fp32 on the CPU, packed experts)."""
+    (pos,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text=PROMPT)
+    (te_deq,) = run(pack, "LensTextEncoderLoader", text_encoder_name="Lens-tiny", device="default",
+                    experts="dequantized")
+    (pos_deq,) = run(pack, "LensTextEncode", text_encoder=te_deq, text=PROMPT)
+    assert torch.equal(pos[0][0], pos_deq[0][0])          # MXFP4 -> fp32 dequantization is exact
+    (lat,) = run(pack, "LensEmptyLatent", aspect_ratio="custom", base_resolution=1024, width=96, height=64,
+                 batch_size=1)
+    kw = dict(positive=pos, negative=pos, latent_image=lat, seed=3, steps=2, cfg=1.0, denoise=1.0)
+    (ref,) = run(pack, "LensSampler", model=loaded["model"], **kw)
+    for weight_dtype, tol in (("bf16", 0.05), ("fp8_e4m3fn", 0.2)):
+        (model,) = run(pack, "LensModelLoader", model_name="Lens-tiny", weight_dtype=weight_dtype, variant="auto")
+        (out,) = run(pack, "LensSampler", model=model, **kw)
+        rel = ((out["samples"] - ref["samples"]).norm() / ref["samples"].norm()).item()
+        print(f"{weight_dtype}: rel diff vs default weights {rel:.3e}")
+        assert 0 < rel < tol, (weight_dtype, rel)
