@@ -468,6 +468,13 @@ enc = N["LensTextEncode"]()
 (lat,) = N["LensEmptyLatent"]().generate("custom", 1024, 96, 64, 1)
 run = lambda: N["LensSampler"]().sample(model, pos, neg, lat, 3, 4, 5.0, 1.0)[0]["samples"]
 full = run()
+N["LensVAEDecode"]().decode(vae, {"samples": full}, "auto")
+# all three models are known to ComfyUI's memory manager (what lets one evict another) ...
+registered = sorted(type(lm.model.model).__name__ for lm in mm.current_loaded_models if lm.model is not None)
+# ... and can be evicted the way ComfyUI frees memory for another model, then reload with the same numbers
+mm.free_memory(1e30, mm.get_torch_device())
+left_after_evict = len(mm.current_loaded_models)
+again = run()
 report = {}
 for name, h in (("model", model), ("text_encoder", te), ("vae", vae)):
     params = [m for m in h.patcher.model.modules() if any(True for _ in m.parameters(recurse=False))]
@@ -480,15 +487,18 @@ casting = sum(1 for m in model.patcher.model.modules() if getattr(m, "prev_comfy
 low = N["LensSampler"]().sample(model, pos, neg, lat, 3, 4, 5.0, 1.0)[0]["samples"]
 te.patcher.load(te.patcher.load_device, lowvram_model_memory=1)
 (pos2,) = enc.encode(te, "a red cube on a wooden table")
-print(json.dumps({"non_comfy_param_modules": report, "lowvram_layers": casting,
+print(json.dumps({"registered": registered, "left_after_evict": left_after_evict,
+                  "reload_equal": bool(torch.equal(full, again)), "non_comfy_param_modules": report, "lowvram_layers": casting,
                   "lowvram_equal": bool(torch.equal(full, low)),
                   "te_equal": bool(torch.equal(pos[0][0], pos2[0][0]))}))
 '''
 
 
-def test_in_process_lowvram_load_keeps_numbers(server, tmp_path):
-    """In-process with the real comfy modules: after ComfyUI's partial (lowvram) load of the DiT and the text
-    encoder, sampling and encoding give the same numbers. (On a CPU-only machine load and offload device are
+def test_in_process_eviction_and_lowvram_load_keep_numbers(server, tmp_path):
+    """In-process with the real comfy modules: the three models are registered with ComfyUI's memory manager
+    by load_models_gpu, ComfyUI's free_memory evicts them and the next use reloads them with identical
+    numbers; after ComfyUI's partial (lowvram) load of the DiT and the text encoder, sampling and encoding
+    give the same numbers. (On a CPU-only machine load and offload device are
     the same, so this exercises ComfyUI's lowvram bookkeeping with our modules, not a GPU split.)"""
     script = tmp_path / "inprocess.py"
     script.write_text(INPROCESS)
@@ -498,6 +508,8 @@ def test_in_process_lowvram_load_keeps_numbers(server, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(result)
+    assert result["registered"] == ["LensTextEncoder", "LensTransformer", "LensVAE"]
+    assert result["left_after_evict"] == 0 and result["reload_equal"]
     assert result["lowvram_layers"] > 0
     assert result["lowvram_equal"] and result["te_equal"]
 
