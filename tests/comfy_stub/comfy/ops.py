@@ -1,4 +1,5 @@
-"""Stand-in of comfy.ops.manual_cast: torch layers that cast weight/bias to the input's device and dtype."""
+"""Stand-in of comfy.ops: torch layers whose weight init is skipped and which, when ``comfy_cast_weights`` is
+set (always for ``manual_cast``), cast weight and bias to the input's device and dtype in forward."""
 import torch
 from torch.nn import functional as F
 
@@ -7,68 +8,39 @@ def cast_to_input(weight, input, non_blocking=False, copy=True):
     return weight.to(device=input.device, dtype=input.dtype, non_blocking=non_blocking)
 
 
-def _cast(layer, x):
-    w = None if layer.weight is None else cast_to_input(layer.weight, x)
-    b = None if getattr(layer, "bias", None) is None else cast_to_input(layer.bias, x)
-    return w, b
-
-
 class CastWeightBiasOp:
     comfy_cast_weights = False
     weight_function = []
     bias_function = []
 
 
+def _layer(base, cast_forward, to_input=True):
+    """``base`` with a no-op reset_parameters and ``cast_forward(layer, x, weight, bias)`` when casting
+    (weight/bias cast to the input's device and dtype; only to its device for index inputs)."""
+
+    class Layer(base, CastWeightBiasOp):
+        def reset_parameters(self):
+            return None
+
+        def forward(self, x, *args, **kwargs):
+            if not self.comfy_cast_weights:
+                return super().forward(x, *args, **kwargs)
+            cast = (lambda t: cast_to_input(t, x)) if to_input else (lambda t: t.to(x.device))
+            b = getattr(self, "bias", None)
+            return cast_forward(self, x, None if self.weight is None else cast(self.weight),
+                                None if b is None else cast(b))
+
+    Layer.__name__ = Layer.__qualname__ = base.__name__
+    return Layer
+
+
 class disable_weight_init:
-    class Linear(torch.nn.Linear, CastWeightBiasOp):
-        def reset_parameters(self):
-            return None
-
-        def forward(self, x):
-            if not self.comfy_cast_weights:
-                return super().forward(x)
-            w, b = _cast(self, x)
-            return F.linear(x, w, b)
-
-    class Conv2d(torch.nn.Conv2d, CastWeightBiasOp):
-        def reset_parameters(self):
-            return None
-
-        def forward(self, x):
-            if not self.comfy_cast_weights:
-                return super().forward(x)
-            w, b = _cast(self, x)
-            return self._conv_forward(x, w, b)
-
-    class GroupNorm(torch.nn.GroupNorm, CastWeightBiasOp):
-        def reset_parameters(self):
-            return None
-
-        def forward(self, x):
-            if not self.comfy_cast_weights:
-                return super().forward(x)
-            w, b = _cast(self, x)
-            return F.group_norm(x, self.num_groups, w, b, self.eps)
-
-    class LayerNorm(torch.nn.LayerNorm, CastWeightBiasOp):
-        def reset_parameters(self):
-            return None
-
-        def forward(self, x):
-            if not self.comfy_cast_weights:
-                return super().forward(x)
-            w, b = _cast(self, x)
-            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
-
-    class Embedding(torch.nn.Embedding, CastWeightBiasOp):
-        def reset_parameters(self):
-            return None
-
-        def forward(self, x, out_dtype=None):
-            if not self.comfy_cast_weights:
-                return super().forward(x)
-            return F.embedding(x, self.weight.to(x.device), self.padding_idx, self.max_norm, self.norm_type,
-                               self.scale_grad_by_freq, self.sparse)
+    Linear = _layer(torch.nn.Linear, lambda s, x, w, b: F.linear(x, w, b))
+    Conv2d = _layer(torch.nn.Conv2d, lambda s, x, w, b: s._conv_forward(x, w, b))
+    GroupNorm = _layer(torch.nn.GroupNorm, lambda s, x, w, b: F.group_norm(x, s.num_groups, w, b, s.eps))
+    LayerNorm = _layer(torch.nn.LayerNorm, lambda s, x, w, b: F.layer_norm(x, s.normalized_shape, w, b, s.eps))
+    Embedding = _layer(torch.nn.Embedding, lambda s, x, w, b: F.embedding(
+        x, w, s.padding_idx, s.max_norm, s.norm_type, s.scale_grad_by_freq, s.sparse), to_input=False)
 
 
 class manual_cast(disable_weight_init):
