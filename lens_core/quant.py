@@ -60,7 +60,9 @@ def _work_dtype(dtype):
 def _unpack_codes(packed: torch.Tensor, dtype, low_first: bool) -> torch.Tensor:
     """``[..., n]`` bytes → ``[..., 2n]`` E2M1 values."""
     table = _byte_table(dtype, str(packed.device), low_first)
-    return table[packed.long()].reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    # index_select (a row gather) is several times faster on CPU than advanced indexing with the same result
+    pairs = table.index_select(0, packed.reshape(-1).int())
+    return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
@@ -75,7 +77,7 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfl
                          f"found blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)}")
     work = _work_dtype(dtype)
     values = _unpack_codes(blocks, work, low_first=True)                    # [..., G, 32]
-    scale = _e8m0_table(work, str(scales.device))[scales.long()]             # [..., G]
+    scale = _e8m0_table(work, str(scales.device)).index_select(0, scales.reshape(-1).int()).reshape(scales.shape)
     out = (values * scale.unsqueeze(-1)).reshape(*blocks.shape[:-2], blocks.shape[-2] * MXFP4_BLOCK)
     return out.to(dtype)
 
