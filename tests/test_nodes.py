@@ -383,3 +383,20 @@ def test_loader_options_dtype_and_experts(pack, loaded):
         rel = ((out["samples"] - ref["samples"]).norm() / ref["samples"].norm()).item()
         print(f"{weight_dtype}: rel diff vs default weights {rel:.3e}")
         assert 0 < rel < tol, (weight_dtype, rel)
+
+
+def test_one_forward_per_step_and_tiled_decode(pack, loaded):
+    """CFG 1: one DiT forward per step on the positive only; CFG > 1: one batched [pos; neg] forward per step.
+    Tiled decode (forced on) matches the untiled one for an image that fits one tile."""
+    calls = []
+    handle = loaded["model"].module.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
+    try:
+        _, _, out, image = graph(pack, loaded, steps=3, cfg=1.0)
+        assert calls == [1, 1, 1]
+        calls.clear()
+        graph(pack, loaded, steps=3, cfg=4.0)
+        assert calls == [2, 2, 2]
+    finally:
+        handle.remove()
+    (tiled,) = run(pack, "LensVAEDecode", vae=loaded["vae"], samples=out, tiled="on")
+    assert (tiled - image).abs().max().item() < 1e-5
