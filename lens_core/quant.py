@@ -201,10 +201,6 @@ class PackedExperts(nn.Module):
     ``forward(x [N, D], router_indices [N, k], routing_weights [N, k]) -> [N, D]``.
     """
 
-    comfy_cast_weights = True  # always casts its tensors to the input's device/dtype (like comfy.ops layers)
-    weight_function: list = []
-    bias_function: list = []
-
     def __init__(self, num_experts, hidden_size, intermediate_size, alpha=1.702, limit=7.0, fmt="mxfp4",
                  mode="packed", device=None, dtype=None):
         super().__init__()
@@ -216,6 +212,11 @@ class PackedExperts(nn.Module):
         for n in (hidden_size, intermediate_size):
             if n % block:
                 raise ValueError(f"{fmt} experts: expected hidden/intermediate sizes divisible by {block}, found {n}")
+        # ComfyUI ModelPatcher protocol: a module with comfy_cast_weights may stay on the offload device; ours
+        # always casts its tensors to the input's device/dtype per call (like comfy.ops.manual_cast layers).
+        # Per-instance lists: ModelPatcher appends LoRA/low-VRAM patches to them (not used by this module).
+        self.comfy_cast_weights = True
+        self.weight_function, self.bias_function = [], []
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.alpha, self.limit, self.fmt, self.mode = alpha, limit, fmt, mode
         self.dense_dtype = dtype or torch.bfloat16
