@@ -329,7 +329,9 @@ def open_source(path, component: str | None = None) -> TensorSource:
     folder = os.path.dirname(os.path.abspath(path))
     cfg_path = os.path.join(folder, "config.json")
     config = None
-    if os.path.isfile(cfg_path):  # a file inside a diffusers component folder
+    # a weight file inside a diffusers component folder (diffusers/transformers file names) uses its config.json;
+    # a single file dropped next to some unrelated config.json does not
+    if os.path.isfile(cfg_path) and os.path.basename(path).startswith(("diffusion_pytorch_model", "model")):
         with contextlib.suppress(CheckpointError):
             config = _read_json(cfg_path)
     return TensorSource([f], {k: (f, k) for k in f.entries}, path, config,
@@ -634,9 +636,7 @@ def dit_config_from_shapes(source: TensorSource) -> dict:
 def dit_family(source: TensorSource, qlayers: dict) -> str:
     if qlayers or any(source.dtype(k) == "F8_E4M3" for k in source.keys() if k.endswith(".weight")):
         return "comfy-dit-mxfp8"
-    if source.config is not None and len(source.files) > 1 or source.origin.endswith(".json"):
-        return "diffusers-transformer"
-    if source.config is not None:
+    if source.config is not None or len(source.files) > 1:
         return "diffusers-transformer"
     return "comfy-dit-bf16"
 

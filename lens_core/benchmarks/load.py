@@ -1,9 +1,235 @@
-"""Benchmark of the 'load' component (to be filled in by its issue)."""
+"""Benchmark of checkpoint loading (issue 6): real-size memory/time, and the MXFP8 on-the-fly vs at-load choice.
+
+``--mode memory`` (default) writes a random real-config Lens DiT (4,104,225,152 parameters, the real 1264 key
+names and shapes) to ``--dir`` as
+
+* ``fp32_sharded/``: the diffusers layout, fp32 shards + ``diffusion_pytorch_model.safetensors.index.json``
+  (16.4 GB), loaded as bf16;
+* ``lens_bf16.safetensors``: the Comfy-Org single-file layout, bf16 (8.2 GB), loaded as bf16;
+
+then, per layout, in a fresh process each: drops the file from the page cache (``posix_fadvise DONTNEED``),
+times one plain sequential read of the files, drops them again and times ``load_transformer``, recording the
+peak RSS of that process against the resident weights. Files are deleted at the end unless ``--keep``.
+Needs ≈ 25 GB free disk and ≈ 9 GB free RAM. Not part of CI.
+
+``--mode mxfp8`` compares one real-size MXFP8 Linear kept packed (dequantized per call) with the same layer
+dequantized to bf16 at load: forward time for ``--tokens`` image tokens and resident bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from lens_core.bench import median_time
+
+ST = {torch.float32: "F32", torch.bfloat16: "BF16"}
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("--mode", choices=["memory", "mxfp8"], default="memory")
+    parser.add_argument("--dir", default="/tmp/lens_load_bench", help="where the random checkpoints are written")
+    parser.add_argument("--shard-gb", type=float, default=5.0, help="max shard size of the fp32 layout")
+    parser.add_argument("--keep", action="store_true", help="keep the written files")
+    parser.add_argument("--layouts", default="fp32_sharded,bf16_single")
+    parser.add_argument("--tokens", type=int, default=4096, help="mxfp8 mode: tokens per forward (1024² = 4096)")
+
+
+# --------------------------------------------------------------------------------------------------
+# writing a random real-size DiT without holding it in memory
+# --------------------------------------------------------------------------------------------------
+def real_shapes() -> dict:
+    from lens_core.checkpoints import init_empty_weights
+    from lens_core.config import REAL_DIT_CONFIG
+    from lens_core.dit import LensTransformer
+
+    with init_empty_weights():
+        model = LensTransformer(REAL_DIT_CONFIG, dtype=torch.float32)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _random(name, shape, gen):
+    t = torch.empty(shape)
+    if len(shape) == 1 and "norm" in name:
+        return t.fill_(1.0)
+    return t.normal_(0.0, 0.02, generator=gen)
+
+
+def write_streaming(path, names: list, shapes: dict, dtype, gen) -> int:
+    """A safetensors file written tensor by tensor (header first); returns the data bytes."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, off = {}, 0
+    for n in names:
+        nbytes = itemsize
+        for d in shapes[n]:
+            nbytes *= d
+        header[n] = {"dtype": ST[dtype], "shape": list(shapes[n]), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for n in names:
+            f.write(_random(n, shapes[n], gen).to(dtype).view(torch.uint8).numpy().tobytes())
+    return off
+
+
+def write_fp32_sharded(folder, shapes, shard_bytes):
+    from lens_core.config import REAL_DIT_CONFIG
+
+    os.makedirs(folder, exist_ok=True)
+    names = sorted(shapes)
+    groups, cur, size = [], [], 0
+    for n in names:
+        b = 4
+        for d in shapes[n]:
+            b *= d
+        if cur and size + b > shard_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += b
+    groups.append(cur)
+    gen = torch.Generator().manual_seed(0)
+    wm, total = {}, 0
+    for i, g in enumerate(groups, 1):
+        fname = f"diffusion_pytorch_model-{i:05d}-of-{len(groups):05d}.safetensors"
+        total += write_streaming(os.path.join(folder, fname), g, shapes, torch.float32, gen)
+        wm.update({n: fname for n in g})
+    with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(REAL_DIT_CONFIG.to_dict(), _class_name="LensTransformer2DModel"), f)
+    return [os.path.join(folder, "diffusion_pytorch_model-%05d-of-%05d.safetensors" % (i, len(groups)))
+            for i in range(1, len(groups) + 1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# measurements (each in a fresh process)
+# --------------------------------------------------------------------------------------------------
+def drop_cache(files):
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_once(files) -> float:
+    """Seconds for one plain sequential read of ``files`` from a cold page cache."""
+    drop_cache(files)
+    t0 = time.perf_counter()
+    buf = bytearray(64 << 20)
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+_LOAD_CHILD = """
+import json, os, resource, sys, time
+import torch
+from lens_core.benchmarks.load import drop_cache
+from lens_core.checkpoints import load_transformer
+path, files = sys.argv[1], sys.argv[2:]
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+drop_cache(files)
+base = rss()
+t0 = time.perf_counter()
+model = load_transformer(path, dtype=torch.bfloat16)
+dt = time.perf_counter() - t0
+resident = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps(dict(load_s=dt, resident=resident, tensors=len(model.state_dict()), baseline=base,
+                      after=rss(), peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+"""
+
+
+def load_in_fresh_process(path, files) -> dict:
+    """``load_transformer(path, bf16)`` in a new interpreter (spawned, not forked: a fork of a process that ran
+    torch thread pools can deadlock); returns its timings and RSS figures."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _LOAD_CHILD, path, *files], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load child failed: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_memory(args):
+    os.makedirs(args.dir, exist_ok=True)
+    shapes = real_shapes()
+    rows = []
+    try:
+        for layout in args.layouts.split(","):
+            t0 = time.perf_counter()
+            if layout == "fp32_sharded":
+                path = os.path.join(args.dir, "transformer")
+                files = write_fp32_sharded(path, shapes, int(args.shard_gb * 1e9))
+            elif layout == "bf16_single":
+                path = os.path.join(args.dir, "lens_bf16.safetensors")
+                write_streaming(path, sorted(shapes), shapes, torch.bfloat16, torch.Generator().manual_seed(0))
+                files = [path]
+            else:
+                raise SystemExit(f"unknown layout {layout!r}")
+            write_s = time.perf_counter() - t0
+            size = sum(os.path.getsize(f) for f in files)
+            read_s = read_once(files)
+            r = load_in_fresh_process(path, files)
+            rows.append({"layout": layout, "files": len(files), "file_GB": size / 1e9, "write_s": write_s,
+                         "read_once_s": read_s, "load_s": r["load_s"], "load/read": r["load_s"] / read_s,
+                         "tensors": r["tensors"], "resident_GB": r["resident"] / 1e9,
+                         "baseline_rss_GB": r["baseline"] / 1e9, "peak_rss_GB": r["peak"] / 1e9,
+                         "peak/resident": r["peak"] / r["resident"],
+                         "(peak-baseline)/resident": (r["peak"] - r["baseline"]) / r["resident"]})
+            if not args.keep:
+                for f in files:
+                    os.remove(f)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+    return rows
+
+
+def run_mxfp8(args):
+    from lens_core import quant_linear as ql
+
+    torch.manual_seed(0)
+    rows = []
+    for out_f, in_f in ((4096, 1536), (1536, 4096), (9216, 1536)):
+        w = torch.randn(out_f, in_f) * 0.02
+        data, e = ql.quantize_mxfp8(w)
+        packed = ql.MXFP8Linear(in_f, out_f, bias=True, dtype=torch.bfloat16)
+        packed.weight.data, packed.weight_scale.data = data, e
+        packed.bias.data = torch.zeros(out_f, dtype=torch.bfloat16)
+        dense = torch.nn.Linear(in_f, out_f, dtype=torch.bfloat16)
+        dense.weight.data = ql.dequantize_mxfp8(data, e, torch.bfloat16)
+        dense.bias.data = packed.bias.data.clone()
+        x = torch.randn(1, args.tokens, in_f, dtype=torch.bfloat16)
+        with torch.no_grad():
+            t_packed = median_time(lambda: packed(x), runs=args.runs)
+            t_dense = median_time(lambda: dense(x), runs=args.runs)
+            t_deq = median_time(lambda: packed.dequantized_weight(torch.bfloat16), runs=args.runs)
+            same = torch.equal(packed(x), dense(x))
+        rows.append({"layer": f"[{out_f},{in_f}]", "tokens": args.tokens, "on_the_fly_ms": t_packed * 1e3,
+                     "at_load_bf16_ms": t_dense * 1e3, "dequant_only_ms": t_deq * 1e3,
+                     "overhead": t_packed / t_dense - 1, "packed_MB": (data.numel() + e.numel()) / 1e6,
+                     "bf16_MB": out_f * in_f * 2 / 1e6, "equal_outputs": same})
+    return rows
 
 
 def run(args):
-    raise SystemExit("the 'load' benchmark is not implemented yet")
+    return run_mxfp8(args) if args.mode == "mxfp8" else run_memory(args)
