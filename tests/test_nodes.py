@@ -161,9 +161,15 @@ def loaded(pack, models_dir):
     return {"model": model, "te": te, "vae": vae}
 
 
+_ENCODED = {}   # (text encoder, prompt) -> CONDITIONING: the tiny GPT-OSS is the slow part of a graph run
+
+
 def graph(pack, loaded, prompt=PROMPT, negative="", steps=4, cfg=1.0, seed=1234, width=96, height=64,
-          latent=None, denoise=1.0):
-    (pos,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text=prompt)
+          latent=None, denoise=1.0, encode=False):
+    key = (id(loaded["te"]), prompt)
+    if encode or key not in _ENCODED:
+        (_ENCODED[key],) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text=prompt)
+    pos = _ENCODED[key]
     (neg,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text=negative)
     if latent is None:
         (latent,) = run(pack, "LensEmptyLatent", aspect_ratio="custom", base_resolution=1024, width=width,
@@ -223,7 +229,7 @@ def test_every_use_loads_through_comfy(pack, loaded, stub_only):
         linears = [m for m in patcher.model.modules() if isinstance(m, torch.nn.Linear)]
         assert linears and all(isinstance(m, comfy.ops.manual_cast.Linear) for m in linears), key
     mm.LOAD_CALLS.clear()
-    graph(pack, loaded, steps=2, cfg=5.0)
+    graph(pack, loaded, steps=2, cfg=5.0, encode=True)
     order = [(calls[0].model, mem) for calls, mem, _ in mm.LOAD_CALLS]
     roles = [type(m).__name__ for m, _ in order]
     assert roles == ["LensTextEncoder", "LensTransformer", "LensVAE"], roles   # empty negative: no encode
@@ -341,16 +347,22 @@ def test_bad_graph_inputs_name_problem_and_fix(pack, loaded):
         run(pack, "LensSampler", positive=other, latent_image=lat, **kw)
 
 
+@pytest.fixture(scope="module")
+def lens_pipe(pipeline_dir):
+    from lens_core.pipeline import LensPipeline
+    return LensPipeline.from_pretrained(pipeline_dir, dtype=torch.float32, device="cpu")
+
+
 @pytest.mark.parametrize("steps,cfg", [(4, 1.0), (3, 5.0)])
-def test_graph_equals_lens_core_pipeline(pack, loaded, pipeline_dir, steps, cfg):
+def test_graph_equals_lens_core_pipeline(pack, loaded, lens_pipe, steps, cfg):
     """Same seed, same settings: the node graph and lens_core's LensPipeline give the same final latents
     (bit for bit) and the same IMAGE (the pipeline's decode in ComfyUI's float layout)."""
     from lens_core.config import pack_latents, unpack_latents
-    from lens_core.pipeline import LensPipeline
     from lens_core.vae import to_comfy_image
 
     # cfg 1: the nodes run one forward per step (the sampler's fast path); the pipeline's exact=False is that
-    pipe = LensPipeline.from_pretrained(pipeline_dir, dtype=torch.float32, device="cpu", exact=cfg != 1.0)
+    pipe = lens_pipe
+    pipe.exact = cfg != 1.0
     ref = pipe(PROMPT, negative_prompt="", height=64, width=96, steps=steps, cfg=cfg, seed=77)
     _, _, out, image = graph(pack, loaded, steps=steps, cfg=cfg, seed=77)
     assert torch.equal(pack_latents(out["samples"]), ref.latents)
@@ -368,7 +380,7 @@ def test_graph_equals_lens_core_pipeline(pack, loaded, pipeline_dir, steps, cfg)
 def test_loader_options_dtype_and_experts(pack, loaded):
     """weight_dtype bf16 / fp8_e4m3fn and dequantized experts load and sample; their results stay close to
     the default (fp32 on the CPU, packed experts)."""
-    (pos,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text=PROMPT)
+    pos, _, _, _ = graph(pack, loaded, steps=1)
     (te_deq,) = run(pack, "LensTextEncoderLoader", text_encoder_name="Lens-tiny", device="default",
                     experts="dequantized")
     (pos_deq,) = run(pack, "LensTextEncode", text_encoder=te_deq, text=PROMPT)
