@@ -573,3 +573,17 @@ def test_stand_in_signatures_match_real_comfy(server, tmp_path):
             if real[key] != "?" and params != real[key]:
                 mismatches.append(f"{key}: stand-in {params} vs ComfyUI {real[key]}")
     assert mismatches == [], mismatches
+
+
+def test_native_empty_latent_feeds_lens_sampler(server, object_info):
+    """Core EmptyLatentImage (4 channels, 1/8) into LensSampler: Lens-size zeros are built, the run succeeds."""
+    from PIL import Image
+
+    prompt = _workflow_prompt("lens_turbo_t2i", object_info, LensSampler={"seed": 11})
+    latent = _node_id(prompt, "LensEmptyLatent")
+    prompt[latent] = {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 64, "batch_size": 1}}
+    status, hist = server.finish(server.submit(prompt))
+    assert status == "execution_success", hist and hist["status"]
+    (images,) = [o["images"] for o in hist["outputs"].values() if "images" in o]
+    with Image.open(server.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
+        assert im.size == (96, 64)
