@@ -185,6 +185,22 @@ def test_workflow_is_valid_ui_format(path, pack_object_info):
     for key in ("nodes", "links", "last_node_id", "last_link_id", "version"):
         assert key in wf, key
     assert wf["last_node_id"] >= max(n["id"] for n in wf["nodes"])
+    # the fields the editor's workflow schema requires (ComfyUI frontend 1.27, zComfyWorkflow / zComfyNode)
+    assert isinstance(wf["version"], (int, float)) and isinstance(wf["last_link_id"], int)
+    assert wf["last_link_id"] >= max((l[0] for l in wf["links"]), default=0)
+    for n in wf["nodes"]:
+        assert isinstance(n["id"], int) and isinstance(n["type"], str)
+        assert len(n["pos"]) == 2 and len(n["size"]) == 2 and all(isinstance(v, (int, float)) for v in n["pos"] + n["size"])
+        assert isinstance(n["flags"], dict) and isinstance(n["order"], int) and isinstance(n["mode"], int)
+        assert isinstance(n["properties"], dict) and isinstance(n.get("widgets_values", []), list)
+        for i in n.get("inputs", []):
+            assert isinstance(i["name"], str) and isinstance(i["type"], str) and (i["link"] is None or isinstance(i["link"], int))
+        for o in n.get("outputs", []):
+            assert isinstance(o["name"], str) and isinstance(o["type"], str) and (o["links"] is None or isinstance(o["links"], list))
+    for link in wf["links"]:
+        assert len(link) == 6 and all(isinstance(v, int) for v in link[:5]) and isinstance(link[5], str)
+    ids = [n["id"] for n in wf["nodes"]]
+    assert len(ids) == len(set(ids))
     # combos listing model files depend on the user's folders: checked for type only
     assert check_workflow(wf, pack_object_info, check_combos=False) == []
     # every combo of a Lens node that is not a file list validates exactly
