@@ -217,13 +217,13 @@ def resolve_model(name: str, *folders: str) -> str:
     """Absolute path of a combo entry (file or folder) searched in ``folders``; FileNotFoundError naming
     the folders searched otherwise."""
     for folder in folders:
-        p = folder_paths.get_full_path(folder, name)
-        if p is not None:
-            return p
-        for root in _folder_roots(folder):
+        for root in _folder_roots(folder):     # folders first: get_full_path warns about symlinked folders
             cand = os.path.join(root, os.path.relpath(os.path.join(os.sep, name), os.sep))
             if os.path.isdir(cand):
                 return cand
+        p = folder_paths.get_full_path(folder, name)
+        if p is not None:
+            return p
     searched = [r for f in folders for r in _folder_roots(f)]
     raise FileNotFoundError(f"{name!r} not found: expected a file or diffusers folder in {searched}; "
                             f"put the model there (see the README table) and refresh the node list")
