@@ -286,40 +286,34 @@ def latent_format():
     return _bundled_format_class()()
 
 
-def _preview_method():
+def _preview_method() -> str:
     from comfy.cli_args import args
-    return getattr(getattr(args, "preview_method", None), "value", "none"), getattr(args, "preview_size", 512)
+    return getattr(getattr(args, "preview_method", None), "value", "none")
 
 
-class BundledLatent2RGB:
-    """Latent2RGB preview of a [B,128,h,w] FLUX.2 latent: 2x2 unpatchify, then the 32x3 factors + bias."""
+class _Unpatchified:
+    """ComfyUI's Latent2RGB previewer applied to the 2×2-unpatchified FLUX.2 latent [1,32,2h,2w] (what the
+    Flux2 latent format of newer ComfyUI does itself)."""
 
-    def __init__(self, fmt, max_size: int):
-        self.factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)
-        self.bias = torch.tensor(fmt.latent_rgb_factors_bias, dtype=torch.float32)
-        self.max_size = max_size
+    def __init__(self, previewer):
+        self.previewer = previewer
 
     def decode_latent_to_preview_image(self, preview_format, x0):
-        from PIL import Image
-
-        x = x0[0].detach().float().cpu()
-        c, h, w = x.shape
-        x = x.reshape(c // 4, 2, 2, h, w).permute(0, 3, 1, 4, 2).reshape(c // 4, 2 * h, 2 * w)
-        rgb = torch.einsum("chw,cr->hwr", x, self.factors) + self.bias
-        img = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).to(torch.uint8)
-        return ("JPEG", Image.fromarray(img.numpy()), self.max_size)
+        from ..lens_core.vae import unpatchify
+        return self.previewer.decode_latent_to_preview_image(preview_format, unpatchify(x0[:1]))
 
 
 def get_previewer(load_device):
-    """A previewer honouring --preview-method (none by default), or None."""
-    method, size = _preview_method()
-    if method == "none":
+    """A previewer honouring --preview-method (none by default), or None: ComfyUI's own for its Flux2 latent
+    format when present, else its Latent2RGB previewer with the bundled factors after the 2×2 unpatchify."""
+    import latent_preview
+
+    if _preview_method() == "none":
         return None
     fmt = latent_format()
     if hasattr(_latent_formats(), "Flux2"):
-        import latent_preview
         return latent_preview.get_previewer(load_device, fmt)
-    return BundledLatent2RGB(fmt, size)
+    return _Unpatchified(latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias))
 
 
 class StepReporter:

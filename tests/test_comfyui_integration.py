@@ -542,10 +542,10 @@ def test_stand_in_signatures_match_real_comfy(server, tmp_path):
 
     stub = REPO / "tests" / "comfy_stub"
     names = {}
-    for path in list((stub / "comfy").glob("*.py")) + [stub / "folder_paths.py"]:
+    for path in list((stub / "comfy").glob("*.py")) + list(stub.glob("*.py")):
         if path.name == "__init__.py":
             continue
-        mod = "folder_paths" if path.name == "folder_paths.py" else f"comfy.{path.stem}"
+        mod = path.stem if path.parent == stub else f"comfy.{path.stem}"
         tree = ast.parse(path.read_text())
         names[mod] = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
                       and not n.name.startswith("_") and n.name != "set_models_dir"]
