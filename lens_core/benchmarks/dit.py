@@ -16,7 +16,9 @@ def add_arguments(parser):
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma separated torch dtypes")
     parser.add_argument("--blocks", type=int, default=4, help="number of transformer blocks")
     parser.add_argument("--text-len", type=int, default=64, help="text tokens")
-    parser.add_argument("--mode", default="fast,exact", help="DiT numerics: fast and/or exact")
+    parser.add_argument("--mode", default="exact,fast", help="DiT numerics: exact and/or fast")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0 = torch default); the matmul rate uses the same setting")
 
 
 def forward_flops(n_img: int, n_txt: int, blocks: int, d: int = 1536, mlp: int = 4096) -> float:
@@ -31,6 +33,8 @@ def run(args):
     from ..config import REAL_DIT_CONFIG
     from ..dit import LensTransformer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = dataclasses.replace(REAL_DIT_CONFIG, num_layers=args.blocks)
     rows = []
     for dtype_name in args.dtypes.split(","):
@@ -53,7 +57,7 @@ def run(args):
                     sec = median_time(lambda: model(x, feats, mask, t, grid=(gh, gw), exact=exact),
                                       runs=args.runs, warmup=1, sync=sync)
                 achieved = flops / sec / 1e9
-                rows.append({"dtype": dtype_name, "size": f"{size}x{size}", "mode": mode,
+                rows.append({"dtype": dtype_name, "threads": torch.get_num_threads(), "size": f"{size}x{size}", "mode": mode,
                              "blocks": args.blocks, "tokens": gh * gw + args.text_len,
                              "s/forward": sec, "GFLOP": flops / 1e9, "GFLOP/s": achieved,
                              "matmul GFLOP/s": rate, "% of matmul": 100 * achieved / rate})
