@@ -195,6 +195,12 @@ def _modulate(x, shift, scale, exact):
     return torch.addcmul(shift, x, 1 + scale)
 
 
+def _norm_modulate(norm, x, shift, scale, exact):
+    if exact:
+        return _modulate(norm(x), shift, scale, True)
+    return _norm_modulate_fast(norm, x, shift, scale)
+
+
 def _gated_add(x, gate, y, exact):
     if exact:
         return x + gate * y
@@ -222,21 +228,13 @@ class LensTransformerBlock(nn.Module):
         # modulation once per block: [B, 1, 6·D] -> shift1, scale1, gate1, shift2, scale2, gate2
         im = self.img_mod(temb).unsqueeze(1).chunk(6, dim=-1)
         tm = self.txt_mod(temb).unsqueeze(1).chunk(6, dim=-1)
-        if exact:
-            x_img = _modulate(self.img_norm1(img), im[0], im[1], exact)
-            x_txt = _modulate(self.txt_norm1(txt), tm[0], tm[1], exact)
-        else:
-            x_img = _norm_modulate_fast(self.img_norm1, img, im[0], im[1])
-            x_txt = _norm_modulate_fast(self.txt_norm1, txt, tm[0], tm[1])
+        x_img = _norm_modulate(self.img_norm1, img, im[0], im[1], exact)
+        x_txt = _norm_modulate(self.txt_norm1, txt, tm[0], tm[1], exact)
         a_img, a_txt = self.attn(x_img, x_txt, rope, attn_mask, exact)
         img = _gated_add(img, im[2], a_img, exact)
         txt = _gated_add(txt, tm[2], a_txt, exact)
-        if exact:
-            x_img = _modulate(self.img_norm2(img), im[3], im[4], exact)
-            x_txt = _modulate(self.txt_norm2(txt), tm[3], tm[4], exact)
-        else:
-            x_img = _norm_modulate_fast(self.img_norm2, img, im[3], im[4])
-            x_txt = _norm_modulate_fast(self.txt_norm2, txt, tm[3], tm[4])
+        x_img = _norm_modulate(self.img_norm2, img, im[3], im[4], exact)
+        x_txt = _norm_modulate(self.txt_norm2, txt, tm[3], tm[4], exact)
         img = _gated_add(img, im[5], self.img_mlp(x_img, exact), exact)
         txt = _gated_add(txt, tm[5], self.txt_mlp(x_txt, exact), exact)
         return txt, img
