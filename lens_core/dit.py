@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LensDiTConfig
-from .ops import cast_to, resolve_operations
+from .ops import RMSNorm, cast_to, resolve_operations
 
 ROPE_THETA = 10000.0
 ROPE_MAX_POSITIONS = 4096  # the official tables cover positions -4096..4095
@@ -74,6 +74,15 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent (even, odd) pairs of x [B, S, H, D] by freqs [S, D/2] (complex), computed in fp32."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(xc * freqs.unsqueeze(1)).flatten(3).to(x.dtype)
+
+
+def _rms(norm, x):
+    """RMSNorm with the reference rounding (fp32 statistics, cast, then × weight), whatever class ``norm`` is.
+
+    The module comes from ``operations`` (so a host such as ComfyUI owns the weight's storage/offload), but the
+    maths is always ours: a host RMSNorm built on ``F.rms_norm`` rounds differently in bf16.
+    """
+    return RMSNorm.forward(norm, x)
 
 
 def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -163,9 +172,9 @@ class _JointAttention(nn.Module):
         txt_q, txt_k, txt_v = self.txt_qkv(x_txt).view(b, s_txt, 3, self.heads, self.head_dim).unbind(2)
         rope_img, rope_txt = rope
         if exact:
-            img_q = apply_rope(self.norm_q(img_q), rope_img)
-            img_k = apply_rope(self.norm_k(img_k), rope_img)
-            txt_q, txt_k = self.norm_added_q(txt_q), self.norm_added_k(txt_k)
+            img_q = apply_rope(_rms(self.norm_q, img_q), rope_img)
+            img_k = apply_rope(_rms(self.norm_k, img_k), rope_img)
+            txt_q, txt_k = _rms(self.norm_added_q, txt_q), _rms(self.norm_added_k, txt_k)
             if s_txt:
                 txt_q = apply_rope(txt_q, rope_txt)
                 txt_k = apply_rope(txt_k, rope_txt)
@@ -197,7 +206,7 @@ def _modulate(x, shift, scale, exact):
 
 def _norm_modulate(norm, x, shift, scale, exact):
     if exact:
-        return _modulate(norm(x), shift, scale, True)
+        return _modulate(_rms(norm, x), shift, scale, True)
     return _norm_modulate_fast(norm, x, shift, scale)
 
 
@@ -355,7 +364,7 @@ class LensTransformer(nn.Module):
 
         img = self.img_in(hidden_states)  # 2.
         t = timestep.to(img.dtype)  # 3.
-        txt = torch.cat([norm(cast_to(f, dtype, device)) for norm, f in zip(self.txt_norm, feats)], dim=-1)
+        txt = torch.cat([_rms(norm, cast_to(f, dtype, device)) for norm, f in zip(self.txt_norm, feats)], dim=-1)
         txt = self.txt_in(txt)  # 4.
         temb = self.time_text_embed.timestep_embedder(timestep_projection(t).to(img.dtype))  # 5.
         rope = self.rope((gh, gw), s_txt, device)  # 6.

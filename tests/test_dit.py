@@ -218,6 +218,34 @@ class _CastLinear(torch.nn.Linear):
                                           else self.bias.to(x.dtype))
 
 
+class _HostRMSNorm(torch.nn.Module):
+    """A ComfyUI-like RMSNorm (F.rms_norm, which rounds differently in bf16); the DiT must not use its maths."""
+
+    def __init__(self, dim, eps=None, elementwise_affine=True, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+
+    def forward(self, x):
+        return torch.nn.functional.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
+
+
+def test_host_rmsnorm_keeps_reference_numerics(golden_dir, tiny):
+    root = golden_dir / "dit_tiny" / "transformer"
+    cfg = LensDiTConfig.from_json(root / "config.json")
+    host = LensTransformer(cfg, operations=types.SimpleNamespace(RMSNorm=_HostRMSNorm), dtype=torch.bfloat16)
+    host.load_state_dict(tiny.state_dict())
+    assert isinstance(host.transformer_blocks[0].attn.norm_q, _HostRMSNorm)
+    plain = LensTransformer(cfg, dtype=torch.bfloat16)
+    plain.load_state_dict(tiny.state_dict())
+    d, feats, grid = load_case(golden_dir, "io")
+    args = (d["hidden_states"].bfloat16(), [f.bfloat16() for f in feats], d["encoder_hidden_states_mask"],
+            d["timestep"].bfloat16())
+    with torch.no_grad():
+        for exact in (True, False):
+            assert torch.equal(host(*args, grid=grid, exact=exact), plain(*args, grid=grid, exact=exact))
+
+
 def test_operations_injection_and_weight_casting(golden_dir, tiny):
     root = golden_dir / "dit_tiny" / "transformer"
     cfg = LensDiTConfig.from_json(root / "config.json")
