@@ -53,6 +53,18 @@ def _e8m0_table(dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.ldexp(torch.ones(256, dtype=torch.float32), exps).to(device=device, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _mxfp4_pair_table(dtype: torch.dtype, device: str) -> torch.Tensor:
+    """``[65536]`` indexed by ``scale_byte · 256 + packed_byte``: the byte's two dequantized values (element
+    order) stored as one 32/64-bit word, so unpacking + scaling is a single gather. Each entry is the fp32
+    product rounded once to ``dtype`` (the same value as multiplying in ``dtype``: both factors are exact)."""
+    pair = _byte_table(torch.float32, "cpu", True)                          # [256, 2]
+    scale = _e8m0_table(torch.float32, "cpu")                               # [256]
+    vals = (scale.view(256, 1, 1) * pair.view(1, 256, 2)).to(dtype).contiguous()
+    word = torch.int32 if vals.element_size() == 2 else torch.int64
+    return vals.view(word).reshape(65536).to(device)
+
+
 def _work_dtype(dtype):
     return dtype if dtype in _DIRECT_DTYPES else torch.float32
 
@@ -75,6 +87,11 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfl
     if blocks.dim() < 2 or blocks.shape[-1] != MXFP4_BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
         raise ValueError(f"MXFP4: expected blocks [..., G, 16] and scales [..., G] with the same leading shape, "
                          f"found blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)}")
+    if dtype in (torch.bfloat16, torch.float16, torch.float32):
+        table = _mxfp4_pair_table(dtype, str(blocks.device))
+        index = (scales.to(torch.int32) << 8).unsqueeze(-1) + blocks        # int32 [..., G, 16]
+        words = table.index_select(0, index.reshape(-1))
+        return words.view(dtype).reshape(*blocks.shape[:-2], blocks.shape[-2] * MXFP4_BLOCK)
     work = _work_dtype(dtype)
     values = _unpack_codes(blocks, work, low_first=True)                    # [..., G, 32]
     scale = _e8m0_table(work, str(scales.device)).index_select(0, scales.reshape(-1).int()).reshape(scales.shape)
