@@ -175,7 +175,10 @@ def _rotate(x, cos, sin):
 
 
 class GptOssRMSNorm(nn.Module):
-    """RMSNorm whose weight multiplies the fp32-normalised activations before the cast back."""
+    """RMSNorm whose weight multiplies the fp32-normalised activations before the cast back.
+
+    Deliberately not ``operations.RMSNorm`` (lens_core.ops / comfy.ops cast to the input dtype *before* the
+    weight multiply, which differs in bf16); the weight follows the input's device via ``cast_to``."""
 
     def __init__(self, dim, eps=1e-5, device=None, dtype=None):
         super().__init__()
