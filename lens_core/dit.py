@@ -95,8 +95,8 @@ def _norm_modulate_fast(norm, x, shift, scale):
     """Fast RMSNorm(x)·(1 + scale) + shift: the norm weight folded into the per-channel factor (3–4 passes)."""
     w = cast_to(norm.weight, torch.float32, x.device)
     factor = (1 + scale.float()) * w
-    y = torch.addcmul(shift.float(), x * _rms_scale(x, getattr(norm, "eps", BLOCK_NORM_EPS)), factor)
-    return y.to(x.dtype)
+    out = torch.empty_like(x)  # fp32 maths, one rounding straight into x's dtype
+    return torch.addcmul(shift.float(), x * _rms_scale(x, getattr(norm, "eps", BLOCK_NORM_EPS)), factor, out=out)
 
 
 def _qk_fast(norm, x, freqs, out):
@@ -181,16 +181,17 @@ class _JointAttention(nn.Module):
             q = torch.cat([img_q, txt_q], dim=1)
             k = torch.cat([img_k, txt_k], dim=1)
             v = torch.cat([img_v, txt_v], dim=1)
-        else:  # norm + RoPE in fp32 written straight into the joint [img, txt] buffers (no cat)
-            q, k, v = (img_v.new_empty(b, s_img + s_txt, self.heads, self.head_dim) for _ in range(3))
-            _qk_fast(self.norm_q, img_q, rope_img, q[:, :s_img])
-            _qk_fast(self.norm_k, img_k, rope_img, k[:, :s_img])
-            v[:, :s_img].copy_(img_v)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        else:  # norm + RoPE in fp32 written straight into contiguous joint [B, H, img + txt, Dh] buffers
+            q, k, v = (img_v.new_empty(b, self.heads, s_img + s_txt, self.head_dim) for _ in range(3))
+            qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, S, H, Dh] views
+            _qk_fast(self.norm_q, img_q, rope_img, qs[:, :s_img])
+            _qk_fast(self.norm_k, img_k, rope_img, ks[:, :s_img])
+            vs[:, :s_img].copy_(img_v)
             if s_txt:
-                _qk_fast(self.norm_added_q, txt_q, rope_txt, q[:, s_img:])
-                _qk_fast(self.norm_added_k, txt_k, rope_txt, k[:, s_img:])
-                v[:, s_img:].copy_(txt_v)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+                _qk_fast(self.norm_added_q, txt_q, rope_txt, qs[:, s_img:])
+                _qk_fast(self.norm_added_k, txt_k, rope_txt, ks[:, s_img:])
+                vs[:, s_img:].copy_(txt_v)
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
