@@ -145,6 +145,17 @@ class SafetensorsFile:
         buf = torch.frombuffer(self._map(), dtype=torch.uint8, count=e.nbytes, offset=e.start)
         return buf.view(dtype).view(e.shape)
 
+    def prefetch(self, name: str):
+        """Ask the kernel to read ``name``'s bytes ahead asynchronously (large I/O instead of page faults)."""
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        mm = self._map()
+        e = self.entries[name]
+        a = (e.start // _PAGE) * _PAGE
+        if e.end > a:
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_WILLNEED, a, e.end - a)
+
     def release(self, name: str):
         """Drop the mapped pages of ``name`` from this process (they are re-read on demand)."""
         if self._mm is None or not hasattr(self._mm, "madvise"):
@@ -158,6 +169,8 @@ class SafetensorsFile:
 
     def read(self, name: str, dtype=None, device=None) -> torch.Tensor:
         """An owned copy of ``name`` in ``dtype`` on ``device``, read straight from the mapping."""
+        if self.entries[name].nbytes > (1 << 20):
+            self.prefetch(name)
         src = self.raw(name)
         dst = torch.empty(src.shape, dtype=dtype or src.dtype, device=device or "cpu")
         dst.copy_(src)
@@ -215,6 +228,18 @@ class TensorSource:
     def read(self, key, dtype=None, device=None) -> torch.Tensor:
         f, k = self.keymap[key]
         return f.read(k, dtype, device)
+
+    def prefetch(self, key):
+        if key in self.keymap:
+            f, k = self.keymap[key]
+            f.prefetch(k)
+
+    def location(self, key) -> tuple:
+        """(file, byte offset) of ``key``: reading in this order makes the file access sequential."""
+        if key not in self.keymap:
+            return ("", 0)
+        f, k = self.keymap[key]
+        return (f.path, f.entries[k].start)
 
     def rename(self, fn: Callable[[str], str | None]) -> "TensorSource":
         km = {}
@@ -568,7 +593,11 @@ def assign_weights(model: nn.Module, source: TensorSource, device, component: st
     if unexpected:
         raise CheckpointError(f"{source.origin}: {len(unexpected)} tensor(s) do not belong to the "
                               f"{COMPONENT_NAMES[component]} built from its config, e.g. {unexpected[:4]}")
-    for n, (ref, is_param) in expected.items():
+    order = sorted(expected, key=source.location)  # file order: sequential reads
+    for i, n in enumerate(order):
+        ref, is_param = expected[n]
+        if i + 1 < len(order):  # overlap the next tensor's I/O with this tensor's copy/cast
+            source.prefetch(order[i + 1])
         if n in special:
             t = special[n](source, n, device)
         else:
@@ -699,8 +728,7 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
             new = ql.FP8Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta",
                                dtype=dtype)
             _replace_module(model, name, new)
-            special[name + ".weight"] = _fp8_weight_reader(name, new)
-            special[name + ".weight_scale"] = _fp8_scale_reader(new)
+            special[name + ".weight"], special[name + ".weight_scale"] = _fp8_readers(name)
     assign_weights(model, source, device, "transformer", special, consumed)
     model.eval()
     model.lens_checkpoint = CheckpointInfo(source.origin, "transformer", family, var, var_src, cfg.to_dict(),
@@ -719,19 +747,19 @@ def _mxfp8_dequant_reader(layer, rows, cols, dtype):
     return read
 
 
-def _fp8_weight_reader(layer, new):
-    """fp8 storage: quantize the weight row-wise while reading it; the scale is handed to the scale reader."""
-    def read(source, name, device):
-        data, new._fp8_scale = ql.quantize_fp8_rowwise(source.read(name, torch.float32))
-        return data.to(device)
-    return read
+def _fp8_readers(layer):
+    """(weight reader, scale reader) for one fp8-stored Linear: the weight is quantized row-wise once, on
+    whichever of the two is assigned first."""
+    parts = {}
 
+    def quantized(source, device, which):
+        if not parts:
+            data, scale = ql.quantize_fp8_rowwise(source.read(layer + ".weight", torch.float32))
+            parts.update(weight=data, scale=scale)
+        return parts.pop(which).to(device)
 
-def _fp8_scale_reader(new):
-    def read(source, name, device):  # named_parameters order: weight before weight_scale
-        scale = new.__dict__.pop("_fp8_scale")
-        return scale.to(device)
-    return read
+    return (lambda source, name, device: quantized(source, device, "weight"),
+            lambda source, name, device: quantized(source, device, "scale"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -761,6 +789,12 @@ class DictSource(TensorSource):
 
     def read(self, key, dtype=None, device=None):
         return self.tensors.pop(key).to(dtype=dtype, device=device)
+
+    def prefetch(self, key):
+        pass
+
+    def location(self, key):
+        return ("", 0)
 
 
 def load_vae(path, dtype=torch.float32, device="cpu", operations=None, config=None):
