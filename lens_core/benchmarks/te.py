@@ -167,6 +167,8 @@ def run(args):
         # in a child too: torch's thread pool must not start in the parent before the measured forks
         run_isolated(write_checkpoint, folder, args)
     size = os.path.getsize(os.path.join(folder, "model.safetensors"))
+    with open("/proc/loadavg") as f:
+        print(f"# load average at start: {' '.join(f.read().split()[:3])}")
     print(f"# random GPT-OSS: {args.layers} layers, hidden {args.hidden}, {args.experts} experts top-{args.top_k}, "
           f"vocab {args.vocab}; checkpoint {size / 1e9:.3f} GB; prompt {args.tokens} tokens; {args.dtype}")
     results = {}
@@ -188,6 +190,8 @@ def run(args):
             row["max_rel_diff_vs_tf"] = max(float(np.abs(a - b).max() / np.abs(b).max())
                                             for a, b in zip(r["features"], ref["features"]))
         rows.append(row)
+    with open("/proc/loadavg") as f:
+        print(f"# load average at end: {' '.join(f.read().split()[:3])}")
     if tmp is not None:
         tmp.cleanup()
     return rows
