@@ -151,6 +151,7 @@ def _accepts_exact(model) -> bool:
 # The sampler
 
 
+@torch.no_grad()
 def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=None, *, grid, steps, cfg,
            denoise=1.0, init_latents=None, callback=None, exact=True, dtype=None, device=None):
     """Denoise ``noise`` [B, S_img, 128] into final latents [B, S_img, 128] (run dtype, on ``device``).
