@@ -484,7 +484,7 @@ class Upsample(nn.Module):
         wp, bp = self._phase_weights(x)
         b, c, h, w = x.shape
         cout = wp.shape[0] // 4
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), wp, bp)  # [B, 4·Cout, h+1, w+1]: phase (dy,dx) at offset (dy,dx)
+        y = F.conv2d(x, wp, bp, padding=1)  # [B, 4·Cout, h+1, w+1]: phase (dy,dx) at offset (dy,dx)
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         out = torch.empty((b, cout, 2 * h, 2 * w), device=x.device, dtype=x.dtype, memory_format=fmt)
         for p, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
@@ -654,13 +654,16 @@ def _tile_starts(size: int, tile: int, overlap: int, align: int) -> list[int]:
 
 
 def _ramp(length: int, lead: int, trail: int, device) -> torch.Tensor:
-    """1-D blend weight: rises linearly over the first ``lead`` samples, falls over the last ``trail``."""
+    """1-D blend weight over a tile: 0 on the outer quarter of each overlap (where the tile's own border effects
+    live), then linear up to 1 over the middle half; ``lead``/``trail`` = overlap with the previous/next tile."""
+    i = torch.arange(length, device=device, dtype=torch.float32) + 0.5
     w = torch.ones(length, device=device, dtype=torch.float32)
     if lead:
-        w[:lead] = (torch.arange(lead, device=device, dtype=torch.float32) + 0.5) / lead
+        m = lead // 4
+        w = torch.minimum(w, ((i - m) / max(lead - 2 * m, 1)).clamp(0, 1))
     if trail:
-        w[length - trail:] = torch.minimum(
-            w[length - trail:], (torch.arange(trail, 0, -1, device=device, dtype=torch.float32) - 0.5) / trail)
+        m = trail // 4
+        w = torch.minimum(w, ((length - i - m) / max(trail - 2 * m, 1)).clamp(0, 1))
     return w
 
 

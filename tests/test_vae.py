@@ -281,11 +281,11 @@ def smooth_case(tiny):
     return lat, img, model.decode(lat, tiled=False)
 
 
-@pytest.mark.parametrize("mode, max_abs, mean_abs", [("exact", 2.5e-2, 1e-3), ("fast", 2.5, 0.1)])
+@pytest.mark.parametrize("mode, max_abs, mean_abs", [("exact", 2e-2, 1e-3), ("fast", 3.5, 0.15)])
 def test_tiled_decode_matches_untiled(tiny, smooth_case, mode, max_abs, mean_abs):
-    """512×1024, tiles 512 px, overlap 128 px. "exact": image-wide GroupNorm statistics (measured max abs 2.2e-2,
-    mean 1.2e-4); "fast": per-tile statistics as diffusers/ComfyUI tile (measured max 2.04, mean 0.087 on this
-    random-weight model, whose output spans about ±10)."""
+    """512×1024, tiles 512 px, overlap 128 px. "exact": image-wide GroupNorm statistics (measured max abs 5e-4,
+    mean 3e-5); "fast": per-tile statistics as diffusers/ComfyUI tile (measured max 2.7, mean 0.093 on this
+    random-weight model, whose output spans about ±10: per-tile GroupNorm statistics are what differ)."""
     _, _, model = tiny
     lat, _, full = smooth_case
     model.tile_mode = mode
@@ -311,7 +311,7 @@ def test_tiled_encode_matches_untiled(tiny):
     err = (tiled - lat).abs()
     print(f"tiled (exact) vs untiled encode 256x512: max abs {err.max():.3e} rel {rel(tiled, lat):.2e}")
     assert tiled.shape == lat.shape
-    assert rel(tiled, lat) <= 5e-3
+    assert rel(tiled, lat) <= 2e-3
 
 
 def test_auto_tiling_uses_memory_budget(tiny, monkeypatch):

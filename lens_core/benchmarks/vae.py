@@ -66,7 +66,16 @@ def _diffusers(config, sd, dtype):
     return ref.to(dtype).eval()
 
 
+def _timed(fn):
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
 def _speed_rows(args):
+    """Ours and diffusers alternate run by run (the machine is shared: load drifts), wall and CPU time."""
+    import statistics
+
     import torch
 
     from lens_core.vae import REAL_VAE_CONFIG, LensVAE, unpatchify
@@ -81,22 +90,28 @@ def _speed_rows(args):
         ours = LensVAE(cfg, device="meta")
         ours.load_state_dict(sd, assign=True)
         ours = ours.to(dtype).eval()
+        ref = None if args.no_diffusers else _diffusers(cfg, sd, dtype)
+        t_ours, t_ref = [], []
         with torch.no_grad():
-            t_ours = median_time(lambda: ours.decode(lat, tiled=False), runs=args.runs, warmup=1)
-            out = ours.decode(lat, tiled=False)
-        row = {"what": f"decode {s}x{s}", "dtype": dtype_name, "ours_s": t_ours}
-        del ours
-        if not args.no_diffusers:
-            ref = _diffusers(cfg, sd, dtype)
-            z = unpatchify(lat.to(dtype) * torch.sqrt(ref.bn.running_var + ref.bn.eps)[:, None, None]
-                           + ref.bn.running_mean[:, None, None])
-            with torch.no_grad():
-                t_ref = median_time(lambda: ref.decode(z).sample, runs=args.runs, warmup=1)
-                ref_out = ref.decode(z).sample
+            if ref is not None:
+                z = unpatchify(lat.to(dtype) * torch.sqrt(ref.bn.running_var + ref.bn.eps)[:, None, None]
+                               + ref.bn.running_mean[:, None, None])
+            for _ in range(args.runs):
+                out, wall, cpu = _timed(lambda: ours.decode(lat, tiled=False))
+                t_ours.append((wall, cpu))
+                if ref is not None:
+                    ref_out, wall, cpu = _timed(lambda: ref.decode(z).sample)
+                    t_ref.append((wall, cpu))
+        med = lambda ts, i: statistics.median(t[i] for t in ts)  # noqa: E731
+        row = {"what": f"decode {s}x{s}", "dtype": dtype_name, "ours_s": med(t_ours, 0),
+               "ours_cpu_s": med(t_ours, 1)}
+        if ref is not None:
             err = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
-            row.update(diffusers_s=t_ref, ratio=t_ours / t_ref, rel_err_vs_diffusers=err)
-            del ref
+            row.update(diffusers_s=med(t_ref, 0), diffusers_cpu_s=med(t_ref, 1),
+                       ratio=med(t_ours, 0) / med(t_ref, 0), cpu_ratio=med(t_ours, 1) / med(t_ref, 1),
+                       rel_err_vs_diffusers=err)
         rows.append(row)
+        del ours, ref
     return rows
 
 
