@@ -10,13 +10,13 @@ name); known prefixes (``model.diffusion_model.``, ``transformer.``, ``vae.`` �
 keys and stripped. Files that are something else (a VAE given as DiT, SD / FLUX.1 checkpoints, pickles,
 truncated files …) raise :class:`CheckpointError` naming the file and what it looks like.
 
-Memory: the safetensors header is parsed and validated here; each tensor is then read (positioned reads, in
-file order so the kernel's read-ahead streams the file) straight into its final dtype and assigned to a module
-built with its parameters on the ``meta`` device. Same-dtype tensors are read directly into their destination;
-casts go through two 32 MB staging buffers filled by a helper thread, so the cast overlaps the I/O. No full
-extra copy exists at any time: peak RSS ≈ the resident weights + 64 MB (fp32 16.4 GB DiT → 8.2 GB bf16).
-The first version memory-mapped the file (page faults + ``MADV_DONTNEED``); it met the memory target but loaded
-in 1.4-2.6× the time of one read (BENCHMARKS.md "Loading"), hence explicit reads.
+Memory: the safetensors header is parsed here and the data section is memory-mapped (private, read-only use);
+tensors are read in file order, the next one prefetched (``MADV_WILLNEED``), each copied/cast straight from the
+mapping into its final dtype and device and assigned to a module built with its parameters on the ``meta``
+device; the mapped pages of that tensor are then released (``MADV_DONTNEED``), so peak RSS ≈ the resident
+weights + one tensor (fp32 16.4 GB DiT → 8.2 GB bf16; measured 1.04× in BENCHMARKS.md "Loading"). An explicit
+positioned-read variant (double-buffered casts) was measured too and was worse (1.45× peak RSS from allocator
+fragmentation, 1.9× load time), so the mapping stays.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import mmap
 import os
 import re
 from typing import Callable, Iterable
@@ -52,6 +53,7 @@ if hasattr(torch, "float8_e8m0fnu"):
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_PAGE = mmap.PAGESIZE
 
 
 @dataclasses.dataclass
@@ -127,80 +129,63 @@ class SafetensorsFile:
         if end > self.size:
             raise CheckpointError(f"{self.path}: truncated safetensors file: the header describes "
                                   f"{end} bytes, the file has {self.size} (incomplete download?)")
-        self._fd = None
+        self._mm = None
 
     # -- data access -------------------------------------------------------------------------------
-    def _pread_into(self, buf: torch.Tensor, offset: int):
-        """Fill the CPU uint8 tensor ``buf`` with the file bytes at ``offset`` (positioned reads, no mmap)."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        view = memoryview(buf.numpy()).cast("B")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{self.path}: unexpected end of file at byte {offset + done} (truncated?)")
-            done += n
+    def _map(self):
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                # private copy-on-write mapping: writable for torch.frombuffer, never written
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._mm
+
+    def raw(self, name: str) -> torch.Tensor:
+        """A tensor viewing the mapped bytes of ``name`` (valid until :meth:`close`; do not keep it)."""
+        e = self.entries[name]
+        dtype = ST_DTYPES[e.dtype]
+        if e.nbytes == 0:
+            return torch.empty(e.shape, dtype=dtype)
+        buf = torch.frombuffer(self._map(), dtype=torch.uint8, count=e.nbytes, offset=e.start)
+        return buf.view(dtype).view(e.shape)
+
+    def prefetch(self, name: str):
+        """Ask the kernel to read ``name``'s bytes ahead asynchronously (large I/O instead of page faults)."""
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        mm = self._map()
+        e = self.entries[name]
+        a = (e.start // _PAGE) * _PAGE
+        if e.end > a:
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_WILLNEED, a, e.end - a)
+
+    def release(self, name: str):
+        """Drop the mapped pages of ``name`` from this process (they are re-read on demand)."""
+        if self._mm is None or not hasattr(self._mm, "madvise"):
+            return
+        e = self.entries[name]
+        a = (e.start // _PAGE) * _PAGE
+        b = min(self.size, -(-e.end // _PAGE) * _PAGE)
+        if b > a:
+            with contextlib.suppress(OSError, ValueError):
+                self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
     def read(self, name: str, dtype=None, device=None) -> torch.Tensor:
-        """An owned copy of ``name`` in ``dtype`` on ``device``.
-
-        Same dtype: the bytes are read straight into the destination tensor (one copy from the page cache).
-        Cast: the tensor is read in 32 MB chunks into two staging buffers by a helper thread while this thread
-        casts the previous chunk into the destination, so the cast overlaps the I/O and never needs more than
-        the destination + 64 MB.
-        """
-        e = self.entries[name]
-        src_dtype = ST_DTYPES[e.dtype]
-        dtype = dtype or src_dtype
-        dst = torch.empty(e.shape, dtype=dtype)
-        if e.nbytes:
-            flat = dst.reshape(-1)
-            if dtype == src_dtype:
-                self._pread_into(flat.view(torch.uint8), e.start)
-            else:
-                self._read_cast(e, src_dtype, flat)
-        dev = torch.device(device or "cpu")
-        return dst if dev.type == "cpu" else dst.to(dev)
-
-    def _read_cast(self, e: TensorEntry, src_dtype, flat: torch.Tensor):
-        itemsize = e.nbytes // max(1, flat.numel())
-        chunk = max(1, _CHUNK_BYTES // itemsize)
-        n = flat.numel()
-        bufs = [torch.empty(min(chunk, n) * itemsize, dtype=torch.uint8) for _ in range(2 if n > chunk else 1)]
-
-        def load(k):
-            s = k * chunk
-            m = min(chunk, n - s)
-            self._pread_into(bufs[k % len(bufs)][: m * itemsize], e.start + s * itemsize)
-
-        steps = -(-n // chunk)
-        pending = _reader_pool().submit(load, 0)
-        for k in range(steps):
-            pending.result()
-            if k + 1 < steps:
-                pending = _reader_pool().submit(load, k + 1)
-            s = k * chunk
-            m = min(chunk, n - s)
-            flat[s: s + m].copy_(bufs[k % len(bufs)][: m * itemsize].view(src_dtype))
+        """An owned copy of ``name`` in ``dtype`` on ``device``, read straight from the mapping."""
+        if self.entries[name].nbytes > (1 << 20):
+            self.prefetch(name)
+        src = self.raw(name)
+        dst = torch.empty(src.shape, dtype=dtype or src.dtype, device=device or "cpu")
+        dst.copy_(src)
+        del src
+        self.release(name)
+        return dst
 
     def close(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-_CHUNK_BYTES = 32 << 20
-_POOL = None
-
-
-def _reader_pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lens-safetensors-read")
-    return _POOL
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+            self._mm = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +231,11 @@ class TensorSource:
     def read(self, key, dtype=None, device=None) -> torch.Tensor:
         f, k = self.keymap[key]
         return f.read(k, dtype, device)
+
+    def prefetch(self, key):
+        if key in self.keymap:
+            f, k = self.keymap[key]
+            f.prefetch(k)
 
     def location(self, key) -> tuple:
         """(file, byte offset) of ``key``: reading in this order makes the file access sequential."""
@@ -606,8 +596,11 @@ def assign_weights(model: nn.Module, source: TensorSource, device, component: st
     if unexpected:
         raise CheckpointError(f"{source.origin}: {len(unexpected)} tensor(s) do not belong to the "
                               f"{COMPONENT_NAMES[component]} built from its config, e.g. {unexpected[:4]}")
-    for n in sorted(expected, key=source.location):  # file order: sequential reads, kernel read-ahead
+    order = sorted(expected, key=source.location)  # file order: sequential reads
+    for i, n in enumerate(order):
         ref, is_param = expected[n]
+        if i + 1 < len(order):  # overlap the next tensor's I/O with this tensor's copy/cast
+            source.prefetch(order[i + 1])
         if n in special:
             t = special[n](source, n, device)
         else:
@@ -799,6 +792,9 @@ class DictSource(TensorSource):
 
     def read(self, key, dtype=None, device=None):
         return self.tensors.pop(key).to(dtype=dtype, device=device)
+
+    def prefetch(self, key):
+        pass
 
     def location(self, key):
         return ("", 0)
