@@ -91,17 +91,21 @@ class SafetensorsFile:
                                   f".safetensors version")
         self.size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
-            head = f.read(8)
+            head = f.read(9)
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: expected a safetensors file, found a {self.size}-byte file "
                                       f"(truncated or empty)")
-            n = int.from_bytes(head, "little")
-            if head[:4] == b"GGUF" or head[:2] == b"PK" or head[:1] == b"\x80":
+            n = int.from_bytes(head[:8], "little")
+            length_ok = 1 < n <= 100_000_000 and 8 + n <= self.size
+            # A real header length can begin with any byte (0x80, "PK", ...), so the foreign-format
+            # signatures are only consulted when the bytes do not read as a safetensors header.
+            if not (length_ok and head[8:9] == b"{") and (head[:4] == b"GGUF" or head[:2] == b"PK" or head[:1] == b"\x80"):
                 raise CheckpointError(f"{self.path}: expected a safetensors file, found "
                                       f"{_describe_foreign_file(self.path, head)}; only safetensors is loaded")
-            if n <= 1 or n > 100_000_000 or 8 + n > self.size:
+            if not length_ok:
                 raise CheckpointError(f"{self.path}: expected a safetensors header of {n} bytes after the 8-byte "
                                       f"length, found a {self.size}-byte file (truncated or not safetensors)")
+            f.seek(8)
             raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))

@@ -317,3 +317,23 @@ def test_unknown_marker_in_header_metadata(golden_dir, tmp_path):
                                                   "layers": {"proj_out": {"format": "float8_scaled"}}})}
     save_file(sd, str(p), metadata=meta)
     _raises(lambda: ck.load_transformer(p), str(p), "float8_scaled")
+
+
+@pytest.mark.parametrize("pad_to", [0x80, 0x4B50])
+def test_header_length_starting_like_a_pickle_or_zip_still_loads(tmp_path, pad_to):
+    """A valid file whose 8-byte header length begins with 0x80 (1 file in 256) or "PK" is safetensors."""
+    from safetensors.torch import save_file
+
+    p = tmp_path / "x.safetensors"
+    t = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    # Grow the metadata until the header length's low bytes read 0x80 / "PK" (little endian).
+    for extra in range(0, 70000):
+        save_file(t, str(p), metadata={"pad": "x" * extra})
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+        if (n & (0xFF if pad_to == 0x80 else 0xFFFF)) == pad_to:
+            break
+    else:
+        pytest.fail("could not build the header length")
+    f = ck.SafetensorsFile(p)
+    assert set(f.entries) == {"w"}
