@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .jsonfile import read_json_object
 from . import quant_linear as ql
 
 
@@ -269,14 +270,7 @@ COMPONENT_DIRS = {"transformer": "transformer", "text_encoder": "text_encoder", 
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: expected JSON, found invalid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path, "JSON file", CheckpointError)
 
 
 def _open_index(index_path: str) -> tuple[list[SafetensorsFile], dict]:

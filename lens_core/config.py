@@ -6,10 +6,10 @@ buckets). Everything here is plain Python / tensor reshaping; no model code.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import torch
+
+from .jsonfile import read_json_object
 
 # ---------------------------------------------------------------------------------------------------------
 # transformer/config.json
@@ -75,15 +75,7 @@ class LensDiTConfig:
 
     @classmethod
     def from_json(cls, path) -> "LensDiTConfig":
-        path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: expected a JSON transformer config, got invalid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, "JSON transformer config"))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

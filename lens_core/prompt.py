@@ -18,12 +18,13 @@ Spec: ../shared/docs/text_encoder_spec.md §3 (template, crop, padding, negative
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import re
 import warnings
 
 import torch
+
+from .jsonfile import read_json_object
 
 DEFAULT_TEMPLATE_DATE = "2026-05-23"
 PREAMBLE_TOKENS = 97
@@ -111,11 +112,7 @@ def _pad_id_from_config(folder: str, tok) -> int | None:
     path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: expected a JSON tokenizer config, found unreadable content ({exc})") from exc
+    cfg = read_json_object(path, "JSON tokenizer config")
     pad = cfg.get("pad_token")
     if isinstance(pad, dict):
         pad = pad.get("content")

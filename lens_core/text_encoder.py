@@ -18,7 +18,6 @@ module built on ``meta`` (drop ``lm_head.*``, ``model.norm.*`` and layers past t
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .jsonfile import read_json_object
 from .ops import cast_to, resolve_operations
 from .quant import PackedExperts
 
@@ -95,11 +95,7 @@ class TextEncoderConfig:
 
     @classmethod
     def from_json(cls, path) -> "TextEncoderConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: expected a GPT-OSS config.json, could not read it ({exc})") from exc
+        d = read_json_object(path, "GPT-OSS config.json")
         try:
             return cls.from_dict(d)
         except ValueError as exc:

@@ -27,15 +27,14 @@ computed as four 2×2 sub-pixel convolutions on the low-resolution input (exactl
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .jsonfile import read_json_object
 from .ops import cast_to, resolve_operations
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,15 +104,7 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path) -> "VAEConfig":
-        path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: expected a JSON VAE config, got invalid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, "JSON VAE config"))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
