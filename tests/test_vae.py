@@ -96,6 +96,92 @@ def test_pipeline_case_decode_bf16(tiny, golden_dir, case):
     assert diff.float().mean() <= 1.0
 
 
+def test_pipeline_case_decode_bf16_reference_exact(golden_dir):
+    """``vae.exact = True`` reproduces the official bf16 decode bit for bit: cases a and b (golden ``decoded``
+    from ``final_latents``, and the uint8 images) and vae_tiny's ``decode_out_bf16``, in a child process with
+    the reference kernel environment (tests/test_dit.py EXACT_ENV), plus a batch-2 decode against diffusers
+    itself. The fast path is only bf16-close (measured: ~84% of elements differ, max abs 0.04-0.07). Without AVX512-BF16 the convolution kernels differ, so only
+    closeness is asserted there."""
+    from test_dit import cpu_has_avx512_bf16, run_exact
+
+    code = f"""
+import json, torch
+from safetensors.torch import load_file
+from lens_core.config import unpack_latents
+from lens_core.vae import LensVAE, VAEConfig, to_uint8
+G = {str(golden_dir)!r}
+cfg = VAEConfig.from_json(G + '/pipeline_tiny/vae/config.json')
+m = LensVAE(cfg, dtype=torch.bfloat16).eval()
+m.load_state_dict(load_file(G + '/pipeline_tiny/vae/diffusion_pytorch_model.safetensors'))
+def stats(out, ref):
+    d = out.float() - ref.float()
+    return dict(dtype=str(out.dtype), equal=bool(torch.equal(out, ref)), frac_diff=float((d != 0).float().mean()),
+                max_abs=float(d.abs().max()), rel=float(d.norm() / ref.float().norm()))
+res = {{}}
+for exact in (True, False):
+    m.exact = exact
+    for case in {CASES!r}:
+        g = load_file(G + '/pipeline_tiny/cases/' + case + '.bf16.safetensors')
+        out = m.decode(unpack_latents(g['final_latents'], 4, 6), tiled=False)
+        r = stats(out, g['decoded'])
+        u, gu = to_uint8(out), g['image_uint8']
+        r.update(uint8_equal=bool(torch.equal(u, gu)), uint8_max=int((u.int() - gu.int()).abs().max()))
+        res[f'{{case}}_{{exact}}'] = r
+    io = load_file(G + '/vae_tiny/io.safetensors')
+    res[f'vae_tiny_{{exact}}'] = stats(m.decode_raw(io['decode_in']), io['decode_out_bf16'])
+# batch 2 against diffusers itself (no golden at B > 1; diffusers' attention output layout, and so the kernel
+# of the next GroupNorm, depends on the batch size)
+from diffusers import AutoencoderKLFlux2
+ref = AutoencoderKLFlux2.from_pretrained(G + '/pipeline_tiny/vae', torch_dtype=torch.bfloat16).eval()
+lat = torch.cat([unpack_latents(load_file(G + '/pipeline_tiny/cases/' + c + '.bf16.safetensors')['final_latents'],
+                                4, 6) for c in {CASES!r}])
+m.exact = True
+with torch.no_grad():
+    r2 = ref.decode(m.unnormalize(lat)).sample
+res['batch2_diffusers_True'] = stats(m.decode(lat, tiled=False), r2)
+print(json.dumps(res))
+"""
+    res = run_exact(code)
+    for key, r in res.items():
+        print(f"{key}: equal {r['equal']}, differing {r['frac_diff']:.2%}, max abs {r['max_abs']:.3g}"
+              + (f", uint8 equal {r['uint8_equal']} (max |Δ| {r['uint8_max']})" if "uint8_equal" in r else ""))
+    for name in (*CASES, "vae_tiny"):
+        ex, fast = res[f"{name}_True"], res[f"{name}_False"]
+        assert ex["dtype"] == "torch.bfloat16"
+        if cpu_has_avx512_bf16():
+            assert ex["equal"], ex
+            if name != "vae_tiny":
+                assert ex["uint8_equal"], ex
+        else:
+            assert ex["rel"] <= 2e-2, ex
+        assert fast["rel"] <= 2e-2, fast
+    b2 = res["batch2_diffusers_True"]
+    assert b2["equal"] if cpu_has_avx512_bf16() else b2["rel"] <= 2e-2, b2
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_exact_flag_fp32_and_switching(tiny, golden_dir, case):
+    """fp32: the exact path also meets the fp32 golden to 1e-5; the flag reaches every upsampler and attention
+    block and switches back."""
+    cfg, sd, _ = tiny
+    model = LensVAE(cfg).eval()
+    model.load_state_dict(sd)
+    g = load_file(golden_dir / "pipeline_tiny" / "cases" / f"{case}.fp32.safetensors")
+    lat = unpack_latents(g["final_latents"], 4, 6)
+    assert model.exact is False
+    fast = model.decode(lat, tiled=False)
+    model.exact = True
+    ups = [m for m in model.modules() if type(m).__name__ == "Upsample"]
+    attn = [m for m in model.modules() if type(m).__name__ == "AttentionBlock"]
+    assert ups and attn and not any(u.subpixel for u in ups) and all(a.reference_layout for a in attn)
+    ex = model.decode(lat, tiled=False)
+    assert ex.is_contiguous()
+    assert (ex - g["decoded"]).abs().max() <= 1e-5
+    assert (fast - g["decoded"]).abs().max() <= 1e-5
+    model.exact = False
+    assert all(u.subpixel for u in ups) and not any(a.reference_layout for a in attn)
+
+
 # ---------------------------------------------------------------------------------- diffusers reference
 
 DIFFUSERS_CONFIGS = {
