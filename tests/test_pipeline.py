@@ -45,8 +45,8 @@ def test_golden_pipeline_fp32(pipe32, golden_dir, case):
 def test_golden_pipeline_bf16_reference_mode(pipeline_dir, golden_dir):
     """bf16 runs of cases a and b in reference-exact mode against the bf16 goldens, in a child process with the
     reference kernel environment (tests/test_dit.py EXACT_ENV: AVX512-BF16 oneDNN GEMMs, MKL compatible mode,
-    one thread). On a CPU with AVX512-BF16 the final latents must be bit-identical; the uint8 figure is
-    printed (the VAE's bf16 convolutions are not bit-exact, see tests/test_vae.py). Elsewhere: the run must
+    one thread). On a CPU with AVX512-BF16 the final latents and, with the VAE's exact path
+    (``pipe.vae.exact = True``), the uint8 images must be bit-identical. Elsewhere: the run must
     track the bf16 reference at least 4× closer than the fp32 reference is to it."""
     from test_dit import cpu_has_avx512_bf16, run_exact
 
@@ -55,6 +55,7 @@ import json, torch
 from safetensors.torch import load_file
 from lens_core.pipeline import LensPipeline
 pipe = LensPipeline.from_pretrained({str(pipeline_dir)!r}, dtype=torch.bfloat16, device="cpu")
+pipe.vae.exact = True  # the VAE's reference-exact path (lens_core/vae.py LensVAE.exact)
 res = {{}}
 for case, (steps, cfg) in {CASES!r}.items():
     g = load_file({str(golden_dir / "pipeline_tiny" / "cases")!r} + "/" + case + ".bf16.safetensors")
@@ -75,6 +76,7 @@ print(json.dumps(res))
         assert r["dtype"] == "torch.bfloat16"
         if cpu_has_avx512_bf16():
             assert r["bit"], r
+            assert r["uint8_equal"] == 1.0, r  # bf16 images bit-identical too (VAE exact path)
         else:
             assert r["rel"] <= 0.25 * r["gap"], r
         assert r["uint8_max"] <= 16, r  # golden bf16-vs-fp32 image gap: 16 (a), 52 (b)
