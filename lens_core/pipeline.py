@@ -63,6 +63,8 @@ class LensPipeline:
         self.device = resolve_device(device)
         self.offload = bool(offload)
         self.exact = exact
+        if self.vae is not None and hasattr(self.vae, "exact"):
+            self.vae.exact = exact        # reference mode decodes like the official VAE too (bf16 bit-exact)
         self.progress = False
         if not self.offload:
             for m in (transformer, text_encoder, vae):
