@@ -149,6 +149,14 @@ def bucket_size(base: int, aspect_ratio: str) -> tuple[int, int]:
     return buckets[aspect_ratio]
 
 
+def check_grid(grid, s_img: int) -> tuple[int, int]:
+    """The latent grid (H′, W′) as ints, checked against the number of image tokens S_img = H′·W′."""
+    gh, gw = (int(g) for g in grid)
+    if gh * gw != s_img:
+        raise ValueError(f"grid {tuple(grid)}: expected H'*W' = S_img = {s_img}, got {gh * gw}")
+    return gh, gw
+
+
 def validate_size(height: int, width: int) -> tuple[int, int]:
     """Check that the pixel size is positive and a multiple of 16; return the latent token grid (H/16, W/16)."""
     for name, v in (("height", height), ("width", width)):

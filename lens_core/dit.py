@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LensDiTConfig
+from .config import LensDiTConfig, check_grid
 from .ops import RMSNorm, cast_to, resolve_operations
 
 ROPE_THETA = 10000.0
@@ -337,9 +337,7 @@ class LensTransformer(nn.Module):
             raise ValueError(f"hidden_states: expected [B, S_img, {cfg.in_channels}], got shape "
                              f"{tuple(hidden_states.shape)}")
         b, s_img, _ = hidden_states.shape
-        gh, gw = (int(g) for g in grid)
-        if gh * gw != s_img:
-            raise ValueError(f"grid {tuple(grid)}: expected H'*W' = S_img = {s_img}, got {gh * gw}")
+        gh, gw = check_grid(grid, s_img)
         feats = self.split_text_features(text_features)
         s_txt = feats[0].shape[1]
         if feats[0].shape[0] != b:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .config import variant_defaults
+from .config import check_grid, variant_defaults
 
 __all__ = ["empirical_mu", "sigma_schedule", "scheduler_timesteps", "model_timesteps", "cfg_combine",
            "euler_step", "make_noise", "start_index", "sample", "variant_defaults"]
@@ -152,6 +152,15 @@ def _accepts_exact(model) -> bool:
 
 
 @torch.no_grad()
+
+def _check_text(features, mask, b, mask_name, what):
+    """Text features (list or stacked) and their [B, S] mask must agree with each other and the batch."""
+    if mask is None or mask.ndim != 2 or mask.shape[0] != b:
+        raise ValueError(f"{mask_name}: expected [B={b}, S] bool, got {None if mask is None else tuple(mask.shape)}")
+    if _first(features).shape[:2] != mask.shape:
+        raise ValueError(f"{what} features: expected [B, S] = {tuple(mask.shape)} like the mask, got "
+                         f"{tuple(_first(features).shape)}")
+
 def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=None, *, grid, steps, cfg,
            denoise=1.0, init_latents=None, callback=None, exact=True, dtype=None, device=None):
     """Denoise ``noise`` [B, S_img, 128] into final latents [B, S_img, 128] (run dtype, on ``device``).
@@ -187,9 +196,7 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
         raise ValueError(f"noise: expected packed latents [B, S_img, 128], got "
                          f"{getattr(noise, 'shape', type(noise).__name__)}")
     b, s_img, _ = noise.shape
-    gh, gw = (int(g) for g in grid)
-    if gh * gw != s_img:
-        raise ValueError(f"grid {tuple(grid)}: expected H'*W' = S_img = {s_img}, got {gh * gw}")
+    gh, gw = check_grid(grid, s_img)
     if dtype is None:
         dtype = getattr(model, "dtype", None)
         dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
@@ -197,12 +204,7 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None and param.device.type != "meta" else noise.device
     device = torch.device(device)
-    if pos_mask is None or pos_mask.ndim != 2 or pos_mask.shape[0] != b:
-        raise ValueError(f"pos_mask: expected [B={b}, S] bool, got "
-                         f"{None if pos_mask is None else tuple(pos_mask.shape)}")
-    if _first(pos_features).shape[:2] != pos_mask.shape:
-        raise ValueError(f"positive features: expected [B, S] = {tuple(pos_mask.shape)} like the mask, got "
-                         f"{tuple(_first(pos_features).shape)}")
+    _check_text(pos_features, pos_mask, b, "pos_mask", "positive")
     pos_mask = pos_mask.bool()
     guidance = float(cfg)
     single = (not exact) and guidance == 1.0
@@ -213,12 +215,7 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
         if neg_features is None:
             neg_features = _map(pos_features, torch.zeros_like)
             neg_mask = torch.zeros_like(pos_mask)
-        if neg_mask is None or neg_mask.ndim != 2 or neg_mask.shape[0] != b:
-            raise ValueError(f"neg_mask: expected [B={b}, S] bool, got "
-                             f"{None if neg_mask is None else tuple(neg_mask.shape)}")
-        if _first(neg_features).shape[:2] != neg_mask.shape:
-            raise ValueError(f"negative features: expected [B, S] = {tuple(neg_mask.shape)} like the mask, got "
-                             f"{tuple(_first(neg_features).shape)}")
+        _check_text(neg_features, neg_mask, b, "neg_mask", "negative")
         target = max(pos_mask.shape[1], neg_mask.shape[1])
         pf, pm = _pad_text(pos_features, pos_mask, target)
         nf, nm = _pad_text(neg_features, neg_mask.bool(), target)
