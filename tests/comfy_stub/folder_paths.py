@@ -56,5 +56,5 @@ def get_full_path(folder_name, filename):
 def get_full_path_or_raise(folder_name, filename):
     p = get_full_path(folder_name, filename)
     if p is None:
-        raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
+        raise FileNotFoundError(f"stand-in folder_paths: no {filename!r} in the {folder_name!r} model folders")
     return p

@@ -22,16 +22,17 @@ class LatentPreviewer:
 
 
 class Latent2RGBPreviewer(LatentPreviewer):
+    """First sample of x0 [B, C, h, w] -> RGB by a per-channel linear map (rows of factors = channels)."""
+
     def __init__(self, latent_rgb_factors, latent_rgb_factors_bias=None):
-        self.latent_rgb_factors = torch.tensor(latent_rgb_factors, device="cpu").transpose(0, 1)
-        self.latent_rgb_factors_bias = None if latent_rgb_factors_bias is None else \
-            torch.tensor(latent_rgb_factors_bias, device="cpu")
+        self.rgb_from_channels = torch.as_tensor(latent_rgb_factors, dtype=torch.float32)      # [C, 3]
+        self.rgb_offset = (torch.zeros(3) if latent_rgb_factors_bias is None
+                           else torch.as_tensor(latent_rgb_factors_bias, dtype=torch.float32))
 
     def decode_latent_to_preview(self, x0):
-        w = self.latent_rgb_factors.to(dtype=x0.dtype, device=x0.device)
-        b = None if self.latent_rgb_factors_bias is None else \
-            self.latent_rgb_factors_bias.to(dtype=x0.dtype, device=x0.device)
-        return preview_to_image(torch.nn.functional.linear(x0[0].movedim(0, -1), w, bias=b))
+        sample = x0[0].float().cpu()                                                         # [C, h, w]
+        rgb = torch.einsum("chw,cr->hwr", sample, self.rgb_from_channels) + self.rgb_offset
+        return preview_to_image(rgb)
 
 
 def get_previewer(device, latent_format):

@@ -23,9 +23,10 @@ class ProgressBar:
     def update_absolute(self, value, total=None, preview=None):
         if total is not None:
             self.total = total
-        self.current = min(value, self.total)
-        if self.hook is not None:
-            self.hook(self.current, self.total, preview, node_id=self.node_id)
+        self.current = value if value < self.total else self.total
+        report = self.hook
+        if report:
+            report(self.current, self.total, preview, node_id=self.node_id)
 
     def update(self, value):
         self.update_absolute(self.current + value)
