@@ -34,6 +34,7 @@ from torch import nn
 
 from .jsonfile import read_json_object
 from . import quant_linear as ql
+from . import readahead
 
 
 class CheckpointError(ValueError):
@@ -135,14 +136,22 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: truncated safetensors file: the header describes "
                                   f"{end} bytes, the file has {self.size} (incomplete download?)")
         self._mm = None
+        self.helped = False  # a ReadAhead helper is populating this mapping: no per-tensor hints
 
     # -- data access -------------------------------------------------------------------------------
     def _map(self):
         if self._mm is None:
-            with open(self.path, "rb") as f:
-                # private copy-on-write mapping: writable for torch.frombuffer, never written
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._file = open(self.path, "rb")  # kept open for posix_fadvise read-ahead hints
+            # private copy-on-write mapping: writable for torch.frombuffer, never written
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._base = torch.frombuffer(self._mm, dtype=torch.uint8, count=1).data_ptr() if self.size else 0
         return self._mm
+
+    def span(self, name: str) -> readahead.Span:
+        """Where ``name``'s bytes are mapped, for the background read-ahead helper."""
+        e = self.entries[name]
+        self._map()
+        return readahead.Span(self._base, self._file.fileno(), e.start, e.nbytes)
 
     def raw(self, name: str) -> torch.Tensor:
         """A tensor viewing the mapped bytes of ``name`` (valid until :meth:`close`; do not keep it)."""
@@ -177,7 +186,7 @@ class SafetensorsFile:
 
     def read(self, name: str, dtype=None, device=None) -> torch.Tensor:
         """An owned copy of ``name`` in ``dtype`` on ``device``, read straight from the mapping."""
-        if self.entries[name].nbytes > (1 << 20):
+        if self.entries[name].nbytes > (1 << 20) and not self.helped:
             self.prefetch(name)
         src = self.raw(name)
         dst = torch.empty(src.shape, dtype=dtype or src.dtype, device=device or "cpu")
@@ -191,6 +200,7 @@ class SafetensorsFile:
             with contextlib.suppress(BufferError):
                 self._mm.close()
             self._mm = None
+            self._file.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,6 +251,12 @@ class TensorSource:
         if key in self.keymap:
             f, k = self.keymap[key]
             f.prefetch(k)
+
+    def span(self, key) -> readahead.Span | None:
+        if key not in self.keymap:
+            return None
+        f, k = self.keymap[key]
+        return f.span(k)
 
     def location(self, key) -> tuple:
         """(file, byte offset) of ``key``: reading in this order makes the file access sequential."""
@@ -567,6 +583,17 @@ IGNORED_KEYS = {
 }
 
 
+@contextlib.contextmanager
+def _helped(files, on: bool):
+    for f in files:
+        f.helped = on
+    try:
+        yield
+    finally:
+        for f in files:
+            f.helped = False
+
+
 def assign_weights(model: nn.Module, source: TensorSource, device, component: str,
                    special: dict | None = None, consumed: set | None = None):
     """Copy every parameter/persistent buffer of ``model`` from ``source`` (cast to the module's dtype).
@@ -595,22 +622,27 @@ def assign_weights(model: nn.Module, source: TensorSource, device, component: st
         raise CheckpointError(f"{source.origin}: {len(unexpected)} tensor(s) do not belong to the "
                               f"{COMPONENT_NAMES[component]} built from its config, e.g. {unexpected[:4]}")
     order = sorted(expected, key=source.location)  # file order: sequential reads
-    for i, n in enumerate(order):
-        ref, is_param = expected[n]
-        if i + 1 < len(order):  # overlap the next tensor's I/O with this tensor's copy/cast
-            source.prefetch(order[i + 1])
-        if n in special:
-            t = special[n](source, n, device)
-        else:
-            target = ref.dtype
-            if not ref.dtype.is_floating_point and source.dtype(n) != ST_NAMES.get(ref.dtype):
-                raise CheckpointError(f"{source.file_of(n)}: tensor {n!r} is {source.dtype(n)}, expected "
-                                      f"{ST_NAMES.get(ref.dtype)}")
-            t = source.read(n, target, device)
-        if tuple(t.shape) != tuple(ref.shape):
-            raise CheckpointError(f"{source.file_of(n) if n in source else source.origin}: tensor {n!r} has shape "
-                                  f"{list(t.shape)}, the model built from its config expects {list(ref.shape)}")
-        _set_tensor(model, n, t, is_param)
+    # a helper thread keeps the next bytes of the mapping populated, so disk I/O overlaps the copy/cast
+    spans = [source.span(n) or readahead.Span(0, -1, 0, 0) for n in order]
+    with readahead.ReadAhead(spans) as ahead, _helped(source.files, ahead.active):
+        for i, n in enumerate(order):
+            ref, is_param = expected[n]
+            if not ahead.active and i + 1 < len(order):  # no helper here: hint the next tensor's I/O
+                source.prefetch(order[i + 1])
+            if n in special:
+                t = special[n](source, n, device)
+            else:
+                target = ref.dtype
+                if not ref.dtype.is_floating_point and source.dtype(n) != ST_NAMES.get(ref.dtype):
+                    raise CheckpointError(f"{source.file_of(n)}: tensor {n!r} is {source.dtype(n)}, expected "
+                                          f"{ST_NAMES.get(ref.dtype)}")
+                t = source.read(n, target, device)
+            ahead.consumed(i)
+            if tuple(t.shape) != tuple(ref.shape):
+                raise CheckpointError(f"{source.file_of(n) if n in source else source.origin}: tensor {n!r} has "
+                                      f"shape {list(t.shape)}, the model built from its config expects "
+                                      f"{list(ref.shape)}")
+            _set_tensor(model, n, t, is_param)
     for n, b in model.named_buffers():  # non-persistent buffers computed at construction
         if b.device.type != torch.device(device).type:
             _set_tensor(model, n, b.to(device), False)

@@ -139,6 +139,7 @@ import json, os, resource, sys, time
 import torch
 from lens_core.benchmarks.load import drop_cache
 from lens_core.checkpoints import load_transformer
+from lens_core import readahead
 path, files = sys.argv[1], sys.argv[2:]
 def rss():
     with open('/proc/self/statm') as f:
@@ -150,7 +151,8 @@ model = load_transformer(path, dtype=torch.bfloat16)
 dt = time.perf_counter() - t0
 resident = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps(dict(load_s=dt, resident=resident, tensors=len(model.state_dict()), baseline=base,
-                      after=rss(), peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+                      after=rss(), peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      readahead=readahead.mode())))
 """
 
 
@@ -194,7 +196,8 @@ def run_memory(args):
                          "tensors": r["tensors"], "resident_GB": r["resident"] / 1e9,
                          "baseline_rss_GB": r["baseline"] / 1e9, "peak_rss_GB": r["peak"] / 1e9,
                          "peak/resident": r["peak"] / r["resident"],
-                         "(peak-baseline)/resident": (r["peak"] - r["baseline"]) / r["resident"]})
+                         "(peak-baseline)/resident": (r["peak"] - r["baseline"]) / r["resident"],
+                         "readahead": r["readahead"]})
             if not args.keep:
                 for f in files:
                     os.remove(f)
