@@ -11,12 +11,17 @@ keys and stripped. Files that are something else (a VAE given as DiT, SD / FLUX.
 truncated files …) raise :class:`CheckpointError` naming the file and what it looks like.
 
 Memory: the safetensors header is parsed here and the data section is memory-mapped (private, read-only use);
-tensors are read in file order, the next one prefetched (``MADV_WILLNEED``), each copied/cast straight from the
-mapping into its final dtype and device and assigned to a module built with its parameters on the ``meta``
-device; the mapped pages of that tensor are then released (``MADV_DONTNEED``), so peak RSS ≈ the resident
-weights + one tensor (fp32 16.4 GB DiT → 8.2 GB bf16; measured 1.04× in BENCHMARKS.md "Loading"). An explicit
-positioned-read variant (double-buffered casts) was measured too and was worse (1.45× peak RSS from allocator
-fragmentation, 1.9× load time), so the mapping stays.
+tensors are read in file order, each copied/cast straight from the mapping into its final dtype and device and
+assigned to a module built with its parameters on the ``meta`` device; the mapped pages of that tensor are then
+released (``MADV_DONTNEED``), so peak RSS ≈ the resident weights + one tensor + the read-ahead window (fp32
+16.4 GB DiT → 8.2 GB bf16; measured 1.04× in BENCHMARKS.md "Loading").
+
+Time: :mod:`lens_core.readahead` runs a helper thread that populates the next 256 MB of the mapping while this
+thread copies/casts, so the disk read overlaps the page faults, the zeroing of fresh memory and the casts
+(measured 1.03-1.08× one plain read of the file, against 1.4-2.1× without the helper). Without the helper
+(non-Linux), the next tensor is hinted with ``MADV_WILLNEED``. Alternatives measured and dropped: positioned
+reads into staging buffers with a reader thread (1.45× peak RSS from allocator fragmentation, 1.9× time) and
+one ``preadv`` per tensor straight into its destination (2.0× time).
 """
 from __future__ import annotations
 

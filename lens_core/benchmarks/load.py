@@ -9,7 +9,9 @@ names and shapes) to ``--dir`` as
 
 then, per layout, in a fresh process each: drops the file from the page cache (``posix_fadvise DONTNEED``),
 times one plain sequential read of the files, drops them again and times ``load_transformer``, recording the
-peak RSS of that process against the resident weights. Files are deleted at the end unless ``--keep``.
+peak RSS of that process against the resident weights (column ``readahead``: what the background read-ahead
+helper did; ``--compare-readahead`` adds a row per layout with the helper switched off). Files are deleted at
+the end unless ``--keep``.
 Needs ≈ 25 GB free disk and ≈ 9 GB free RAM. Not part of CI.
 
 ``--mode mxfp8`` compares one real-size MXFP8 Linear kept packed (dequantized per call) with the same layer
@@ -35,6 +37,8 @@ def add_arguments(parser):
     parser.add_argument("--shard-gb", type=float, default=5.0, help="max shard size of the fp32 layout")
     parser.add_argument("--keep", action="store_true", help="keep the written files")
     parser.add_argument("--layouts", default="fp32_sharded,bf16_single")
+    parser.add_argument("--compare-readahead", action="store_true",
+                        help="also load each layout with the background read-ahead helper switched off")
     parser.add_argument("--tokens", type=int, default=4096, help="mxfp8 mode: tokens per forward (1024² = 4096)")
 
 
@@ -140,7 +144,9 @@ import torch
 from lens_core.benchmarks.load import drop_cache
 from lens_core.checkpoints import load_transformer
 from lens_core import readahead
-path, files = sys.argv[1], sys.argv[2:]
+helper, path, files = sys.argv[1] == "1", sys.argv[2], sys.argv[3:]
+if not helper:
+    readahead.available = lambda: False
 def rss():
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -152,11 +158,11 @@ dt = time.perf_counter() - t0
 resident = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps(dict(load_s=dt, resident=resident, tensors=len(model.state_dict()), baseline=base,
                       after=rss(), peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      readahead=readahead.mode())))
+                      readahead=readahead.mode() if helper else "off")))
 """
 
 
-def load_in_fresh_process(path, files) -> dict:
+def load_in_fresh_process(path, files, helper: bool = True) -> dict:
     """``load_transformer(path, bf16)`` in a new interpreter (spawned, not forked: a fork of a process that ran
     torch thread pools can deadlock); returns its timings and RSS figures."""
     import subprocess
@@ -164,7 +170,7 @@ def load_in_fresh_process(path, files) -> dict:
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _LOAD_CHILD, path, *files], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _LOAD_CHILD, "1" if helper else "0", path, *files], env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"load child failed: {proc.stderr[-3000:]}")
@@ -189,15 +195,8 @@ def run_memory(args):
                 raise SystemExit(f"unknown layout {layout!r}")
             write_s = time.perf_counter() - t0
             size = sum(os.path.getsize(f) for f in files)
-            read_s = read_once(files)
-            r = load_in_fresh_process(path, files)
-            rows.append({"layout": layout, "files": len(files), "file_GB": size / 1e9, "write_s": write_s,
-                         "read_once_s": read_s, "load_s": r["load_s"], "load/read": r["load_s"] / read_s,
-                         "tensors": r["tensors"], "resident_GB": r["resident"] / 1e9,
-                         "baseline_rss_GB": r["baseline"] / 1e9, "peak_rss_GB": r["peak"] / 1e9,
-                         "peak/resident": r["peak"] / r["resident"],
-                         "(peak-baseline)/resident": (r["peak"] - r["baseline"]) / r["resident"],
-                         "readahead": r["readahead"]})
+            for helper in ((True, False) if args.compare_readahead else (True,)):
+                rows.append(_measure(layout, files, path, size, write_s, helper))
             if not args.keep:
                 for f in files:
                     os.remove(f)
@@ -205,6 +204,18 @@ def run_memory(args):
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
     return rows
+
+
+def _measure(layout, files, path, size, write_s, helper) -> dict:
+    read_s = read_once(files)
+    r = load_in_fresh_process(path, files, helper)
+    return {"layout": layout, "files": len(files), "file_GB": size / 1e9, "write_s": write_s,
+            "read_once_s": read_s, "load_s": r["load_s"], "load/read": r["load_s"] / read_s,
+            "tensors": r["tensors"], "resident_GB": r["resident"] / 1e9,
+            "baseline_rss_GB": r["baseline"] / 1e9, "peak_rss_GB": r["peak"] / 1e9,
+            "peak/resident": r["peak"] / r["resident"],
+            "(peak-baseline)/resident": (r["peak"] - r["baseline"]) / r["resident"],
+            "readahead": r["readahead"]}
 
 
 def run_mxfp8(args):
