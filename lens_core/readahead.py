@@ -115,11 +115,12 @@ class ReadAhead:
             self._done = self._ends[index]
             self._cv.notify_all()
 
-    def _wait_until_allowed(self, position: int) -> bool:
+    def _wait_until_allowed(self, position: int) -> int | None:
+        """Block while ``position`` is more than a window ahead; the bytes consumed so far, None when stopped."""
         with self._cv:
             while not self._stop and position > self._done + self.window:
                 self._cv.wait()
-            return not self._stop
+            return None if self._stop else self._done
 
     def _run(self):
         position = 0  # bytes of the span sequence handled so far
@@ -127,9 +128,12 @@ class ReadAhead:
             step = 0
             while step < span.length:
                 n = min(self.chunk, span.length - step)
-                if not self._wait_until_allowed(position + step):
+                done = self._wait_until_allowed(position + step)
+                if done is None:
                     return
-                self._fetch(span, step, n)
+                # bytes the reader has already consumed (and released) are not mapped in again
+                if position + step + n > done:
+                    self._fetch(span, step, n)
                 step += n
             position += span.length
 

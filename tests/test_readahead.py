@@ -39,22 +39,48 @@ def _fetch_log(monkeypatch, ahead_ref):
 def test_spans_fetched_in_order_within_the_window(monkeypatch):
     sizes = [5_000, 70_000, 0, 123_457, 9, 64_000, 300_000]
     spans = [readahead.Span(0, -1, 1000 * i, n) for i, n in enumerate(sizes)]
+    window, chunk = 100_000, 16_384
+    # a reader that never gets ahead, and a window larger than everything: every byte is fetched once, in order
     ref = [None]
     log = _fetch_log(monkeypatch, ref)
-    window, chunk = 100_000, 16_384
-    ref[0] = readahead.ReadAhead(spans, window=window, chunk=chunk)
+    ref[0] = readahead.ReadAhead(spans, window=1 << 30, chunk=chunk)
     with ref[0] as ahead:
         assert ahead.active
-        for i in range(len(spans)):
-            ahead.consumed(i)
-        ahead._thread.join(timeout=30)  # everything is allowed now: the helper finishes on its own
+        ahead._thread.join(timeout=30)
         assert not ahead._thread.is_alive()
     assert not ahead.active
-    positions = [p for p, _, _ in log]
-    assert positions == sorted(positions)
-    assert sum(n for _, n, _ in log) == sum(sizes)            # every byte, once
+    assert [p for p, _, _ in log] == sorted(p for p, _, _ in log)
+    assert sum(n for _, n, _ in log) == sum(sizes)
     assert max(n for _, n, _ in log) <= chunk
-    assert all(p <= done + window for p, _, done in log)     # never beyond the window
+    # a reader that follows the helper span by span: never more than the window ahead of it, nothing
+    # fetched that the reader had already consumed
+    log.clear()
+    ref[0] = readahead.ReadAhead(spans, window=window, chunk=chunk)
+    with ref[0] as ahead:
+        for i, end in enumerate(ahead._ends):
+            start = end - sizes[i]
+            for _ in range(3000):  # wait until the helper reached this span (or skipped past it)
+                if sizes[i] == 0 or any(p >= start for p, _, _ in log):
+                    break
+                threading.Event().wait(0.001)
+            ahead.consumed(i)
+        ahead._thread.join(timeout=30)
+    assert [p for p, _, _ in log] == sorted(p for p, _, _ in log)
+    assert all(p <= done + window for p, _, done in log)
+    assert all(p + n > done for p, n, done in log)
+    assert 0 < sum(n for _, n, _ in log) <= sum(sizes)
+
+
+def test_helper_skips_what_the_reader_already_consumed(monkeypatch):
+    spans = [readahead.Span(0, -1, 0, 100_000) for _ in range(4)]
+    ref = [None]
+    log = _fetch_log(monkeypatch, ref)
+    ref[0] = readahead.ReadAhead(spans, window=1 << 20, chunk=30_000)
+    ref[0].consumed(1)  # the reader is already past the first two spans
+    with ref[0] as ahead:
+        ahead._thread.join(timeout=30)
+    assert [p for p, _, _ in log][0] == 200_000
+    assert sum(n for _, n, _ in log) == 200_000
 
 
 def test_helper_waits_for_the_reader_and_stops_when_the_loop_fails(monkeypatch):
