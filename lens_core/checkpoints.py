@@ -141,7 +141,6 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: truncated safetensors file: the header describes "
                                   f"{end} bytes, the file has {self.size} (incomplete download?)")
         self._mm = None
-        self.helped = False  # a ReadAhead helper is populating this mapping: no per-tensor hints
 
     # -- data access -------------------------------------------------------------------------------
     def _map(self):
@@ -191,8 +190,6 @@ class SafetensorsFile:
 
     def read(self, name: str, dtype=None, device=None) -> torch.Tensor:
         """An owned copy of ``name`` in ``dtype`` on ``device``, read straight from the mapping."""
-        if self.entries[name].nbytes > (1 << 20) and not self.helped:
-            self.prefetch(name)
         src = self.raw(name)
         dst = torch.empty(src.shape, dtype=dtype or src.dtype, device=device or "cpu")
         dst.copy_(src)
@@ -588,17 +585,6 @@ IGNORED_KEYS = {
 }
 
 
-@contextlib.contextmanager
-def _helped(files, on: bool):
-    for f in files:
-        f.helped = on
-    try:
-        yield
-    finally:
-        for f in files:
-            f.helped = False
-
-
 def assign_weights(model: nn.Module, source: TensorSource, device, component: str,
                    special: dict | None = None, consumed: set | None = None):
     """Copy every parameter/persistent buffer of ``model`` from ``source`` (cast to the module's dtype).
@@ -629,7 +615,7 @@ def assign_weights(model: nn.Module, source: TensorSource, device, component: st
     order = sorted(expected, key=source.location)  # file order: sequential reads
     # a helper thread keeps the next bytes of the mapping populated, so disk I/O overlaps the copy/cast
     spans = [source.span(n) or readahead.Span(0, -1, 0, 0) for n in order]
-    with readahead.ReadAhead(spans) as ahead, _helped(source.files, ahead.active):
+    with readahead.ReadAhead(spans) as ahead:
         for i, n in enumerate(order):
             ref, is_param = expected[n]
             if not ahead.active and i + 1 < len(order):  # no helper here: hint the next tensor's I/O

@@ -17,12 +17,14 @@ and the loader's per-tensor ``MADV_WILLNEED`` hint is all there is.
 from __future__ import annotations
 
 import ctypes
+import errno
+import mmap
 import os
 import sys
 import threading
 
 MADV_POPULATE_READ = 22  # linux/mman.h, Linux 5.14+
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PAGE = mmap.PAGESIZE
 
 _libc = None
 if sys.platform.startswith("linux"):
@@ -55,7 +57,7 @@ def _populate(address: int, length: int) -> bool:
         return False
     if _libc.madvise(address, length, MADV_POPULATE_READ) == 0:
         return True
-    if ctypes.get_errno() == 22:  # EINVAL: this kernel has no MADV_POPULATE_READ
+    if ctypes.get_errno() == errno.EINVAL:  # this kernel has no MADV_POPULATE_READ
         _populate_supported = False
         return False
     return True  # EFAULT/EIO/ENOMEM: leave it to the reader's own page faults (which report real errors)

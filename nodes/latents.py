@@ -66,6 +66,15 @@ class LensEmptyLatent:
         return ({"samples": samples},)
 
 
+def _ready(vae, batch: int, height: int, width: int):
+    """The VAE module set to its compute dtype and loaded by ComfyUI with room for a batch × height × width
+    image's activations."""
+    module = vae.module
+    module.compute_dtype = vae.dtype
+    bridge.load(vae.patcher, memory_required=module.activation_bytes(batch, height, width, vae.dtype))
+    return module
+
+
 class LensVAEDecode:
     DESCRIPTION = "Decode a Lens latent to an image with the FLUX.2 VAE."
     CATEGORY = "Lens/latent"
@@ -86,10 +95,8 @@ class LensVAEDecode:
     def decode(self, vae, samples, tiled="auto"):
         latent = samples["samples"]
         check_lens_latent(latent, "LensVAEDecode")
-        module = vae.module
-        module.compute_dtype = vae.dtype
         b, _, h, w = latent.shape
-        bridge.load(vae.patcher, memory_required=module.activation_bytes(b, 16 * h, 16 * w, vae.dtype))
+        module = _ready(vae, b, 16 * h, 16 * w)
         from ..lens_core import vae as core_vae
         with torch.inference_mode():
             images = module.decode(latent.to(vae.patcher.load_device), tiled=TILED[tiled])
@@ -126,9 +133,7 @@ class LensVAEEncode:
             logging.info("LensVAEEncode: center-cropping %dx%d to %dx%d (multiples of 16)", ww, hh, w, h)
             top, left = (hh - h) // 2, (ww - w) // 2
             pixels = pixels[:, top:top + h, left:left + w]
-        module = vae.module
-        module.compute_dtype = vae.dtype
-        bridge.load(vae.patcher, memory_required=module.activation_bytes(b, h, w, vae.dtype))
+        module = _ready(vae, b, h, w)
         with torch.inference_mode():
             images = core_vae.from_comfy_image(pixels).to(vae.patcher.load_device)
             latent = bridge.to_intermediate(module.encode(images, tiled=TILED[tiled]).float())

@@ -170,8 +170,8 @@ def load_in_fresh_process(path, files, helper: bool = True) -> dict:
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _LOAD_CHILD, "1" if helper else "0", path, *files], env=env, capture_output=True,
-                          text=True)
+    argv = [sys.executable, "-c", _LOAD_CHILD, "1" if helper else "0", path, *files]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"load child failed: {proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
