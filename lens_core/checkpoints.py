@@ -18,7 +18,7 @@ released (``MADV_DONTNEED``), so peak RSS ≈ the resident weights + one tensor 
 
 Time: :mod:`lens_core.readahead` runs a helper thread that populates the next 256 MB of the mapping while this
 thread copies/casts, so the disk read overlaps the page faults, the zeroing of fresh memory and the casts
-(measured 1.02-1.10× one plain read of the file, against 1.4-2.1× without the helper). Without the helper
+(measured 0.84-1.10× one plain read of the file, against 1.4-2.1× without the helper). Without the helper
 (non-Linux), the next tensor is hinted with ``MADV_WILLNEED``. Alternatives measured and dropped: positioned
 reads into staging buffers with a reader thread (1.45× peak RSS from allocator fragmentation, 1.9× time) and
 one ``preadv`` per tensor straight into its destination (2.0× time).
