@@ -229,11 +229,18 @@ class PackedExperts(nn.Module):
         for n in (hidden_size, intermediate_size):
             if n % block:
                 raise ValueError(f"{fmt} experts: expected hidden/intermediate sizes divisible by {block}, found {n}")
-        # ComfyUI ModelPatcher protocol: a module with comfy_cast_weights may stay on the offload device; ours
-        # always casts its tensors to the input's device/dtype per call (like comfy.ops.manual_cast layers).
-        # Per-instance lists: ModelPatcher appends LoRA/low-VRAM patches to them (not used by this module).
+        # ComfyUI ModelPatcher protocol of a cast-weights layer (what every patcher from 0.3.64 to 0.33 reads of
+        # a module that sets ``comfy_cast_weights``): it may stay on the offload device, and ours always casts its
+        # tensors to the input's device/dtype per call (like comfy.ops.manual_cast layers). The patcher also reads
+        # ``<module>.weight`` / ``.bias`` of such a module (offload accounting since ComfyUI 0.3.77, dynamic-VRAM
+        # staging): a bank has no single weight or bias tensor, so both are registered as absent (None), the way
+        # torch/ComfyUI layers declare a missing bias; the packed tensors are ordinary parameters, counted in the
+        # module size. Per-instance lists: the patcher assigns/appends low-VRAM and LoRA functions to them (none
+        # can target a bank: it has no ``.weight`` key).
         self.comfy_cast_weights = True
         self.weight_function, self.bias_function = [], []
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None)
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.alpha, self.limit, self.fmt, self.mode = alpha, limit, fmt, mode
         self.dense_dtype = dtype or torch.bfloat16

@@ -25,9 +25,28 @@ import folder_paths
 ROLES = ("diffusion", "text_encoder", "vae")
 
 
+OPERATION_NAMES = ("Linear", "Conv2d", "GroupNorm", "LayerNorm", "Embedding", "RMSNorm")
+_OPERATIONS = []
+
+
 def operations():
-    """Layer classes for every lens_core module built inside ComfyUI (always-casting comfy layers)."""
-    return comfy.ops.manual_cast
+    """Layer classes for every lens_core module built inside ComfyUI: ``comfy.ops.manual_cast`` layers (always
+    cast weight/bias to the input's device and dtype), subclassed so that they always build their parameters.
+
+    With dynamic VRAM (ComfyUI >= 0.9 with comfy-aimdo, on by default on NVIDIA in 0.33) ComfyUI's own Linear
+    and Embedding build *lazily* (``weight = None`` until ``load_state_dict``) unless the class brings its own
+    ``_load_from_state_dict``; lens_core validates shapes and assigns tensor by tensor onto modules built on
+    ``meta``, which needs the parameters to exist. The subclasses use torch's standard state-dict loading (what
+    these layers do whenever dynamic VRAM is off), so they build eagerly (on ``meta``: nothing is allocated) and
+    stay comfy.ops layers in every other respect (casting forward, ``comfy_cast_weights``, weight functions)."""
+    if not _OPERATIONS:
+        base = comfy.ops.manual_cast
+        eager = {name: type(name, (getattr(base, name),), {
+            "__module__": __name__, "__qualname__": f"LensOps.{name}",
+            "_load_from_state_dict": torch.nn.Module._load_from_state_dict})
+            for name in OPERATION_NAMES if hasattr(base, name)}
+        _OPERATIONS.append(type("LensOps", (base,), eager))
+    return _OPERATIONS[0]
 
 
 def _role_devices(role: str) -> tuple[torch.device, torch.device]:
@@ -77,10 +96,50 @@ def soft_empty_cache():
 # model handles (the LENS_MODEL / LENS_TEXT_ENCODER / LENS_VAE custom types)
 
 
+# Dynamic VRAM (comfy-aimdo, ComfyUI 0.33's default on NVIDIA: ``comfy.model_patcher.CoreModelPatcher`` is then
+# ``ModelPatcherDynamic``) streams exactly the ``weight``/``bias`` of comfy.ops layers (larger than 16 KiB) through
+# its VBAR; every other parameter (packed expert banks, fp8/MXFP8 storage, scales, small layers) is copied whole to
+# the GPU at every load. A model whose bulk is such parameters gets the classic patcher instead (what ComfyUI
+# itself does for text encoders with ``disable_offload``): lowvram partial loading, evicted like any model.
+DYNAMIC_MAX_FORCED_SHARE = 0.10
+
+
+def dynamic_vram_plan(module: torch.nn.Module) -> dict:
+    """Bytes of ``module``'s parameters that ComfyUI's dynamic patcher would stream (weight/bias of comfy.ops
+    layers) vs force-load whole (everything else), by structure (size thresholds aside)."""
+    streamed = forced = 0
+    for m in module.modules():
+        own = dict(m.named_parameters(recurse=False))
+        leaf = len(own) == sum(1 for _ in m.parameters())
+        for name, p in own.items():
+            n = p.numel() * p.element_size()
+            if leaf and hasattr(m, "comfy_cast_weights") and name in ("weight", "bias"):
+                streamed += n
+            else:
+                forced += n
+    total = streamed + forced
+    return {"streamed": streamed, "forced": forced,
+            "dynamic": total > 0 and forced <= DYNAMIC_MAX_FORCED_SHARE * total}
+
+
+def patcher_class(module: torch.nn.Module):
+    """The ModelPatcher class ComfyUI would give a model like ``module``: ``CoreModelPatcher`` (dynamic VRAM
+    when ComfyUI enabled it; ComfyUI < 0.9 has only ``ModelPatcher``), or the classic ``ModelPatcher`` for a
+    model whose weights dynamic VRAM could not stream (see :data:`DYNAMIC_MAX_FORCED_SHARE`)."""
+    classic = comfy.model_patcher.ModelPatcher
+    core = getattr(comfy.model_patcher, "CoreModelPatcher", classic)
+    if core is classic or not dynamic_vram_plan(module)["dynamic"]:
+        return classic
+    return core
+
+
 def make_patcher(module: torch.nn.Module, role: str, size: int = 0, devices=None):
     load_device, offload_device = devices or _role_devices(role)
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device,
-                                            size=size)
+    return patcher_class(module)(module, load_device=load_device, offload_device=offload_device, size=size)
+
+
+def is_dynamic(patcher) -> bool:
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
 
 
 def load(patcher, memory_required: int = 0, minimum_memory_required: int | None = None):

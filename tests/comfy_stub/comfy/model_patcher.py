@@ -17,6 +17,9 @@ class ModelPatcher:
             model.model_loaded_weight_memory = 0
         self.model_size()
 
+    def is_dynamic(self):
+        return False
+
     def model_size(self):
         if self.size > 0:
             return self.size
@@ -39,3 +42,7 @@ class ModelPatcher:
 
     def current_loaded_device(self):
         return self.model.device
+
+
+# ComfyUI >= 0.9 picks its patcher class through this name (ModelPatcherDynamic when dynamic VRAM is enabled)
+CoreModelPatcher = ModelPatcher
