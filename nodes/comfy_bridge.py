@@ -33,10 +33,10 @@ def operations():
     """Layer classes for every lens_core module built inside ComfyUI: ``comfy.ops.manual_cast`` layers (always
     cast weight/bias to the input's device and dtype), subclassed so that they always build their parameters.
 
-    With dynamic VRAM (ComfyUI >= 0.9 with comfy-aimdo, on by default on NVIDIA in 0.33) ComfyUI's own Linear
-    and Embedding build *lazily* (``weight = None`` until ``load_state_dict``) unless the class brings its own
-    ``_load_from_state_dict``; lens_core validates shapes and assigns tensor by tensor onto modules built on
-    ``meta``, which needs the parameters to exist. The subclasses use torch's standard state-dict loading (what
+    With dynamic VRAM (comfy-aimdo, since ComfyUI #11845 in Feb 2026; on by default on NVIDIA in 0.33)
+    ComfyUI's own Linear and Embedding build *lazily* (``weight = None`` until ``load_state_dict``) unless the
+    class brings its own ``_load_from_state_dict``; lens_core validates shapes and assigns tensor by tensor onto
+    modules built on ``meta``, which needs the parameters to exist. The subclasses use torch's standard state-dict loading (what
     these layers do whenever dynamic VRAM is off), so they build eagerly (on ``meta``: nothing is allocated) and
     stay comfy.ops layers in every other respect (casting forward, ``comfy_cast_weights``, weight functions)."""
     if not _OPERATIONS:
@@ -124,7 +124,7 @@ def dynamic_vram_plan(module: torch.nn.Module) -> dict:
 
 def patcher_class(module: torch.nn.Module):
     """The ModelPatcher class ComfyUI would give a model like ``module``: ``CoreModelPatcher`` (dynamic VRAM
-    when ComfyUI enabled it; ComfyUI < 0.9 has only ``ModelPatcher``), or the classic ``ModelPatcher`` for a
+    when ComfyUI enabled it; ComfyUI before Feb 2026 has only ``ModelPatcher``), or the classic ``ModelPatcher`` for a
     model whose weights dynamic VRAM could not stream (see :data:`DYNAMIC_MAX_FORCED_SHARE`)."""
     classic = comfy.model_patcher.ModelPatcher
     core = getattr(comfy.model_patcher, "CoreModelPatcher", classic)
@@ -136,10 +136,6 @@ def patcher_class(module: torch.nn.Module):
 def make_patcher(module: torch.nn.Module, role: str, size: int = 0, devices=None):
     load_device, offload_device = devices or _role_devices(role)
     return patcher_class(module)(module, load_device=load_device, offload_device=offload_device, size=size)
-
-
-def is_dynamic(patcher) -> bool:
-    return bool(getattr(patcher, "is_dynamic", lambda: False)())
 
 
 def load(patcher, memory_required: int = 0, minimum_memory_required: int | None = None):

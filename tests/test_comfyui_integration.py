@@ -485,12 +485,20 @@ mm.unload_all_models()
 model.patcher.load(model.patcher.load_device, lowvram_model_memory=1)
 casting = sum(1 for m in model.patcher.model.modules() if getattr(m, "prev_comfy_cast_weights", None) is not None)
 low = N["LensSampler"]().sample(model, pos, neg, lat, 3, 4, 5.0, 1.0)[0]["samples"]
+# the packed expert banks: ComfyUI's own load list counts their packed bytes (entries are (size, name, module,
+# params) in 0.3.64 and (offload cost, size, name, module, params) in 0.33), and a partial load leaves them in
+# cast-per-call mode like every comfy.ops layer
+PackedExperts = sys.modules["lens_nodes_inproc.lens_core.quant"].PackedExperts
+banks = [(e[-4], e[-2]) for e in te.patcher._load_list() if isinstance(e[-2], PackedExperts)]
+bank_bytes_counted = bool(banks) and all(size == sum(p.nbytes for p in m.parameters()) for size, m in banks)
 te.patcher.load(te.patcher.load_device, lowvram_model_memory=1)
+banks_cast_per_call = all(getattr(m, "prev_comfy_cast_weights", None) is not None for _, m in banks)
 (pos2,) = enc.encode(te, "a red cube on a wooden table")
 print(json.dumps({"registered": registered, "left_after_evict": left_after_evict,
                   "reload_equal": bool(torch.equal(full, again)), "non_comfy_param_modules": report, "lowvram_layers": casting,
                   "lowvram_equal": bool(torch.equal(full, low)),
-                  "te_equal": bool(torch.equal(pos[0][0], pos2[0][0]))}))
+                  "te_equal": bool(torch.equal(pos[0][0], pos2[0][0])), "banks": len(banks),
+                  "bank_bytes_counted": bank_bytes_counted, "banks_cast_per_call": banks_cast_per_call}))
 '''
 
 
@@ -512,6 +520,79 @@ def test_in_process_eviction_and_lowvram_load_keep_numbers(server, tmp_path):
     assert result["left_after_evict"] == 0 and result["reload_equal"]
     assert result["lowvram_layers"] > 0
     assert result["lowvram_equal"] and result["te_equal"]
+    assert result["banks"] > 0 and result["bank_bytes_counted"] and result["banks_cast_per_call"]
+
+
+DYNAMIC = r'''
+import importlib.util, json, logging, sys, torch
+repo, models = sys.argv[1], sys.argv[2]
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_management as mm, comfy.model_patcher as mp, comfy.memory_management, folder_paths
+if not hasattr(mp, "ModelPatcherDynamic"):
+    print(json.dumps({"dynamic": None})); sys.exit(0)
+folder_paths.add_model_folder_path("diffusion_models", models, is_default=True)
+spec = importlib.util.spec_from_file_location("lens_nodes_inproc", repo + "/__init__.py",
+                                              submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_inproc"] = pack; spec.loader.exec_module(pack)
+N = pack.NODE_CLASS_MAPPINGS
+def run():
+    model, te, vae = N["LensCheckpointLoader"]().load("Lens-tiny")
+    enc = N["LensTextEncode"]()
+    (pos,), (neg,) = enc.encode(te, "a red cube on a wooden table"), enc.encode(te, "")
+    (lat,) = N["LensEmptyLatent"]().generate("custom", 1024, 96, 64, 1)
+    out = N["LensSampler"]().sample(model, pos, neg, lat, 3, 4, 5.0, 1.0)[0]
+    (img,) = N["LensVAEDecode"]().decode(vae, out, "auto")
+    return (model, te, vae), (pos[0][0], out["samples"], img)
+_, classic = run()
+mm.unload_all_models()
+# what ComfyUI 0.33's main.py does when comfy-aimdo initialises (NVIDIA): comfy.ops Linear/Embedding build
+# lazily and CoreModelPatcher is ModelPatcherDynamic. Two CPU-only adaptations, nothing else replaced: the
+# pinned host buffer (CUDA) is an empty stand-in (nothing is pinned without a VBAR), and ModelPatcherDynamic's
+# hand-off of CPU load devices to ModelPatcher is skipped.
+import comfy_aimdo.host_buffer
+class HostBuffer:
+    size = 0
+    def __init__(self, *args, **kwargs):
+        pass
+comfy_aimdo.host_buffer.HostBuffer = HostBuffer
+class CPUDynamic(mp.ModelPatcherDynamic):
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+mp.CoreModelPatcher = CPUDynamic
+comfy.memory_management.aimdo_enabled = True
+logs = []
+class Collect(logging.Handler):
+    def emit(self, record):
+        logs.append(record.getMessage())
+logging.getLogger().addHandler(Collect()); logging.getLogger().setLevel(logging.INFO)
+handles, dynamic = run()
+print(json.dumps({"dynamic": [h.patcher.is_dynamic() for h in handles],
+                  "equal": [bool(torch.equal(a, b)) for a, b in zip(classic, dynamic)],
+                  "prepared": [m for m in logs if "prepared for dynamic VRAM loading" in m]}))
+'''
+
+
+def test_in_process_dynamic_vram_patcher_keeps_numbers(server, tmp_path):
+    """ComfyUI 0.33's dynamic VRAM path with our models, in-process on the CPU: with comfy-aimdo's switches set
+    as ComfyUI's main.py sets them (lazy comfy.ops layers, CoreModelPatcher = ModelPatcherDynamic), the three
+    loaders still build their models, the tiny models get the dynamic patcher (all their bulk is comfy.ops
+    weight/bias), ModelPatcherDynamic.load walks every module (staging comfy.ops weights, force-loading the rest,
+    packed expert banks included) and text encoding, sampling and decoding give the numbers of the classic
+    patcher bit for bit. The VBAR streaming itself (comfy-aimdo) needs a GPU and is not exercised."""
+    script = tmp_path / "dynamic.py"
+    script.write_text(DYNAMIC)
+    models = server.base.parent / "models" / "diffusion_models"
+    out = subprocess.run(["bash", str(TOOL), "python", os.environ["COMFYUI_DIR"], str(script), str(REPO),
+                          str(models)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    if result["dynamic"] is None:
+        pytest.skip("this ComfyUI has no dynamic VRAM (ModelPatcherDynamic came with #11845, Feb 2026)")
+    assert result["dynamic"] == [True, True, True]
+    assert result["equal"] == [True, True, True]
+    assert len(result["prepared"]) >= 3
 
 
 SIGNATURES = r'''

@@ -412,3 +412,34 @@ def test_one_forward_per_step_and_tiled_decode(pack, loaded):
         handle.remove()
     (tiled,) = run(pack, "LensVAEDecode", vae=loaded["vae"], samples=out, tiled="on")
     assert (tiled - image).abs().max().item() < 1e-5
+
+
+def test_patcher_choice_for_dynamic_vram_at_real_size(pack):
+    """Real-size models on ``meta``, built with the bridge's comfy.ops layers: dynamic VRAM can stream the bf16
+    DiT and the VAE (all their bulk is comfy.ops weight/bias) but would copy the packed expert banks and fp8 /
+    MXFP8 storage whole at every load, so those models get the classic ModelPatcher; every module that declares
+    ``comfy_cast_weights`` has the weight/bias attributes and weight functions ComfyUI's patchers read."""
+    from lens_core import checkpoints, quant_linear as ql, text_encoder as T, vae as V
+    from lens_core.config import REAL_DIT_CONFIG
+    from lens_core.dit import LensTransformer
+
+    bridge = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge"]
+    ops = bridge.operations()
+    dit = LensTransformer(REAL_DIT_CONFIG, operations=ops, device="meta", dtype=torch.bfloat16)
+    fp8 = LensTransformer(REAL_DIT_CONFIG, operations=ops, device="meta", dtype=torch.bfloat16)
+    for name, mod in list(fp8.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and ql.fp8_eligible(name):
+            checkpoints._replace_module(fp8, name, ql.FP8Linear(mod.in_features, mod.out_features,
+                                                                bias=mod.bias is not None, device="meta"))
+    te = T.LensTextEncoder(T.TextEncoderConfig(), operations=ops, device="meta", dtype=torch.bfloat16)
+    vae = V.LensVAE(V.REAL_VAE_CONFIG, operations=ops, device="meta")
+    plans = {k: bridge.dynamic_vram_plan(m) for k, m in
+             (("dit", dit), ("dit_fp8", fp8), ("te", te), ("vae", vae))}
+    print({k: (round(p["streamed"] / 2**30, 2), round(p["forced"] / 2**30, 2), p["dynamic"]) for k, p in plans.items()})
+    assert {k: p["dynamic"] for k, p in plans.items()} == {"dit": True, "dit_fp8": False, "te": False, "vae": True}
+    assert plans["te"]["forced"] > 9 * 2**30             # ≈ 9.5 GiB of packed experts would be copied per load
+    for model in (dit, fp8, te, vae):
+        for m in model.modules():
+            if hasattr(m, "comfy_cast_weights"):
+                assert hasattr(m, "weight") and hasattr(m, "bias"), type(m)
+                assert isinstance(m.weight_function, list) and isinstance(m.bias_function, list), type(m)

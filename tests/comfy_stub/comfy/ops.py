@@ -20,6 +20,8 @@ def _layer(base, cast_forward, to_input=True):
 
     class Layer(base, CastWeightBiasOp):
         def reset_parameters(self):
+            if not hasattr(self, "bias"):      # ComfyUI's Embedding declares an absent bias, as cast layers must
+                self.bias = None
             return None
 
         def forward(self, x, *args, **kwargs):
