@@ -36,9 +36,10 @@ def operations():
     With dynamic VRAM (comfy-aimdo, since ComfyUI #11845 in Feb 2026; on by default on NVIDIA in 0.33)
     ComfyUI's own Linear and Embedding build *lazily* (``weight = None`` until ``load_state_dict``) unless the
     class brings its own ``_load_from_state_dict``; lens_core validates shapes and assigns tensor by tensor onto
-    modules built on ``meta``, which needs the parameters to exist. The subclasses use torch's standard state-dict loading (what
-    these layers do whenever dynamic VRAM is off), so they build eagerly (on ``meta``: nothing is allocated) and
-    stay comfy.ops layers in every other respect (casting forward, ``comfy_cast_weights``, weight functions)."""
+    modules built on ``meta``, which needs the parameters to exist. The subclasses use torch's standard
+    state-dict loading (what these layers do whenever dynamic VRAM is off), so they build eagerly (on ``meta``:
+    nothing is allocated) and stay comfy.ops layers in every other respect (casting forward,
+    ``comfy_cast_weights``, weight functions)."""
     if not _OPERATIONS:
         base = comfy.ops.manual_cast
         eager = {name: type(name, (getattr(base, name),), {

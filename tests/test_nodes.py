@@ -439,7 +439,8 @@ def test_patcher_choice_for_dynamic_vram_at_real_size(pack):
     DiT and the VAE (all their bulk is comfy.ops weight/bias) but would copy the packed expert banks and fp8 /
     MXFP8 storage whole at every load, so those models get the classic ModelPatcher; every module that declares
     ``comfy_cast_weights`` has the weight/bias attributes and weight functions ComfyUI's patchers read."""
-    from lens_core import checkpoints, quant_linear as ql, text_encoder as T, vae as V
+    from lens_core import quant_linear as ql, text_encoder as T, vae as V
+    from lens_core.checkpoints.assign import _replace_module
     from lens_core.config import REAL_DIT_CONFIG
     from lens_core.dit import LensTransformer
 
@@ -449,8 +450,8 @@ def test_patcher_choice_for_dynamic_vram_at_real_size(pack):
     fp8 = LensTransformer(REAL_DIT_CONFIG, operations=ops, device="meta", dtype=torch.bfloat16)
     for name, mod in list(fp8.named_modules()):
         if isinstance(mod, torch.nn.Linear) and ql.fp8_eligible(name):
-            checkpoints._replace_module(fp8, name, ql.FP8Linear(mod.in_features, mod.out_features,
-                                                                bias=mod.bias is not None, device="meta"))
+            _replace_module(fp8, name, ql.FP8Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                                    device="meta"))
     te = T.LensTextEncoder(T.TextEncoderConfig(), operations=ops, device="meta", dtype=torch.bfloat16)
     vae = V.LensVAE(V.REAL_VAE_CONFIG, operations=ops, device="meta")
     plans = {k: bridge.dynamic_vram_plan(m) for k, m in
