@@ -25,7 +25,7 @@ TOOL = (REPO.parent / "shared" / "tools" / "comfyui_headless.sh").resolve()
 
 SCRIPT = r'''
 import importlib.util, json, pathlib, sys, torch
-repo, golden, tokenizer_json, work = sys.argv[1:5]
+repo, golden, tokenizer_json, pipeline_dir, work = sys.argv[1:6]
 sys.path += [repo, repo + "/tests"]      # after ComfyUI: its nodes.py, not our nodes/ package
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
@@ -37,15 +37,8 @@ from safetensors.torch import save_file
 from fixtures import te_config, write_comfy_dit_bf16, write_comfy_te_nvfp4
 work, golden = pathlib.Path(work), pathlib.Path(golden)
 models = work / "models"
-(models / "Lens-tiny").mkdir(parents=True)
-src = golden / "pipeline_tiny"
-for entry in src.iterdir():
-    if entry.name not in ("cases", "tokenizer"):
-        (models / "Lens-tiny" / entry.name).symlink_to(entry)
-(models / "Lens-tiny" / "tokenizer").mkdir()
-for f in (src / "tokenizer").iterdir():
-    (models / "Lens-tiny" / "tokenizer" / f.name).write_bytes(f.read_bytes())
-(models / "Lens-tiny" / "tokenizer" / "tokenizer.json").write_bytes(pathlib.Path(tokenizer_json).read_bytes())
+models.mkdir()
+(models / "Lens-tiny").symlink_to(pipeline_dir)
 folder_paths.add_model_folder_path("diffusion_models", str(models), is_default=True)
 spec = importlib.util.spec_from_file_location("lens_nodes_inproc", repo + "/__init__.py",
                                               submodule_search_locations=[repo])
@@ -179,7 +172,7 @@ print(json.dumps(out))
 '''
 
 
-def test_native_lens_interop(golden_dir, tokenizer_json, tmp_path):
+def test_native_lens_interop(golden_dir, tokenizer_json, pipeline_dir, tmp_path):
     """Both ways where the types allow: native CLIPTextEncode (native ``lens`` CLIP) -> LensSampler;
     LensTextEncode -> native KSampler on the native Lens DiT; native EmptyFlux2LatentImage / EmptyLatentImage ->
     LensSampler; LensSampler's LATENT -> native VAEDecode with a native FLUX.2 VAE; no clash of node ids,
@@ -192,7 +185,8 @@ def test_native_lens_interop(golden_dir, tokenizer_json, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     proc = subprocess.run(["bash", str(TOOL), "python", comfy_dir, str(script), str(REPO), str(golden_dir),
-                           str(tokenizer_json), str(work)], capture_output=True, text=True, timeout=1200)
+                           str(tokenizer_json), str(pipeline_dir), str(work)], capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(r, indent=1))
