@@ -4,7 +4,8 @@ COMFYUI_DIR points at a ComfyUI set up with ../shared/tools/comfyui_headless.sh)
 The server runs with a temporary --base-directory (so output/, user/, temp/ never land in the ComfyUI
 checkout), an extra_model_paths.yaml whose ``custom_nodes`` entry holds a symlink ``lens-nodes`` -> this
 repository and whose model folders hold the tiny golden pipeline, and ``--preview-method auto``.
-Ports 18188-18199 on 127.0.0.1; the server is stopped by PID at the end.
+A free port of 18188-18299 on 127.0.0.1 (checked to answer with this server's own --base-directory); the
+server is stopped by PID at the end.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.comfyui
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = (REPO.parent / "shared" / "tools" / "comfyui_headless.sh").resolve()
-PORTS = range(18188, 18200)
+PORTS = range(18188, 18300)
 LENS_NODES = {"LensModelLoader", "LensTextEncoderLoader", "LensVAELoader", "LensCheckpointLoader", "LensTextEncode",
               "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode"}
 TINY = "Lens-tiny"
@@ -167,15 +168,31 @@ class EventStream:
 # server fixture
 
 
-def _free_port():
-    for port in PORTS:
+def _free_port(exclude=()):
+    """A free port of PORTS, tried in a random order: several sessions may start ComfyUI servers at once."""
+    import random
+
+    for port in random.sample(list(PORTS), len(PORTS)):
+        if port in exclude:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
                 return port
             except OSError:
                 continue
-    pytest.skip("no free port in 18188-18199")
+    pytest.skip(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
+
+
+def _is_our_server(port, base) -> bool:
+    """Whether the ComfyUI answering on ``port`` is the one started with ``--base-directory base`` (another
+    session's server may have taken the port between the check and the start)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=30) as r:
+            argv = json.loads(r.read())["system"]["argv"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return str(base) in argv
 
 
 class Server:
@@ -239,17 +256,28 @@ def server(request, tmp_path_factory):
     yaml.write_text(f"lens_nodes_test:\n    base_path: {tmp}\n    custom_nodes: custom\n"
                     f"    diffusion_models: models/diffusion_models\n    text_encoders: models/text_encoders\n"
                     f"    vae: models/vae\n    upscale_models: models/upscale_models\n")
-    port = _free_port()
-    out = subprocess.run(["bash", str(TOOL), "start", comfy_dir, str(port), "--base-directory", str(tmp / "base"),
-                          "--extra-model-paths-config", str(yaml), "--preview-method", "auto"],
-                         capture_output=True, text=True, timeout=200)
-    log = pathlib.Path(comfy_dir) / f"server-{port}.log"
-    if out.returncode != 0:
-        text = log.read_text()[-3000:] if log.exists() else ""
-        if log.exists():
-            log.unlink()
-        pytest.fail(f"ComfyUI did not start: {out.stderr}{text}")
-    pid = int(out.stdout.strip().splitlines()[-1])
+    tried = []
+    for _attempt in range(3):
+        port = _free_port(exclude=tried)
+        tried.append(port)
+        out = subprocess.run(["bash", str(TOOL), "start", comfy_dir, str(port), "--base-directory",
+                              str(tmp / "base"), "--extra-model-paths-config", str(yaml), "--preview-method", "auto"],
+                             capture_output=True, text=True, timeout=200)
+        log = pathlib.Path(comfy_dir) / f"server-{port}.log"
+        if out.returncode != 0:
+            text = log.read_text()[-3000:] if log.exists() else ""
+            if log.exists():
+                log.unlink()
+            pytest.fail(f"ComfyUI did not start: {out.stderr}{text}")
+        pid = int(out.stdout.strip().splitlines()[-1])
+        if _is_our_server(port, tmp / "base"):
+            break
+        try:                          # ours lost the port to another session's server: stop ours, try another
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    else:
+        pytest.fail(f"ports {tried} were taken by other ComfyUI servers")
     srv = Server(port, pid, tmp / "base", log)
     try:
         yield srv
