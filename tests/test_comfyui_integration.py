@@ -556,9 +556,10 @@ import importlib.util, json, logging, sys, torch
 repo, models = sys.argv[1], sys.argv[2]
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
-import comfy.model_management as mm, comfy.model_patcher as mp, comfy.memory_management, folder_paths
+import comfy.model_management as mm, comfy.model_patcher as mp, folder_paths
 if not hasattr(mp, "ModelPatcherDynamic"):
     print(json.dumps({"dynamic": None})); sys.exit(0)
+import comfy.memory_management
 folder_paths.add_model_folder_path("diffusion_models", models, is_default=True)
 spec = importlib.util.spec_from_file_location("lens_nodes_inproc", repo + "/__init__.py",
                                               submodule_search_locations=[repo])
