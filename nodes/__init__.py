@@ -7,6 +7,7 @@ from .conditioning import LensTextEncode
 from .latents import LensEmptyLatent, LensVAEDecode, LensVAEEncode
 from .loaders import LensCheckpointLoader, LensModelLoader, LensTextEncoderLoader, LensVAELoader
 from .sampling import LensSampler
+from .sigmas import LensSigmas
 
 NODE_CLASS_MAPPINGS = {
     "LensModelLoader": LensModelLoader,
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "LensSampler": LensSampler,
     "LensVAEDecode": LensVAEDecode,
     "LensVAEEncode": LensVAEEncode,
+    "LensSigmas": LensSigmas,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,4 +32,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LensSampler": "Lens Sampler",
     "LensVAEDecode": "Lens VAE Decode",
     "LensVAEEncode": "Lens VAE Encode",
+    "LensSigmas": "Lens Sigmas (official schedule)",
 }
