@@ -7,7 +7,7 @@ from .conditioning import LensTextEncode
 from .latents import LensEmptyLatent, LensVAEDecode, LensVAEEncode
 from .loaders import LensCheckpointLoader, LensModelLoader, LensTextEncoderLoader, LensVAELoader
 from .sampling import LensSampler
-from .sigmas import LensSigmas
+from .sigmas import LensNoise, LensSigmas
 
 NODE_CLASS_MAPPINGS = {
     "LensModelLoader": LensModelLoader,
@@ -20,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "LensVAEDecode": LensVAEDecode,
     "LensVAEEncode": LensVAEEncode,
     "LensSigmas": LensSigmas,
+    "LensNoise": LensNoise,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -33,4 +34,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LensVAEDecode": "Lens VAE Decode",
     "LensVAEEncode": "Lens VAE Encode",
     "LensSigmas": "Lens Sigmas (official schedule)",
+    "LensNoise": "Lens Noise (pipeline seed)",
 }

@@ -344,9 +344,12 @@ class StepReporter:
 
 def native_lens_patcher(model, where: str):
     """``model`` if it is the ModelPatcher of a native Lens model; ValueError naming what it is and the fix."""
-    import comfy.model_base
-
-    cls = getattr(comfy.model_base, "Lens", None)
+    try:
+        import comfy.model_base
+    except ImportError:         # a ComfyUI stand-in without model classes
+        cls = None
+    else:
+        cls = getattr(comfy.model_base, "Lens", None)
     inner = getattr(model, "model", None)
     if cls is None:
         raise ValueError(f"{where}: got a {type(inner).__name__ if inner is not None else type(model).__name__} "

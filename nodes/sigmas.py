@@ -56,3 +56,39 @@ class LensSigmas:
                                  f"the latent the sampler uses") from None
         steps = int(steps) or core_config.variant_defaults(variant)[0]
         return (core_sampling.denoise_sigmas(steps, h * w, float(denoise)),)
+
+
+class _PipelineNoise:
+    """A NOISE for SamplerCustomAdvanced: the lens_core pipeline's seeded noise in the latent's shape."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def generate_noise(self, input_latent):
+        from .sampling import seeded_noise
+
+        samples = lens_latent(input_latent, "LensNoise")
+        b, _, h, w = samples.shape
+        noise = seeded_noise(self.seed, b, h, w, input_latent.get("batch_index"))
+        return core_config.unpack_latents(noise, h, w)
+
+
+class LensNoise:
+    DESCRIPTION = ("The Lens pipeline's seeded noise as a NOISE for native SamplerCustomAdvanced: the same seed "
+                   "gives the same image as LensSampler and the lens_core pipeline (RandomNoise draws differently).")
+    CATEGORY = "Lens/sampling"
+    RETURN_TYPES = ("NOISE",)
+    OUTPUT_TOOLTIPS = ("Standard-normal noise [B,128,H/16,W/16] drawn on the CPU in fp32 (device-independent).",)
+    FUNCTION = "get_noise"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .sampling import MAX_SEED
+
+        return {"required": {
+            "noise_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                   "tooltip": "Seed of the initial noise (same seed = same noise as LensSampler)."}),
+        }}
+
+    def get_noise(self, noise_seed):
+        return (_PipelineNoise(noise_seed),)

@@ -125,6 +125,15 @@ def validate_value(name, spec, value) -> str | None:
     return None
 
 
+def types_match(out_type: str, in_type) -> bool:
+    """ComfyUI's link rule (comfy_execution/validation.py, 0.3.64 and 0.33): equal, or comma unions overlapping."""
+    if out_type == in_type:
+        return True
+    if not isinstance(in_type, str):
+        return False
+    return bool({t.strip() for t in out_type.split(",")} & {t.strip() for t in in_type.split(",")})
+
+
 def check_workflow(workflow: dict, object_info: dict, check_combos: bool = True) -> list[str]:
     """All problems found in a UI workflow against ``object_info`` (empty list = valid)."""
     problems = []
@@ -159,7 +168,7 @@ def check_workflow(workflow: dict, object_info: dict, check_combos: bool = True)
         in_name = dst_node["inputs"][dslot]["name"]
         dst_info = object_info[dst_node["type"]]["input"]
         spec = dst_info.get("required", {}).get(in_name) or dst_info.get("optional", {}).get(in_name)
-        if spec is None or spec[0] != out_type or typ != out_type:
+        if spec is None or not types_match(out_type, spec[0]) or typ != out_type:
             problems.append(f"link {lid}: {nodes[src]['type']} output {sslot} ({out_type}) -> "
                             f"{dst_node['type']}.{in_name} ({spec and spec[0]}) does not type-check")
     return problems
