@@ -18,11 +18,12 @@ that the comma-union input type validates; the native tests skip with that reaso
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 
 import pytest
+
+from conftest import comfyui_dir_or_skip
 
 pytestmark = pytest.mark.comfyui
 
@@ -180,13 +181,9 @@ print(json.dumps(res))
 
 @pytest.fixture(scope="module")
 def result(golden_dir, tmp_path_factory):
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
-        pytest.skip("COMFYUI_DIR not set (real-ComfyUI integration tests)")
     tmp = tmp_path_factory.mktemp("native")
-    script = tmp / "native.py"
-    script.write_text(SCRIPT)
-    out = subprocess.run(["bash", str(TOOL), "python", comfy_dir, str(script), str(REPO), str(golden_dir),
+    (tmp / "native.py").write_text(SCRIPT)
+    out = subprocess.run(["bash", str(TOOL), "python", comfyui_dir_or_skip(), str(tmp / "native.py"), str(REPO), str(golden_dir),
                           str(tmp / "models")], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
