@@ -402,13 +402,15 @@ def official_native_patcher(patcher, timestep_fn, cfg_fn=None):
     return m
 
 
-def sample_native(patcher, noise, sigmas, positive, negative, cfg, latent_image, seed, callback=None):
-    """ComfyUI's own sampling path (comfy.sample.sample_custom: conds, load_models_gpu, model wrappers) with
-    ComfyUI's Euler sampler on the given ``sigmas``; ``callback(step, x0, x, total)`` per step."""
+def sample_native(patcher, noise, sigmas, positive, negative, cfg, latent_image, seed, callback=None,
+                  noise_mask=None):
+    """ComfyUI's own sampling path (comfy.sample.sample_custom: conds, load_models_gpu, model wrappers, its
+    inpainting with ``noise_mask``) with ComfyUI's Euler sampler on the given ``sigmas``; ``callback(step, x0, x,
+    total)`` per step."""
     import comfy.sample
     import comfy.samplers
 
     sampler = comfy.samplers.sampler_object("euler")
     return comfy.sample.sample_custom(patcher, noise, float(cfg), sampler, sigmas, positive, negative, latent_image,
-                                      callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
-                                      seed=int(seed))
+                                      noise_mask=noise_mask, callback=callback,
+                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(seed))

@@ -50,6 +50,8 @@ class LensSampler:
     CATEGORY = "Lens/sampling"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The denoised Lens latent [B,128,H/16,W/16]; batch_index / noise_mask are kept.",)
+    # A LATENT with a noise_mask (Set Latent Noise Mask, VAE Encode for Inpainting) is inpainted: only the masked
+    # area is generated, the rest follows the input latent at every step's noise level and ends equal to it.
     FUNCTION = "sample"
 
     @classmethod
@@ -64,7 +66,9 @@ class LensSampler:
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt; encode an empty text for the official "
                                                      "'no negative'. Unused at CFG 1."}),
             "latent_image": ("LATENT", {"tooltip": "LensEmptyLatent (or native EmptyLatentImage) for text-to-image; "
-                                                   "LensVAEEncode output with denoise < 1 for img2img / hires."}),
+                                                   "LensVAEEncode output with denoise < 1 for img2img / hires; "
+                                                   "with a noise mask (Set Latent Noise Mask) only the masked "
+                                                   "area is regenerated (inpainting)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                              "tooltip": "Seed of the initial noise (same seed = same image as the lens_core "
                                         "pipeline)."}),
@@ -101,7 +105,11 @@ class LensSampler:
                 neg, neg_mask = match_batch(neg, neg_mask, batch, "negative")
 
         noise = seeded_noise(int(seed), batch, h, w, latent_image.get("batch_index"))
-        init = None
+        init = mask = None
+        noise_mask = latent_image.get("noise_mask")
+        if noise_mask is not None:          # inpainting (Set Latent Noise Mask, VAE Encode for Inpainting)
+            mask = core_sampling.prepare_mask(noise_mask, batch, h, w)
+            init = core_config.pack_latents(samples.float())
         if denoise < 1.0:
             if not torch.count_nonzero(samples):
                 raise ValueError("LensSampler: denoise < 1 needs an input image latent (LensVAEEncode), found an "
@@ -125,7 +133,7 @@ class LensSampler:
             out = core_sampling.sample(
                 model.module, noise, pos, pos_mask, neg, neg_mask, grid=(h, w), steps=steps, cfg=cfg,
                 denoise=float(denoise), init_latents=init, callback=reporter, exact=cfg != 1.0,
-                dtype=dtype, device=device)
+                dtype=dtype, device=device, mask=mask)
             result = bridge.to_intermediate(core_config.unpack_latents(out.float(), h, w))
         bridge.soft_empty_cache()
         latent = dict(latent_image)
@@ -153,6 +161,9 @@ class LensSampler:
         if first > 0 and not torch.count_nonzero(samples):
             raise ValueError("LensSampler: denoise < 1 needs an input image latent (LensVAEEncode / VAEEncode), "
                              "found an empty latent; set denoise to 1 for text-to-image")
+        noise_mask = latent_image.get("noise_mask")
+        if noise_mask is not None:          # inpainting: checked here, applied by ComfyUI's own sampler
+            core_sampling.prepare_mask(noise_mask, batch, h, w)
         noise = core_config.unpack_latents(seeded_noise(int(seed), batch, h, w, latent_image.get("batch_index")), h, w)
         sigmas = core_sampling.denoise_sigmas(steps, h * w, float(denoise))
         dtype = bridge.native_compute_dtype(patcher)
@@ -161,7 +172,7 @@ class LensSampler:
             None if cfg == 1.0 else (lambda c, u, g: core_sampling.cfg_combine(c, u, g, dim=1)))
         reporter = bridge.StepReporter(steps - first, patcher.load_device, lambda x0: x0[:1].float(), node_id=unique_id)
         out = bridge.sample_native(official, noise, sigmas, positive, negative, cfg, samples.float(), seed,
-                                   callback=lambda i, x0, x, total: reporter(i, total, x, x0))
+                                   callback=lambda i, x0, x, total: reporter(i, total, x, x0), noise_mask=noise_mask)
         latent = dict(latent_image)
         latent.pop("downscale_ratio_spacial", None)
         latent["samples"] = bridge.to_intermediate(out.float())

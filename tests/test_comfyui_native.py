@@ -110,7 +110,20 @@ if res["native"]:
         r["ours_vs_golden"], r["native_sampler_vs_golden"], r["native_sampler_vs_ours"] = rel(a, ref), rel(b, ref), rel(b, a)
         r["native_sampler_shape"] = list(b.shape)
 
-    # progress (one update per step, with a preview) and interrupt through ComfyUI's global hook
+    # inpainting: ComfyUI's own noise_mask handling on the native model vs LensSampler's on the pack's model
+    d = load_file(f"{golden}/pipeline_tiny/cases/b_cfg5_6steps_emptyneg.fp32.safetensors")
+    init = unpack(d["final_latents"])
+    m = torch.zeros(1, 1, 64, 96)
+    m[..., :, 48:] = 1.0
+    masked = {"samples": init, "noise_mask": m}
+    a = N["LensSampler"]().sample(ours, conds(d), neg, masked, 9, 6, 5.0, 1.0)[0]["samples"]
+    b = N["LensSampler"]().sample(native, conds(d), neg, masked, 9, 6, 5.0, 1.0)[0]["samples"]
+    res["inpaint"] = {"native_vs_ours": rel(b, a), "kept": rel(b[..., :3], init[..., :3]),
+                      "changed": rel(b[..., 3:], init[..., 3:])}
+
+    # progress (one update per step, each with a latent preview: ComfyUI sends every update that carries a
+    # preview, and throttles the others) and interrupt through ComfyUI's global hook
+    comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.Latent2RGB
     d = load_file(f"{golden}/pipeline_tiny/cases/b_cfg5_6steps_emptyneg.fp32.safetensors")
     pos = conds(d)
     seen = []
@@ -133,6 +146,7 @@ if res["native"]:
     res["steps_before_interrupt"] = seen[:]
     comfy.utils.set_progress_bar_global_hook(None)
     mm.interrupt_current_processing(False)
+    comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.NoPreviews
 
     # the t2i graph to an image: native MODEL -> LensSampler -> LensVAEDecode
     (vae,) = N["LensVAELoader"]().load("tiny")
@@ -234,10 +248,16 @@ def test_lens_sampler_on_native_model_matches_own_model(native, name):
 
 
 def test_native_sampler_progress_interrupt_image(native):
-    assert [p[:2] for p in native["progress"]] == [[i, 6] for i in range(1, 7)]
-    assert native["interrupted"] and native["steps_before_interrupt"] == [1, 2]
+    assert native["progress"] == [[i, 6, True] for i in range(1, 7)], native["progress"]
+    assert native["interrupted"] and native["steps_before_interrupt"] == [1, 2], native["steps_before_interrupt"]
     shape, lo, hi, finite = native["image"]
-    assert shape == [1, 64, 96, 3] and finite and 0.0 <= lo <= hi <= 1.0 and hi > lo
+    assert shape == [1, 64, 96, 3] and finite and 0.0 <= lo <= hi <= 1.0 and hi > lo, native["image"]
+
+
+def test_native_sampler_inpaints_like_own_model(native):
+    p = native["inpaint"]
+    assert p["kept"] <= 1e-6 and p["changed"] > 0.1
+    assert p["native_vs_ours"] <= 1e-3
 
 
 def test_weight_patches_reach_the_native_forward(native):
