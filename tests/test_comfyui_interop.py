@@ -12,11 +12,12 @@ weights (ComfyUI sizes it from its fixed defaults, which the tiny VAE does not m
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 
 import pytest
+
+from conftest import comfyui_dir_or_skip
 
 pytestmark = pytest.mark.comfyui
 
@@ -177,9 +178,7 @@ def test_native_lens_interop(golden_dir, tokenizer_json, pipeline_dir, tmp_path)
     LensTextEncode -> native KSampler on the native Lens DiT; native EmptyFlux2LatentImage / EmptyLatentImage ->
     LensSampler; LensSampler's LATENT -> native VAEDecode with a native FLUX.2 VAE; no clash of node ids,
     custom types or template names; and the numbers where the native path differs from the official one."""
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
-        pytest.skip("COMFYUI_DIR not set (real-ComfyUI integration tests)")
+    comfy_dir = comfyui_dir_or_skip()
     script = tmp_path / "interop.py"
     script.write_text(SCRIPT)
     work = tmp_path / "work"
