@@ -136,7 +136,10 @@ for cls in nodes.NODE_CLASS_MAPPINGS.values():
     except TypeError:
         pass
 ours_types = {t for cls in N.values() for t in cls.RETURN_TYPES}
-out["type_clashes"] = sorted((ours_types - {"LATENT", "IMAGE", "CONDITIONING"}) & native_types)
+custom = {t for t in ours_types if t.startswith("LENS_")}
+out["custom_types"] = sorted(custom)
+out["type_clashes"] = sorted(custom & native_types)               # a custom type must not be a native type
+out["standard_types_not_native"] = sorted(ours_types - custom - native_types)   # and the rest must be native
 try:
     import comfyui_workflow_templates as wt
     native_templates = {getattr(t, "template_id", None) or getattr(t, "id", None) for t in wt.iter_templates()}
@@ -201,7 +204,9 @@ def test_native_lens_interop(golden_dir, tokenizer_json, pipeline_dir, tmp_path)
     assert r["ksampler_cond_rel_diff"] < 5e-2
     assert r["vae_shapes"][0] == r["vae_shapes"][1] == [1, 32, 48, 3]
     assert r["vae_max_abs_diff"] < 1e-3
+    assert r["custom_types"] == ["LENS_MODEL", "LENS_TEXT_ENCODER", "LENS_VAE"]
     assert r["id_clashes"] == [] and r["type_clashes"] == [] and r["template_clashes"] == []
+    assert r["standard_types_not_native"] == []          # LATENT, IMAGE, CONDITIONING, SIGMAS, NOISE: native types
     s = r["schedule_1440_vs_1024"]
     assert s["1440"]["max_diff"] < 1e-4 < s["1024"]["max_diff"] and s["512"]["max_diff"] > 0.1
     off, nat = r["timesteps_official"], r["timesteps_native"]
