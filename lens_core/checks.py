@@ -62,3 +62,15 @@ def int_list(value, name: str, lo: int | None = None, hi: int | None = None, whe
     if not isinstance(value, (list, tuple)) or not min_len <= len(value) <= max_len:
         _fail(where, name, f"a list of {min_len}..{max_len} integers", value)
     return tuple(integer(v, f"{name}[{i}]", lo, hi, where) for i, v in enumerate(value))
+
+
+def finite_tensor(t, name: str, fix: str = ""):
+    """ValueError when tensor ``t`` holds NaN or ±inf (they would silently give a black or noise image)."""
+    import torch
+
+    if torch.is_tensor(t) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        nan = int(torch.isnan(t).sum())
+        raise ValueError(f"{name}: expected finite numbers, found {bad} non-finite value(s) ({nan} NaN, "
+                         f"{bad - nan} inf) in a tensor of shape {list(t.shape)}" + (f". Fix: {fix}" if fix else ""))
+    return t

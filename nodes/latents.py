@@ -6,11 +6,14 @@ import logging
 import torch
 
 from . import comfy_bridge as bridge
+from ..lens_core import checks as chk
 from ..lens_core import config as core_config
 
 LATENT_CHANNELS = 128
 CUSTOM = "custom"
 TILED = {"auto": None, "on": True, "off": False}
+UPSTREAM_FIX = ("the node that produced it overflowed or was fed broken data; re-run it in fp32/bf16 (not fp16) "
+                "or replace it, then queue again")
 
 
 def _aspect_choices():
@@ -95,6 +98,7 @@ class LensVAEDecode:
     def decode(self, vae, samples, tiled="auto"):
         latent = samples["samples"]
         check_lens_latent(latent, "LensVAEDecode")
+        chk.finite_tensor(latent, "LensVAEDecode: samples", UPSTREAM_FIX)
         b, _, h, w = latent.shape
         module = _ready(vae, b, 16 * h, 16 * w)
         from ..lens_core import vae as core_vae
@@ -125,6 +129,10 @@ class LensVAEEncode:
     def encode(self, vae, pixels, tiled="auto"):
         from ..lens_core import vae as core_vae
 
+        if not torch.is_tensor(pixels) or pixels.ndim != 4 or pixels.shape[-1] < 3:
+            raise ValueError(f"LensVAEEncode: expected an IMAGE [B,H,W,3], found "
+                             f"{list(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__}")
+        chk.finite_tensor(pixels, "LensVAEEncode: pixels", UPSTREAM_FIX)
         b, hh, ww = pixels.shape[0], pixels.shape[1], pixels.shape[2]
         h, w = hh // 16 * 16, ww // 16 * 16
         if h == 0 or w == 0:
