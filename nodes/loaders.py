@@ -51,7 +51,8 @@ def load_model(path: str, weight_dtype: str = "default", variant: str = "auto") 
     try:
         module = ck.load_transformer(src, dtype=store, device=offload_device, operations=bridge.operations(),
                                      variant=override, fp8=weight_dtype == "fp8_e4m3fn")
-        var, _how = ck.detect_variant(path, None, override)
+        # the variant from the file's own evidence (metadata/config) before its path, as the loader decided it
+        var = module.lens_checkpoint.variant
     except (ValueError, KeyError) as exc:
         raise _wrong_file(src, "diffusion", exc) from exc
     module.eval()
