@@ -33,6 +33,8 @@ _WHERE = {"diffusion": ("Lens DiT", "models/diffusion_models", "LensModelLoader"
 def _wrong_file(path, role, exc):
     """A ValueError naming the file, what it is, and which loader/folder it belongs to."""
     what, _folder, node = _WHERE[role]
+    if "Fix:" in str(exc):          # a broken / hostile file whose error already names the fix
+        return ValueError(f"{node}: {path} is not a usable {what} checkpoint: {exc}")
     others = "; ".join(f"a {w} goes in {f} and loads with {n}" for r, (w, f, n) in _WHERE.items() if r != role)
     return ValueError(f"{node}: {path} is not a usable {what} checkpoint ({exc}). Fix: pick a {what} file or a "
                       f"diffusers Lens folder in this loader ({others}).")
