@@ -157,55 +157,59 @@ def test_mutated_headers_never_accepted_where_the_reference_refuses(tmp_path):
 
 # --------------------------------------------------------------------------------------- 1: shrinking file
 SHRINK_CHILD = r"""
-import json, os, sys, torch
+import json, os, sys
 sys.path.insert(0, sys.argv[1])
-from lens_core import checkpoints as ck
-from lens_core.checkpoints import safetensors as st
-path, mode = sys.argv[2], sys.argv[3]
-if mode == "mmap-control":      # what a memory-mapped reader does in the same situation: the process dies
+if sys.argv[2] == "mmap-control":   # what a memory-mapped reader does in the same situation: the process dies
     import mmap
+    path = sys.argv[3]
     f = open(path, "rb"); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     os.truncate(path, 4096)
     print(sum(m[i] for i in range(8192, len(m), 4096))); sys.exit(0)
-calls = {"n": 0}
+import torch
+from lens_core import checkpoints as ck
+from lens_core.checkpoints import safetensors as st
 original = st.SafetensorsFile.read
-def read(self, name, dtype=None, device=None):
-    calls["n"] += 1
-    if calls["n"] == 5:         # part of the way through the load, the file loses its tail
-        os.truncate(self.path, self.size // 2 if mode == "half" else 0)
-    return original(self, name, dtype, device)
-st.SafetensorsFile.read = read
-if mode == "before-read":        # shrinks between the header check and the first tensor read
-    f = st.SafetensorsFile(path); os.truncate(path, f.size - 64)
+out = {}
+for mode, path in json.loads(sys.argv[2]).items():
+    calls = {"n": 0}
+    def read(self, name, dtype=None, device=None, mode=mode, calls=calls):
+        calls["n"] += 1
+        if calls["n"] == 5:     # part of the way through the load, the file loses its tail
+            os.truncate(self.path, self.size // 2 if mode == "half" else 0)
+        return original(self, name, dtype, device)
+    st.SafetensorsFile.read = read
     try:
-        f.read(next(iter(f.entries)))
+        if mode == "before-read":   # shrinks between the header check and the first tensor read
+            f = st.SafetensorsFile(path)
+            os.truncate(path, f.size - 64)
+            original(f, next(iter(f.entries)))
+        else:
+            ck.load_transformer(path, dtype=torch.float32)
+        out[mode] = ["loaded", ""]
     except ck.CheckpointError as exc:
-        print(json.dumps({"error": type(exc).__name__, "message": str(exc)})); sys.exit(0)
-    sys.exit(3)
-try:
-    ck.load_transformer(path, dtype=torch.float32)
-except ck.CheckpointError as exc:
-    print(json.dumps({"error": type(exc).__name__, "message": str(exc)})); sys.exit(0)
-print("loaded"); sys.exit(3)
+        out[mode] = [type(exc).__name__, str(exc)]
+print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("mode", ["half", "zero", "before-read"])
-def test_file_shrinking_while_read_is_an_error_not_sigbus(tmp_path, golden_dir, mode):
-    path = fx.write_comfy_dit_bf16(tmp_path / "lens_bf16.safetensors", golden_dir)
-    run = subprocess.run([sys.executable, "-c", SHRINK_CHILD, str(REPO), str(path), mode], capture_output=True,
+def test_file_shrinking_while_read_is_an_error_not_sigbus(tmp_path, golden_dir):
+    paths = {mode: str(fx.write_comfy_dit_bf16(tmp_path / mode / "lens_bf16.safetensors", golden_dir))
+             for mode in ("half", "zero", "before-read")}
+    run = subprocess.run([sys.executable, "-c", SHRINK_CHILD, str(REPO), json.dumps(paths)], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, f"child died with {run.returncode} (-{int(signal.SIGBUS)} = SIGBUS): {run.stderr}"
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["error"] == "CheckpointError"
-    assert str(path) in out["message"] and "changed while it was being read" in out["message"]
+    for mode, path in paths.items():
+        kind, msg = out[mode]
+        assert kind == "CheckpointError", (mode, kind)
+        assert path in msg and "changed while it was being read" in msg, (mode, msg)
 
 
 def test_shrink_harness_detects_sigbus(tmp_path):
     """Control: the same child harness reports the SIGBUS a memory-mapped read of a shrunk file gets."""
     path = tmp_path / "big.bin"
     path.write_bytes(b"\1" * (1 << 20))
-    run = subprocess.run([sys.executable, "-c", SHRINK_CHILD, str(REPO), str(path), "mmap-control"],
+    run = subprocess.run([sys.executable, "-c", SHRINK_CHILD, str(REPO), "mmap-control", str(path)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == -signal.SIGBUS
 
