@@ -124,7 +124,7 @@ class LensModelLoader:
             "variant": (VARIANT_CHOICES, {
                 "default": "auto",
                 "tooltip": "Which Lens model this is; sets the sampler's 'auto' steps/CFG (Lens 20/5, Turbo 4/1, "
-                           "Base 50/5). 'auto' reads it from the file name."}),
+                           "Base 50/5). 'auto' reads it from the file's metadata/config, then its name."}),
         }}
 
     def load(self, model_name, weight_dtype="default", variant="auto"):
@@ -199,7 +199,7 @@ class LensCheckpointLoader:
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "default", "tooltip": "Storage dtype of the DiT weights ('default' = as stored)."}),
             "variant": (VARIANT_CHOICES, {
-                "default": "auto", "tooltip": "Lens, Turbo or Base; 'auto' reads the folder name."}),
+                "default": "auto", "tooltip": "Lens, Turbo or Base; 'auto' reads the config, then the folder name."}),
             "text_encoder_device": (["default", "cpu"], {
                 "default": "default", "tooltip": "'cpu' keeps the text encoder on the CPU."}),
             "experts": (["packed", "dequantized"], {

@@ -25,7 +25,12 @@ def load_vae(path, dtype=torch.float32, device="cpu", operations=None, config=No
         raise CheckpointError(f"{source.origin}: expected a FLUX.2 VAE (about 336 MB in fp32), found "
                               f"{total / 1e9:.1f} GB of tensors under VAE names; this is not a Lens VAE file")
     tensors = {k: source.read(k, None if not _is_float_st(source.dtype(k)) else dtype) for k in source.keys()}
-    tensors = vae_mod.prepare_vae_state_dict(tensors)
+    try:
+        tensors = vae_mod.prepare_vae_state_dict(tensors)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{source.origin}: the tensors do not form a FLUX.2 VAE ({str(exc)[:300]}); the "
+                              f"file is corrupt or another model's VAE. Fix: use flux2-vae.safetensors or the Lens "
+                              f"vae/ folder") from None
     inferred = checked_config(lambda: vae_mod.infer_vae_config(tensors), source, "vae")
     if config is not None:
         cfg = config if isinstance(config, vae_mod.VAEConfig) else \
