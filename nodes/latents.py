@@ -21,13 +21,14 @@ def _aspect_choices():
 
 
 def check_lens_latent(samples, where: str):
-    """ValueError unless ``samples`` is a Lens/FLUX.2 latent [B,128,h,w]."""
+    """ValueError unless ``samples`` is a Lens/FLUX.2 latent [B,128,h,w] of finite numbers."""
     if not torch.is_tensor(samples) or samples.ndim != 4 or samples.shape[1] != LATENT_CHANNELS:
         shape = tuple(samples.shape) if torch.is_tensor(samples) else type(samples).__name__
         raise ValueError(
             f"{where}: expected a Lens / FLUX.2 latent [B,{LATENT_CHANNELS},H/16,W/16], found {shape}. This LATENT "
             f"comes from another model family; make Lens latents with LensEmptyLatent, LensSampler or "
             f"LensVAEEncode (or decode this one with its own model's VAE)")
+    chk.finite_tensor(samples, f"{where}: latent", UPSTREAM_FIX)
 
 
 class LensEmptyLatent:
@@ -98,7 +99,6 @@ class LensVAEDecode:
     def decode(self, vae, samples, tiled="auto"):
         latent = samples["samples"]
         check_lens_latent(latent, "LensVAEDecode")
-        chk.finite_tensor(latent, "LensVAEDecode: samples", UPSTREAM_FIX)
         b, _, h, w = latent.shape
         module = _ready(vae, b, 16 * h, 16 * w)
         from ..lens_core import vae as core_vae

@@ -5,8 +5,7 @@ import torch
 
 from . import comfy_bridge as bridge
 from .conditioning import conditioning_to_features, match_batch
-from .latents import LATENT_CHANNELS, UPSTREAM_FIX, check_lens_latent
-from ..lens_core import checks as chk
+from .latents import LATENT_CHANNELS, check_lens_latent
 from ..lens_core import config as core_config
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -92,7 +91,6 @@ class LensSampler:
         steps = int(steps) or d_steps
         cfg = float(cfg) or d_cfg
         samples = lens_latent(latent_image)
-        chk.finite_tensor(samples, "LensSampler: latent_image", UPSTREAM_FIX)
         batch, _, h, w = samples.shape
         pos, pos_mask = match_batch(*conditioning_to_features(positive, model, "positive"), batch, "positive")
         if pos_mask.shape[1] == 0:              # empty positive prompt: one fully masked text position

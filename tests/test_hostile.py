@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import types
 
 import pytest
 import torch
@@ -384,15 +383,17 @@ def test_nan_inputs_stop_the_lens_nodes():
     nodes = import_pack().NODE_CLASS_MAPPINGS
     nan_latent = torch.zeros(1, 128, 4, 4)
     nan_latent[0, 5, 1, 1] = float("nan")
-    with pytest.raises(ValueError, match=r"LensVAEDecode: samples: expected finite numbers, found 1 non-finite"):
+    with pytest.raises(ValueError, match=r"LensVAEDecode: latent: expected finite numbers, found 1 non-finite"):
         nodes["LensVAEDecode"]().decode(None, {"samples": nan_latent})
     image = torch.rand(1, 32, 32, 3)
     image[0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"LensVAEEncode: pixels: expected finite.*0 NaN, 1 inf.*Fix"):
         nodes["LensVAEEncode"]().encode(None, image)
-    model = types.SimpleNamespace(variant="lens")
+    bridge = sys.modules[import_pack().__name__ + ".nodes.comfy_bridge"]
+    from lens_core.config import REAL_DIT_CONFIG
+    model = bridge.LensModel(patcher=None, config=REAL_DIT_CONFIG, variant="lens", dtype=torch.float32, path="x")
     cond = [[torch.zeros(1, 3, 256), {"attention_mask": torch.ones(1, 3)}]]
-    with pytest.raises(ValueError, match="LensSampler: latent_image: expected finite"):
+    with pytest.raises(ValueError, match="LensSampler: latent: expected finite"):
         nodes["LensSampler"]().sample(model, cond, cond, {"samples": nan_latent}, 0, 4, 1.0, 1.0)
     bad = [[torch.full((1, 3, 256), float("nan")), {"attention_mask": torch.ones(1, 3)}]]
     with pytest.raises(ValueError, match="positive conditioning: expected finite.*LensTextEncode"):
