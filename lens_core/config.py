@@ -159,9 +159,10 @@ def check_grid(grid, s_img: int) -> tuple[int, int]:
     return gh, gw
 
 
-def validate_size(height: int, width: int) -> tuple[int, int]:
-    """Check that the pixel size is positive and a multiple of 16; return the latent token grid (H/16, W/16)."""
-    for name, v in (("height", height), ("width", width)):
+def validate_size(height: int, width: int, names=("height", "width")) -> tuple[int, int]:
+    """Check that the pixel size is positive and a multiple of 16; return the latent token grid (H/16, W/16).
+    ``names``: how to call height and width in the message."""
+    for name, v in zip(names, (height, width)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 or v % 16:
             raise ValueError(f"{name} must be a positive multiple of 16 pixels, got {v!r}")
     return int(height) // 16, int(width) // 16
@@ -246,10 +247,11 @@ def check_pixels(height: int, width: int, what: str = "size", limit: int = MAX_P
                          f"buckets); fix: generate at a bucket size (aspect + base 1024/1440) and upscale afterwards")
 
 
-def check_generation_size(height, width, what: str = "size", aspect: bool = True) -> tuple[int, int]:
+def check_generation_size(height, width, what: str = "size", aspect: bool = True,
+                          names=("height", "width")) -> tuple[int, int]:
     """The latent grid (H/16, W/16) of a generation request, refused beyond what Lens supports: a positive
     multiple of 16, at most :data:`MAX_PIXELS`, W/H in [1/2, 2] (``aspect=True``), RoPE positions in range."""
-    gh, gw = validate_size(height, width)
+    gh, gw = validate_size(height, width, names)
     height, width = int(height), int(width)
     check_pixels(height, width, what)
     if aspect and not MIN_ASPECT <= width / height <= MAX_ASPECT:

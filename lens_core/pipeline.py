@@ -376,7 +376,8 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
         raise ValueError(f"{n['denoise']} {denoise} without {n['image']}: denoise < 1 is img2img and needs an init image; "
                          f"fix: pass {n['image']}, or {n['denoise']} 1.0 for text-to-image")
     height, width = resolve_size(height, width, aspect, base, image, n)
-    grid = cf.check_generation_size(height, width, f"size ({n['width']}×{n['height']})")
+    grid = cf.check_generation_size(height, width, f"size ({n['width']}×{n['height']})",
+                                   names=(n["height"], n["width"]))
     if isinstance(image, torch.Tensor) and tuple(image.shape[2:]) != (height, width):
         raise ValueError(f"image: a tensor init image must have the generation size {height}×{width} (H×W), "
                          f"found {tuple(image.shape[2:])}; fix: resize it, or pass a PIL image (resized for you)")

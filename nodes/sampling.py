@@ -24,6 +24,7 @@ def lens_latent(latent: dict):
         except ValueError as exc:
             raise ValueError(f"LensSampler: the empty latent is {width}×{height} pixels: {exc}. Fix: use a size "
                              f"that is a multiple of 16, or LensEmptyLatent") from None
+        core_config.check_pixels(height, width, "LensSampler latent")
         return torch.zeros(samples.shape[0], LATENT_CHANNELS, h, w)
     check_lens_latent(samples, "LensSampler")
     return samples
@@ -75,10 +76,11 @@ class LensSampler:
         from ..lens_core import sampling as core_sampling
 
         d_steps, d_cfg = core_config.variant_defaults(model.variant)
-        steps = int(steps) or d_steps
+        steps = core_config.check_steps(int(steps) or d_steps, "LensSampler steps")
         cfg = float(cfg) or d_cfg
         samples = lens_latent(latent_image)
         batch, _, h, w = samples.shape
+        core_config.check_pixels(16 * h, 16 * w, "LensSampler latent")
         pos, pos_mask = match_batch(*conditioning_to_features(positive, model, "positive"), batch, "positive")
         if pos_mask.shape[1] == 0:              # empty positive prompt: one fully masked text position
             pos = [f.new_zeros(batch, 1, f.shape[2]) for f in pos]
