@@ -78,7 +78,7 @@ def to_rgb(img, what: str = "image"):
             g = np.clip(np.round(a * scale), 0, 255).astype(np.uint8)
             return Image.fromarray(g, "L").convert("RGB")
         if mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
+            rgba = (img.convert("LA") if mode == "La" else img).convert("RGBA")   # PIL has no La → RGBA
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, rgba).convert("RGB")
         try:
