@@ -35,7 +35,7 @@ FLAG_NAMES = {"path": "--model", "transformer": "--model", "text_encoder": "--te
               "tokenizer": "--tokenizer", "prompt": "--prompt", "negative_prompt": "--negative",
               "height": "--height", "width": "--width", "aspect": "--aspect", "base": "--base", "steps": "--steps",
               "cfg": "--cfg", "seed": "--seed", "num_images": "--num-images", "image": "--image",
-              "denoise": "--denoise", "batch_index": "--batch-index"}
+              "denoise": "--denoise", "batch_index": "--batch-index", "mask": "--mask"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index of the first image within the seed's batch (regenerates image k of a batch alone)")
     g.add_argument("--image", help="init image for img2img (any PIL-readable file; default --denoise 0.6)")
     g.add_argument("--denoise", type=float, default=None,
-                   help="img2img strength in (0, 1] (default 0.6 with --image; 1 = text-to-image)")
+                   help="img2img strength in (0, 1] (default 0.6 with --image alone, 1 with --mask or without "
+                        "--image)")
+    g.add_argument("--mask", help="inpainting mask image for --image: white = regenerate, black = keep "
+                                  "(masked denoising; works with any --denoise)")
     g.add_argument("--variant", choices=["lens", "turbo", "base"], help="override the detected variant")
     g.add_argument("--date", default=None, help="chat-template date (default 2026-05-23; 'today' = official)")
     g.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
@@ -172,9 +175,10 @@ def validate_generate(args) -> dict:
     # one image per pipeline call: the request is checked with num_images=1 at the last index used
     request = check_request(prompt, args.negative, height=height, width=width, aspect=aspect, base=base,
                             steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=1, image=args.image,
-                            denoise=args.denoise, template_date=args.date, batch_index=first + n - 1, names=names)
+                            denoise=args.denoise, mask=args.mask, template_date=args.date,
+                            batch_index=first + n - 1, names=names)
     note = None
-    if args.image is not None and args.denoise is None:
+    if args.image is not None and args.denoise is None and args.mask is None:
         note = (f"note: --image without --denoise: img2img at --denoise {request['denoise']} (keeps the image's "
                 f"layout and colours; lower keeps more, 1.0 uses the image only for its size)")
     outputs = out_paths(args.out, n, first)
@@ -205,6 +209,8 @@ def _command(args, plan, params: dict) -> str:
             "--cfg", repr(params["cfg"]), "--seed", str(params["seed"]), "--batch-index", str(params["batch_index"])]
     if args.image is not None:
         cmd += ["--image", os.path.abspath(args.image), "--denoise", repr(params["denoise"])]
+    if args.mask is not None:
+        cmd += ["--mask", os.path.abspath(args.mask)]
     if args.variant:
         cmd += ["--variant", args.variant]
     cmd += ["--date", params["template_date"], "--dtype", dtype_name(plan["dtype"]), "--device", plan["device"].type]
@@ -231,11 +237,11 @@ def run_generate(args, plan: dict) -> int:
     for k, path in enumerate(plan["outputs"]):
         out = pipe(plan["prompt"], negative_prompt=args.negative, height=req["height"], width=req["width"],
                    steps=req["steps"], cfg=req["cfg"], seed=req["seed"], num_images=1,
-                   batch_index=plan["first"] + k, image=image, denoise=req["denoise"],
+                   batch_index=plan["first"] + k, image=image, denoise=req["denoise"], mask=req["mask"],
                    template_date=req["template_date"])
         params = dict(out.image_parameters[0], model=os.path.abspath(args.model),
                       init_image=None if args.image is None else os.path.abspath(args.image),
-                      device=plan["device"].type)
+                      mask=None if args.mask is None else os.path.abspath(args.mask), device=plan["device"].type)
         params["command"] = _command(args, plan, params)
         out.images[0].save(path, pnginfo=_png_info(params))
         print(path)

@@ -22,7 +22,7 @@ from .config import aspect_buckets, pack_latents, unpack_latents, variant_defaul
 from .hardware import choose_dtype, resolve_device
 from .images import open_image, to_rgb, to_tensor
 from .prompt import DEFAULT_TEMPLATE_DATE, check_text, encode_prompts, resolve_date
-from .sampling import make_noise, sample
+from .sampling import make_noise, prepare_mask, sample
 
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 #: img2img strength used when an init image is given without ``denoise``.
@@ -189,7 +189,7 @@ class LensPipeline:
     # ---- generation --------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", height=None, width=None, aspect=None, base=None, steps=None,
-                 cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=None,
+                 cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=None, mask=None,
                  template_date=DEFAULT_TEMPLATE_DATE, callback=None, batch_index=0) -> LensOutput:
         """Generate images. ``steps``/``cfg`` default to the variant's (lens 20/5, turbo 4/1, base 50/5).
 
@@ -200,15 +200,18 @@ class LensPipeline:
         used as given (the official ``latents=``); otherwise seeded noise: the rows ``batch_index`` …
         ``batch_index + B − 1`` of ``make_noise(seed, ...)`` (one draw for the batch; image k of a seed alone:
         ``num_images=1, batch_index=k``). ``image``: img2img from the encoded image (a path, a PIL image of any
-        mode, or a [1|B, 3, H, W] tensor in [−1, 1]); ``denoise`` defaults to 0.6 with an image and 1.0 without
-        (with ``denoise=1.0`` an image only sets the size). ``callback(step, total, latents, x0)``.
+        mode, or a [1|B, 3, H, W] tensor in [−1, 1]); ``denoise`` defaults to 0.6 with an image alone and 1.0
+        otherwise (with ``denoise=1.0`` and no mask an image only sets the size). ``callback(step, total, latents,
+        x0)``. ``mask`` (with ``image``): inpainting by masked denoising, 1 (white) = generate anew, 0 (black) =
+        keep the image; a PIL image, a path, or a tensor [H, W] / [B, H, W] in [0, 1] at any resolution (resized
+        to the latent grid like ComfyUI does). Works at any ``denoise`` (1 = the masked area from pure noise).
         """
         from PIL import Image
         from .vae import to_uint8
 
         req = check_request(prompt, negative_prompt, height=height, width=width, aspect=aspect, base=base,
                             steps=steps, cfg=cfg, seed=seed, num_images=num_images, latents=latents, image=image,
-                            denoise=denoise, template_date=template_date, batch_index=batch_index)
+                            denoise=denoise, mask=mask, template_date=template_date, batch_index=batch_index)
         d_steps, d_cfg = variant_defaults(self.variant)
         steps = d_steps if req["steps"] is None else req["steps"]
         cfg = d_cfg if req["cfg"] is None else req["cfg"]
@@ -220,8 +223,10 @@ class LensPipeline:
             noise = req["latents"]
         else:
             noise = make_noise(req["seed"], batch, gh, gw, start=req["batch_index"])
-        init = None
-        if req["image"] is not None and denoise < 1.0:
+        init = packed_mask = None
+        if req["mask"] is not None:
+            packed_mask = prepare_mask(req["mask"], batch, gh, gw)
+        if req["image"] is not None and (denoise < 1.0 or packed_mask is not None):
             init = self._init_latents(req["image"], height, width, batch)
 
         bar = _progress(self.progress, steps, "denoise")
@@ -237,7 +242,8 @@ class LensPipeline:
         with self._on_device(self.transformer) as dit:
             final = sample(dit, noise, feats, mask, None if neg is None else neg[0], None if neg is None else neg[1],
                            grid=(gh, gw), steps=steps, cfg=cfg, denoise=denoise, init_latents=init,
-                           callback=on_step, exact=self.exact, dtype=self.dtype, device=self.device)
+                           callback=on_step, exact=self.exact, dtype=self.dtype, device=self.device,
+                           mask=packed_mask)
         if bar is not None:
             bar.close()
         dbar = _progress(self.progress, 1, "decode")
@@ -252,7 +258,8 @@ class LensPipeline:
         params = {"prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
                   "steps": steps, "cfg": cfg, "seed": req["seed"] if seeded else None,
                   "num_images": req["num_images"], "batch_index": req["batch_index"] if seeded else None,
-                  "denoise": denoise, "template_date": req["template_date"], "variant": self.variant,
+                  "denoise": denoise, "inpaint": packed_mask is not None, "template_date": req["template_date"],
+                  "variant": self.variant,
                   "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact}
         per_image = []
         for i in range(batch):
@@ -312,18 +319,19 @@ def resolve_size(height=None, width=None, aspect=None, base=None, image=None, na
 
 
 def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect=None, base=None, steps=None,
-                  cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=None,
+                  cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=None, mask=None,
                   template_date=DEFAULT_TEMPLATE_DATE, batch_index=0, names: dict | None = None) -> dict:
     """Validate a generation request without any model (the pipeline calls it first; the CLI before loading).
 
     Returns the normalised request: ``prompts`` / ``negatives`` (lists), ``height``, ``width``, ``grid``,
     ``steps`` / ``cfg`` (None = the variant's default), ``seed``, ``num_images``, ``batch`` (prompts ×
     num_images), ``batch_index``, ``latents`` (packed, checked), ``image`` (an RGB PIL image or a checked tensor,
-    None without one), ``denoise``, ``template_date``. Raises ValueError / OSError naming the argument, the
-    expected and the found value, and the fix (``names``: how to call each argument, e.g. the CLI's flags).
+    None without one), ``mask`` (a float tensor in [0, 1] or None), ``denoise``, ``template_date``. Raises
+    ValueError / OSError naming the argument, the expected and the found value, and the fix (``names``: how to
+    call each argument, e.g. the CLI's flags).
     """
     n = {k: k for k in ("prompt", "negative_prompt", "height", "width", "aspect", "base", "steps", "cfg", "seed",
-                        "num_images", "latents", "image", "denoise", "batch_index")}
+                        "num_images", "latents", "image", "denoise", "batch_index", "mask")}
     n.update(names or {})
     prompts = [check_text(prompt, n["prompt"])] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -366,8 +374,13 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
                              f"{type(image).__name__}")
         cf.check_pixels(image.size[1], image.size[0], "image", cf.MAX_INIT_IMAGE_PIXELS)
         image = to_rgb(image, "image")
+    if mask is not None:
+        if image is None:
+            raise ValueError(f"{n['mask']}: inpainting needs the image to keep outside the mask; fix: pass "
+                             f"{n['image']} as well, or drop {n['mask']} for text-to-image")
+        mask = load_mask(mask, n["mask"])
     if denoise is None:
-        denoise = DEFAULT_IMG2IMG_DENOISE if image is not None else 1.0
+        denoise = DEFAULT_IMG2IMG_DENOISE if image is not None and mask is None else 1.0
     denoise = cf.check_number(denoise, n["denoise"], 0.0, 1.0, "img2img strength in (0, 1]; 1 = text-to-image")
     if denoise <= 0.0:
         raise ValueError(f"{n['denoise']}: expected a value in (0, 1], found 0.0; fix: a small positive value keeps most "
@@ -393,7 +406,7 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
         cf.check_finite_tensor(latents, "latents")
     return {"prompts": prompts, "negatives": negatives, "height": height, "width": width, "grid": grid,
             "steps": steps, "cfg": cfg, "seed": seed, "num_images": num_images, "batch": batch,
-            "batch_index": batch_index, "latents": latents, "image": image, "denoise": denoise,
+            "batch_index": batch_index, "latents": latents, "image": image, "mask": mask, "denoise": denoise,
             "template_date": template_date}
 
 
@@ -501,6 +514,41 @@ def _check_tokenizer_path(p: str, label: str):
                                  f"that embeds it")
     if not os.path.isfile(p):
         _check_exists(p, label)
+
+
+def load_mask(mask, label: str = "mask") -> torch.Tensor:
+    """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (8-bit or
+    16-bit grayscale, palette, RGB(A): its luminance; a float image must already be in [0, 1]) or a tensor."""
+    if isinstance(mask, torch.Tensor):
+        return mask
+    from PIL import Image
+    import numpy as np
+
+    name = label
+    if isinstance(mask, (str, os.PathLike)):
+        name = f"{label} {os.fspath(mask)}"
+        mask = open_image(mask, label)       # exists, is an image, bounded size: header only so far
+        try:
+            mask.load()
+        except OSError as exc:
+            raise OSError(f"{name}: the image data cannot be decoded ({exc}); fix: re-save the mask") from None
+    if not isinstance(mask, Image.Image):
+        raise ValueError(f"{name}: expected a PIL image, a path or a tensor [H, W] in [0, 1], got "
+                         f"{type(mask).__name__}")
+    if mask.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(mask, dtype=np.float32) / 65535.0
+    elif mask.mode == "I":
+        arr = np.asarray(mask, dtype=np.float64)
+        arr = (arr / (65535.0 if arr.max(initial=0) > 255 else 255.0)).astype(np.float32)
+    elif mask.mode == "F":
+        arr = np.asarray(mask, dtype=np.float32)
+    else:
+        arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
+        raise ValueError(f"{name}: a float ('F' mode) mask must hold values in [0, 1], found "
+                         f"[{float(t.nan_to_num().min()):g}, {float(t.nan_to_num().max()):g}] or NaN")
+    return t
 
 
 def _tokenizer_path(text_encoder_path, root):
