@@ -210,6 +210,63 @@ def test_inspect_names_each_family(family_files, capsys):
         assert f"family: {family}" in capsys.readouterr().out
 
 
+def test_inspect_each_file_kind(pipeline_dir, golden_dir, tokenizer_json, tmp_path, capsys):
+    """inspect on every kind of file a user may point it at: tokenizer.json (not a shard index), one shard of
+    the sharded text encoder (the checkpoint it belongs to, not "unknown"), configs, and non-safetensors files
+    (named by what they are, no absurd header size)."""
+    def info(path):
+        assert main(["inspect", str(path), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    tok = info(tokenizer_json)
+    assert (tok["family"], tok["component"], tok["tokenizer_model"], tok["vocab_size"]) == \
+        ("tokenizer", "tokenizer", "BPE", 201088)
+    assert tok["lens_preamble"].startswith("ok")
+    assert info(pipeline_dir / "tokenizer")["family"] == "tokenizer"
+    te = golden_dir / "pipeline_tiny" / "text_encoder"
+    index = info(te / "model.safetensors.index.json")
+    assert (index["family"], index["component"], index["tensors"]) == ("diffusers-text-encoder-mxfp4",
+                                                                       "text_encoder", 116)
+    for k, tensors in ((1, 2), (2, 114)):       # shard 1 holds only the embeddings and the final norm
+        shard = info(te / f"model-0000{k}-of-00002.safetensors")
+        assert (shard["family"], shard["component"], shard["shard"]) == ("diffusers-text-encoder-mxfp4",
+                                                                         "text_encoder", f"{k} of 2")
+        assert shard["shard_tensors"] == tensors and shard["tensors"] == 116
+        assert shard["index"] == str(te / "model.safetensors.index.json")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    os.symlink(te / "model-00001-of-00002.safetensors", lone / "model-00001-of-00002.safetensors")
+    orphan = info(lone / "model-00001-of-00002.safetensors")
+    assert orphan["family"] == "unknown" and "shard 1 of 2" in orphan["looks_like"]
+    assert "index (*.safetensors.index.json listing model-00001-of-00002.safetensors) is missing" in \
+        orphan["looks_like"]
+    cfg = info(te / "config.json")
+    assert (cfg["family"], cfg["describes"]) == ("config", "GptOssForCausalLM")
+    assert info(pipeline_dir / "model_index.json")["describes"] == "LensPipeline"
+    whole = info(pipeline_dir)
+    assert whole["components"]["tokenizer"]["vocab_size"] == 201088
+    # not safetensors at all: said plainly
+    png = tmp_path / "photo.safetensors"
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello world, just notes\n")
+    gguf = tmp_path / "lens-Q4.safetensors"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    assert main(["inspect", str(gguf)]) == 2
+    assert capsys.readouterr().err == f"error: {gguf}: expected a safetensors file, found a GGUF file; only " \
+                                      f"safetensors is loaded\n"
+    for path, what in ((png, "a PNG image"), (text, "a text file starting with b'hello world, jus'")):
+        assert main(["inspect", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: {path}: expected a safetensors file (an 8-byte header length, then a JSON header), "
+                       f"found {what} of {path.stat().st_size} bytes; only safetensors is loaded\n"), err
+    other = tmp_path / "other.json"
+    other.write_text('{"hello": 1}')
+    assert main(["inspect", str(other)]) == 2
+    assert "expected a shard index (*.safetensors.index.json with 'weight_map'), a tokenizer.json or a model " \
+           "config.json, found a JSON object with keys ['hello']" in capsys.readouterr().err
+
+
 def test_cli_errors_name_the_file(tmp_path, capsys):
     p = fx.write_pickle_lookalike(tmp_path / "lens.ckpt")
     assert main(["generate", "--model", str(p), "--text-encoder", str(p), "--vae", str(p), "--prompt", "x",
