@@ -94,28 +94,31 @@ class LensPipeline:
             offload = device.type == "cuda"
         load_device = "cpu" if offload else device
         configs = configs or {}
+        check_headers(paths)                              # a misplaced file fails before minutes of loading
         bar = _progress(progress, 4, "load")
-        if bar is not None:
-            bar.set_postfix_str("tokenizer")
 
         def step(following):
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(following)
 
-        tok = ck.load_tokenizer(paths["tokenizer"])        # first: cheap, and a bad one fails before any weights
-        step("transformer")
-        dit = ck.load_transformer(paths["transformer"], dtype=dtype, device=load_device, variant=variant, fp8=fp8,
-                                  config=configs.get("transformer"))
-        step("text_encoder")
-        selected = dit.lens_checkpoint.config["selected_layer_index"]
-        te = ck.load_text_encoder(paths["text_encoder"], dtype=dtype, device=load_device,
-                                  config=configs.get("text_encoder"), selected_layers=selected)
-        step("vae")
-        v = ck.load_vae(paths["vae"], dtype=dtype, device=load_device, config=configs.get("vae"))
-        step("done")
-        if bar is not None:
-            bar.close()
+        try:
+            if bar is not None:
+                bar.set_postfix_str("tokenizer")
+            tok = ck.load_tokenizer(paths["tokenizer"])    # cheap, and a bad one fails before any weights
+            step("transformer")
+            dit = ck.load_transformer(paths["transformer"], dtype=dtype, device=load_device, variant=variant,
+                                      fp8=fp8, config=configs.get("transformer"))
+            step("text_encoder")
+            selected = dit.lens_checkpoint.config["selected_layer_index"]
+            te = ck.load_text_encoder(paths["text_encoder"], dtype=dtype, device=load_device,
+                                      config=configs.get("text_encoder"), selected_layers=selected)
+            step("vae")
+            v = ck.load_vae(paths["vae"], dtype=dtype, device=load_device, config=configs.get("vae"))
+            step("done")
+        finally:
+            if bar is not None:
+                bar.close()                               # also on errors: the message starts a clean line
         pipe = cls(dit, te, tok, v, variant=dit.lens_checkpoint.variant, dtype=dtype, device=device,
                    offload=offload, exact=exact)
         pipe.paths = paths
@@ -239,13 +242,15 @@ class LensPipeline:
                 return callback(step, total, lat, x0)
             return None
 
-        with self._on_device(self.transformer) as dit:
-            final = sample(dit, noise, feats, mask, None if neg is None else neg[0], None if neg is None else neg[1],
-                           grid=(gh, gw), steps=steps, cfg=cfg, denoise=denoise, init_latents=init,
-                           callback=on_step, exact=self.exact, dtype=self.dtype, device=self.device,
-                           mask=packed_mask)
-        if bar is not None:
-            bar.close()
+        try:
+            with self._on_device(self.transformer) as dit:
+                final = sample(dit, noise, feats, mask, None if neg is None else neg[0],
+                               None if neg is None else neg[1], grid=(gh, gw), steps=steps, cfg=cfg,
+                               denoise=denoise, init_latents=init, callback=on_step, exact=self.exact,
+                               dtype=self.dtype, device=self.device, mask=packed_mask)
+        finally:
+            if bar is not None:
+                bar.close()
         dbar = _progress(self.progress, 1, "decode")
         with self._on_device(self.vae) as vae:
             decoded = vae.decode(unpack_latents(final, gh, gw))
@@ -468,6 +473,21 @@ def resolve_paths(path=None, *, transformer=None, text_encoder=None, vae=None, t
     _check_tokenizer_path(paths["tokenizer"], label["tokenizer"] if "tokenizer" in given else
                           f"{label['tokenizer']} (found beside {paths['text_encoder']})")
     return paths
+
+
+def check_headers(paths: dict) -> None:
+    """Read only the safetensors headers of the transformer, text encoder and VAE and check that each is what
+    its slot expects (a VAE given as the model, a text encoder as the VAE … fail here, before any weight is
+    read, with the loader's own message)."""
+    for component in ("transformer", "text_encoder", "vae"):
+        source = ck.open_source(paths[component], component)
+        try:
+            det = ck.detect(source.keys())
+            if det.component != component:
+                raise ck.CheckpointError(f"{source.origin}: expected a {ck.COMPONENT_NAMES[component]} checkpoint, "
+                                         f"but this looks like {det.description}")
+        finally:
+            source.close()
 
 
 def _check_exists(p: str, label: str):

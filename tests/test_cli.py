@@ -267,6 +267,22 @@ def test_inspect_each_file_kind(pipeline_dir, golden_dir, tokenizer_json, tmp_pa
            "config.json, found a JSON object with keys ['hello']" in capsys.readouterr().err
 
 
+def test_misplaced_component_found_from_headers_before_loading(pipeline_dir, tmp_path, capsys, monkeypatch):
+    """A VAE given as the text encoder is reported from the safetensors headers alone: no loader runs."""
+    import lens_core.checkpoints as ck
+
+    def refuse(*a, **k):
+        raise AssertionError("a loader ran before the headers were checked")
+    for fn in ("load_transformer", "load_text_encoder", "load_vae", "load_tokenizer"):
+        monkeypatch.setattr(ck, fn, refuse)
+    vae = pipeline_dir / "vae"
+    line = run_cli_error(["generate", "--model", str(pipeline_dir / "transformer"), "--text-encoder", str(vae),
+                          "--vae", str(vae), "--tokenizer", str(pipeline_dir), "--prompt", "a", "--out",
+                          str(tmp_path / "o.png")], capsys)
+    assert line == (f"error: {vae / 'diffusion_pytorch_model.safetensors'}: expected a GPT-OSS text encoder "
+                    f"checkpoint, but this looks like a FLUX.2 VAE (diffusers key names)")
+
+
 def test_cli_errors_name_the_file(tmp_path, capsys):
     p = fx.write_pickle_lookalike(tmp_path / "lens.ckpt")
     assert main(["generate", "--model", str(p), "--text-encoder", str(p), "--vae", str(p), "--prompt", "x",
