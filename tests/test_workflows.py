@@ -361,8 +361,10 @@ EXPECTED_MODELS = {
     "RealESRGAN_x4plus.safetensors": ("https://huggingface.co/Comfy-Org/Real-ESRGAN_repackaged/resolve/main/"
                                       "RealESRGAN_x4plus.safetensors", "upscale_models"),
 }
-# ComfyUI's UpscaleModelLoader lists folder_paths "upscale_models" (comfy_extras/nodes_upscale_model.py).
-CORE_LOADER_FOLDERS = {"UpscaleModelLoader": "upscale_models"}
+# The folders ComfyUI's own loaders list (folder_paths.get_filename_list in nodes.py UNETLoader / CLIPLoader /
+# VAELoader, comfy_extras/nodes_upscale_model.py UpscaleModelLoader).
+CORE_LOADER_FOLDERS = {"UpscaleModelLoader": "upscale_models", "UNETLoader": "diffusion_models",
+                       "CLIPLoader": "text_encoders", "VAELoader": "vae"}
 LITEGRAPH_TITLE_HEIGHT = 30     # the title bar is drawn above a node's pos (LiteGraph NODE_TITLE_HEIGHT)
 
 
@@ -384,7 +386,7 @@ def test_loaders_carry_download_metadata(path, pack_object_info, tmp_path):
     nodes = import_pack().NODE_CLASS_MAPPINGS
     wf = json.loads(path.read_text())
     loaders = [n for n in wf["nodes"] if n["type"] in ("LensModelLoader", "LensTextEncoderLoader", "LensVAELoader",
-                                                        "UpscaleModelLoader", "LensCheckpointLoader")]
+                                                        "LensCheckpointLoader", *CORE_LOADER_FOLDERS)]
     assert loaders
     stand_in = hasattr(folder_paths, "set_models_dir")
     previous = folder_paths.models_dir
