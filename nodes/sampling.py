@@ -153,7 +153,7 @@ class LensSampler:
             raise ValueError(f"LensSampler: steps = {steps} / cfg = {cfg}: 0 means 'the variant's default', but a "
                              f"native MODEL does not say whether it is Lens, Turbo or Base. Fix: set steps and cfg "
                              f"(Lens 20 / 5, Turbo 4 / 1, Base 50 / 5)")
-        steps, cfg = int(steps), float(cfg)
+        steps, cfg = core_config.check_steps(int(steps), "LensSampler steps"), float(cfg)
         samples = lens_latent(latent_image)
         batch, _, h, w = samples.shape
         width = bridge.native_text_width(patcher)
