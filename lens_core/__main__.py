@@ -1,21 +1,41 @@
 """Command line: ``python -m lens_core generate ...`` and ``python -m lens_core inspect PATH``.
 
-generate: loads a diffusers Lens folder (or a DiT file plus ``--text-encoder`` and ``--vae``), shows a tqdm bar
-per stage (load, denoise, decode) and writes PNGs whose text chunks hold the parameters (``parameters``: a
-one-line summary in the common "Steps: …, CFG scale: …" style; ``lens``: the full JSON).
+generate: checks every argument first (:func:`validate_generate`: prompt text, sizes and limits, init image,
+output paths, model paths and tokenizer, device), before any weight file is opened; then loads a diffusers Lens
+folder (or a DiT file plus ``--text-encoder`` and ``--vae``), shows a tqdm bar per stage (load, denoise,
+decode) and writes PNGs whose text chunks hold the parameters (``parameters``: a one-line summary in the common
+"Steps: …, CFG scale: …" style; ``lens``: the full JSON, including ``command``, the command line that
+regenerates that one image). ``--num-images N`` generates the images one after another, image k from rows k of
+the seed's noise draw, so each PNG is reproduced alone by ``--seed S --batch-index k``.
 
 inspect: prints what a file or folder is (family, component, variant, dtypes, tensor count, size) without
 loading any weights — the first thing to run when a loader complains.
+
+Every user error ends in one line ``error: …`` on stderr (exit status 2; 3 when PyTorch is missing), never
+in a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
+import tempfile
 
 VARIANT_NAMES = {"lens": "Lens", "turbo": "Lens-Turbo", "base": "Lens-Base"}
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+#: What to run when PyTorch is missing (one line; README "Set-up commands" says the same).
+TORCH_FIX = ("pip install -r requirements-cli.txt (PyTorch from PyPI: the CUDA build on Linux, which also runs "
+             "on CPU), or for a smaller CPU-only PyTorch: pip install torch --index-url "
+             "https://download.pytorch.org/whl/cpu (CUDA 12.8: .../whl/cu128)")
+MAX_PROMPT_FILE_BYTES = 1 << 20
+#: CLI flag of each pipeline argument, for messages.
+FLAG_NAMES = {"path": "--model", "transformer": "--model", "text_encoder": "--text-encoder", "vae": "--vae",
+              "tokenizer": "--tokenizer", "prompt": "--prompt", "negative_prompt": "--negative",
+              "height": "--height", "width": "--width", "aspect": "--aspect", "base": "--base", "steps": "--steps",
+              "cfg": "--cfg", "seed": "--seed", "num_images": "--num-images", "image": "--image",
+              "denoise": "--denoise", "batch_index": "--batch-index", "mask": "--mask"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,23 +47,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", help="text encoder (MXFP4 folder or gpt_oss_20b_nvfp4.safetensors)")
     g.add_argument("--vae", help="VAE (vae/ folder or flux2-vae.safetensors)")
     g.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: found beside the models)")
-    g.add_argument("--prompt", required=True)
+    text = g.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt")
+    text.add_argument("--prompt-file", help="read the prompt from a UTF-8 text file (a final newline is dropped)")
     g.add_argument("--negative", default="", help='negative prompt (default "": the official empty negative)')
     g.add_argument("--aspect", help="aspect bucket W:H, e.g. 1:1, 16:9, 2:3 (with --base)")
     g.add_argument("--base", type=int, default=None, help="bucket base resolution 1024 or 1440 (default 1440)")
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int, help="image height (with --width; multiples of 16)")
+    g.add_argument("--width", type=int, help="image width (with --height; multiples of 16)")
     g.add_argument("--steps", type=int, help="default: the variant's (Lens 20, Turbo 4, Base 50)")
     g.add_argument("--cfg", type=float, help="default: the variant's (Lens 5, Turbo 1, Base 5)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--image", help="init image for img2img (use with --denoise < 1)")
-    g.add_argument("--denoise", type=float, default=1.0)
+    g.add_argument("--num-images", type=int, default=1,
+                   help="images to generate, one after another (writes out_0.png, out_1.png, ...)")
+    g.add_argument("--batch-index", type=int, default=0,
+                   help="index of the first image within the seed's batch (regenerates image k of a batch alone)")
+    g.add_argument("--image", help="init image for img2img (any PIL-readable file; default --denoise 0.6)")
+    g.add_argument("--denoise", type=float, default=None,
+                   help="img2img strength in (0, 1] (default 0.6 with --image alone, 1 with --mask or without "
+                        "--image)")
     g.add_argument("--mask", help="inpainting mask image for --image: white = regenerate, black = keep "
                                   "(masked denoising; works with any --denoise)")
     g.add_argument("--variant", choices=["lens", "turbo", "base"], help="override the detected variant")
     g.add_argument("--date", default=None, help="chat-template date (default 2026-05-23; 'today' = official)")
-    g.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    g.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                   help="run dtype (default auto: bf16 on CUDA with bf16 and on CPUs with AMX/AVX512-BF16, "
+                        "else fp32)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="sequential offload (default: on for cuda)")
@@ -60,8 +89,9 @@ def _png_info(params: dict):
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
+    index = "" if params.get("batch_index") is None else f", Batch index: {params['batch_index']}"
     summary = (f"{params['prompt']}\nNegative prompt: {params['negative_prompt']}\n"
-               f"Steps: {params['steps']}, CFG scale: {params['cfg']}, Seed: {params['seed']}, "
+               f"Steps: {params['steps']}, CFG scale: {params['cfg']}, Seed: {params['seed']}{index}, "
                f"Size: {params['width']}x{params['height']}, Model: {VARIANT_NAMES.get(params['variant'], params['variant'])}, "
                f"Denoise: {params['denoise']}, Dtype: {params['dtype']}, Template date: {params['template_date']}")
     info.add_text("parameters", summary)
@@ -69,35 +99,151 @@ def _png_info(params: dict):
     return info
 
 
-def out_paths(out: str, n: int) -> list[str]:
+def out_paths(out: str, n: int, first: int = 0) -> list[str]:
+    """One path for one image; ``stem_k.png`` for image k of several."""
     if n == 1:
         return [out]
     stem, ext = os.path.splitext(out)
-    return [f"{stem}_{k}{ext or '.png'}" for k in range(n)]
+    return [f"{stem}_{k}{ext}" for k in range(first, first + n)]
 
 
-def cmd_generate(args) -> int:
+def _read_prompt_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--prompt-file {path}: no such file; fix: pass a UTF-8 text file")
+    size = os.path.getsize(path)
+    if size > MAX_PROMPT_FILE_BYTES:
+        raise ValueError(f"--prompt-file {path}: expected a prompt of at most {MAX_PROMPT_FILE_BYTES} bytes, found "
+                         f"{size} bytes (prompts are cut at 512 tokens anyway); fix: pass the prompt text only")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--prompt-file {path}: expected UTF-8 text, found the byte {raw[exc.start]:#04x} at offset "
+                         f"{exc.start} that is not UTF-8; fix: save the file as UTF-8") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def check_outputs(paths: list[str]) -> None:
+    """Each output must be a .png path in a folder that exists (or can be created) and is writable; checked by
+    creating (and removing) a temporary file there, before anything is loaded."""
+    for path in paths:
+        if os.path.splitext(path)[1].lower() != ".png":
+            raise ValueError(f"--out {path}: expected a .png file name, found "
+                             f"{os.path.splitext(path)[1] or 'no extension'}; fix: e.g. --out "
+                             f"{os.path.splitext(path)[0]}.png (the parameters are stored as PNG text chunks)")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"--out {path}: is a folder; fix: name a file, e.g. {os.path.join(path, 'out.png')}")
+        parent = os.path.dirname(os.path.abspath(path))
+        probe = parent
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise NotADirectoryError(f"--out {path}: {probe} is a file, not a folder; fix: choose an output path in a "
+                                     f"folder")
+        try:
+            os.makedirs(parent, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=parent, prefix=".lens-write-test-"):
+                pass
+        except OSError as exc:
+            raise PermissionError(f"--out {path}: cannot write in {parent} ({exc.strerror or exc}); fix: choose a "
+                                  f"writable folder") from None
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(f"--out {path}: the existing file is not writable; fix: choose another name")
+
+
+def validate_generate(args) -> dict:
+    """Every check that needs no weights, in one place, run before loading (the plan for :func:`run_generate`).
+
+    Returns ``{"prompt", "paths", "request", "outputs", "device", "dtype", "dtype_reason", "denoise_note"}``.
+    Raises ValueError / OSError whose message names the flag, the expected and found values and the fix.
+    """
     import torch
 
+    from .config import MAX_BATCH, check_batch, check_int
+    from .hardware import resolve_device
+    from .pipeline import check_request, resolve_dtype, resolve_paths
+
+    prompt = _read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
+    names = dict(FLAG_NAMES, prompt="--prompt-file" if args.prompt_file is not None else "--prompt")
+    n = check_batch(args.num_images, "--num-images")
+    first = check_int(args.batch_index, "--batch-index", 0, MAX_BATCH - n,
+                      f"--batch-index + --num-images at most {MAX_BATCH}")
+    height, width, aspect, base = args.height, args.width, args.aspect, args.base
+    if aspect is None and height is None and width is None and args.image is None:
+        aspect = "1:1"                                      # the CLI default: 1:1 at --base (1440)
+    # one image per pipeline call: the request is checked with num_images=1 at the last index used
+    request = check_request(prompt, args.negative, height=height, width=width, aspect=aspect, base=base,
+                            steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=1, image=args.image,
+                            denoise=args.denoise, mask=args.mask, template_date=args.date,
+                            batch_index=first + n - 1, names=names)
+    note = None
+    if args.image is not None and args.denoise is None and args.mask is None:
+        note = (f"note: --image without --denoise: img2img at --denoise {request['denoise']} (keeps the image's "
+                f"layout and colours; lower keeps more, 1.0 uses the image only for its size)")
+    outputs = out_paths(args.out, n, first)
+    check_outputs(outputs)
+    paths = resolve_paths(args.model, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
+                          names=FLAG_NAMES)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: expected a CUDA device, found none (torch {torch.__version__}); fix: "
+                         f"--device cpu, or install a CUDA build of PyTorch")
+    device = resolve_device(args.device)
+    dtype, reason = resolve_dtype(DTYPES[args.dtype], device)
+    return {"prompt": prompt, "paths": paths, "request": request, "outputs": outputs, "first": first,
+            "device": device, "dtype": dtype, "dtype_reason": reason, "denoise_note": note}
+
+
+def _command(args, plan, params: dict) -> str:
+    """The command line that regenerates one image (every value explicit, so defaults do not matter)."""
+    from .hardware import dtype_name
+
+    cmd = ["python", "-m", "lens_core", "generate", "--model", os.path.abspath(args.model)]
+    for flag, value in (("--text-encoder", args.text_encoder), ("--vae", args.vae), ("--tokenizer", args.tokenizer)):
+        if value is not None:
+            cmd += [flag, os.path.abspath(value)]
+    cmd += ["--prompt", params["prompt"]]
+    if params["negative_prompt"]:
+        cmd += ["--negative", params["negative_prompt"]]
+    cmd += ["--height", str(params["height"]), "--width", str(params["width"]), "--steps", str(params["steps"]),
+            "--cfg", repr(params["cfg"]), "--seed", str(params["seed"]), "--batch-index", str(params["batch_index"])]
+    if args.image is not None:
+        cmd += ["--image", os.path.abspath(args.image), "--denoise", repr(params["denoise"])]
+    if args.mask is not None:
+        cmd += ["--mask", os.path.abspath(args.mask)]
+    if args.variant:
+        cmd += ["--variant", args.variant]
+    cmd += ["--date", params["template_date"], "--dtype", dtype_name(plan["dtype"]), "--device", plan["device"].type]
+    if args.fp8:
+        cmd.append("--fp8")
+    cmd += ["--out", "out.png"]
+    return shlex.join(cmd)
+
+
+def run_generate(args, plan: dict) -> int:
+    from .hardware import dtype_name
     from .pipeline import LensPipeline
 
-    if args.mask is not None:       # checked before any weight is loaded
-        if args.image is None:
-            raise ValueError("--mask: inpainting needs --image (the picture to keep outside the mask)")
-        if not os.path.isfile(args.mask):
-            raise FileNotFoundError(f"--mask: no such file {args.mask!r}; expected a mask image (white = regenerate)")
-    pipe = LensPipeline.from_pretrained(args.model, text_encoder=args.text_encoder, vae=args.vae,
-                                        tokenizer=args.tokenizer, dtype=getattr(torch, DTYPES[args.dtype]),
-                                        device=args.device, offload=args.offload, variant=args.variant,
-                                        fp8=args.fp8, progress=True)
-    out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
-               aspect=args.aspect or (None if args.height or args.width or args.image else "1:1"), base=args.base,
-               steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=args.num_images, image=args.image,
-               denoise=args.denoise, mask=args.mask, template_date=args.date)
-    params = dict(out.parameters, model=os.path.abspath(args.model), init_image=args.image, mask=args.mask)
-    for path, img in zip(out_paths(args.out, len(out.images)), out.images):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        img.save(path, pnginfo=_png_info(params))
+    print(f"dtype: {dtype_name(plan['dtype'])} ({'--dtype ' + args.dtype if args.dtype != 'auto' else 'auto: ' + plan['dtype_reason']}), "
+          f"device: {plan['device']}", file=sys.stderr)
+    if plan["denoise_note"]:
+        print(plan["denoise_note"], file=sys.stderr)
+    paths = plan["paths"]
+    pipe = LensPipeline.from_pretrained({c: paths[c] for c in ("transformer", "text_encoder", "vae", "tokenizer")},
+                                        dtype=plan["dtype"], device=plan["device"], offload=args.offload,
+                                        variant=args.variant, fp8=args.fp8, progress=True)
+    req = plan["request"]
+    image = req["image"]
+    for k, path in enumerate(plan["outputs"]):
+        out = pipe(plan["prompt"], negative_prompt=args.negative, height=req["height"], width=req["width"],
+                   steps=req["steps"], cfg=req["cfg"], seed=req["seed"], num_images=1,
+                   batch_index=plan["first"] + k, image=image, denoise=req["denoise"], mask=req["mask"],
+                   template_date=req["template_date"])
+        params = dict(out.image_parameters[0], model=os.path.abspath(args.model),
+                      init_image=None if args.image is None else os.path.abspath(args.image),
+                      mask=None if args.mask is None else os.path.abspath(args.mask), device=plan["device"].type)
+        params["command"] = _command(args, plan, params)
+        out.images[0].save(path, pnginfo=_png_info(params))
         print(path)
     return 0
 
@@ -112,13 +258,28 @@ def cmd_inspect(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoints import CheckpointError
-
     try:
-        return cmd_generate(args) if args.command == "generate" else cmd_inspect(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        import torch  # noqa: F401  (the one dependency requirements.txt does not install)
+    except ImportError as exc:
+        print(f"error: PyTorch is not installed ({exc}); fix: {TORCH_FIX}", file=sys.stderr)
+        return 3
+    try:
+        if args.command == "generate":
+            return run_generate(args, validate_generate(args))
+        return cmd_inspect(args)
+    except ImportError as exc:
+        print(f"error: a required package is missing ({exc}); fix: pip install -r requirements.txt", file=sys.stderr)
+        return 3
+    except (ValueError, OSError) as exc:      # CheckpointError is a ValueError; PIL's errors are OSErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("error: out of memory; fix: a smaller size or --num-images, --dtype bf16 on hardware with bf16, or "
+              "--offload on a GPU", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

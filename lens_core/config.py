@@ -6,6 +6,8 @@ buckets). Everything here is plain Python / tensor reshaping; no model code.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import torch
 
@@ -177,12 +179,110 @@ def check_grid(grid, s_img: int) -> tuple[int, int]:
     return gh, gw
 
 
-def validate_size(height: int, width: int) -> tuple[int, int]:
-    """Check that the pixel size is positive and a multiple of 16; return the latent token grid (H/16, W/16)."""
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 16:
+def validate_size(height: int, width: int, names=("height", "width")) -> tuple[int, int]:
+    """Check that the pixel size is positive and a multiple of 16; return the latent token grid (H/16, W/16).
+    ``names``: how to call height and width in the message."""
+    for name, v in zip(names, (height, width)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 or v % 16:
             raise ValueError(f"{name} must be a positive multiple of 16 pixels, got {v!r}")
-    return height // 16, width // 16
+    return int(height) // 16, int(width) // 16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Limits of a generation request (checked before anything is allocated; the pipeline, the CLI and the
+# ComfyUI nodes all call these). Facts: spec §3 step 6 (RoPE tables for positions −4096..4095, text positions
+# start at max(H′//2, W′//2)), §5 (aspect 1:2 … 2:1, areas up to 1440²), §6 (at most 512 − 97 text tokens).
+
+#: RoPE table length: max(H′//2, W′//2) + S_txt must stay below it (the official code fails beyond).
+ROPE_POSITIONS = 4096
+#: Largest text length the DiT sees: 512 tokens for the rendered template minus the 97-token crop.
+MAX_TEXT_TOKENS = 512 - 97
+#: Pixel budget of one image: 2048² (4.19 MP). The largest official bucket is 1440² (2.07 MP); 2048² is the
+#: second pass of the hires workflow (1024² × 2). Larger sizes are outside what Lens was made for.
+MAX_PIXELS = 2048 * 2048
+#: Aspect range W/H of a generated image (the official buckets span 1:2 … 2:1).
+MIN_ASPECT, MAX_ASPECT = 0.5, 2.0
+#: Images per request (the CLI's --num-images, the pipeline's prompts × num_images, LensEmptyLatent's batch).
+MAX_BATCH = 64
+#: Sampling steps (the schedule has 1000 training timesteps; the variants use 4 … 50).
+MAX_STEPS = 1000
+#: An init image is resized to the generation size, but decoding it must stay bounded: 64 MP (8192²).
+MAX_INIT_IMAGE_PIXELS = 8192 * 8192
+#: Seeds are unsigned 64-bit (torch.Generator.manual_seed, ComfyUI's seed widget).
+MAX_SEED = 2 ** 64 - 1
+
+
+def check_int(value, name: str, low: int, high: int, fix: str = "") -> int:
+    """``value`` as an int in [low, high]; ValueError naming ``name``, the range, the value found and the fix."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected an integer in [{low}, {high}], found {value!r} "
+                         f"({type(value).__name__}){'; fix: ' + fix if fix else ''}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name}: expected an integer in [{low}, {high}], found {int(value)}"
+                         f"{'; fix: ' + fix if fix else ''}")
+    return int(value)
+
+
+def check_number(value, name: str, low: float | None = None, high: float | None = None, fix: str = "") -> float:
+    """``value`` as a finite float (optionally in [low, high]); ValueError for NaN, ±inf, non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected a number, found {value!r} ({type(value).__name__})"
+                         f"{'; fix: ' + fix if fix else ''}")
+    v = float(value)
+    if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+        rng = f" in [{low}, {high}]" if low is not None and high is not None else \
+            f" >= {low}" if low is not None else f" <= {high}" if high is not None else ""
+        raise ValueError(f"{name}: expected a finite number{rng}, found {v!r}{'; fix: ' + fix if fix else ''}")
+    return v
+
+
+def check_finite_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
+    """ValueError if a floating tensor holds NaN or ±inf (they would give an all-black image)."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name}: expected finite values, found {bad} NaN/inf of {t.numel()} (shape "
+                         f"{tuple(t.shape)}); fix: recompute or replace the input (NaN/inf gives a black image)")
+    return t
+
+
+def check_steps(steps, name: str = "steps") -> int:
+    return check_int(steps, name, 1, MAX_STEPS, "Lens uses 20, Turbo 4, Base 50 steps")
+
+
+def check_batch(n, name: str = "num_images") -> int:
+    return check_int(n, name, 1, MAX_BATCH, f"generate at most {MAX_BATCH} images per request (repeat the "
+                                            f"request for more)")
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    return check_int(seed, name, 0, MAX_SEED, "use a seed in 0 … 2^64 − 1")
+
+
+def check_pixels(height: int, width: int, what: str = "size", limit: int = MAX_PIXELS) -> None:
+    """ValueError if height × width exceeds ``limit`` pixels (before any tensor of that size exists)."""
+    if int(height) * int(width) > limit:
+        side = int(math.isqrt(limit))
+        raise ValueError(f"{what} {int(width)}×{int(height)} = {int(width) * int(height) / 1e6:.2f} MP: expected at "
+                         f"most {limit / 1e6:.2f} MP ({side}×{side}; the official Lens sizes are the 1024/1440 "
+                         f"buckets); fix: generate at a bucket size (aspect + base 1024/1440) and upscale afterwards")
+
+
+def check_generation_size(height, width, what: str = "size", aspect: bool = True,
+                          names=("height", "width")) -> tuple[int, int]:
+    """The latent grid (H/16, W/16) of a generation request, refused beyond what Lens supports: a positive
+    multiple of 16, at most :data:`MAX_PIXELS`, W/H in [1/2, 2] (``aspect=True``), RoPE positions in range."""
+    gh, gw = validate_size(height, width, names)
+    height, width = int(height), int(width)
+    check_pixels(height, width, what)
+    if aspect and not MIN_ASPECT <= width / height <= MAX_ASPECT:
+        raise ValueError(f"{what} {width}×{height}: expected an aspect ratio W:H between 1:2 and 2:1 (what Lens "
+                         f"supports), found {width / height:.3g}:1; fix: use one of the aspect buckets "
+                         f"{list(ASPECT_LABELS)} or crop/pad afterwards")
+    if max(gh // 2, gw // 2) + MAX_TEXT_TOKENS > ROPE_POSITIONS:
+        raise ValueError(f"{what} {width}×{height}: the latent grid {gh}×{gw} needs RoPE positions up to "
+                         f"{max(gh // 2, gw // 2) + MAX_TEXT_TOKENS}, expected at most {ROPE_POSITIONS}; fix: "
+                         f"use a smaller size")
+    return gh, gw
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,18 +17,16 @@ import os
 import torch
 
 from . import checkpoints as ck
-from .config import aspect_buckets, pack_latents, unpack_latents, validate_size, variant_defaults, variant_name
-from .prompt import DEFAULT_TEMPLATE_DATE, encode_prompts, resolve_date
+from . import config as cf
+from .config import aspect_buckets, pack_latents, unpack_latents, variant_defaults, variant_name
+from .hardware import choose_dtype, resolve_device
+from .images import open_image, to_rgb, to_tensor
+from .prompt import DEFAULT_TEMPLATE_DATE, check_text, encode_prompts, resolve_date
 from .sampling import make_noise, prepare_mask, sample
 
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
-
-
-def resolve_device(device=None) -> torch.device:
-    """``"auto"``/None → cuda when available, else cpu."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+#: img2img strength used when an init image is given without ``denoise``.
+DEFAULT_IMG2IMG_DENOISE = 0.6
 
 
 @dataclasses.dataclass
@@ -37,6 +35,7 @@ class LensOutput:
     latents: torch.Tensor        # final packed latents [B, S_img, 128] (run dtype, BN-normalised space)
     uint8: torch.Tensor          # [B, H, W, 3] uint8 (the PIL pixels)
     parameters: dict             # everything needed to reproduce the call
+    image_parameters: list = dataclasses.field(default_factory=list)  # per image: its prompt, seed, batch_index
 
 
 def _progress(enabled, total, desc):
@@ -73,71 +72,58 @@ class LensPipeline:
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path=None, *, transformer=None, text_encoder=None, vae=None, tokenizer=None,
-                        dtype=torch.bfloat16, device="auto", offload=None, variant=None, fp8=False,
+                        dtype=None, device="auto", offload=None, variant=None, fp8=False,
                         configs: dict | None = None, exact=True, progress=False) -> "LensPipeline":
         """Load every component.
 
         ``path``: a diffusers Lens folder (all components), a DiT file/folder (then ``text_encoder`` and ``vae``
-        are required), or a dict ``{component: path}``. Keyword paths override single components.
-        ``dtype``: run dtype of all three models (the official pipeline uses one ``torch_dtype``).
+        are required), or a dict ``{component: path}``. Keyword paths override single components. Every path is
+        checked (:func:`resolve_paths`) before any weight file is opened, and the tokenizer loads first.
+        ``dtype``: run dtype of all three models (the official pipeline uses one ``torch_dtype``); None/"auto" =
+        chosen from the hardware (:func:`lens_core.hardware.choose_dtype`: bf16 on CUDA with bf16 and on CPUs
+        with AMX / AVX512-BF16, else fp32); the choice and its reason are ``pipe.dtype`` / ``pipe.dtype_reason``.
         ``device``: "cpu", "cuda", "auto". ``offload``: sequential offload (default: True on CUDA).
         ``variant``: "lens" / "turbo" / "base" (default: detected from config/metadata/path).
         ``fp8``: store the DiT's block Linears as fp8 e4m3fn. ``configs``: per-component config overrides
         (``{"transformer": {...}, "text_encoder": {...}, "vae": {...}}``, for files without config.json).
         """
-        paths = dict(path) if isinstance(path, dict) else {}
-        unknown = set(paths) - set(COMPONENTS)
-        if unknown:
-            raise ValueError(f"from_pretrained: unknown component(s) {sorted(unknown)}; expected {COMPONENTS}")
-        root = None
-        if path is not None and not isinstance(path, dict):
-            path = os.fspath(path)
-            if ck.is_diffusers_root(path):
-                root = path
-                paths = {c: path for c in COMPONENTS}
-            else:
-                paths["transformer"] = path
-        for name, value in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae),
-                            ("tokenizer", tokenizer)):
-            if value is not None:
-                paths[name] = os.fspath(value)
-        missing = [c for c in ("transformer", "text_encoder", "vae") if c not in paths]
-        if missing:
-            raise ValueError(f"from_pretrained: expected a diffusers Lens folder or paths for transformer, "
-                             f"text_encoder and vae; missing {missing} (got {paths or path!r})")
-        if "tokenizer" not in paths:
-            paths["tokenizer"] = _tokenizer_path(paths["text_encoder"], root)
+        paths = resolve_paths(path, transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer)
         device = resolve_device(device)
+        dtype, reason = resolve_dtype(dtype, device)
         if offload is None:
             offload = device.type == "cuda"
         load_device = "cpu" if offload else device
         configs = configs or {}
+        check_headers(paths)                              # a misplaced file fails before minutes of loading
         bar = _progress(progress, 4, "load")
-        if bar is not None:
-            bar.set_postfix_str("transformer")
 
-        def step(done, following):
+        def step(following):
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(following)
 
-        dit = ck.load_transformer(paths["transformer"], dtype=dtype, device=load_device, variant=variant, fp8=fp8,
-                                  config=configs.get("transformer"))
-        step("transformer", "text_encoder")
-        selected = dit.lens_checkpoint.config["selected_layer_index"]
-        te = ck.load_text_encoder(paths["text_encoder"], dtype=dtype, device=load_device,
-                                  config=configs.get("text_encoder"), selected_layers=selected)
-        step("text_encoder", "vae")
-        v = ck.load_vae(paths["vae"], dtype=dtype, device=load_device, config=configs.get("vae"))
-        step("vae", "tokenizer")
-        tok = ck.load_tokenizer(paths["tokenizer"])
-        step("tokenizer", "done")
-        if bar is not None:
-            bar.close()
+        try:
+            if bar is not None:
+                bar.set_postfix_str("tokenizer")
+            tok = ck.load_tokenizer(paths["tokenizer"])    # cheap, and a bad one fails before any weights
+            step("transformer")
+            dit = ck.load_transformer(paths["transformer"], dtype=dtype, device=load_device, variant=variant,
+                                      fp8=fp8, config=configs.get("transformer"))
+            step("text_encoder")
+            selected = dit.lens_checkpoint.config["selected_layer_index"]
+            te = ck.load_text_encoder(paths["text_encoder"], dtype=dtype, device=load_device,
+                                      config=configs.get("text_encoder"), selected_layers=selected)
+            step("vae")
+            v = ck.load_vae(paths["vae"], dtype=dtype, device=load_device, config=configs.get("vae"))
+            step("done")
+        finally:
+            if bar is not None:
+                bar.close()                               # also on errors: the message starts a clean line
         pipe = cls(dit, te, tok, v, variant=dit.lens_checkpoint.variant, dtype=dtype, device=device,
                    offload=offload, exact=exact)
         pipe.paths = paths
         pipe.progress = progress
+        pipe.dtype_reason = reason
         return pipe
 
     # ---- helpers -----------------------------------------------------------------------------------
@@ -156,39 +142,29 @@ class LensPipeline:
                 torch.cuda.empty_cache()
 
     def resolve_size(self, height=None, width=None, aspect=None, base=None, image=None):
-        """(height, width): an aspect bucket if ``aspect`` is given (base default 1440), else height/width,
-        else the init image's size (rounded down to 16), else 1024×1024 (the official default)."""
-        if aspect is not None:
-            buckets = aspect_buckets(base or 1440)
-            if aspect not in buckets:
-                raise ValueError(f"aspect {aspect!r}: expected one of {list(buckets)}")
-            return buckets[aspect]
-        if height is None and width is None and image is not None:
-            w, h = image.size
-            return h // 16 * 16, w // 16 * 16
-        if height is None or width is None:
-            return 1024, 1024
-        return int(height), int(width)
+        """(height, width) of a request: see :func:`resolve_size`."""
+        return resolve_size(height, width, aspect, base, image)
 
     def encode(self, prompts, negative_prompt, num_images, template_date):
-        """Positive and negative (``None`` = the official empty negative) features and masks per sample."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if isinstance(negative_prompt, str):
-            negs = [negative_prompt] * len(prompts)
+        """Positive and negative (``None`` = the official empty negative) features and masks per sample.
+        ``prompts``: a string or list; ``negative_prompt``: a string or one entry per prompt. The last encoding
+        is kept, so the same prompts again (the CLI's images one by one) are not encoded twice."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negs) != len(prompts):
+            raise ValueError(f"negative_prompt: expected a string or {len(prompts)} entries (one per prompt), "
+                             f"got {len(negs)}")
+        key = (tuple(prompts), tuple(negs), template_date)
+        cached = getattr(self, "_encoded", None)
+        if cached is not None and cached[0] == key:
+            feats, mask, neg = cached[1]
         else:
-            negs = list(negative_prompt)
-            if len(negs) == 1:
-                negs = negs * len(prompts)
-            if len(negs) != len(prompts):
-                raise ValueError(f"negative_prompt: expected a string or {len(prompts)} entries (one per prompt), "
-                                 f"got {len(negs)}")
-        with self._on_device(self.text_encoder) as te:
-            feats, mask = encode_prompts(te, self.tokenizer, prompts, date=template_date, device=self.device)
-            neg = None
-            if any(n.strip() for n in negs):
-                neg = encode_prompts(te, self.tokenizer, negs, date=template_date, device=self.device)
+            with self._on_device(self.text_encoder) as te:
+                feats, mask = encode_prompts(te, self.tokenizer, prompts, date=template_date, device=self.device)
+                neg = None
+                if any(n.strip() for n in negs):
+                    neg = encode_prompts(te, self.tokenizer, negs, date=template_date, device=self.device)
+            self._encoded = (key, (feats, mask, neg))
 
         def rep(t):
             return t.repeat_interleave(num_images, dim=0)
@@ -198,24 +174,16 @@ class LensPipeline:
         return feats, mask, neg
 
     def _init_latents(self, image, height, width, batch):
-        from PIL import Image
+        """Clean packed latents [batch, S_img, 128] of the init image (an RGB PIL image, resized to the
+        generation size, or a [1|batch, 3, H, W] tensor in [−1, 1] of that size)."""
+        if not isinstance(image, torch.Tensor):
+            from PIL import Image
 
-        if isinstance(image, (str, os.PathLike)):
-            image = Image.open(image)
-        if isinstance(image, Image.Image):
-            image = image.convert("RGB")
             if image.size != (width, height):
                 image = image.resize((width, height), Image.LANCZOS)
-            import numpy as np
-
-            x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-        elif isinstance(image, torch.Tensor):
-            x = image if image.ndim == 4 else image[None]
-        else:
-            raise ValueError(f"image: expected a PIL image, a path or a [B, 3, H, W] tensor in [-1, 1], got "
-                             f"{type(image).__name__}")
+            image = to_tensor(image)
         with self._on_device(self.vae) as vae:
-            z = vae.encode(x.to(self.device))
+            z = vae.encode(image.to(self.device))
         z = pack_latents(z)
         if z.shape[0] == 1 and batch > 1:
             z = z.expand(batch, -1, -1)
@@ -224,48 +192,45 @@ class LensPipeline:
     # ---- generation --------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", height=None, width=None, aspect=None, base=None, steps=None,
-                 cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=1.0, mask=None,
-                 template_date=DEFAULT_TEMPLATE_DATE, callback=None) -> LensOutput:
+                 cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=None, mask=None,
+                 template_date=DEFAULT_TEMPLATE_DATE, callback=None, batch_index=0) -> LensOutput:
         """Generate images. ``steps``/``cfg`` default to the variant's (lens 20/5, turbo 4/1, base 50/5).
 
-        ``latents``: initial noise as packed tokens [B, S_img, 128] (or a [B, 128, h, w] latent), used as given
-        (the official ``latents=``); otherwise seeded noise (``make_noise(seed, ...)``, one draw for the batch).
-        ``image`` + ``denoise`` < 1: img2img from the encoded image. ``callback(step, total, latents, x0)``.
-        ``mask`` (with ``image``): inpainting by masked denoising, 1 (white) = generate anew, 0 (black) = keep
-        the image; a PIL image, a path, or a tensor [H, W] / [B, H, W] in [0, 1] at any resolution (resized
+        Every argument is checked (:func:`check_request`: sizes within :data:`lens_core.config.MAX_PIXELS` and
+        1:2 … 2:1, at most :data:`~lens_core.config.MAX_BATCH` images, at most
+        :data:`~lens_core.config.MAX_STEPS` steps, finite numbers and tensors, a readable init image) before
+        anything runs. ``latents``: initial noise as packed tokens [B, S_img, 128] (or a [B, 128, h, w] latent),
+        used as given (the official ``latents=``); otherwise seeded noise: the rows ``batch_index`` …
+        ``batch_index + B − 1`` of ``make_noise(seed, ...)`` (one draw for the batch; image k of a seed alone:
+        ``num_images=1, batch_index=k``). ``image``: img2img from the encoded image (a path, a PIL image of any
+        mode, or a [1|B, 3, H, W] tensor in [−1, 1]); ``denoise`` defaults to 0.6 with an image alone and 1.0
+        otherwise (with ``denoise=1.0`` and no mask an image only sets the size). ``callback(step, total, latents,
+        x0)``. ``mask`` (with ``image``): inpainting by masked denoising, 1 (white) = generate anew, 0 (black) =
+        keep the image; a PIL image, a path, or a tensor [H, W] / [B, H, W] in [0, 1] at any resolution (resized
         to the latent grid like ComfyUI does). Works at any ``denoise`` (1 = the masked area from pure noise).
         """
         from PIL import Image
         from .vae import to_uint8
 
-        region = mask                    # the inpainting mask; ``mask`` below is the text mask
-        if region is not None and image is None:
-            raise ValueError("mask: inpainting needs the image to keep outside the mask; pass image= as well "
-                             "(or drop mask= for text-to-image)")
-        template_date = resolve_date(template_date)
+        req = check_request(prompt, negative_prompt, height=height, width=width, aspect=aspect, base=base,
+                            steps=steps, cfg=cfg, seed=seed, num_images=num_images, latents=latents, image=image,
+                            denoise=denoise, mask=mask, template_date=template_date, batch_index=batch_index)
         d_steps, d_cfg = variant_defaults(self.variant)
-        steps = d_steps if steps is None else int(steps)
-        cfg = d_cfg if cfg is None else float(cfg)
-        img_for_size = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
-        height, width = self.resolve_size(height, width, aspect, base,
-                                          img_for_size if isinstance(img_for_size, Image.Image) else None)
-        gh, gw = validate_size(height, width)
-        n_prompts = 1 if isinstance(prompt, str) else len(prompt)
-        batch = n_prompts * int(num_images)
+        steps = d_steps if req["steps"] is None else req["steps"]
+        cfg = d_cfg if req["cfg"] is None else req["cfg"]
+        height, width, (gh, gw) = req["height"], req["width"], req["grid"]
+        batch, denoise = req["batch"], req["denoise"]
 
-        feats, mask, neg = self.encode(prompt, negative_prompt, int(num_images), template_date)
-        if latents is not None:
-            noise = pack_latents(latents) if latents.ndim == 4 else latents
-            if tuple(noise.shape) != (batch, gh * gw, 128):
-                raise ValueError(f"latents: expected [{batch}, {gh * gw}, 128] for {height}×{width} and batch "
-                                 f"{batch}, got {tuple(latents.shape)}")
+        feats, mask, neg = self.encode(req["prompts"], req["negatives"], req["num_images"], req["template_date"])
+        if req["latents"] is not None:
+            noise = req["latents"]
         else:
-            noise = make_noise(seed, batch, gh, gw)
+            noise = make_noise(req["seed"], batch, gh, gw, start=req["batch_index"])
         init = packed_mask = None
-        if region is not None:
-            packed_mask = prepare_mask(load_mask(region), batch, gh, gw)
-        if image is not None and (denoise < 1.0 or region is not None):
-            init = self._init_latents(image, height, width, batch)
+        if req["mask"] is not None:
+            packed_mask = prepare_mask(req["mask"], batch, gh, gw)
+        if req["image"] is not None and (denoise < 1.0 or packed_mask is not None):
+            init = self._init_latents(req["image"], height, width, batch)
 
         bar = _progress(self.progress, steps, "denoise")
 
@@ -277,13 +242,15 @@ class LensPipeline:
                 return callback(step, total, lat, x0)
             return None
 
-        with self._on_device(self.transformer) as dit:
-            final = sample(dit, noise, feats, mask, None if neg is None else neg[0], None if neg is None else neg[1],
-                           grid=(gh, gw), steps=steps, cfg=cfg, denoise=denoise, init_latents=init,
-                           callback=on_step, exact=self.exact, dtype=self.dtype, device=self.device,
-                           mask=packed_mask)
-        if bar is not None:
-            bar.close()
+        try:
+            with self._on_device(self.transformer) as dit:
+                final = sample(dit, noise, feats, mask, None if neg is None else neg[0],
+                               None if neg is None else neg[1], grid=(gh, gw), steps=steps, cfg=cfg,
+                               denoise=denoise, init_latents=init, callback=on_step, exact=self.exact,
+                               dtype=self.dtype, device=self.device, mask=packed_mask)
+        finally:
+            if bar is not None:
+                bar.close()
         dbar = _progress(self.progress, 1, "decode")
         with self._on_device(self.vae) as vae:
             decoded = vae.decode(unpack_latents(final, gh, gw))
@@ -292,30 +259,299 @@ class LensPipeline:
             dbar.update(1)
             dbar.close()
         images = [Image.fromarray(p.numpy()) for p in pixels]
+        seeded = req["latents"] is None
         params = {"prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
-                  "steps": steps, "cfg": cfg, "seed": None if latents is not None else seed,
-                  "num_images": int(num_images), "denoise": denoise, "inpaint": region is not None, "template_date": template_date,
-                  "variant": self.variant, "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact}
-        return LensOutput(images=images, latents=final, uint8=pixels, parameters=params)
+                  "steps": steps, "cfg": cfg, "seed": req["seed"] if seeded else None,
+                  "num_images": req["num_images"], "batch_index": req["batch_index"] if seeded else None,
+                  "denoise": denoise, "inpaint": packed_mask is not None, "template_date": req["template_date"],
+                  "variant": self.variant,
+                  "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact}
+        per_image = []
+        for i in range(batch):
+            one = dict(params, prompt=req["prompts"][i // req["num_images"]],
+                       negative_prompt=req["negatives"][i // req["num_images"]], num_images=1)
+            if seeded:
+                one["batch_index"] = req["batch_index"] + i
+            per_image.append(one)
+        return LensOutput(images=images, latents=final, uint8=pixels, parameters=params, image_parameters=per_image)
 
 
-def load_mask(mask) -> torch.Tensor:
+def resolve_dtype(dtype, device) -> tuple[torch.dtype, str]:
+    """(dtype, reason): ``None``/"auto" → :func:`lens_core.hardware.choose_dtype`; else the torch dtype given."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return choose_dtype(device)
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    if isinstance(dtype, str) and dtype in names:
+        dtype = names[dtype]
+    if dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        raise ValueError(f"dtype: expected 'auto', torch.bfloat16 or torch.float32, found {dtype!r}")
+    return dtype, "requested"
+
+
+def resolve_size(height=None, width=None, aspect=None, base=None, image=None, names=None) -> tuple[int, int]:
+    """(height, width): an aspect bucket if ``aspect`` is given (base default 1440), else height and width
+    (both), else the init image's size (rounded down to 16; ``image`` = anything with ``.size`` (w, h)),
+    else 1024×1024 (the official default). ValueError for a height without a width (or the reverse), an
+    aspect together with a height/width, a base without an aspect, or an unknown aspect/base. ``names``: how to
+    call the arguments in messages (e.g. ``{"height": "--height"}``)."""
+    n = {"height": "height", "width": "width", "aspect": "aspect", "base": "base", "image": "image", **(names or {})}
+    if aspect is not None:
+        if height is not None or width is not None:
+            raise ValueError(f"{n['aspect']} {aspect!r} together with {n['height']}/{n['width']} {height}/{width}: "
+                             f"expected one of the two; fix: drop {n['aspect']} or {n['height']} and {n['width']}")
+        if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base not in (1024, 1440)):
+            raise ValueError(f"{n['base']}: expected 1024 or 1440, found {base!r}")
+        buckets = aspect_buckets(1440 if base is None else base)
+        if aspect not in buckets:
+            raise ValueError(f"{n['aspect']}: expected one of {list(buckets)} (W:H), found {aspect!r}")
+        return buckets[aspect]
+    if base is not None:
+        raise ValueError(f"{n['base']} {base!r} without {n['aspect']}: the base resolution picks an aspect bucket; "
+                         f"fix: add {n['aspect']} (e.g. 1:1) or pass {n['height']} and {n['width']} instead")
+    if (height is None) != (width is None):
+        given, missing = ("height", "width") if width is None else ("width", "height")
+        raise ValueError(f"{n[given]} {height if width is None else width} without {n[missing]}: expected both (or "
+                         f"{n['aspect']}); fix: pass {n[missing]} too")
+    if height is None and image is not None:
+        w, h = image.size if not isinstance(image, torch.Tensor) else (image.shape[-1], image.shape[-2])
+        if h < 16 or w < 16:
+            raise ValueError(f"{n['image']}: {w}×{h} pixels, expected at least 16×16 (the size comes from the image "
+                             f"when no {n['height']}/{n['width']}/{n['aspect']} is given)")
+        return h // 16 * 16, w // 16 * 16
+    if height is None:
+        return 1024, 1024
+    return height, width
+
+
+def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect=None, base=None, steps=None,
+                  cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=None, mask=None,
+                  template_date=DEFAULT_TEMPLATE_DATE, batch_index=0, names: dict | None = None) -> dict:
+    """Validate a generation request without any model (the pipeline calls it first; the CLI before loading).
+
+    Returns the normalised request: ``prompts`` / ``negatives`` (lists), ``height``, ``width``, ``grid``,
+    ``steps`` / ``cfg`` (None = the variant's default), ``seed``, ``num_images``, ``batch`` (prompts ×
+    num_images), ``batch_index``, ``latents`` (packed, checked), ``image`` (an RGB PIL image or a checked tensor,
+    None without one), ``mask`` (a float tensor in [0, 1] or None), ``denoise``, ``template_date``. Raises
+    ValueError / OSError naming the argument, the expected and the found value, and the fix (``names``: how to
+    call each argument, e.g. the CLI's flags).
+    """
+    n = {k: k for k in ("prompt", "negative_prompt", "height", "width", "aspect", "base", "steps", "cfg", "seed",
+                        "num_images", "latents", "image", "denoise", "batch_index", "mask")}
+    n.update(names or {})
+    prompts = [check_text(prompt, n["prompt"])] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"{n['prompt']}: expected a string or a non-empty list of strings, found {prompt!r:.80}")
+    prompts = [check_text(p, f"prompt[{i}]") for i, p in enumerate(prompts)]
+    if isinstance(negative_prompt, str):
+        negatives = [check_text(negative_prompt, n["negative_prompt"])] * len(prompts)
+    else:
+        negatives = [check_text(n, f"negative_prompt[{i}]") for i, n in enumerate(negative_prompt)]
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt: expected a string or {len(prompts)} entries (one per prompt), "
+                             f"got {len(negatives)}")
+    num_images = cf.check_batch(num_images, n["num_images"])
+    batch = cf.check_int(len(prompts) * num_images, "prompts × num_images", 1, cf.MAX_BATCH,
+                         f"at most {cf.MAX_BATCH} images per call")
+    batch_index = cf.check_int(batch_index, n["batch_index"], 0, cf.MAX_BATCH - batch,
+                               f"the index of the first image within a batch of at most {cf.MAX_BATCH}")
+    seed = cf.check_seed(seed, n["seed"])
+    steps = None if steps is None else cf.check_steps(steps, n["steps"])
+    cfg = None if cfg is None else cf.check_number(cfg, n["cfg"], 0.0, 100.0, "Lens uses 5, Turbo 1")
+    template_date = resolve_date(template_date)
+    if image is not None and isinstance(image, (str, os.PathLike)):
+        image = to_rgb(open_image(image, n["image"]), f"{n['image']} {os.fspath(image)}")
+    elif image is not None and isinstance(image, torch.Tensor):
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4 or image.shape[1] != 3 or image.shape[0] not in (1, batch):
+            raise ValueError(f"image: expected a [1 or {batch}, 3, H, W] tensor in [-1, 1], found shape "
+                             f"{tuple(image.shape)}")
+        cf.check_pixels(image.shape[2], image.shape[3], "image", cf.MAX_INIT_IMAGE_PIXELS)
+        cf.check_finite_tensor(image, "image")
+        image = image.float()
+    elif image is not None:
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"image: expected a path, a PIL image or a [B, 3, H, W] tensor in [-1, 1], found "
+                             f"{type(image).__name__}")
+        cf.check_pixels(image.size[1], image.size[0], "image", cf.MAX_INIT_IMAGE_PIXELS)
+        image = to_rgb(image, "image")
+    if mask is not None:
+        if image is None:
+            raise ValueError(f"{n['mask']}: inpainting needs the image to keep outside the mask; fix: pass "
+                             f"{n['image']} as well, or drop {n['mask']} for text-to-image")
+        mask = load_mask(mask, n["mask"])
+    if denoise is None:
+        denoise = DEFAULT_IMG2IMG_DENOISE if image is not None and mask is None else 1.0
+    denoise = cf.check_number(denoise, n["denoise"], 0.0, 1.0, "img2img strength in (0, 1]; 1 = text-to-image")
+    if denoise <= 0.0:
+        raise ValueError(f"{n['denoise']}: expected a value in (0, 1], found 0.0; fix: a small positive value keeps most "
+                         "of the image (e.g. 0.3)")
+    if denoise < 1.0 and image is None:
+        raise ValueError(f"{n['denoise']} {denoise} without {n['image']}: denoise < 1 is img2img and needs an init image; "
+                         f"fix: pass {n['image']}, or {n['denoise']} 1.0 for text-to-image")
+    height, width = resolve_size(height, width, aspect, base, image, n)
+    grid = cf.check_generation_size(height, width, f"size ({n['width']}×{n['height']})",
+                                   names=(n["height"], n["width"]))
+    if isinstance(image, torch.Tensor) and tuple(image.shape[2:]) != (height, width):
+        raise ValueError(f"image: a tensor init image must have the generation size {height}×{width} (H×W), "
+                         f"found {tuple(image.shape[2:])}; fix: resize it, or pass a PIL image (resized for you)")
+    if latents is not None:
+        if not isinstance(latents, torch.Tensor) or latents.ndim not in (3, 4):
+            raise ValueError(f"latents: expected packed tokens [B, S_img, 128] or a [B, 128, h, w] latent, found "
+                             f"{getattr(latents, 'shape', type(latents).__name__)}")
+        shape = tuple(latents.shape)
+        latents = pack_latents(latents) if latents.ndim == 4 else latents
+        if tuple(latents.shape) != (batch, grid[0] * grid[1], 128):
+            raise ValueError(f"latents: expected [{batch}, {grid[0] * grid[1]}, 128] for {height}×{width} and batch "
+                             f"{batch}, got {shape}")
+        cf.check_finite_tensor(latents, "latents")
+    return {"prompts": prompts, "negatives": negatives, "height": height, "width": width, "grid": grid,
+            "steps": steps, "cfg": cfg, "seed": seed, "num_images": num_images, "batch": batch,
+            "batch_index": batch_index, "latents": latents, "image": image, "mask": mask, "denoise": denoise,
+            "template_date": template_date}
+
+
+def resolve_paths(path=None, *, transformer=None, text_encoder=None, vae=None, tokenizer=None,
+                  names: dict | None = None) -> dict:
+    """Component paths {transformer, text_encoder, vae, tokenizer}, checked without opening any weight file.
+
+    ``path``: a diffusers Lens folder, a DiT file/folder, or a dict ``{component: path}``; keyword paths
+    override. Checks: every path exists; a diffusers folder has the subfolders it must provide; a DiT alone
+    comes with a text encoder and a VAE; a folder holds .safetensors weights; no pickle; the tokenizer (given,
+    or found beside the models) is a tokenizer.json, a folder with one, or a .safetensors text-encoder file
+    (embedded tokenizer, read first at load). ``names``: how to call each argument in messages (the CLI passes
+    its flags, e.g. ``{"path": "--model"}``).
+    """
+    label = {"path": "path", "transformer": "transformer", "text_encoder": "text_encoder", "vae": "vae",
+             "tokenizer": "tokenizer", **(names or {})}
+    paths, given = {}, {}
+    if isinstance(path, dict):
+        unknown = set(path) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"from_pretrained: unknown component(s) {sorted(unknown)}; expected {COMPONENTS}")
+        given = {c: (c, os.fspath(p)) for c, p in path.items()}
+        path = None
+    root = None
+    if path is not None:
+        path = os.fspath(path)
+        _check_exists(path, label["path"])
+        if ck.is_diffusers_root(path):
+            root = path
+        else:
+            given["transformer"] = ("path", path)
+    for name, value in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae),
+                        ("tokenizer", tokenizer)):
+        if value is not None:
+            given[name] = (name, os.fspath(value))
+    for name, (arg, p) in given.items():
+        _check_exists(p, label[arg])
+        if name != "tokenizer":
+            _check_weights_path(p, label[arg], name)
+        paths[name] = p
+    if root is not None:
+        for c in COMPONENTS:
+            if c not in paths:
+                sub = os.path.join(root, c)
+                if c != "tokenizer" and not os.path.isdir(sub):
+                    raise ck.CheckpointError(
+                        f"{label['path']} {root}: a diffusers Lens folder without its '{c}/' subfolder (found "
+                        f"{sorted(os.listdir(root))}); fix: complete the download, or pass the {label[c]} path")
+                paths[c] = root
+    missing = [c for c in ("transformer", "text_encoder", "vae") if c not in paths]
+    if missing:
+        what = (f"{label['path']} {path} is a single model, not a diffusers Lens folder (no model_index.json)"
+                if path is not None else "no diffusers Lens folder given")
+        raise ValueError(f"{what}: expected paths for the transformer, text encoder and VAE too; missing "
+                         f"{', '.join(label[c] for c in missing)}; fix: pass "
+                         f"{' and '.join(label[c] for c in missing)} (or a whole diffusers Lens folder)")
+    if "tokenizer" not in paths:
+        paths["tokenizer"] = _tokenizer_path(paths["text_encoder"], root)
+    _check_tokenizer_path(paths["tokenizer"], label["tokenizer"] if "tokenizer" in given else
+                          f"{label['tokenizer']} (found beside {paths['text_encoder']})")
+    return paths
+
+
+def check_headers(paths: dict) -> None:
+    """Read only the safetensors headers of the transformer, text encoder and VAE and check that each is what
+    its slot expects (a VAE given as the model, a text encoder as the VAE … fail here, before any weight is
+    read, with the loader's own message)."""
+    for component in ("transformer", "text_encoder", "vae"):
+        source = ck.open_source(paths[component], component)
+        try:
+            det = ck.detect(source.keys())
+            if det.component != component:
+                raise ck.CheckpointError(f"{source.origin}: expected a {ck.COMPONENT_NAMES[component]} checkpoint, "
+                                         f"but this looks like {det.description}")
+        finally:
+            source.close()
+
+
+def _check_exists(p: str, label: str):
+    if not os.path.exists(p):
+        parent = os.path.dirname(os.path.abspath(p))
+        hint = (f"; {parent} holds {sorted(os.listdir(parent))[:12]}" if os.path.isdir(parent) else
+                f"; its folder {parent} does not exist either")
+        raise FileNotFoundError(f"{label} {p}: no such file or folder{hint}; fix: check the path")
+
+
+def _check_weights_path(p: str, label: str, component: str):
+    """A weights path must be a .safetensors file, a shard index .json, or a folder holding one (a diffusers
+    folder or component folder); pickles are refused here, by name, before anything is read."""
+    if os.path.isdir(p):
+        if ck.is_diffusers_root(p):
+            if not os.path.isdir(os.path.join(p, component)):
+                raise ck.CheckpointError(f"{label} {p}: a diffusers Lens folder without its '{component}/' "
+                                         f"subfolder (found {sorted(os.listdir(p))})")
+            return
+        names = os.listdir(p)
+        if os.path.isdir(os.path.join(p, component)) or any(n.endswith((".safetensors", ".safetensors.index.json"))
+                                                            for n in names):
+            return
+        pickles = sorted(n for n in names if n.lower().endswith(ck.PICKLE_SUFFIXES))
+        raise ck.CheckpointError(f"{label} {p}: expected a diffusers Lens folder (model_index.json) or a folder "
+                                 f"with .safetensors weights, found {sorted(names)[:12]}"
+                                 f"{'; pickle files are refused (safetensors only)' if pickles else ''}")
+    low = p.lower()
+    if low.endswith(ck.PICKLE_SUFFIXES):
+        raise ck.CheckpointError(f"{label} {p}: a pickle file ({os.path.splitext(p)[1]}); pickles are refused "
+                                 f"(safetensors only); fix: use the .safetensors release of this model")
+
+
+def _check_tokenizer_path(p: str, label: str):
+    """The tokenizer source must be findable without reading any weights (see :func:`resolve_paths`)."""
+    if os.path.isdir(p):
+        if any(os.path.isfile(os.path.join(p, *rel)) for rel in (("tokenizer.json",), ("tokenizer", "tokenizer.json"))):
+            return
+        sub = os.path.join(p, "tokenizer")
+        listing = sorted(os.listdir(sub)) if os.path.isdir(sub) else sorted(os.listdir(p))
+        raise ck.CheckpointError(f"{label} {p}: a folder without tokenizer: expected tokenizer/tokenizer.json (or "
+                                 f"tokenizer.json), found {listing[:12]}; fix: copy the o200k_harmony tokenizer.json "
+                                 f"of Lens / gpt-oss into it, pass --tokenizer, or use the NVFP4 text-encoder file "
+                                 f"that embeds it")
+    if not os.path.isfile(p):
+        _check_exists(p, label)
+
+
+def load_mask(mask, label: str = "mask") -> torch.Tensor:
     """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (8-bit or
     16-bit grayscale, palette, RGB(A): its luminance; a float image must already be in [0, 1]) or a tensor."""
     if isinstance(mask, torch.Tensor):
         return mask
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     import numpy as np
 
-    name = "mask"
+    name = label
     if isinstance(mask, (str, os.PathLike)):
-        name = f"mask {os.fspath(mask)!r}"
+        name = f"{label} {os.fspath(mask)}"
+        mask = open_image(mask, label)       # exists, is an image, bounded size: header only so far
         try:
-            mask = Image.open(mask)
             mask.load()
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise ValueError(f"{name}: expected an image file (PNG, JPEG, WebP …) whose white pixels mark the area "
-                             f"to regenerate, could not read it: {exc}") from None
+        except OSError as exc:
+            raise OSError(f"{name}: the image data cannot be decoded ({exc}); fix: re-save the mask") from None
     if not isinstance(mask, Image.Image):
         raise ValueError(f"{name}: expected a PIL image, a path or a tensor [H, W] in [0, 1], got "
                          f"{type(mask).__name__}")

@@ -186,15 +186,26 @@ def check_tokenizer(tokenizer: LensTokenizer, date=None) -> None:
             f"found {len(ids)} tokens (last ids {ids[-3:]}); the 97-token crop would be wrong with it")
 
 
+def check_text(text, name: str = "prompt") -> str:
+    """``text`` if it is a string that encodes to UTF-8; ValueError otherwise (a lone surrogate comes from bytes
+    that were not UTF-8, e.g. a shell argument or file in another encoding, and would crash the tokenizer)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name}: expected a string, found {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name}: expected valid UTF-8 text, found the undecodable character {text[exc.start]!r} "
+                         f"at position {exc.start} (bytes in another encoding); fix: save or pass the text as "
+                         f"UTF-8, or remove that character") from None
+    return text
+
+
 def _as_prompt_list(prompts) -> list[str]:
     if isinstance(prompts, str):
-        return [prompts]
+        return [check_text(prompts)]
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"prompts: expected a string or a non-empty list of strings, found {prompts!r:.80}")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"prompts[{i}]: expected a string, found {type(p).__name__}")
-    return list(prompts)
+    return [check_text(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
 
 
 def tokenize(tokenizer: LensTokenizer, prompts, date=None, max_length: int = MAX_SEQUENCE_LENGTH):

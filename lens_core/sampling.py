@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .config import check_grid, variant_defaults
+from .config import check_finite_tensor, check_grid, check_number, check_steps, variant_defaults
 
 __all__ = ["empirical_mu", "sigma_schedule", "denoise_sigmas", "scheduler_timesteps", "model_timestep",
            "model_timesteps", "cfg_combine", "euler_step", "make_noise", "start_index", "prepare_mask", "sample",
@@ -117,11 +117,14 @@ def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tenso
 # Noise
 
 
-def make_noise(seed: int, batch: int, h: int, w: int, channels: int = 128) -> torch.Tensor:
+def make_noise(seed: int, batch: int, h: int, w: int, channels: int = 128, start: int = 0) -> torch.Tensor:
     """Seeded standard-normal noise [batch, h·w, channels], fp32 on the CPU (same seed → same noise on any
-    device). A bf16 run rounds it to bf16, which equals drawing in bf16 from the same CPU generator."""
+    device). A bf16 run rounds it to bf16, which equals drawing in bf16 from the same CPU generator.
+    ``start``: the rows start..start+batch−1 of the draw for ``start + batch`` images (image k of a batch
+    alone: ``make_noise(seed, 1, h, w, start=k)``)."""
     gen = torch.Generator("cpu").manual_seed(int(seed))
-    return torch.randn((batch, h * w, channels), generator=gen, dtype=torch.float32)
+    noise = torch.randn((start + batch, h * w, channels), generator=gen, dtype=torch.float32)
+    return noise[start:] if start else noise
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,6 +255,14 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
                          f"{getattr(noise, 'shape', type(noise).__name__)}")
     b, s_img, _ = noise.shape
     gh, gw = check_grid(grid, s_img)
+    steps = check_steps(steps)
+    cfg = check_number(cfg, "cfg", fix="use a finite guidance scale (Lens 5, Turbo 1)")
+    check_finite_tensor(noise, "noise")
+    for name, feats in (("positive features", pos_features), ("negative features", neg_features)):
+        for f in ([] if feats is None else [feats] if isinstance(feats, torch.Tensor) else feats):
+            check_finite_tensor(f, name)
+    if init_latents is not None:
+        check_finite_tensor(init_latents, "init_latents")
     if dtype is None:
         dtype = getattr(model, "dtype", None)
         dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32

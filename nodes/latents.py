@@ -63,10 +63,12 @@ class LensEmptyLatent:
                 raise ValueError(f"LensEmptyLatent (custom size {width}×{height}): {exc}. Fix: use width and "
                                  f"height that are multiples of 16 (e.g. {max(16, int(width) // 16 * 16)}×"
                                  f"{max(16, int(height) // 16 * 16)}) or pick an aspect preset") from None
+            h, w = core_config.check_generation_size(int(height), int(width), "LensEmptyLatent custom size")
         else:
             ph, pw = core_config.bucket_size(int(base_resolution), aspect_ratio)
             h, w = core_config.validate_size(ph, pw)
-        samples = torch.zeros(int(batch_size), LATENT_CHANNELS, h, w, device=bridge.intermediate_device())
+        batch_size = core_config.check_batch(batch_size, "LensEmptyLatent batch_size")
+        samples = torch.zeros(batch_size, LATENT_CHANNELS, h, w, device=bridge.intermediate_device())
         return ({"samples": samples},)
 
 
@@ -137,6 +139,7 @@ class LensVAEEncode:
         h, w = hh // 16 * 16, ww // 16 * 16
         if h == 0 or w == 0:
             raise ValueError(f"LensVAEEncode: the image is {ww}×{hh} pixels; expected at least 16×16")
+        core_config.check_pixels(h, w, "LensVAEEncode image")
         if (h, w) != (hh, ww):
             logging.info("LensVAEEncode: center-cropping %dx%d to %dx%d (multiples of 16)", ww, hh, w, h)
             top, left = (hh - h) // 2, (ww - w) // 2

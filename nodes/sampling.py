@@ -28,6 +28,7 @@ def lens_latent(latent: dict, where: str = "LensSampler"):
         except ValueError as exc:
             raise ValueError(f"{where}: the empty latent is {width}×{height} pixels: {exc}. Fix: use a size "
                              f"that is a multiple of 16, or LensEmptyLatent") from None
+        core_config.check_pixels(height, width, "LensSampler latent")
         return torch.zeros(samples.shape[0], LATENT_CHANNELS, h, w)
     check_lens_latent(samples, where)
     return samples
@@ -88,10 +89,11 @@ class LensSampler:
         if not isinstance(model, bridge.LensModel):
             return self.sample_native(model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id)
         d_steps, d_cfg = core_config.variant_defaults(model.variant)
-        steps = int(steps) or d_steps
+        steps = core_config.check_steps(int(steps) or d_steps, "LensSampler steps")
         cfg = float(cfg) or d_cfg
         samples = lens_latent(latent_image)
         batch, _, h, w = samples.shape
+        core_config.check_pixels(16 * h, 16 * w, "LensSampler latent")
         pos, pos_mask = match_batch(*conditioning_to_features(positive, model, "positive"), batch, "positive")
         if pos_mask.shape[1] == 0:              # empty positive prompt: one fully masked text position
             pos = [f.new_zeros(batch, 1, f.shape[2]) for f in pos]
@@ -151,7 +153,7 @@ class LensSampler:
             raise ValueError(f"LensSampler: steps = {steps} / cfg = {cfg}: 0 means 'the variant's default', but a "
                              f"native MODEL does not say whether it is Lens, Turbo or Base. Fix: set steps and cfg "
                              f"(Lens 20 / 5, Turbo 4 / 1, Base 50 / 5)")
-        steps, cfg = int(steps), float(cfg)
+        steps, cfg = core_config.check_steps(int(steps), "LensSampler steps"), float(cfg)
         samples = lens_latent(latent_image)
         batch, _, h, w = samples.shape
         width = bridge.native_text_width(patcher)

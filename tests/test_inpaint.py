@@ -168,4 +168,5 @@ def test_cli_mask_checked_before_loading(tmp_path, capsys):
     missing_model = str(tmp_path / "no_model_loaded_here")
     rc = main(["generate", "--model", missing_model, "--prompt", "x", "--mask", str(tmp_path / "m.png"),
                "--out", str(tmp_path / "o.png")])
-    assert rc == 2 and "--mask: inpainting needs --image" in capsys.readouterr().err
+    assert rc == 2 and "--mask: inpainting needs the image to keep outside the mask; fix: pass --image" in \
+        capsys.readouterr().err

@@ -22,7 +22,7 @@ UI_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 CORE_OBJECT_INFO = {
     "SaveImage": {"input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
                   "input_order": {"required": ["images", "filename_prefix"]}, "output": []},
-    "UpscaleModelLoader": {"input": {"required": {"model_name": [["4x-UltraSharp.pth"]]}},
+    "UpscaleModelLoader": {"input": {"required": {"model_name": [["RealESRGAN_x4plus.safetensors"]]}},
                            "input_order": {"required": ["model_name"]}, "output": ["UPSCALE_MODEL"]},
     "ImageUpscaleWithModel": {"input": {"required": {"upscale_model": ["UPSCALE_MODEL"], "image": ["IMAGE"]}},
                               "input_order": {"required": ["upscale_model", "image"]}, "output": ["IMAGE"]},
@@ -347,3 +347,85 @@ def test_checker_catches_bad_values(pack_object_info):
     assert any("5:7" in p for p in problems)
     assert any("cfg=99.0" in p for p in problems)
     assert any("NoSuchNode" in p for p in problems)
+
+
+# Where each file comes from: the Comfy-Org/Lens repository (the URLs of Comfy-Org's own Lens templates,
+# image_lens_t2i.json / image_lens_turbo_t2i.json in workflow_templates) and Comfy-Org's safetensors repackage
+# of Real-ESRGAN (used by its upscaler templates).
+LENS_REPO = "https://huggingface.co/Comfy-Org/Lens/resolve/main/"
+EXPECTED_MODELS = {
+    "lens_bf16.safetensors": (LENS_REPO + "diffusion_models/lens_bf16.safetensors", "diffusion_models"),
+    "lens_turbo_bf16.safetensors": (LENS_REPO + "diffusion_models/lens_turbo_bf16.safetensors", "diffusion_models"),
+    "gpt_oss_20b_nvfp4.safetensors": (LENS_REPO + "text_encoders/gpt_oss_20b_nvfp4.safetensors", "text_encoders"),
+    "flux2-vae.safetensors": (LENS_REPO + "vae/flux2-vae.safetensors", "vae"),
+    "RealESRGAN_x4plus.safetensors": ("https://huggingface.co/Comfy-Org/Real-ESRGAN_repackaged/resolve/main/"
+                                      "RealESRGAN_x4plus.safetensors", "upscale_models"),
+}
+# The folders ComfyUI's own loaders list (folder_paths.get_filename_list in nodes.py UNETLoader / CLIPLoader /
+# VAELoader, comfy_extras/nodes_upscale_model.py UpscaleModelLoader).
+CORE_LOADER_FOLDERS = {"UpscaleModelLoader": "upscale_models", "UNETLoader": "diffusion_models",
+                       "CLIPLoader": "text_encoders", "VAELoader": "vae"}
+LITEGRAPH_TITLE_HEIGHT = 30     # the title bar is drawn above a node's pos (LiteGraph NODE_TITLE_HEIGHT)
+
+
+def _file_widget(node, info) -> tuple[str, str]:
+    """(input name, value) of a loader's first combo (its file list)."""
+    name = info["input_order"]["required"][0]
+    return name, widget_values(node, info)[name]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_loaders_carry_download_metadata(path, pack_object_info, tmp_path):
+    """Every loader node has the standard ``properties.models`` entry (name, url, directory) that ComfyUI's
+    missing-models dialog offers for download; the name is the node's file widget, the file is a .safetensors on
+    huggingface.co, and a file placed in ``models/<directory>/<name>`` appears in that very node's list."""
+    import folder_paths
+
+    from test_nodes import import_pack
+
+    nodes = import_pack().NODE_CLASS_MAPPINGS
+    wf = json.loads(path.read_text())
+    loaders = [n for n in wf["nodes"] if n["type"] in ("LensModelLoader", "LensTextEncoderLoader", "LensVAELoader",
+                                                        "LensCheckpointLoader", *CORE_LOADER_FOLDERS)]
+    assert loaders
+    stand_in = hasattr(folder_paths, "set_models_dir")
+    previous = folder_paths.models_dir
+    try:
+        for node in loaders:
+            models = node["properties"].get("models")
+            assert isinstance(models, list) and len(models) == 1, (path.name, node["type"])
+            entry = models[0]
+            assert set(entry) == {"name", "url", "directory"}
+            widget, value = _file_widget(node, pack_object_info[node["type"]])
+            assert entry["name"] == value, (node["type"], entry, value)
+            assert (entry["url"], entry["directory"]) == EXPECTED_MODELS[value]
+            assert entry["url"].startswith("https://huggingface.co/") and entry["url"].endswith("/" + value)
+            if node["type"] in CORE_LOADER_FOLDERS:
+                assert entry["directory"] == CORE_LOADER_FOLDERS[node["type"]]
+                continue
+            # the directory is where this loader looks: a file placed there is listed by the node
+            root = tmp_path / node["type"]
+            (root / entry["directory"]).mkdir(parents=True)
+            (root / entry["directory"] / value).write_bytes(b"")
+            if stand_in:
+                folder_paths.set_models_dir(root)
+            else:
+                folder_paths.add_model_folder_path(entry["directory"], str(root / entry["directory"]), is_default=True)
+            choices = nodes[node["type"]].INPUT_TYPES()["required"][widget][0]
+            assert value in choices, (node["type"], entry["directory"], choices)
+    finally:
+        if stand_in:
+            folder_paths.set_models_dir(previous)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_nodes_do_not_overlap(path):
+    """No two nodes overlap, title bars included (a node's box is pos.y − 30 … pos.y + size.h), with a gap."""
+    wf = json.loads(path.read_text())
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - LITEGRAPH_TITLE_HEIGHT, n["pos"][0] + n["size"][0],
+              n["pos"][1] + n["size"][1]) for n in wf["nodes"]]
+    gap = 20
+    for i, (a, ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for b, bx0, by0, bx1, by1 in boxes[i + 1:]:
+            apart = ax1 + gap <= bx0 or bx1 + gap <= ax0 or ay1 + gap <= by0 or by1 + gap <= ay0
+            assert apart, f"{path.name}: nodes {a} and {b} overlap or are closer than {gap} px"

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
 
+from ..jsonfile import read_json_object
 from .detect import detect, detect_variant, dit_family, quant_layers, strip_prefix, te_family
 from .errors import CheckpointError
-from .source import _dtype_summary, _has_weights, is_diffusers_root, open_source
+from .safetensors import SafetensorsFile
+from .source import TensorSource, _dtype_summary, _has_weights, is_diffusers_root, open_source
 from .transformer import dit_config_from_shapes
 
 
@@ -25,15 +28,24 @@ def inspect(path, variant: str | None = None) -> dict:
             except (CheckpointError, FileNotFoundError) as exc:
                 comps[c] = {"error": str(exc)}
         tok = os.path.join(p, "tokenizer", "tokenizer.json")
-        comps["tokenizer"] = ({"path": tok, "size_bytes": os.path.getsize(tok)} if os.path.isfile(tok)
+        comps["tokenizer"] = (inspect_tokenizer(tok) if os.path.isfile(tok)
                               else {"error": f"{p}: no tokenizer/tokenizer.json"})
         var, src = detect_variant(p, None, variant)
         return {"path": p, "family": "diffusers", "component": "pipeline", "variant": var, "variant_source": src,
                 "components": comps,
                 "size_bytes": sum(c.get("size_bytes", 0) for c in comps.values())}
     if os.path.isdir(p) and not _has_weights(p) and os.path.isfile(os.path.join(p, "tokenizer.json")):
-        tok = os.path.join(p, "tokenizer.json")
-        return {"path": p, "family": "tokenizer", "component": "tokenizer", "size_bytes": os.path.getsize(tok)}
+        return dict(inspect_tokenizer(os.path.join(p, "tokenizer.json")), path=p)
+    if os.path.isfile(p) and p.lower().endswith(".json"):
+        return _inspect_json(p, variant)
+    shard = _shard_of(p)
+    if shard is not None:
+        return shard
+    return _inspect_source(p, variant)
+
+
+def _inspect_source(p: str, variant) -> dict:
+    """inspect() of a weights file, shard index or component folder."""
     source = open_source(p)
     try:
         det = detect(source.keys())
@@ -65,6 +77,76 @@ def inspect(path, variant: str | None = None) -> dict:
         source.close()
 
 
+_SHARD_RE = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
+
+
+def inspect_tokenizer(path: str) -> dict:
+    """A tokenizer.json: its model type and vocabulary size, and whether it is the o200k_harmony tokenizer Lens
+    needs (the 97-token preamble check of :func:`lens_core.prompt.load_tokenizer`)."""
+    from .. import prompt
+
+    data = read_json_object(path, "tokenizer.json", CheckpointError)
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    vocab = model.get("vocab")
+    added = data.get("added_tokens") if isinstance(data.get("added_tokens"), list) else []
+    info = {"path": path, "family": "tokenizer", "component": "tokenizer", "size_bytes": os.path.getsize(path),
+            "tokenizer_model": model.get("type"),
+            "vocab_size": (len(vocab) if isinstance(vocab, (dict, list)) else 0) + len(added)}
+    try:
+        prompt.load_tokenizer(path)
+        info["lens_preamble"] = "ok (o200k_harmony: the Lens template is 97 tokens)"
+    except (ValueError, OSError) as exc:
+        info["lens_preamble"] = f"wrong: {exc}"
+    return info
+
+
+def _inspect_json(path: str, variant) -> dict:
+    """A .json file: a shard index (inspected as the checkpoint it indexes), a tokenizer.json, or a config."""
+    data = read_json_object(path, "JSON file", CheckpointError)
+    if "weight_map" in data:
+        return _inspect_source(path, variant)
+    if isinstance(data.get("model"), dict) and ("added_tokens" in data or "pre_tokenizer" in data):
+        return inspect_tokenizer(path)
+    what = data.get("_class_name") or (data.get("architectures") or [None])[0] or data.get("model_type")
+    if what is not None or "_diffusers_version" in data:
+        return {"path": path, "family": "config", "component": None, "size_bytes": os.path.getsize(path),
+                "describes": what,
+                "looks_like": f"a model configuration ({what}), not weights; inspect its folder or its "
+                              f".safetensors files"}
+    raise CheckpointError(f"{path}: expected a shard index (*.safetensors.index.json with 'weight_map'), a "
+                          f"tokenizer.json or a model config.json, found a JSON object with keys "
+                          f"{sorted(data)[:12]}")
+
+
+def _shard_of(path: str) -> dict | None:
+    """A ``name-0000k-of-0000n.safetensors`` file: the checkpoint it is part of (through the index beside it)
+    plus this shard's own tensors and size; None for a file that is not a numbered shard."""
+    m = _SHARD_RE.search(os.path.basename(path))
+    if m is None or not os.path.isfile(path):
+        return None
+    k, n = int(m.group(1)), int(m.group(2))
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    own = SafetensorsFile(path)
+    part = {"path": path, "shard": f"{k} of {n}", "shard_tensors": len(own.entries), "shard_size_bytes": own.size,
+            "shard_dtypes": _dtype_summary(TensorSource([own], {e: (own, e) for e in own.entries}, path, None, None))}
+    own.close()
+    for index in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors.index.json")):
+        ipath = os.path.join(folder, index)
+        try:
+            wm = read_json_object(ipath, "shard index", CheckpointError).get("weight_map")
+        except CheckpointError:
+            continue
+        if isinstance(wm, dict) and name in wm.values():
+            whole = _inspect_source(ipath, None)
+            return dict(part, index=ipath, **{k2: v for k2, v in whole.items() if k2 != "path"})
+    if n == 1:
+        return None
+    return dict(part, component=None, family="unknown",
+                looks_like=f"shard {k} of {n} of a sharded checkpoint whose index (*.safetensors.index.json "
+                           f"listing {name}) is missing from {folder}; inspect the index or the folder")
+
+
 def format_inspect(info: dict, indent: str = "") -> str:
     """Human-readable lines for :func:`inspect` output."""
     lines = []
@@ -74,8 +156,8 @@ def format_inspect(info: dict, indent: str = "") -> str:
             for name, sub in v.items():
                 lines.append(f"{indent}  {name}:")
                 lines.append(format_inspect(sub, indent + "    "))
-        elif k == "size_bytes":
-            lines.append(f"{indent}size: {v / 1e9:.3f} GB ({v} bytes)")
+        elif k in ("size_bytes", "shard_size_bytes"):
+            lines.append(f"{indent}{k.replace('_bytes', '')}: {v / 1e9:.3f} GB ({v} bytes)")
         else:
             lines.append(f"{indent}{k}: {v}")
     return "\n".join(lines)

@@ -40,11 +40,19 @@ class TensorEntry:
         return self.end - self.start
 
 
+_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+               (b"RIFF", "a RIFF (WebP/WAV) file"), (b"\x89HDF", "an HDF5 (.h5) file"), (b"GGUF", "a GGUF file"),
+               (b"\x1f\x8b", "a gzip file"), (b"7z\xbc\xaf", "a 7-zip archive"), (b"%PDF", "a PDF document"))
+
+
 def _describe_foreign_file(path: str, head: bytes) -> str:
     if head[:2] == b"PK" or head[:1] == b"\x80":
         return "a pickle / torch.save file"
-    if head[:4] == b"GGUF":
-        return "a GGUF file"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return what
+    if head[:1] in (b"{", b"[") or (head and all(32 <= c < 127 or c in (9, 10, 13) for c in head)):
+        return f"a text file starting with {head[:16]!r}"
     return f"a file whose first bytes are {head[:8]!r}"
 
 
@@ -156,7 +164,7 @@ class SafetensorsFile:
             st = os.fstat(f.fileno())
             self.size = st.st_size
             self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            head = f.read(9)
+            head = f.read(16)
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: expected a safetensors file, found a {self.size}-byte file "
                                       f"(truncated or empty)")
@@ -167,12 +175,17 @@ class SafetensorsFile:
             if not (length_ok and head[8:9] == b"{") and (head[:4] == b"GGUF" or head[:2] == b"PK" or head[:1] == b"\x80"):
                 raise CheckpointError(f"{self.path}: expected a safetensors file, found "
                                       f"{_describe_foreign_file(self.path, head)}; only safetensors is loaded")
+            if not length_ok and not (head[8:9] == b"{" and 1 < n <= MAX_HEADER_BYTES):
+                # the first 8 bytes do not read as a header length: another kind of file, not a damaged one
+                raise CheckpointError(f"{self.path}: expected a safetensors file (an 8-byte header length, then a "
+                                      f"JSON header), found {_describe_foreign_file(self.path, head)} of "
+                                      f"{self.size} bytes; only safetensors is loaded")
             if n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{self.path}: expected a safetensors header of at most {MAX_HEADER_BYTES} "
                                       f"bytes, the length field says {n} (corrupt or not safetensors)")
             if not length_ok:
                 raise CheckpointError(f"{self.path}: expected a safetensors header of {n} bytes after the 8-byte "
-                                      f"length, found a {self.size}-byte file (truncated or not safetensors)")
+                                      f"length, found a {self.size}-byte file (truncated)")
             f.seek(8)
             raw = f.read(n)
         if len(raw) != n:
