@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="sequential offload (default: on for cuda)")
     g.add_argument("--fp8", action="store_true", help="store the DiT block Linears as fp8 e4m3fn")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="LoRA/LoHa/LoKr file for the DiT, strength default 1.0 (repeatable: adapters stack)")
     g.add_argument("--out", required=True, help="output PNG (several images: out_0.png, out_1.png, ...)")
 
     i = sub.add_parser("inspect", help="describe a checkpoint file or folder")
@@ -62,6 +64,8 @@ def _png_info(params: dict):
                f"Steps: {params['steps']}, CFG scale: {params['cfg']}, Seed: {params['seed']}, "
                f"Size: {params['width']}x{params['height']}, Model: {VARIANT_NAMES.get(params['variant'], params['variant'])}, "
                f"Denoise: {params['denoise']}, Dtype: {params['dtype']}, Template date: {params['template_date']}")
+    if params.get("loras"):
+        summary += ", Lora: " + " ".join(f"{d['file']}:{d['strength']:g}" for d in params["loras"])
     info.add_text("parameters", summary)
     info.add_text("lens", json.dumps(params))
     return info
@@ -77,12 +81,14 @@ def out_paths(out: str, n: int) -> list[str]:
 def cmd_generate(args) -> int:
     import torch
 
+    from .lora import parse_lora_arg
     from .pipeline import LensPipeline
 
+    loras = [parse_lora_arg(a) for a in args.lora]
     pipe = LensPipeline.from_pretrained(args.model, text_encoder=args.text_encoder, vae=args.vae,
                                         tokenizer=args.tokenizer, dtype=getattr(torch, DTYPES[args.dtype]),
                                         device=args.device, offload=args.offload, variant=args.variant,
-                                        fp8=args.fp8, progress=True)
+                                        fp8=args.fp8, progress=True, loras=loras)
     out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
                aspect=args.aspect or (None if args.height or args.width or args.image else "1:1"), base=args.base,
                steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=args.num_images, image=args.image,

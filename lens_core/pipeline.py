@@ -53,7 +53,7 @@ class LensPipeline:
     """Text-to-image (and img2img) with Lens, Lens-Turbo or Lens-Base."""
 
     def __init__(self, transformer, text_encoder, tokenizer, vae, *, variant="lens", dtype=torch.bfloat16,
-                 device="cpu", offload=False, exact=True):
+                 device="cpu", offload=False, exact=True, loras=None):
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -69,12 +69,46 @@ class LensPipeline:
         if not self.offload:
             for m in (transformer, text_encoder, vae):
                 m.to(self.device)
+        self.loras: list = []           # [(file name, strength)] applied to the DiT
+        self._lora_cache: dict = {}
+        if loras:
+            self.set_loras(loras)
+
+    def set_loras(self, loras=()):
+        """Replace the DiT's LoRAs: ``loras`` = [(path or LoraAdapter, strength) | path, …] (empty = none).
+
+        The previous adapters are removed first (merged weights get their exact originals back), so the base
+        weights are never re-read; each file is read once and kept for later calls."""
+        from . import lora as lo
+
+        items = []
+        for item in loras or ():
+            src, strength = (item, 1.0) if isinstance(item, (str, os.PathLike, lo.LoraAdapter)) else item
+            strength = lo.check_strength(strength, f"strength of {src}")
+            if not isinstance(src, lo.LoraAdapter):
+                key = os.path.abspath(os.fspath(src))
+                stat = os.stat(key)
+                ck_key = (key, stat.st_mtime_ns, stat.st_size)
+                if ck_key not in self._lora_cache:
+                    self._lora_cache[ck_key] = lo.load_lora(key)
+                src = self._lora_cache[ck_key]
+            items.append((src, strength))
+        lo.remove_loras(self.transformer)
+        self.loras = []
+        try:
+            for adapter, strength in items:
+                lo.apply_lora(self.transformer, adapter, strength)
+                self.loras.append((adapter.name, strength))
+        except Exception:
+            lo.remove_loras(self.transformer)      # never leave half a set applied
+            self.loras = []
+            raise
 
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path=None, *, transformer=None, text_encoder=None, vae=None, tokenizer=None,
                         dtype=torch.bfloat16, device="auto", offload=None, variant=None, fp8=False,
-                        configs: dict | None = None, exact=True, progress=False) -> "LensPipeline":
+                        configs: dict | None = None, exact=True, progress=False, loras=None) -> "LensPipeline":
         """Load every component.
 
         ``path``: a diffusers Lens folder (all components), a DiT file/folder (then ``text_encoder`` and ``vae``
@@ -84,6 +118,7 @@ class LensPipeline:
         ``variant``: "lens" / "turbo" / "base" (default: detected from config/metadata/path).
         ``fp8``: store the DiT's block Linears as fp8 e4m3fn. ``configs``: per-component config overrides
         (``{"transformer": {...}, "text_encoder": {...}, "vae": {...}}``, for files without config.json).
+        ``loras``: [(path, strength), …] applied to the DiT (see :meth:`set_loras`).
         """
         paths = dict(path) if isinstance(path, dict) else {}
         unknown = set(paths) - set(COMPONENTS)
@@ -135,7 +170,7 @@ class LensPipeline:
         if bar is not None:
             bar.close()
         pipe = cls(dit, te, tok, v, variant=dit.lens_checkpoint.variant, dtype=dtype, device=device,
-                   offload=offload, exact=exact)
+                   offload=offload, exact=exact, loras=loras)
         pipe.paths = paths
         pipe.progress = progress
         return pipe
@@ -285,7 +320,8 @@ class LensPipeline:
         params = {"prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
                   "steps": steps, "cfg": cfg, "seed": None if latents is not None else seed,
                   "num_images": int(num_images), "denoise": denoise, "template_date": template_date,
-                  "variant": self.variant, "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact}
+                  "variant": self.variant, "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact,
+                  "loras": [{"file": n, "strength": s} for n, s in self.loras]}
         return LensOutput(images=images, latents=final, uint8=pixels, parameters=params)
 
 
