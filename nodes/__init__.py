@@ -6,6 +6,7 @@ Imported as a subpackage of the pack (``<pack>.nodes``), so lens_core is reached
 from .conditioning import LensTextEncode
 from .latents import LensEmptyLatent, LensVAEDecode, LensVAEEncode
 from .loaders import LensCheckpointLoader, LensModelLoader, LensTextEncoderLoader, LensVAELoader
+from .lora import LensLoraLoader
 from .sampling import LensSampler
 
 NODE_CLASS_MAPPINGS = {
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "LensSampler": LensSampler,
     "LensVAEDecode": LensVAEDecode,
     "LensVAEEncode": LensVAEEncode,
+    "LensLoraLoader": LensLoraLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,4 +32,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LensSampler": "Lens Sampler",
     "LensVAEDecode": "Lens VAE Decode",
     "LensVAEEncode": "Lens VAE Encode",
+    "LensLoraLoader": "Lens LoRA Loader",
 }
