@@ -620,7 +620,11 @@ def _remerge(model, name: str, module, entries):
             return
         acc = base.to(device=w.device, dtype=torch.float32, copy=True)
         for t, c in active:
-            acc.add_(t.delta(torch.float32, w.device), alpha=c)
+            if t.kind == "lora":       # fused acc += c·scale·(up @ down), no ΔW temporary
+                f = t.factors
+                acc.addmm_(f["up"].to(w.device), f["down"].to(w.device), alpha=c * t.scale)
+            else:
+                acc.add_(t.delta(torch.float32, w.device), alpha=c)
         w.copy_(acc)
 
 
