@@ -129,3 +129,54 @@ def test_lora_loader_in_real_comfyui(golden_dir, pipeline_dir, tmp_path):
     for k in ("a_vs_lens_core", "b_vs_lens_core", "stacked_vs_lens_core", "fp8_vs_lens_core", "lowvram_vs_full"):
         assert r[k] <= 1e-5, (k, r[k])
     assert r["lowvram_patched_layers"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# over the HTTP API of a running ComfyUI (the server fixture of test_comfyui_integration)
+
+from test_comfyui_integration import _node_id, _workflow_prompt, object_info, server  # noqa: E402,F401
+
+
+def _image_bytes(server, hist):   # noqa: F811
+    from PIL import Image
+
+    (images,) = [o["images"] for o in hist["outputs"].values() if "images" in o]
+    img = images[0]
+    with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:
+        return im.tobytes()
+
+
+def test_lora_graph_over_http(server, object_info, golden_dir):   # noqa: F811
+    """t2i graph → with LensLoraLoader the image changes → without it again, the base image bit for bit (the
+    sampler really re-runs: ComfyUI unpatches the LoRA'd clone)."""
+    import torch
+
+    from fixtures import dit_config
+    from lens_core.dit import LensTransformer
+
+    loras = server.base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        dit = LensTransformer(dit_config(golden_dir, "pipeline"))
+    lf.write(loras / "http_style.safetensors", "videox",
+             lf.random_factors(dit, lf.target_names(dit), rank=4, alpha=2.0, seed=5, scale=0.2))
+    info = server.get("/object_info/LensLoraLoader")
+    assert "http_style.safetensors" in info["LensLoraLoader"]["input"]["required"]["lora_name"][0]
+
+    base_prompt = _workflow_prompt("lens_turbo_t2i", object_info, LensSampler={"seed": 777})
+    loader, sampler = _node_id(base_prompt, "LensModelLoader"), _node_id(base_prompt, "LensSampler")
+    with_lora = json.loads(json.dumps(base_prompt))
+    with_lora["990"] = {"class_type": "LensLoraLoader",
+                        "inputs": {"model": [loader, 0], "lora_name": "http_style.safetensors", "strength": 1.0}}
+    with_lora[sampler]["inputs"]["model"] = ["990", 0]
+    results = []
+    for prompt in (base_prompt, with_lora, base_prompt):
+        pid = server.submit(prompt)
+        status, hist = server.finish(pid)
+        assert status == "execution_success", hist and hist["status"]
+        ran = [e["data"]["node"] for k, e in server.ws.for_prompt(pid)
+               if k == "json" and e["type"] == "executing" and e["data"]["node"]]
+        results.append((_image_bytes(server, hist), sampler in ran))
+    (a, _), (b, ran_b), (c, ran_c) = results
+    assert ran_b and ran_c
+    assert a != b and a == c
