@@ -201,17 +201,17 @@ def test_per_call_delta_on_8bit_layers(family, kind, quantized_models, base_mode
 
 
 def _foreign_keys():
-    t = torch.zeros(4, 8)
-    return {
-        "SDXL": {"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": t,
-                 "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": t},
-        "FLUX": {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": t,
-                 "lora_unet_single_blocks_0_linear1.lora_up.weight": t},
-        "Qwen-Image": {"transformer_blocks.0.attn.add_q_proj.lora_A.weight": t,
-                       "transformer_blocks.0.img_mlp.net.0.proj.lora_B.weight": t},
-        "Wan": {"diffusion_model.blocks.0.cross_attn.k.lora_A.weight": t,
-                "diffusion_model.blocks.0.self_attn.q.lora_B.weight": t},
+    keys = {
+        "SDXL": ["lora_unet_input_blocks_4_1_proj_in.lora_down.weight",
+                 "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"],
+        "FLUX": ["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+                 "lora_unet_single_blocks_0_linear1.lora_up.weight"],
+        "Qwen-Image": ["transformer_blocks.0.attn.add_q_proj.lora_A.weight",
+                       "transformer_blocks.0.img_mlp.net.0.proj.lora_B.weight"],
+        "Wan": ["diffusion_model.blocks.0.cross_attn.k.lora_A.weight",
+                "diffusion_model.blocks.0.self_attn.q.lora_B.weight"],
     }
+    return {fam: {k: torch.zeros(4, 8) for k in ks} for fam, ks in keys.items()}
 
 
 @pytest.mark.parametrize("family", ["SDXL", "FLUX", "Qwen-Image", "Wan"])
