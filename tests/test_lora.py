@@ -318,9 +318,8 @@ def test_pipeline_loras_set_loras_and_png_metadata(pipeline_dir, tmp_path):
     pipe.set_loras([])
     assert torch.equal(pipe("a cube", **kw).uint8, base)
     assert all(torch.equal(v, dit.state_dict()[k]) for k, v in w_before.items())
-    pipe2 = LensPipeline.from_pretrained(pipeline_dir, dtype=torch.float32, device="cpu", loras=[(pa, 1.0)])
-    assert torch.equal(pipe2("a cube", **kw).uint8, with_lora.uint8)
 
+    # the CLI goes through from_pretrained(loras=...)
     out = tmp_path / "o.png"
     assert main(["generate", "--model", str(pipeline_dir), "--prompt", "a cube", "--height", "32", "--width", "32",
                  "--steps", "2", "--cfg", "3", "--seed", "1", "--device", "cpu", "--dtype", "fp32",

@@ -122,11 +122,16 @@ def run(args):
     rows.append(dict(step, what="forward, plain weights", s=base, s_48_blocks=base * scale48))
     rows.append(dict(step, what="forward, LoRA merged", s=merged, s_48_blocks=merged * scale48,
                      overhead_pct=100 * (merged / base - 1)))
+    # per-token multiply-adds of the per-call LoRA path vs all block Linears (attention scores excluded)
+    lin = sum(m.in_features * m.out_features for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks."))
+    extra = sum(args.rank * (model.get_submodule(n).in_features + model.get_submodule(n).out_features)
+                for n in adapter.targets)
     q = _to_fp8(model)
     qbase = median_time(lambda: fwd(q), runs=args.runs, warmup=1)
     lo.apply_lora(q, adapter, 0.8)
     qlora = median_time(lambda: fwd(q), runs=args.runs, warmup=1)
     rows.append(dict(step, what="forward, fp8 layers", s=qbase, s_48_blocks=qbase * scale48))
     rows.append(dict(step, what="forward, fp8 layers + LoRA per call", s=qlora, s_48_blocks=qlora * scale48,
-                     overhead_pct=100 * (qlora / qbase - 1)))
+                     overhead_pct=100 * (qlora / qbase - 1), linear_flops_added_pct=100 * extra / lin))
     return rows
