@@ -281,12 +281,13 @@ def _pattern_alpha(meta: _MetaAlpha, name: str) -> float | None:
     return meta.alpha
 
 
-def _foreign(keys) -> str | None:
-    for k in keys:
-        flat = k.replace(".", "_")
-        for pat, what in FOREIGN_LORAS:
-            if pat in flat:
-                return what
+def _foreign(keys) -> tuple[str, str] | None:
+    """(what the file is, an example key) from the most specific other-model signature found, or None."""
+    flat = [(k.replace(".", "_"), k) for k in keys]
+    for pat, what in FOREIGN_LORAS:
+        for f, k in flat:
+            if pat in f:
+                return what, k
     return None
 
 
@@ -422,15 +423,17 @@ def load_lora(path) -> LoraAdapter:
                 raise LoraError(f"{path}: {k}: expected a float tensor (F32/F16/BF16), found {st.entries[k].dtype}")
             g["parts"][role] = st.read(k)
             g["keys"][role] = k
+        # another model's LoRA may share a few names with Lens (Qwen-Image has img_mod.1 / txt_mod.1 too): any
+        # key with another model's signature decides
+        found = _foreign(unmatched)
+        if found is not None:
+            raise LoraError(f"{path}: this is {found[0]}, not a LoRA for the Lens DiT (e.g. key {found[1]!r}); "
+                            f"use it with its own model")
         if not groups:
-            what = _foreign(keys)
-            if what is None:
-                det = detect(keys)
-                if det.component is not None:
-                    what = f"{det.description}, not a LoRA (load it as a model)"
-            if what is not None:
-                raise LoraError(f"{path}: this is {what}, not a LoRA for the Lens DiT; use it with its own "
-                                f"model")
+            det = detect(keys)
+            if det.component is not None:
+                raise LoraError(f"{path}: this is {det.description}, not a LoRA for the Lens DiT; load it with "
+                                f"the model loaders")
             raise LoraError(f"{path}: none of its {len(keys)} keys names a Lens DiT layer (e.g. "
                             f"{sorted(keys)[:WARN_NAMES]}); expected keys like "
                             f"'lora_unet_transformer_blocks_0_attn_img_qkv.lora_down.weight' or "

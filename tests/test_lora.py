@@ -206,7 +206,8 @@ def _foreign_keys():
                  "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"],
         "FLUX": ["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
                  "lora_unet_single_blocks_0_linear1.lora_up.weight"],
-        "Qwen-Image": ["transformer_blocks.0.attn.add_q_proj.lora_A.weight",
+        "Qwen-Image": ["transformer_blocks.0.img_mod.1.lora_A.weight", "transformer_blocks.0.img_mod.1.lora_B.weight",
+                       "transformer_blocks.0.attn.add_q_proj.lora_A.weight",
                        "transformer_blocks.0.img_mlp.net.0.proj.lora_B.weight"],
         "Wan": ["diffusion_model.blocks.0.cross_attn.k.lora_A.weight",
                 "diffusion_model.blocks.0.self_attn.q.lora_B.weight"],
@@ -221,6 +222,16 @@ def test_lora_of_another_model_is_named(family, tmp_path):
     with pytest.raises(ValueError, match=family) as e:
         lo.load_lora(p)
     assert str(p) in str(e.value) and "not a LoRA for the Lens DiT" in str(e.value)
+
+
+def test_qwen_image_lora_sharing_modulation_names_is_named(tmp_path):
+    p = tmp_path / "qwen.safetensors"
+    save_file({"transformer_blocks.0.img_mod.1.lora_A.weight": torch.zeros(4, 3072),
+               "transformer_blocks.0.img_mod.1.lora_B.weight": torch.zeros(18432, 4),
+               "transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+               "transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight": torch.zeros(4, 3072)}, str(p))
+    with pytest.raises(ValueError, match="Qwen-Image"):
+        lo.load_lora(p)
 
 
 def test_shape_mismatch_names_first_key_and_both_shapes(base_model, model, tmp_path):
@@ -242,7 +253,7 @@ def test_unmatched_keys_warn_once_with_count_and_names(base_model, model, tmp_pa
     from safetensors.torch import load_file
     sd = load_file(str(p))
     sd["lora_unet_some_other_layer.lora_down.weight"] = torch.zeros(2, 3)
-    sd["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(2, 3)
+    sd["lora_unet_transformer_blocks_0_attn_norm_q.lora_up.weight"] = torch.zeros(2, 3)   # not a Linear
     sd["lora_unet_transformer_blocks_7_attn_img_qkv.lora_down.weight"] = torch.zeros(4, 128)   # no block 7 here
     sd["lora_unet_transformer_blocks_7_attn_img_qkv.lora_up.weight"] = torch.zeros(384, 4)
     save_file(sd, str(p))
@@ -267,7 +278,7 @@ def test_pickle_and_non_lora_files_refused(golden_dir, tmp_path):
     with pytest.raises(ValueError, match="pickle"):
         lo.load_lora(pt)
     dit = fx.write_comfy_dit_bf16(tmp_path / "lens_bf16.safetensors", golden_dir)
-    with pytest.raises(ValueError, match="Lens DiT.*not a LoRA"):
+    with pytest.raises(ValueError, match="a Lens DiT.*not a LoRA"):
         lo.load_lora(dit)
 
 
