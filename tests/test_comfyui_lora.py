@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 import lora_fixtures as lf
+from conftest import comfyui_dir_or_skip
 
 pytestmark = pytest.mark.comfyui
 
@@ -97,9 +98,7 @@ print(json.dumps(out))
 
 
 def test_lora_loader_in_real_comfyui(golden_dir, pipeline_dir, tmp_path):
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
-        pytest.skip("COMFYUI_DIR not set (real-ComfyUI integration tests)")
+    comfy_dir = comfyui_dir_or_skip()
     import torch
 
     from fixtures import dit_config, write_comfy_dit_bf16
