@@ -122,9 +122,10 @@ def run(args):
     rows.append(dict(step, what="forward, plain weights", s=base, s_48_blocks=base * scale48))
     rows.append(dict(step, what="forward, LoRA merged", s=merged, s_48_blocks=merged * scale48,
                      overhead_pct=100 * (merged / base - 1)))
-    # per-token multiply-adds of the per-call LoRA path vs all block Linears (attention scores excluded)
+    # per-token multiply-adds of the per-call LoRA path vs the per-token block Linears (the modulation Linears run
+    # once per block on the time embedding; attention scores excluded)
     lin = sum(m.in_features * m.out_features for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks."))
+              if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.") and "_mod" not in n)
     extra = sum(args.rank * (model.get_submodule(n).in_features + model.get_submodule(n).out_features)
                 for n in adapter.targets)
     q = _to_fp8(model)
