@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 
 import pytest
 
 import lora_fixtures as lf
 from conftest import comfyui_dir_or_skip
+from test_comfyui_integration import REPO, TOOL
 
 pytestmark = pytest.mark.comfyui
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TOOL = (REPO.parent / "shared" / "tools" / "comfyui_headless.sh").resolve()
 
 SCRIPT = r'''
 import copy, dataclasses, importlib.util, json, sys, torch
