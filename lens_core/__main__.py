@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="sequential offload (default: on for cuda)")
     g.add_argument("--fp8", action="store_true", help="store the DiT block Linears as fp8 e4m3fn")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="LoRA/LoHa/LoKr file for the DiT, strength default 1.0 (repeatable: adapters stack)")
     g.add_argument("--out", required=True, help="output PNG (several images: out_0.png, out_1.png, ...)")
 
     i = sub.add_parser("inspect", help="describe a checkpoint file or folder")
@@ -94,6 +96,8 @@ def _png_info(params: dict):
                f"Steps: {params['steps']}, CFG scale: {params['cfg']}, Seed: {params['seed']}{index}, "
                f"Size: {params['width']}x{params['height']}, Model: {VARIANT_NAMES.get(params['variant'], params['variant'])}, "
                f"Denoise: {params['denoise']}, Dtype: {params['dtype']}, Template date: {params['template_date']}")
+    if params.get("loras"):
+        summary += ", Lora: " + " ".join(f"{d['file']}:{d['strength']:g}" for d in params["loras"])
     info.add_text("parameters", summary)
     info.add_text("lens", json.dumps(params))
     return info
@@ -185,13 +189,20 @@ def validate_generate(args) -> dict:
     check_outputs(outputs)
     paths = resolve_paths(args.model, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
                           names=FLAG_NAMES)
+    from .lora import parse_lora_arg
+
+    loras = [parse_lora_arg(a) for a in args.lora]
+    for path, _ in loras:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--lora: no such file {path!r}; expected a LoRA .safetensors file[:strength]")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: expected a CUDA device, found none (torch {torch.__version__}); fix: "
                          f"--device cpu, or install a CUDA build of PyTorch")
     device = resolve_device(args.device)
     dtype, reason = resolve_dtype(DTYPES[args.dtype], device)
     return {"prompt": prompt, "paths": paths, "request": request, "outputs": outputs, "first": first,
-            "device": device, "dtype": dtype, "dtype_reason": reason, "denoise_note": note}
+            "device": device, "dtype": dtype, "dtype_reason": reason, "denoise_note": note,
+            "loras": loras}
 
 
 def _command(args, plan, params: dict) -> str:
@@ -216,6 +227,8 @@ def _command(args, plan, params: dict) -> str:
     cmd += ["--date", params["template_date"], "--dtype", dtype_name(plan["dtype"]), "--device", plan["device"].type]
     if args.fp8:
         cmd.append("--fp8")
+    for path, strength in plan.get("loras", []):
+        cmd += ["--lora", f"{os.path.abspath(path)}:{strength!r}"]
     cmd += ["--out", "out.png"]
     return shlex.join(cmd)
 
@@ -231,7 +244,8 @@ def run_generate(args, plan: dict) -> int:
     paths = plan["paths"]
     pipe = LensPipeline.from_pretrained({c: paths[c] for c in ("transformer", "text_encoder", "vae", "tokenizer")},
                                         dtype=plan["dtype"], device=plan["device"], offload=args.offload,
-                                        variant=args.variant, fp8=args.fp8, progress=True)
+                                        variant=args.variant, fp8=args.fp8, progress=True,
+                                        loras=plan["loras"])
     req = plan["request"]
     image = req["image"]
     for k, path in enumerate(plan["outputs"]):

@@ -52,7 +52,7 @@ class LensPipeline:
     """Text-to-image (and img2img) with Lens, Lens-Turbo or Lens-Base."""
 
     def __init__(self, transformer, text_encoder, tokenizer, vae, *, variant="lens", dtype=torch.bfloat16,
-                 device="cpu", offload=False, exact=True):
+                 device="cpu", offload=False, exact=True, loras=None):
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -68,12 +68,46 @@ class LensPipeline:
         if not self.offload:
             for m in (transformer, text_encoder, vae):
                 m.to(self.device)
+        self.loras: list = []           # [(file name, strength)] applied to the DiT
+        self._lora_cache: dict = {}
+        if loras:
+            self.set_loras(loras)
+
+    def set_loras(self, loras=()):
+        """Replace the DiT's LoRAs: ``loras`` = [(path or LoraAdapter, strength) | path, …] (empty = none).
+
+        The previous adapters are removed first (merged weights get their exact originals back), so the base
+        weights are never re-read; each file is read once and kept for later calls."""
+        from . import lora as lo
+
+        items = []
+        for item in loras or ():
+            src, strength = (item, 1.0) if isinstance(item, (str, os.PathLike, lo.LoraAdapter)) else item
+            strength = lo.check_strength(strength, f"strength of {src}")
+            if not isinstance(src, lo.LoraAdapter):
+                key = os.path.abspath(os.fspath(src))
+                stat = os.stat(key)
+                ck_key = (key, stat.st_mtime_ns, stat.st_size)
+                if ck_key not in self._lora_cache:
+                    self._lora_cache[ck_key] = lo.load_lora(key)
+                src = self._lora_cache[ck_key]
+            items.append((src, strength))
+        lo.remove_loras(self.transformer)
+        self.loras = []
+        try:
+            for adapter, strength in items:
+                lo.apply_lora(self.transformer, adapter, strength)
+                self.loras.append((adapter.name, strength))
+        except Exception:
+            lo.remove_loras(self.transformer)      # never leave half a set applied
+            self.loras = []
+            raise
 
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path=None, *, transformer=None, text_encoder=None, vae=None, tokenizer=None,
                         dtype=None, device="auto", offload=None, variant=None, fp8=False,
-                        configs: dict | None = None, exact=True, progress=False) -> "LensPipeline":
+                        configs: dict | None = None, exact=True, progress=False, loras=None) -> "LensPipeline":
         """Load every component.
 
         ``path``: a diffusers Lens folder (all components), a DiT file/folder (then ``text_encoder`` and ``vae``
@@ -86,6 +120,7 @@ class LensPipeline:
         ``variant``: "lens" / "turbo" / "base" (default: detected from config/metadata/path).
         ``fp8``: store the DiT's block Linears as fp8 e4m3fn. ``configs``: per-component config overrides
         (``{"transformer": {...}, "text_encoder": {...}, "vae": {...}}``, for files without config.json).
+        ``loras``: [(path, strength), …] applied to the DiT (see :meth:`set_loras`).
         """
         paths = resolve_paths(path, transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer)
         device = resolve_device(device)
@@ -120,7 +155,7 @@ class LensPipeline:
             if bar is not None:
                 bar.close()                               # also on errors: the message starts a clean line
         pipe = cls(dit, te, tok, v, variant=dit.lens_checkpoint.variant, dtype=dtype, device=device,
-                   offload=offload, exact=exact)
+                   offload=offload, exact=exact, loras=loras)
         pipe.paths = paths
         pipe.progress = progress
         pipe.dtype_reason = reason
@@ -265,7 +300,8 @@ class LensPipeline:
                   "num_images": req["num_images"], "batch_index": req["batch_index"] if seeded else None,
                   "denoise": denoise, "inpaint": packed_mask is not None, "template_date": req["template_date"],
                   "variant": self.variant,
-                  "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact}
+                  "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact,
+                  "loras": [{"file": n, "strength": s} for n, s in self.loras]}
         per_image = []
         for i in range(batch):
             one = dict(params, prompt=req["prompts"][i // req["num_images"]],

@@ -6,6 +6,7 @@ Imported as a subpackage of the pack (``<pack>.nodes``), so lens_core is reached
 from .conditioning import LensTextEncode
 from .latents import LensEmptyLatent, LensVAEDecode, LensVAEEncode
 from .loaders import LensCheckpointLoader, LensModelLoader, LensTextEncoderLoader, LensVAELoader
+from .lora import LensLoraLoader
 from .sampling import LensSampler
 from .sigmas import LensNoise, LensSigmas
 
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "LensSampler": LensSampler,
     "LensVAEDecode": LensVAEDecode,
     "LensVAEEncode": LensVAEEncode,
+    "LensLoraLoader": LensLoraLoader,
     "LensSigmas": LensSigmas,
     "LensNoise": LensNoise,
 }
@@ -33,6 +35,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LensSampler": "Lens Sampler",
     "LensVAEDecode": "Lens VAE Decode",
     "LensVAEEncode": "Lens VAE Encode",
+    "LensLoraLoader": "Lens LoRA Loader",
     "LensSigmas": "Lens Sigmas (official schedule)",
     "LensNoise": "Lens Noise (pipeline seed)",
 }

@@ -34,7 +34,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = (REPO.parent / "shared" / "tools" / "comfyui_headless.sh").resolve()
 PORTS = range(18188, 18300)
 LENS_NODES = {"LensModelLoader", "LensTextEncoderLoader", "LensVAELoader", "LensCheckpointLoader", "LensTextEncode",
-              "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode"}
+              "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode", "LensLoraLoader"}
 TINY = "Lens-tiny"
 UPSCALER = "tiny-compact-4x.safetensors"
 

@@ -75,7 +75,7 @@ def test_mappings_and_ids(pack):
     m = pack.NODE_CLASS_MAPPINGS
     assert set(m) == {"LensModelLoader", "LensTextEncoderLoader", "LensVAELoader", "LensCheckpointLoader",
                       "LensTextEncode", "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode",
-                      "LensSigmas", "LensNoise"}
+                      "LensLoraLoader", "LensSigmas", "LensNoise"}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(m)
     for name in m:
         assert name.startswith("Lens") and name not in CORE_IDS
@@ -83,7 +83,8 @@ def test_mappings_and_ids(pack):
 
 @pytest.mark.parametrize("name", ["LensModelLoader", "LensTextEncoderLoader", "LensVAELoader",
                                   "LensCheckpointLoader", "LensTextEncode", "LensEmptyLatent", "LensSampler",
-                                  "LensVAEDecode", "LensVAEEncode", "LensSigmas", "LensNoise"])
+                                  "LensVAEDecode", "LensVAEEncode", "LensLoraLoader", "LensSigmas",
+                                  "LensNoise"])
 def test_input_and_return_types_valid(pack, name):
     cls = pack.NODE_CLASS_MAPPINGS[name]
     spec = cls.INPUT_TYPES()

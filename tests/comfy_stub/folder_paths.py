@@ -12,7 +12,7 @@ def set_models_dir(path):
     global models_dir
     models_dir = str(path)
     folder_names_and_paths.clear()
-    for name in ("diffusion_models", "text_encoders", "vae", "vae_approx", "upscale_models", "checkpoints"):
+    for name in ("diffusion_models", "text_encoders", "vae", "vae_approx", "upscale_models", "checkpoints", "loras"):
         folder_names_and_paths[name] = ([os.path.join(models_dir, name)], set(supported_pt_extensions))
 
 

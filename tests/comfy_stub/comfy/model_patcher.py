@@ -12,6 +12,7 @@ class ModelPatcher:
         self.offload_device = offload_device
         self.weight_inplace_update = weight_inplace_update
         self.patches = {}
+        self.object_patches = {}
         self.model_options = {"transformer_options": {}}
         if not hasattr(model, "model_loaded_weight_memory"):
             model.model_loaded_weight_memory = 0
@@ -29,9 +30,27 @@ class ModelPatcher:
     def loaded_size(self):
         return self.model.model_loaded_weight_memory
 
-    def clone(self):
-        return self.__class__(self.model, self.load_device, self.offload_device, self.size,
-                              weight_inplace_update=self.weight_inplace_update)
+    def clone(self, disable_dynamic=False, model_override=None, force_deepcopy=False):
+        n = self.__class__(self.model, self.load_device, self.offload_device, self.size,
+                           weight_inplace_update=self.weight_inplace_update)
+        n.patches = {k: v[:] for k, v in self.patches.items()}
+        n.object_patches = self.object_patches.copy()
+        return n
+
+    def add_object_patch(self, name, obj):
+        self.object_patches[name] = obj
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        """Records (strength_patch, patch, strength_model, offset, function) per existing state-dict key, as
+        ComfyUI does; the stand-in never applies them."""
+        keys = set(self.model.state_dict())
+        added = []
+        for k, patch in patches.items():
+            key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+            if key in keys:
+                added.append(k)
+                self.patches.setdefault(key, []).append((strength_patch, patch, strength_model, offset, function))
+        return added
 
     def is_clone(self, other):
         return hasattr(other, "model") and self.model is other.model
