@@ -7,6 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .. import quant_linear as ql
 from .. import readahead
 from .detect import COMPONENT_NAMES
 from .errors import CheckpointError
@@ -120,3 +121,29 @@ class CheckpointInfo:
     variant_source: str = ""
     config: dict | None = None
     extra: dict = dataclasses.field(default_factory=dict)
+
+
+def _read_stored_bytes(source, name, device):
+    return source.read_bytes(name, device)
+
+
+def keep_gguf_linears(model: nn.Module, source: TensorSource, dtype, skip=()) -> dict:
+    """Replace every Linear whose weight the GGUF ``source`` stores quantized by a
+    :class:`lens_core.quant_linear.GGUFLinear` of that type (built on meta) and return the readers that load its
+    bytes as stored. Other quantized tensors (norms, embeddings) are dequantized when assigned (read())."""
+    special = {}
+    for name, mod in list(model.named_modules()):
+        key = name + ".weight"
+        if name in skip or not isinstance(mod, nn.Linear) or key not in source:
+            continue
+        qtype = source.quant_type(key)
+        if qtype is None:
+            continue
+        out_f, in_f = source.shape(key)
+        if (out_f, in_f) != (mod.out_features, mod.in_features):
+            raise CheckpointError(f"{source.file_of(key)}: tensor {key!r} has shape {[out_f, in_f]}, the model "
+                                  f"built from its config expects {[mod.out_features, mod.in_features]}")
+        _replace_module(model, name, ql.GGUFLinear(in_f, out_f, qtype, bias=mod.bias is not None, device="meta",
+                                                   dtype=dtype))
+        special[key] = _read_stored_bytes
+    return special

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .detect import detect, detect_variant, dit_family, quant_layers, strip_prefix, te_family
+from .detect import describe, detect, detect_variant, dit_family, quant_layers, strip_prefix, te_family
 from .errors import CheckpointError
 from .source import _dtype_summary, _has_weights, is_diffusers_root, open_source
 from .transformer import dit_config_from_shapes
@@ -41,8 +41,12 @@ def inspect(path, variant: str | None = None) -> dict:
                 "tensors": len(source.keys()), "files": len(source.files),
                 "size_bytes": sum(f.size for f in source.files), "dtypes": _dtype_summary(source),
                 "metadata_keys": sorted(source.metadata)}
+        versions = {f.version for f in source.files if hasattr(f, "read_bytes")}
+        if versions:     # GGUF: container version, architecture (None for stable-diffusion.cpp files)
+            info.update(format=f"GGUF v{max(versions)}", architecture=source.architecture)
+            info["metadata_keys"] = len(source.metadata)
         if det.component is None:
-            info.update(family="unknown", looks_like=det.description)
+            info.update(family="unknown", looks_like=describe(source, det))
             return info
         src = strip_prefix(source, det.prefix)
         info["prefix"] = det.prefix
