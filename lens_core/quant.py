@@ -218,6 +218,11 @@ class PackedExperts(nn.Module):
     ``forward(x [N, D], router_indices [N, k], routing_weights [N, k]) -> [N, D]``.
     """
 
+    # ComfyUI's ModelPatcher looks up ``<module>.weight`` / ``.bias`` of every comfy_cast_weights module when it
+    # plans a partial (lowvram) load (0.33 ``_load_list``); the bank has neither: None means "nothing to cast".
+    weight = None
+    bias = None
+
     def __init__(self, num_experts, hidden_size, intermediate_size, alpha=1.702, limit=7.0, fmt="mxfp4",
                  mode="packed", device=None, dtype=None):
         super().__init__()

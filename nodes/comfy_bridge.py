@@ -188,12 +188,25 @@ def model_folders(folder: str) -> list[str]:
     return sorted(found)
 
 
+def gguf_files(folder: str) -> list[str]:
+    """``.gguf`` files below ``folder``'s roots (ComfyUI's own lists leave the extension out)."""
+    found = set()
+    for root in _folder_roots(folder):
+        if not os.path.isdir(root):
+            continue
+        for cur, subdirs, files in os.walk(root, followlinks=True):
+            subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+            found.update(os.path.relpath(os.path.join(cur, f), root).replace(os.sep, "/")
+                         for f in files if f.lower().endswith(".gguf"))
+    return sorted(found)
+
+
 def model_files(folder: str) -> list[str]:
-    """safetensors files of ``folder`` that are not part of a diffusers folder."""
+    """safetensors and GGUF files of ``folder`` that are not part of a diffusers folder."""
     folders = model_folders(folder)
     out = []
-    for name in folder_paths.get_filename_list(folder):
-        if not name.lower().endswith((".safetensors", ".sft")):
+    for name in list(folder_paths.get_filename_list(folder)) + gguf_files(folder):
+        if not name.lower().endswith((".safetensors", ".sft", ".gguf")) or name in out:
             continue
         if any(name.startswith(d + "/") for d in folders):
             continue

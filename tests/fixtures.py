@@ -471,7 +471,7 @@ def write_gguf_te(path, golden_dir, fused=False, float_type="BF16") -> pathlib.P
 
     for k, v in src.items():
         if k == "model.embed_tokens.weight":
-            put("token_embd.weight", v)
+            put("token_embd.weight", v, "BF16")
         elif k == "model.norm.weight":
             put("output_norm.weight", v, "F32")
         elif k == "lm_head.weight":

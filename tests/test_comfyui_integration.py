@@ -54,6 +54,25 @@ def _write_dits(folder, golden_dir):
     save_file(sd, str(folder / "lens-narrow-text_bf16.safetensors"))
 
 
+GGUF_DIT, GGUF_TE = "lens-tiny-Q8_0.gguf", "gguf-tiny/gpt-oss-tiny.gguf"
+
+
+def _write_ggufs(models, golden_dir, pipeline_dir):
+    """GGUF files (issue 15): the tiny pipeline DiT as a stable-diffusion.cpp Q8_0 GGUF in diffusion_models, and
+    the tiny GPT-OSS as an unsloth-style GGUF in text_encoders/gguf-tiny/ with tokenizer.json beside it (plus the
+    pipeline's transformer/config.json there, which is where the loader finds the tiny layer selection)."""
+    import shutil
+
+    from fixtures import write_gguf_dit, write_gguf_te
+
+    write_gguf_dit(models / "diffusion_models" / GGUF_DIT, golden_dir, "Q8_0", which="pipeline")
+    te = models / "text_encoders" / GGUF_TE
+    (te.parent / "transformer").mkdir(parents=True)
+    write_gguf_te(te, golden_dir)
+    shutil.copy(pipeline_dir / "tokenizer" / "tokenizer.json", te.parent / "tokenizer.json")
+    shutil.copy(pipeline_dir / "transformer" / "config.json", te.parent / "transformer" / "config.json")
+
+
 def _write_tiny_upscaler(path):
     """A 4× RealESRGAN-Compact upscale model (4 features, no inner convs) that ComfyUI's loader recognises."""
     import torch
@@ -232,6 +251,7 @@ def server(request, tmp_path_factory):
         (tmp / "models" / sub).mkdir(parents=True)
     _write_tiny_upscaler(tmp / "models" / "upscale_models" / UPSCALER)
     _write_dits(tmp / "models" / "diffusion_models", request.getfixturevalue("golden_dir"))
+    _write_ggufs(tmp / "models", request.getfixturevalue("golden_dir"), pipeline_dir)
     os.symlink(pipeline_dir, tmp / "models" / "diffusion_models" / TINY)
     os.symlink(pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors",
                tmp / "models" / "diffusion_models" / "misplaced-flux2-vae.safetensors")
@@ -584,6 +604,23 @@ def test_native_empty_latent_feeds_lens_sampler(server, object_info):
     prompt[latent] = {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 64, "batch_size": 1}}
     status, hist = server.finish(server.submit(prompt))
     assert status == "execution_success", hist and hist["status"]
+    (images,) = [o["images"] for o in hist["outputs"].values() if "images" in o]
+    with Image.open(server.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
+        assert im.size == (96, 64)
+
+
+def test_gguf_t2i_runs(server, object_info):
+    """The turbo t2i graph with a Q8_0 GGUF DiT and a GGUF GPT-OSS encoder (both tiny), listed by the loaders."""
+    from PIL import Image
+
+    assert GGUF_DIT in object_info["LensModelLoader"]["input"]["required"]["model_name"][0]
+    assert GGUF_TE in object_info["LensTextEncoderLoader"]["input"]["required"]["text_encoder_name"][0]
+    prompt = _workflow_prompt("lens_turbo_t2i", object_info,
+                              LensModelLoader={"model_name": GGUF_DIT},
+                              LensTextEncoderLoader={"text_encoder_name": GGUF_TE})
+    pid = server.submit(prompt)
+    status, hist = server.finish(pid)
+    assert status == "execution_success", json.dumps(hist and hist["status"])[-3000:]
     (images,) = [o["images"] for o in hist["outputs"].values() if "images" in o]
     with Image.open(server.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
         assert im.size == (96, 64)
