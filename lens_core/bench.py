@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-COMPONENTS = ("dit", "te", "vae", "load", "pipeline")
+COMPONENTS = ("dit", "te", "vae", "load", "pipeline", "gguf")
 
 
 def median_time(fn, runs: int = 3, warmup: int = 1, sync=None) -> float:
