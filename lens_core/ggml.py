@@ -148,34 +148,28 @@ def _q3_k(b):
     return (dl * q).view(n, 256)
 
 
-def _k_scale_min(sc: torch.Tensor):
-    """The 8 six-bit scales and mins of a ``Q4_K`` / ``Q5_K`` super-block from its 12 scale bytes."""
-    a, m, md = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
-    scale = torch.cat([a & 63, (md & 15) | ((a >> 2) & 48)], dim=1)
-    mins = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], dim=1)
-    return scale, mins
+def _k_scales(b):
+    """Per-32 scale ``d·sc`` and min ``dmin·m`` ``[n, 8, 1]`` of a ``Q4_K`` / ``Q5_K`` super-block (bytes 0-15:
+    d, dmin, then 12 bytes packing eight 6-bit scales and eight 6-bit mins)."""
+    n = b.shape[0]
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    a, m, md = b[:, 4:8], b[:, 8:12], b[:, 12:16]
+    sc = torch.cat([a & 63, (md & 15) | ((a >> 2) & 48)], dim=1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], dim=1)
+    return (d * sc.float()).view(n, 8, 1), (dmin * mn.float()).view(n, 8, 1)
 
 
 def _q4_k(b):
-    n = b.shape[0]
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    sc, mn = _k_scale_min(b[:, 4:16])
-    dl = (d * sc.float()).view(n, 8, 1)
-    ml = (dmin * mn.float()).view(n, 8, 1)
-    q = _nibbles(b[:, 16:144], 4).reshape(n, 8, 32).float()
-    return (dl * q - ml).view(n, 256)
+    dl, ml = _k_scales(b)
+    q = _nibbles(b[:, 16:144], 4).reshape(-1, 8, 32).float()
+    return (dl * q - ml).view(-1, 256)
 
 
 def _q5_k(b):
-    n = b.shape[0]
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    sc, mn = _k_scale_min(b[:, 4:16])
-    dl = (d * sc.float()).view(n, 8, 1)
-    ml = (dmin * mn.float()).view(n, 8, 1)
-    ql = _nibbles(b[:, 48:176], 4).reshape(n, 8, 32)
-    qh = _bits(b[:, 16:48], 1, 1).reshape(n, 8, 32)
-    q = (ql | (qh << 4)).float()
-    return (dl * q - ml).view(n, 256)
+    dl, ml = _k_scales(b)
+    ql = _nibbles(b[:, 48:176], 4).reshape(-1, 8, 32)
+    qh = _bits(b[:, 16:48], 1, 1).reshape(-1, 8, 32)
+    return (dl * (ql | (qh << 4)).float() - ml).view(-1, 256)
 
 
 def _q6_k(b):

@@ -171,33 +171,35 @@ def _folder_roots(folder: str) -> list[str]:
         return []
 
 
-def model_folders(folder: str) -> list[str]:
-    """Relative paths of diffusers folders below ``folder``'s roots: pipeline roots (model_index.json) and
-    stand-alone component folders (config.json next to *.safetensors)."""
-    found = set()
+def _walk(folder: str):
+    """(root, current dir, subdirs (prunable, hidden ones dropped), files) below each of ``folder``'s roots."""
     for root in _folder_roots(folder):
         if not os.path.isdir(root):
             continue
         for cur, subdirs, files in os.walk(root, followlinks=True):
             subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
-            is_pipeline = DIFFUSERS_MARKER in files
-            is_component = "config.json" in files and any(f.endswith(".safetensors") for f in files)
-            if (is_pipeline or is_component) and cur != root:
-                found.add(os.path.relpath(cur, root).replace(os.sep, "/"))
-                subdirs[:] = []          # do not list a folder's own shards or sub-components
+            yield root, cur, subdirs, files
+
+
+def model_folders(folder: str) -> list[str]:
+    """Relative paths of diffusers folders below ``folder``'s roots: pipeline roots (model_index.json) and
+    stand-alone component folders (config.json next to *.safetensors)."""
+    found = set()
+    for root, cur, subdirs, files in _walk(folder):
+        is_pipeline = DIFFUSERS_MARKER in files
+        is_component = "config.json" in files and any(f.endswith(".safetensors") for f in files)
+        if (is_pipeline or is_component) and cur != root:
+            found.add(os.path.relpath(cur, root).replace(os.sep, "/"))
+            subdirs[:] = []          # do not list a folder's own shards or sub-components
     return sorted(found)
 
 
 def gguf_files(folder: str) -> list[str]:
     """``.gguf`` files below ``folder``'s roots (ComfyUI's own lists leave the extension out)."""
     found = set()
-    for root in _folder_roots(folder):
-        if not os.path.isdir(root):
-            continue
-        for cur, subdirs, files in os.walk(root, followlinks=True):
-            subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
-            found.update(os.path.relpath(os.path.join(cur, f), root).replace(os.sep, "/")
-                         for f in files if f.lower().endswith(".gguf"))
+    for root, cur, _subdirs, files in _walk(folder):
+        found.update(os.path.relpath(os.path.join(cur, f), root).replace(os.sep, "/")
+                     for f in files if f.lower().endswith(".gguf"))
     return sorted(found)
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import fixtures as fx
+from test_checkpoints import dit_io, run_dit  # noqa: F401 (dit_io is a fixture)
 from lens_core import checkpoints as ck
 from lens_core import ggml
 from lens_core import quant_linear as ql
@@ -99,19 +100,6 @@ def test_gguf_linear(qtype):
 # --------------------------------------------------------------------------------------------------
 # tiny DiT
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def dit_io(golden_dir):
-    return load_file(str(golden_dir / "dit_tiny" / "io.safetensors"))
-
-
-def run_dit(model, io, dtype=torch.float32):
-    feats = [io[f"encoder_hidden_states_{i}"].to(dtype) for i in range(4)]
-    _, h, w = io["img_shape"].tolist()
-    with torch.no_grad():
-        return model(io["hidden_states"].to(dtype), feats, io["encoder_hidden_states_mask"],
-                     io["timestep"].to(dtype), grid=(h, w)).float()
-
-
 @pytest.fixture(scope="module")
 def dit_files(golden_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf_dit")
