@@ -192,7 +192,10 @@ def run_memory(args):
         rows.append({"file": kind if kind != "te" else f"te (layers 0-{args.te_layers - 1})", "file_GB": round(size / 1e9, 3), "write_s": round(write_s, 1),
                      "load_s": round(r["load_s"], 1), "resident_GB": round(r["resident"] / 1e9, 3),
                      "rss_after_GB": round(r["after"] / 1e9, 3), "peak_rss_GB": round(r["peak"] / 1e9, 3),
-                     "peak/resident": round(r["peak"] / r["resident"], 3), "family": r["family"],
+                     "peak/resident": round(r["peak"] / r["resident"], 3),
+                     "baseline_GB": round(r["baseline"] / 1e9, 3),
+                     "(peak-baseline)/resident": round((r["peak"] - r["baseline"]) / r["resident"], 3),
+                     "family": r["family"],
                      "dtypes": r["dtypes"]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
