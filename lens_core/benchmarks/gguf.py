@@ -197,8 +197,21 @@ def run_memory(args):
                      "(peak-baseline)/resident": round((r["peak"] - r["baseline"]) / r["resident"], 3),
                      "family": r["family"],
                      "dtypes": r["dtypes"]})
+        if kind == "te":
+            rows[-1]["full_24_layer_resident_GB (meta)"] = round(_te_full_resident() / 1e9, 3)
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _te_full_resident() -> int:
+    """Resident bytes of the whole feature encoder (layers 0-23, MXFP4 experts packed, bf16 rest) computed on a
+    model built on ``meta`` with the same parameter shapes and dtypes the GGUF loader produces."""
+    from lens_core.checkpoints import REAL_TE_CONFIG, init_empty_weights
+    from lens_core.text_encoder import LensTextEncoder, TextEncoderConfig, resident_bytes
+
+    with init_empty_weights():
+        m = LensTextEncoder(TextEncoderConfig.from_dict(REAL_TE_CONFIG), dtype=torch.bfloat16)
+    return resident_bytes(m)
 
 
 def _quantized_bytes(w: torch.Tensor, qtype: str) -> torch.Tensor:
