@@ -673,3 +673,49 @@ def test_gguf_t2i_runs(server, object_info):
     (images,) = [o["images"] for o in hist["outputs"].values() if "images" in o]
     with Image.open(server.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
         assert im.size == (96, 64)
+
+
+GGUF_INPROCESS = r'''
+import importlib.util, json, sys, torch
+repo, models = sys.argv[1], sys.argv[2]
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_management as mm, folder_paths
+folder_paths.add_model_folder_path("diffusion_models", models + "/diffusion_models", is_default=True)
+folder_paths.add_model_folder_path("text_encoders", models + "/text_encoders", is_default=True)
+spec = importlib.util.spec_from_file_location("lens_nodes_inproc", repo + "/__init__.py",
+                                              submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_inproc"] = pack; spec.loader.exec_module(pack)
+N = pack.NODE_CLASS_MAPPINGS
+(model,) = N["LensModelLoader"]().load(sys.argv[3])
+(te,) = N["LensTextEncoderLoader"]().load(sys.argv[4])
+enc = N["LensTextEncode"]()
+(pos,), (neg,) = enc.encode(te, "a red cube on a wooden table"), enc.encode(te, "")
+(lat,) = N["LensEmptyLatent"]().generate("custom", 1024, 96, 64, 1)
+run = lambda: N["LensSampler"]().sample(model, pos, neg, lat, 3, 2, 5.0, 1.0)[0]["samples"]
+full = run()
+mm.unload_all_models()
+model.patcher.load(model.patcher.load_device, lowvram_model_memory=1)
+gguf = [m for m in model.patcher.model.modules() if type(m).__name__ == "GGUFLinear"]
+casting = sum(1 for m in gguf if getattr(m, "prev_comfy_cast_weights", None) is not None)
+low = run()
+te.patcher.load(te.patcher.load_device, lowvram_model_memory=1)
+(pos2,) = enc.encode(te, "a red cube on a wooden table")
+print(json.dumps({"gguf_layers": len(gguf), "lowvram_gguf_layers": casting, "lowvram_equal": bool(torch.equal(full, low)),
+                  "te_equal": bool(torch.equal(pos[0][0], pos2[0][0]))}))
+'''
+
+
+def test_gguf_lowvram_load_keeps_numbers(server, tmp_path):
+    """ComfyUI's partial (lowvram) load of a GGUF DiT and a GGUF encoder: the GGUFLinear layers are put in
+    cast-per-call mode by ComfyUI's ModelPatcher and sampling / encoding give the same numbers."""
+    script = tmp_path / "gguf_inprocess.py"
+    script.write_text(GGUF_INPROCESS)
+    models = server.base.parent / "models"
+    out = subprocess.run(["bash", str(TOOL), "python", os.environ["COMFYUI_DIR"], str(script), str(REPO),
+                          str(models), GGUF_DIT, GGUF_TE], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["gguf_layers"] > 0 and result["lowvram_gguf_layers"] == result["gguf_layers"]
+    assert result["lowvram_equal"] and result["te_equal"]
