@@ -280,3 +280,13 @@ def test_gguf_hostile_headers(tmp_path, golden_dir):
     _raises(lambda: ck.load_transformer(_header_only(tmp_path / "v1.gguf", 0, b"", b"", version=1)), "version 1")
     nan = struct.pack("<Q", 17) + b"general.alignment" + struct.pack("<If", 6, float("nan"))
     _raises(lambda: ck.load_transformer(_header_only(tmp_path / "al.gguf", 0, nan, b"", n_kv=1)), "alignment")
+
+
+def test_gguf_encoder_tokenizer_beside_the_file(golden_dir, tmp_path, tokenizer_json):
+    import shutil
+
+    path = fx.write_gguf_te(tmp_path / "gpt-oss-20b-Q4_K_M.gguf", golden_dir)
+    _raises(lambda: ck.load_tokenizer(path), "gpt-oss-20b-Q4_K_M.tokenizer.json", "tokenizer.json")
+    shutil.copy(tokenizer_json, tmp_path / "gpt-oss-20b-Q4_K_M.tokenizer.json")
+    tok = ck.load_tokenizer(path)
+    assert tok is not None
