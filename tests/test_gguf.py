@@ -1,8 +1,9 @@
 """GGUF (issue 15): torch dequantization against the gguf package, tiny DiT / GPT-OSS GGUF files in the real
 layouts (written with the gguf package's own writer) against the safetensors models, and hostile files.
 
-References: ``gguf.quants.dequantize`` (ggml's numpy reference; test-only) for every block type, the golden
-fp32 DiT output (dit_tiny/io.safetensors) and the diffusers MXFP4 text encoder.
+References (the gguf package is test-only): ``gguf.quants.dequantize`` for every block type, ``gguf.GGUFReader``
+for the tensor index and metadata, ``gguf.GGUFWriter`` writes the files; the golden fp32 DiT output
+(dit_tiny/io.safetensors) and the diffusers MXFP4 text encoder.
 """
 from __future__ import annotations
 
@@ -207,6 +208,33 @@ def test_te_gguf_quantized_attention_stays_quantized(golden_dir, tmp_path, case_
     with torch.no_grad():
         for a, b in zip(m(ids, mask), ref(ids, mask)):
             assert torch.equal(a, b)
+
+
+def test_index_equals_ggufreader(dit_files, golden_dir, tmp_path):
+    """The bounded header walk finds what ggml's own reader finds: names, types, shapes, offsets, sizes, and the
+    metadata (long arrays summarized)."""
+    from lens_core.checkpoints.gguf import GGUFFile
+
+    te = fx.write_gguf_te(tmp_path / "te.gguf", golden_dir, fused=True)
+    for path in (dit_files["Q4_K"][0], dit_files["Q8_0"][0], te):
+        ours, ref = GGUFFile(path), gguf.GGUFReader(str(path))
+        assert ours.data_start == ref.data_offset and len(ours.entries) == len(ref.tensors)
+        for t in ref.tensors:
+            e = ours.entries[t.name]
+            assert (e.dtype, e.shape, e.start, e.nbytes) == (T(t.tensor_type).name,
+                                                             tuple(reversed(t.shape.tolist())), t.data_offset,
+                                                             t.n_bytes)
+        for key, field in ref.fields.items():
+            if key.startswith("GGUF.") or key not in ours.metadata:
+                continue
+            value = field.contents()
+            if isinstance(value, list) and len(value) > 64:
+                assert ours.metadata[key] == f"<array of {len(value)} strings>"
+            elif isinstance(value, float):
+                assert ours.metadata[key] == pytest.approx(value)
+            else:
+                assert ours.metadata[key] == value, key
+        assert ours.architecture == (None if path != te else "gpt-oss")
 
 
 # --------------------------------------------------------------------------------------------------

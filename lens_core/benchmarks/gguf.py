@@ -52,6 +52,8 @@ def _s(text: str) -> bytes:
 
 
 def _kv(key, value) -> bytes:
+    if isinstance(value, list):         # array of strings (tokenizer vocabularies)
+        return _s(key) + struct.pack("<IIQ", 9, 8, len(value)) + b"".join(_s(v) for v in value)
     if isinstance(value, str):
         return _s(key) + struct.pack("<I", 8) + _s(value)
     if isinstance(value, float):
@@ -131,7 +133,10 @@ def te_tensors() -> tuple[list, dict]:
           "gpt-oss.expert_used_count": c["num_experts_per_tok"], "gpt-oss.attention.sliding_window": 128,
           "gpt-oss.attention.key_length": hd, "gpt-oss.rope.freq_base": 150000.0,
           "gpt-oss.attention.layer_norm_rms_epsilon": 1e-5, "gpt-oss.rope.scaling.factor": 32.0,
-          "gpt-oss.rope.scaling.original_context_length": 4096}
+          "gpt-oss.rope.scaling.original_context_length": 4096,
+          # vocabulary arrays of the real files' size (201,088 tokens, ~446k merges): what gguf's reader parses
+          "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [f"t{i}" for i in range(vocab)],
+          "tokenizer.ggml.merges": [f"m{i} n{i}" for i in range(446189)]}
     return t, md
 
 

@@ -1,17 +1,20 @@
-"""GGUF reading: a strict structural check of the header, then ``gguf.GGUFReader`` (ggml's own reader, imported
-only here, only when a ``.gguf`` is opened) for the metadata and the tensor index; data memory-mapped like
-safetensors and dequantized in torch (:mod:`lens_core.ggml`).
+"""GGUF reading: one strict, bounded walk of the header gives the metadata and the tensor index; the data is
+memory-mapped like safetensors and dequantized in torch (:mod:`lens_core.ggml`). No third-party package is used
+at run time; tests check the index against ``gguf.GGUFReader`` (ggml's own reader) on the files they write.
 
 Facts: ../shared/docs/lora_gguf_reasoner.md §2. Layout (GGUF v2/v3, little-endian): ``"GGUF"``, u32 version,
 u64 tensor count, u64 key/value count, the key/values (u64-length strings, u32 value type, value; arrays = u32
 item type + u64 count + items), the tensor infos (name, u32 n_dims, u64 dims innermost first, u32 GGML type, u64
 offset relative to the data section), padding to ``general.alignment`` (default 32), the data section.
 
-Hostile input: ``GGUFReader`` trusts counts (an array count beyond the end of the file makes it loop on empty
-reads; a huge in-bounds array makes one numpy object per item), so :func:`_check_structure` first walks the
-whole header with every length and count bounded by the bytes left, nested arrays refused, dims/types/offsets
-checked (offsets aligned and inside the file, element counts bounded, rows made of whole blocks, no two tensors
-overlapping); only then is the reader run. Its failures are reported as :class:`CheckpointError`.
+Why not ``gguf.GGUFReader`` at run time (it was the first design): it builds one numpy object per metadata array
+item, and a real GPT-OSS GGUF carries its 201,088-token vocabulary and ~446k merges as string arrays: opening
+such a header took 139 s and +0.9 GB RSS with GGUFReader against 4 s and no lasting memory for this walk
+(measured on the 2-core machine under load, notes/issue15). It also trusts counts (an array count beyond the
+end of the file makes it loop on empty reads). :func:`_check_structure` walks the whole header with every
+length and count bounded by the bytes left, long arrays skipped (summarized in ``metadata``), nested arrays
+refused, dims/types/offsets checked (offsets aligned and inside the file, element counts bounded, rows made of
+whole blocks, no two tensors overlapping).
 """
 from __future__ import annotations
 
@@ -193,18 +196,6 @@ def _check_structure(path, buf, size):
     return version, metadata, infos, data_start
 
 
-def _gguf_reader(path):
-    try:
-        import gguf
-    except ImportError:
-        raise CheckpointError(f"{path}: loading a GGUF file needs the 'gguf' package (ggml's reader): "
-                              f"pip install gguf") from None
-    try:
-        return gguf.GGUFReader(path, "r")
-    except (ValueError, KeyError, IndexError, OverflowError, TypeError) as exc:
-        raise CheckpointError(f"{path}: the gguf reader refused the file ({exc}); corrupt GGUF") from None
-
-
 class GGUFFile(SafetensorsFile):
     """One GGUF file with the :class:`SafetensorsFile` interface (entries, read, span, release, close).
 
@@ -226,25 +217,16 @@ class GGUFFile(SafetensorsFile):
                     self.version, walked_md, infos, self.data_start = _check_structure(self.path, view, self.size)
                 finally:
                     view.release()
-        reader = _gguf_reader(self.path)
-        try:
-            if len(reader.tensors) != len(infos) or reader.data_offset != self.data_start:
-                raise CheckpointError(f"{self.path}: the gguf reader and the header check disagree (tensors "
-                                      f"{len(reader.tensors)} vs {len(infos)}, data at {reader.data_offset} vs "
-                                      f"{self.data_start}); corrupt GGUF")
-            self.entries: dict[str, TensorEntry] = {}
-            for t in reader.tensors:
-                qtype = ggml.BY_ID[int(t.tensor_type)]
-                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-                start = int(t.data_offset)
-                self.entries[t.name] = TensorEntry(t.name, qtype, shape, start, start + int(t.n_bytes))
-        finally:
-            del reader          # its numpy memmap is released with it; data is read through our own mapping
-        for name, dims, _type_id, offset in infos:
-            e = self.entries.get(name)
-            if e is None or e.start != self.data_start + offset or list(reversed(e.shape)) != dims:
-                raise CheckpointError(f"{self.path}: the gguf reader and the header check disagree on tensor "
-                                      f"{name!r}; corrupt GGUF")
+        self.entries: dict[str, TensorEntry] = {}
+        for name, dims, type_id, offset in infos:
+            qtype = ggml.BY_ID[type_id]
+            shape = tuple(reversed(dims))
+            start = self.data_start + offset
+            numel = 1
+            for d in dims:
+                numel *= d
+            self.entries[name] = TensorEntry(name, qtype, shape, start,
+                                             start + numel // dims[0] * ggml.row_bytes(qtype, dims[0]))
         self.metadata = walked_md
         self.architecture = walked_md.get("general.architecture")
         if self.architecture is not None and not isinstance(self.architecture, str):
