@@ -1,7 +1,7 @@
 """GGML tensor types (the data of GGUF files): block layouts, torch dequantization, MXFP4 re-packing.
 
 Facts: ../shared/docs/lora_gguf_reasoner.md §2 and the block layouts of ggml (``ggml-common.h``); the results are
-checked bit for bit against ``gguf.quants.dequantize`` (the gguf package's numpy reference) in tests/test_ggml.py.
+checked bit for bit against ``gguf.quants.dequantize`` (the gguf package's numpy reference) in tests/test_gguf.py.
 No gguf import here: this runs at forward time, on the compute device, per layer.
 
 A quantized tensor is stored row by row: a logical ``[..., n]`` tensor is ``[..., n / B · S]`` bytes, ``B`` values
