@@ -43,7 +43,8 @@ def inspect(path, variant: str | None = None) -> dict:
                 "metadata_keys": sorted(source.metadata)}
         versions = {f.version for f in source.files if hasattr(f, "read_bytes")}
         if versions:     # GGUF: container version, architecture (None for stable-diffusion.cpp files)
-            info.update(format=f"GGUF v{max(versions)}", architecture=source.architecture)
+            info.update(format=f"GGUF v{max(versions)}", architecture=source.architecture,
+                        gguf_quantized_tensors=sum(source.quant_type(k) is not None for k in source.keys()))
             info["metadata_keys"] = len(source.metadata)
         if det.component is None:
             info.update(family="unknown", looks_like=describe(source, det))
