@@ -1,6 +1,6 @@
 """GGUF reading: one strict, bounded walk of the header gives the metadata and the tensor index; the data is
-memory-mapped like safetensors and dequantized in torch (:mod:`lens_core.ggml`). No third-party package is used
-at run time; tests check the index against ``gguf.GGUFReader`` (ggml's own reader) on the files they write.
+read with positioned reads like safetensors (a file changing while read is an error, never SIGBUS) and
+dequantized in torch (:mod:`lens_core.ggml`). No third-party package is used at run time; tests check the index against ``gguf.GGUFReader`` (ggml's own reader) on the files they write.
 
 Facts: ../shared/docs/lora_gguf_reasoner.md §2. Layout (GGUF v2/v3, little-endian): ``"GGUF"``, u32 version,
 u64 tensor count, u64 key/value count, the key/values (u64-length strings, u32 value type, value; arrays = u32
@@ -18,7 +18,6 @@ whole blocks, no two tensors overlapping).
 """
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 
@@ -53,8 +52,20 @@ def is_gguf(path) -> bool:
 class _Walker:
     """Bounded reads over the mapped header; every failure is a CheckpointError naming the file."""
 
-    def __init__(self, path, buf, size):
-        self.path, self.buf, self.size, self.pos = path, buf, size, 0
+    def __init__(self, path, f, size):
+        self.path, self.f, self.size, self.pos = path, f, size, 0
+        self.buf = bytearray()
+        self._grow(min(size, 1 << 20))
+
+    def _grow(self, upto):
+        """Read the file up to byte ``upto`` (plain reads, doubling; never past the file size)."""
+        want = min(self.size, max(upto, 2 * len(self.buf)))
+        if want > len(self.buf):
+            self.f.seek(len(self.buf))
+            more = self.f.read(want - len(self.buf))
+            if len(self.buf) + len(more) < upto:
+                self.fail(f"the file ended at byte {len(self.buf) + len(more)} while it was read (it changed)")
+            self.buf += more
 
     def fail(self, what):
         raise CheckpointError(f"{self.path}: invalid GGUF header: {what} (at byte {self.pos} of {self.size}); the "
@@ -63,6 +74,8 @@ class _Walker:
     def take(self, n, what):
         if n < 0 or self.pos + n > self.size:
             self.fail(f"{what} needs {n} bytes, only {self.size - self.pos} left")
+        if self.pos + n > len(self.buf):
+            self._grow(self.pos + n)
         a = self.pos
         self.pos += n
         return a
@@ -120,12 +133,13 @@ class _Walker:
         self.fail(f"{what}: unknown value type {vtype}")
 
 
-def _check_structure(path, buf, size):
-    """Walk the header (see the module docstring). Returns (version, metadata, tensor infos, data start)."""
-    w = _Walker(path, buf, size)
-    if size < 24 or bytes(buf[:4]) != MAGIC:
+def _check_structure(path, f, size):
+    """Walk the header of the open file ``f`` (see the module docstring). Returns (version, metadata, tensor
+    infos, data start)."""
+    w = _Walker(path, f, size)
+    if size < 24 or bytes(w.buf[:4]) != MAGIC:
         raise CheckpointError(f"{path}: expected a GGUF file (magic 'GGUF' + 20 header bytes), found "
-                              f"{bytes(buf[:4])!r} in a {size}-byte file")
+                              f"{bytes(w.buf[:4])!r} in a {size}-byte file")
     w.pos = 4
     version = w.unpack("<I", 4, "version")
     if version & 0xFFFF == 0 and version:
@@ -197,7 +211,7 @@ def _check_structure(path, buf, size):
 
 
 class GGUFFile(SafetensorsFile):
-    """One GGUF file with the :class:`SafetensorsFile` interface (entries, read, span, release, close).
+    """One GGUF file with the :class:`SafetensorsFile` interface (entries, read, span, prefetch, close).
 
     ``entries[name].dtype`` is the GGML type name (``F16``, ``Q4_K``, ``MXFP4`` …) and ``.shape`` the logical
     (PyTorch-order) shape; :meth:`read` returns values (dequantized in torch when quantized), :meth:`read_bytes`
@@ -207,16 +221,13 @@ class GGUFFile(SafetensorsFile):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"{self.path}: no such file")
-        self.size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            self.size = st.st_size
+            self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             if self.size < 24:
                 raise CheckpointError(f"{self.path}: expected a GGUF file, found a {self.size}-byte file")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                view = memoryview(mm)
-                try:
-                    self.version, walked_md, infos, self.data_start = _check_structure(self.path, view, self.size)
-                finally:
-                    view.release()
+            self.version, walked_md, infos, self.data_start = _check_structure(self.path, f, self.size)
         self.entries: dict[str, TensorEntry] = {}
         for name, dims, type_id, offset in infos:
             qtype = ggml.BY_ID[type_id]
@@ -232,29 +243,22 @@ class GGUFFile(SafetensorsFile):
         if self.architecture is not None and not isinstance(self.architecture, str):
             raise CheckpointError(f"{self.path}: general.architecture must be a string, found "
                                   f"{self.architecture!r}")
-        self._mm = None
+        self._file = None
+        self._staging = None
 
     def is_quantized(self, name: str) -> bool:
         return self.entries[name].dtype not in ggml.FLOAT_TYPES
 
-    def raw(self, name: str) -> torch.Tensor:
-        """The mapped bytes of ``name``: typed for F32/F16/BF16, else uint8 ``[*shape[:-1], row bytes]``."""
-        e = self.entries[name]
-        buf = torch.frombuffer(self._map(), dtype=torch.uint8, count=e.nbytes, offset=e.start)
-        if e.dtype in ggml.FLOAT_TYPES:
-            return buf.view(ggml._FLOAT_DTYPES[e.dtype]).view(e.shape)
-        return buf.view(*e.shape[:-1], ggml.row_bytes(e.dtype, e.shape[-1]))
-
     def read_bytes(self, name: str, device=None) -> torch.Tensor:
         """An owned copy of the stored bytes (uint8 ``[*shape[:-1], row bytes]``) on ``device``."""
         e = self.entries[name]
-        src = torch.frombuffer(self._map(), dtype=torch.uint8, count=e.nbytes, offset=e.start)
         rows = ggml.row_bytes(e.dtype, e.shape[-1])
-        dst = torch.empty(*e.shape[:-1], rows, dtype=torch.uint8, device=device or "cpu")
-        dst.copy_(src.view(*e.shape[:-1], rows))
-        del src
-        self.release(name)
-        return dst
+        data = torch.empty(*e.shape[:-1], rows, dtype=torch.uint8)
+        self._read_into(data.data_ptr(), e.start, e.nbytes)
+        st = os.fstat(self._file.fileno())
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
+            self._changed(f" (after reading tensor {name!r})")
+        return data if device is None or torch.device(device).type == "cpu" else data.to(device)
 
     def read(self, name: str, dtype=None, device=None) -> torch.Tensor:
         """Values of ``name`` in ``dtype`` (default: the stored float dtype, float32 for quantized types)."""
