@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-COMPONENTS = ("dit", "te", "vae", "load", "pipeline", "lora")
+COMPONENTS = ("dit", "te", "vae", "load", "pipeline", "lora", "gguf")
 
 
 def median_time(fn, runs: int = 3, warmup: int = 1, sync=None) -> float:

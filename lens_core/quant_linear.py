@@ -1,4 +1,4 @@
-"""Quantised weight storage for DiT Linear layers: MXFP8 (Comfy-Org ``lens_*_mxfp8`` files) and fp8 e4m3fn.
+"""Quantised weight storage for Linear layers: MXFP8 (Comfy-Org ``lens_*_mxfp8`` files), fp8 e4m3fn and GGUF.
 
 Facts: ../shared/docs/checkpoint_formats.md §2.2-2.6.
 
@@ -15,8 +15,16 @@ Facts: ../shared/docs/checkpoint_formats.md §2.2-2.6.
   ``txt_mod``) and every norm are never converted (:func:`fp8_eligible`): quantizing modulation causes grid
   artifacts (checkpoint_formats.md §2.6 [WAVECUT]).
 
-Both layer classes cast their stored tensors to the input's device/dtype in forward (``cast_to``), so they work
-with weights left on an offload device.
+* **GGUF** (:class:`GGUFLinear`): the GGML block bytes of a GGUF file (``Q8_0``, ``Q4_K`` …, any type of
+  :data:`lens_core.ggml.TYPES`) kept as a uint8 ``[out, row bytes]`` parameter and dequantized per call by
+  :func:`lens_core.ggml.dequantize` on the input's device. It declares ComfyUI's ``comfy_cast_weights`` protocol
+  (ModelPatcher may leave it on the offload device in lowvram mode and puts LoRA ``LowVramPatch`` functions in
+  ``weight_function`` / ``bias_function``, applied here to the dequantized weight / bias).
+
+All layer classes share one interface: ``in_features``, ``out_features``, ``bias`` and
+``dequantized_weight(dtype, device)`` (the float weight a plain Linear would hold): a LoRA adds its delta to that
+weight, or to the output per call (lens_core.lora). All of them cast their stored tensors to the input's
+device/dtype in forward (``cast_to``), so they work with weights left on an offload device.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ggml
 from .ops import cast_to
 from .quant import untile_block_scales
 
@@ -175,3 +184,39 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3fn rowwise"
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF block storage
+# --------------------------------------------------------------------------------------------------
+class GGUFLinear(nn.Module):
+    """A Linear whose weight stays in a GGML block type (``qtype``); dequantized per call on the input's device."""
+
+    def __init__(self, in_features, out_features, qtype: str, bias=True, device=None, dtype=None):
+        super().__init__()
+        if qtype not in ggml.TYPES:
+            raise ValueError(f"GGUF Linear: GGML type {qtype!r} is not supported; supported: {list(ggml.TYPES)}")
+        self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
+        self.weight = nn.Parameter(torch.empty(out_features, ggml.row_bytes(qtype, in_features), device=device,
+                                               dtype=torch.uint8), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        # ComfyUI ModelPatcher protocol (see the module docstring); per-instance lists
+        self.comfy_cast_weights = True
+        self.weight_function, self.bias_function = [], []
+
+    def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
+        return ggml.dequantize(cast_to(self.weight, None, device), self.qtype, (self.out_features, self.in_features),
+                               dtype)
+
+    def forward(self, x):
+        w = self.dequantized_weight(x.dtype, x.device)
+        for fn in self.weight_function:
+            w = fn(w)
+        b = cast_to(self.bias, x.dtype, x.device)
+        if b is not None:
+            for fn in self.bias_function:
+                b = fn(b)
+        return F.linear(x, w, b)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, gguf {self.qtype}"

@@ -264,7 +264,7 @@ def _walk(root: str):
 
 
 def _listing(folder: str) -> tuple[list[str], list[str]]:
-    """(diffusers folders, loose .safetensors files) below ``folder``'s roots, as relative '/' paths.
+    """(diffusers folders, loose .safetensors / .gguf files) below ``folder``'s roots, as relative '/' paths.
 
     Diffusers folders are pipeline roots (model_index.json) and stand-alone component folders (config.json next
     to *.safetensors); their own shards and sub-components are not listed as files."""
@@ -282,7 +282,8 @@ def _listing(folder: str) -> tuple[list[str], list[str]]:
                 folders.add(rel)
                 inside.append(rel)
                 continue
-            files += [f"{rel}/{n}" if rel else n for n in names if n.lower().endswith((".safetensors", ".sft"))]
+            files += [f"{rel}/{n}" if rel else n for n in names
+                      if n.lower().endswith((".safetensors", ".sft", ".gguf"))]
     return sorted(folders), sorted(set(files))
 
 
@@ -292,7 +293,8 @@ def model_folders(folder: str) -> list[str]:
 
 
 def model_files(folder: str) -> list[str]:
-    """safetensors files of ``folder`` that are not part of a diffusers folder."""
+    """safetensors and GGUF files of ``folder`` that are not part of a diffusers folder (ComfyUI's own
+    filename lists leave .gguf out)."""
     return _listing(folder)[1]
 
 

@@ -115,8 +115,9 @@ class LensModelLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": (bridge.model_choices("diffusion_models"), {
-                "tooltip": "A Lens DiT file in models/diffusion_models (e.g. lens_bf16.safetensors) or a "
-                           "diffusers Lens folder placed there."}),
+                "tooltip": "A Lens DiT file in models/diffusion_models or models/unet (e.g. lens_bf16.safetensors, "
+                           "or a GGUF such as lens-Q4_K.gguf, kept quantized) or a diffusers Lens folder placed "
+                           "there."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "default",
                 "tooltip": "Storage dtype of the weights; 'default' keeps the file's dtype. fp8 halves memory "
@@ -144,8 +145,9 @@ class LensTextEncoderLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "text_encoder_name": (bridge.model_choices(*TE_FOLDERS, dir_folders=TE_DIR_FOLDERS), {
-                "tooltip": "The GPT-OSS text encoder in models/text_encoders (e.g. gpt_oss_20b_nvfp4.safetensors) "
-                           "or a diffusers Lens folder (its text_encoder/ and tokenizer/ are used)."}),
+                "tooltip": "The GPT-OSS text encoder in models/text_encoders or models/clip (e.g. "
+                           "gpt_oss_20b_nvfp4.safetensors, or a GPT-OSS GGUF with tokenizer.json beside it) or a "
+                           "diffusers Lens folder (its text_encoder/ and tokenizer/ are used)."}),
             "device": (["default", "cpu"], {
                 "default": "default",
                 "tooltip": "'cpu' keeps the text encoder on the CPU (saves VRAM for the DiT); 'default' lets "

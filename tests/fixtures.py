@@ -324,3 +324,182 @@ def write_pickle_lookalike(path) -> pathlib.Path:
     """Bytes shaped like a torch.save zip archive (never unpickled; the loader must refuse it by itself)."""
     pathlib.Path(path).write_bytes(b"PK\x03\x04" + b"\x00" * 60 + b"archive/data.pkl")
     return pathlib.Path(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF files (written with the gguf package's own writer; test-side only)
+# --------------------------------------------------------------------------------------------------
+GGUF_KEEP = (".bias", ".scale", ".weight_scale", "img_in.", "txt_in.", "time_in.", "final_layer.", "embedding")
+
+
+def _gguf_writer(path, arch):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch or "none")
+    if arch is None:      # stable-diffusion.cpp files carry no general.architecture
+        del w.kv_data[0]["general.architecture"]
+    return w
+
+
+def _gguf_write(w):
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def quantize_q4_k(x: torch.Tensor) -> bytes:
+    """A plain Q4_K quantizer (the gguf package has none): per 32 values scale = (max − min)/15 and min, both
+    6-bit relative to the super-block's f16 ``d`` / ``dmin``; codes rounded to nearest. Returns the block bytes."""
+    import numpy as np
+
+    v = x.detach().double().reshape(-1, 8, 32).numpy()
+    lo = np.minimum(v.min(-1), 0.0)
+    hi = v.max(-1)
+    scale = (hi - lo) / 15
+    mins = -lo
+    d = (scale.max(-1) / 63).astype(np.float16)
+    dmin = (mins.max(-1) / 63).astype(np.float16)
+    dd, dm = d.astype(np.float64)[:, None], dmin.astype(np.float64)[:, None]
+    sc = np.clip(np.round(np.divide(scale, dd, out=np.zeros_like(scale), where=dd > 0)), 0, 63).astype(np.uint8)
+    mn = np.clip(np.round(np.divide(mins, dm, out=np.zeros_like(mins), where=dm > 0)), 0, 63).astype(np.uint8)
+    es = (dd * sc)[..., None]
+    em = (dm * mn)[..., None]
+    q = np.clip(np.round(np.divide(v + em, es, out=np.zeros_like(v), where=es > 0)), 0, 15).astype(np.uint8)
+    n = v.shape[0]
+    scales = np.zeros((n, 12), np.uint8)
+    scales[:, 0:4] = (sc[:, 0:4] & 63) | ((sc[:, 4:8] >> 4) << 6)
+    scales[:, 4:8] = (mn[:, 0:4] & 63) | ((mn[:, 4:8] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:8] & 15) | ((mn[:, 4:8] & 15) << 4)
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, 128)       # group g: sub-block 2g low, 2g+1 high
+    out = np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), scales, qs], axis=1)
+    return out
+
+
+def gguf_quantize(t: torch.Tensor, qtype: str):
+    """(numpy array for GGUFWriter.add_tensor, raw GGML type) of ``t`` in ``qtype`` (F32, F16, BF16, Q8_0, Q4_K)."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGMLQuantizationType
+    a = t.detach().float().contiguous().numpy()
+    if qtype == "F32":
+        return a, None
+    if qtype == "F16":
+        return a.astype(np.float16), None
+    if qtype == "BF16":
+        return t.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16), T.BF16
+    if qtype == "Q8_0":
+        return gguf.quants.quantize(a, T.Q8_0), T.Q8_0
+    if qtype == "Q4_K":
+        rows = a.shape[-1] // 256 * 144
+        return quantize_q4_k(t).reshape(*a.shape[:-1], rows), T.Q4_K
+    raise ValueError(qtype)
+
+
+def sdcpp_type(name: str, t: torch.Tensor, qtype: str) -> str:
+    """The type stable-diffusion.cpp's converter gives a tensor (lora_gguf_reasoner.md §2): the requested type,
+    except names it keeps and rows that are not whole blocks, which stay F16."""
+    block = {"Q8_0": 32, "Q4_K": 256}.get(qtype, 1)
+    if qtype in ("F16", "F32") or any(k in name for k in GGUF_KEEP) or t.shape[-1] % block:
+        return "F16" if qtype != "F32" else "F32"
+    return qtype
+
+
+def write_gguf_dit(path, golden_dir, qtype="F16", which="dit_tiny", arch=None) -> tuple[pathlib.Path, dict]:
+    """The tiny DiT as a stable-diffusion.cpp GGUF (no general.architecture, diffusers names). Returns (path,
+    {name: GGML type})."""
+    w = _gguf_writer(path, arch)
+    w.add_uint32("general.alignment", 32)
+    types = {}
+    for k, v in dit_state_dict(golden_dir, which).items():
+        types[k] = sdcpp_type(k, v, qtype)
+        data, raw = gguf_quantize(v, types[k])
+        w.add_tensor(k, data, raw_dtype=raw)
+    _gguf_write(w)
+    return pathlib.Path(path), types
+
+
+def _ggml_mxfp4(blocks: torch.Tensor, scales: torch.Tensor):
+    """HF MXFP4 (element 2i in the low nibble of byte i) → GGML type-39 bytes (scale byte, then element j in the
+    low nibble of byte j and j + 16 in its high nibble): written here independently of lens_core.ggml."""
+    import numpy as np
+
+    b = blocks.numpy()
+    codes = np.stack([b & 15, b >> 4], axis=-1).reshape(*b.shape[:-1], 32)
+    qs = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
+    out = np.concatenate([scales.numpy()[..., None], qs], axis=-1)
+    return out.reshape(*b.shape[:-2], b.shape[-2] * 17)
+
+
+def write_gguf_te(path, golden_dir, fused=False, float_type="BF16") -> pathlib.Path:
+    """The golden tiny GPT-OSS as a llama.cpp / unsloth GGUF (``gpt-oss`` architecture, ``blk.N.*`` names, MXFP4
+    experts with gate/up de-interleaved, separate or fused ``ffn_gate_up_exps``)."""
+    import gguf
+
+    cfg = te_config(golden_dir)
+    src = te_state_dict(golden_dir)
+    w = _gguf_writer(path, "gpt-oss")
+    a = "gpt-oss."
+    w.add_uint32(a + "block_count", cfg["num_hidden_layers"])
+    w.add_uint32(a + "context_length", cfg["max_position_embeddings"])
+    w.add_uint32(a + "embedding_length", cfg["hidden_size"])
+    w.add_uint32(a + "feed_forward_length", cfg["intermediate_size"])
+    w.add_uint32(a + "attention.head_count", cfg["num_attention_heads"])
+    w.add_uint32(a + "attention.head_count_kv", cfg["num_key_value_heads"])
+    w.add_uint32(a + "attention.key_length", cfg["head_dim"])
+    w.add_uint32(a + "attention.value_length", cfg["head_dim"])
+    w.add_float32(a + "rope.freq_base", cfg["rope_parameters"]["rope_theta"])
+    w.add_float32(a + "attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"])
+    w.add_uint32(a + "expert_count", cfg["num_local_experts"])
+    w.add_uint32(a + "expert_used_count", cfg["num_experts_per_tok"])
+    w.add_uint32(a + "attention.sliding_window", cfg["sliding_window"])
+    w.add_string(a + "rope.scaling.type", "yarn")
+    w.add_float32(a + "rope.scaling.factor", cfg["rope_parameters"]["factor"])
+    w.add_uint32(a + "rope.scaling.original_context_length",
+                 cfg["rope_parameters"]["original_max_position_embeddings"])
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"] * 30)       # a long string array, as real files have
+    T = gguf.GGMLQuantizationType
+    simple = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.router": "ffn_gate_inp"}
+    norms = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
+             "self_attn.sinks": "attn_sinks.weight"}
+
+    def put(name, t, qtype=float_type):
+        data, raw = gguf_quantize(t, qtype)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    for k, v in src.items():
+        if k == "model.embed_tokens.weight":
+            put("token_embd.weight", v, "BF16")
+        elif k == "model.norm.weight":
+            put("output_norm.weight", v, "F32")
+        elif k == "lm_head.weight":
+            put("output.weight", v)
+    for i in range(cfg["num_hidden_layers"]):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        for hf, gg in norms.items():
+            put(b + gg, src[p + hf], "F32")
+        for hf, gg in simple.items():
+            put(f"{b}{gg}.weight", src[f"{p}{hf}.weight"])
+            put(f"{b}{gg}.bias", src[f"{p}{hf}.bias"], "F32")
+        e = p + "mlp.experts."
+        gu_b, gu_s = src[e + "gate_up_proj_blocks"], src[e + "gate_up_proj_scales"]
+        gate = _ggml_mxfp4(gu_b[:, 0::2], gu_s[:, 0::2])
+        up = _ggml_mxfp4(gu_b[:, 1::2], gu_s[:, 1::2])
+        bias = src[e + "gate_up_proj_bias"]
+        if fused:
+            import numpy as np
+
+            w.add_tensor(b + "ffn_gate_up_exps.weight", np.concatenate([gate, up], axis=1), raw_dtype=T.MXFP4)
+            put(b + "ffn_gate_up_exps.bias", torch.cat([bias[:, 0::2], bias[:, 1::2]], dim=-1), "F32")
+        else:
+            w.add_tensor(b + "ffn_gate_exps.weight", gate, raw_dtype=T.MXFP4)
+            w.add_tensor(b + "ffn_up_exps.weight", up, raw_dtype=T.MXFP4)
+            put(b + "ffn_gate_exps.bias", bias[:, 0::2], "F32")
+            put(b + "ffn_up_exps.bias", bias[:, 1::2], "F32")
+        w.add_tensor(b + "ffn_down_exps.weight", _ggml_mxfp4(src[e + "down_proj_blocks"], src[e + "down_proj_scales"]),
+                     raw_dtype=T.MXFP4)
+        put(b + "ffn_down_exps.bias", src[e + "down_proj_bias"], "F32")
+    _gguf_write(w)
+    return pathlib.Path(path)

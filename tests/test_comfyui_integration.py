@@ -55,6 +55,25 @@ def _write_dits(folder, golden_dir):
     save_file(sd, str(folder / "lens-narrow-text_bf16.safetensors"))
 
 
+GGUF_DIT, GGUF_TE = "lens-tiny-Q8_0.gguf", "gguf-tiny/gpt-oss-tiny.gguf"
+
+
+def _write_ggufs(models, golden_dir, pipeline_dir):
+    """GGUF files (issue 15): the tiny pipeline DiT as a stable-diffusion.cpp Q8_0 GGUF in diffusion_models, and
+    the tiny GPT-OSS as an unsloth-style GGUF in text_encoders/gguf-tiny/ with tokenizer.json beside it (plus the
+    pipeline's transformer/config.json there, which is where the loader finds the tiny layer selection)."""
+    import shutil
+
+    from fixtures import write_gguf_dit, write_gguf_te
+
+    write_gguf_dit(models / "diffusion_models" / GGUF_DIT, golden_dir, "Q8_0", which="pipeline")
+    te = models / "text_encoders" / GGUF_TE
+    (te.parent / "transformer").mkdir(parents=True)
+    write_gguf_te(te, golden_dir)
+    shutil.copy(pipeline_dir / "tokenizer" / "tokenizer.json", te.parent / "tokenizer.json")
+    shutil.copy(pipeline_dir / "transformer" / "config.json", te.parent / "transformer" / "config.json")
+
+
 def _write_tiny_upscaler(path):
     """A 4× RealESRGAN-Compact upscale model (4 features, no inner convs) that ComfyUI's loader recognises."""
     import torch
@@ -249,6 +268,7 @@ def server(request, tmp_path_factory):
         (tmp / "models" / sub).mkdir(parents=True)
     _write_tiny_upscaler(tmp / "models" / "upscale_models" / UPSCALER)
     _write_dits(tmp / "models" / "diffusion_models", request.getfixturevalue("golden_dir"))
+    _write_ggufs(tmp / "models", request.getfixturevalue("golden_dir"), pipeline_dir)
     os.symlink(pipeline_dir, tmp / "models" / "diffusion_models" / TINY)
     os.symlink(pipeline_dir / "vae" / "diffusion_pytorch_model.safetensors",
                tmp / "models" / "diffusion_models" / "misplaced-flux2-vae.safetensors")
@@ -835,3 +855,66 @@ def _hostile_prompts(server, object_info):
     assert server.get("/system_stats")["system"]["comfyui_version"]
     good = _workflow_prompt("lens_turbo_t2i", object_info, LensSampler={"seed": 7})
     assert server.finish(server.submit(good))[0] == "execution_success"
+
+
+def test_gguf_t2i_runs(server, object_info):
+    """The turbo t2i graph with a Q8_0 GGUF DiT and a GGUF GPT-OSS encoder (both tiny), listed by the loaders."""
+    from PIL import Image
+
+    assert GGUF_DIT in object_info["LensModelLoader"]["input"]["required"]["model_name"][0]
+    assert GGUF_TE in object_info["LensTextEncoderLoader"]["input"]["required"]["text_encoder_name"][0]
+    prompt = _workflow_prompt("lens_turbo_t2i", object_info,
+                              LensModelLoader={"model_name": GGUF_DIT},
+                              LensTextEncoderLoader={"text_encoder_name": GGUF_TE})
+    pid = server.submit(prompt)
+    status, hist = server.finish(pid)
+    assert status == "execution_success", json.dumps(hist and hist["status"])[-3000:]
+    (images,) = [o["images"] for o in hist["outputs"].values() if "images" in o]
+    with Image.open(server.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
+        assert im.size == (96, 64)
+
+
+GGUF_INPROCESS = r'''
+import importlib.util, json, sys, torch
+repo, models = sys.argv[1], sys.argv[2]
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_management as mm, folder_paths
+folder_paths.add_model_folder_path("diffusion_models", models + "/diffusion_models", is_default=True)
+folder_paths.add_model_folder_path("text_encoders", models + "/text_encoders", is_default=True)
+spec = importlib.util.spec_from_file_location("lens_nodes_inproc", repo + "/__init__.py",
+                                              submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_inproc"] = pack; spec.loader.exec_module(pack)
+N = pack.NODE_CLASS_MAPPINGS
+(model,) = N["LensModelLoader"]().load(sys.argv[3])
+(te,) = N["LensTextEncoderLoader"]().load(sys.argv[4])
+enc = N["LensTextEncode"]()
+(pos,), (neg,) = enc.encode(te, "a red cube on a wooden table"), enc.encode(te, "")
+(lat,) = N["LensEmptyLatent"]().generate("custom", 1024, 96, 64, 1)
+run = lambda: N["LensSampler"]().sample(model, pos, neg, lat, 3, 2, 5.0, 1.0)[0]["samples"]
+full = run()
+mm.unload_all_models()
+model.patcher.load(model.patcher.load_device, lowvram_model_memory=1)
+gguf = [m for m in model.patcher.model.modules() if type(m).__name__ == "GGUFLinear"]
+casting = sum(1 for m in gguf if getattr(m, "prev_comfy_cast_weights", None) is not None)
+low = run()
+te.patcher.load(te.patcher.load_device, lowvram_model_memory=1)
+(pos2,) = enc.encode(te, "a red cube on a wooden table")
+print(json.dumps({"gguf_layers": len(gguf), "lowvram_gguf_layers": casting, "lowvram_equal": bool(torch.equal(full, low)),
+                  "te_equal": bool(torch.equal(pos[0][0], pos2[0][0]))}))
+'''
+
+
+def test_gguf_lowvram_load_keeps_numbers(server, tmp_path):
+    """ComfyUI's partial (lowvram) load of a GGUF DiT and a GGUF encoder: the GGUFLinear layers are put in
+    cast-per-call mode by ComfyUI's ModelPatcher and sampling / encoding give the same numbers."""
+    script = tmp_path / "gguf_inprocess.py"
+    script.write_text(GGUF_INPROCESS)
+    models = server.base.parent / "models"
+    out = subprocess.run(["bash", str(TOOL), "python", os.environ["COMFYUI_DIR"], str(script), str(REPO),
+                          str(models), GGUF_DIT, GGUF_TE], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["gguf_layers"] > 0 and result["lowvram_gguf_layers"] == result["gguf_layers"]
+    assert result["lowvram_equal"] and result["te_equal"]

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .. import quant_linear as ql
 from .. import readahead
 from .detect import COMPONENT_NAMES
 from .errors import CheckpointError
@@ -100,7 +101,9 @@ def assign_weights(model: nn.Module, source: TensorSource, device, component: st
             else:
                 target = ref.dtype
                 found = source.dtype(n)
-                if found != ST_NAMES.get(ref.dtype) and not (ref.dtype.is_floating_point and found in FLOAT_ST):
+                gguf_quant = n in source.keymap and source.quant_type(n) is not None   # dequantized when read
+                if found != ST_NAMES.get(ref.dtype) and not (ref.dtype.is_floating_point and
+                                                             (found in FLOAT_ST or gguf_quant)):
                     raise CheckpointError(f"{source.file_of(n)}: tensor {n!r} is {found}, expected "
                                           f"{ST_NAMES.get(ref.dtype) if not ref.dtype.is_floating_point else 'a float type'}"
                                           f"; the file is not this model's checkpoint or is corrupt")
@@ -185,3 +188,29 @@ class CheckpointInfo:
     variant_source: str = ""
     config: dict | None = None
     extra: dict = dataclasses.field(default_factory=dict)
+
+
+def _read_stored_bytes(source, name, device):
+    return source.read_bytes(name, device)
+
+
+def keep_gguf_linears(model: nn.Module, source: TensorSource, dtype, skip=()) -> dict:
+    """Replace every Linear whose weight the GGUF ``source`` stores quantized by a
+    :class:`lens_core.quant_linear.GGUFLinear` of that type (built on meta) and return the readers that load its
+    bytes as stored. Other quantized tensors (norms, embeddings) are dequantized when assigned (read())."""
+    special = {}
+    for name, mod in list(model.named_modules()):
+        key = name + ".weight"
+        if name in skip or not isinstance(mod, nn.Linear) or key not in source:
+            continue
+        qtype = source.quant_type(key)
+        if qtype is None:
+            continue
+        out_f, in_f = source.shape(key)
+        if (out_f, in_f) != (mod.out_features, mod.in_features):
+            raise CheckpointError(f"{source.file_of(key)}: tensor {key!r} has shape {[out_f, in_f]}, the model "
+                                  f"built from its config expects {[mod.out_features, mod.in_features]}")
+        _replace_module(model, name, ql.GGUFLinear(in_f, out_f, qtype, bias=mod.bias is not None, device="meta",
+                                                   dtype=dtype))
+        special[key] = _read_stored_bytes
+    return special

@@ -15,6 +15,7 @@ from .source import TensorSource
 
 DIT_SIGNATURE = ("transformer_blocks.0.img_mlp.w1.weight", "transformer_blocks.0.attn.norm_added_q.weight")
 TE_SIGNATURE = "layers.0.self_attn.sinks"
+TE_GGUF_SIGNATURES = ("blk.0.attn_sinks.weight", "blk.0.attn_sinks")   # llama.cpp / unsloth GPT-OSS names
 VAE_DIFFUSERS_SIGNATURE = ("decoder.conv_in.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")
 VAE_BFL_SIGNATURE = ("decoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight")
 
@@ -65,6 +66,8 @@ def detect(keys: Iterable[str]) -> Detection:
     p = _find_prefix(keys, TE_SIGNATURE)
     if p is not None:
         return Detection("text_encoder", p, description="a GPT-OSS text encoder")
+    if any(s in ks for s in TE_GGUF_SIGNATURES):
+        return Detection("text_encoder", "", "gguf", description="a GPT-OSS text encoder (GGUF names)")
     for signature, scheme in ((VAE_DIFFUSERS_SIGNATURE, "diffusers"), (VAE_BFL_SIGNATURE, "bfl")):
         p = _find_prefix(keys, signature[1])
         if p is not None and p + signature[0] in ks:
@@ -90,11 +93,19 @@ COMPONENT_NAMES = {"transformer": "Lens DiT (transformer)", "text_encoder": "GPT
                    "vae": "FLUX.2 VAE"}
 
 
+def describe(source: TensorSource, det: Detection) -> str:
+    """What ``source`` looks like, naming a GGUF file's architecture when the names are not a Lens component."""
+    arch = source.architecture
+    if arch and det.component is None:
+        return f"a GGUF file of architecture {arch!r} ({det.description})"
+    return det.description
+
+
 def _expect(source: TensorSource, component: str) -> Detection:
     det = detect(source.keys())
     if det.component != component:
         raise CheckpointError(f"{source.origin}: expected a {COMPONENT_NAMES[component]} checkpoint, but this "
-                              f"looks like {det.description}")
+                              f"looks like {describe(source, det)}")
     return det
 
 
@@ -148,7 +159,13 @@ def quant_layers(source: TensorSource, component: str) -> dict[str, dict]:
     return layers
 
 
+def _is_gguf(source: TensorSource) -> bool:
+    return any(hasattr(f, "read_bytes") for f in source.files)
+
+
 def dit_family(source: TensorSource, qlayers: dict) -> str:
+    if _is_gguf(source):
+        return "gguf-dit"
     if qlayers or any(source.dtype(k) == "F8_E4M3" for k in source.keys() if k.endswith(".weight")):
         return "comfy-dit-mxfp8"
     if source.config is not None or len(source.files) > 1:
@@ -160,6 +177,8 @@ NVFP4_TE_SUFFIX = "mlp.experts.gate_up_proj.weight"
 
 
 def te_family(source: TensorSource) -> str:
+    if _is_gguf(source):
+        return "gguf-text-encoder"
     if any(k.endswith(NVFP4_TE_SUFFIX) for k in source.keys()):
         return "comfy-te-nvfp4"
     if any(k.endswith("gate_up_proj_blocks") for k in source.keys()):

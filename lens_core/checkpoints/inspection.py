@@ -5,7 +5,7 @@ import os
 import re
 
 from ..jsonfile import read_json_object
-from .detect import detect, detect_variant, dit_family, quant_layers, strip_prefix, te_family
+from .detect import describe, detect, detect_variant, dit_family, quant_layers, strip_prefix, te_family
 from .errors import CheckpointError
 from .safetensors import SafetensorsFile
 from .source import TensorSource, _dtype_summary, _has_weights, is_diffusers_root, open_source
@@ -53,8 +53,13 @@ def _inspect_source(p: str, variant) -> dict:
                 "tensors": len(source.keys()), "files": len(source.files),
                 "size_bytes": sum(f.size for f in source.files), "dtypes": _dtype_summary(source),
                 "metadata_keys": sorted(source.metadata)}
+        versions = {f.version for f in source.files if hasattr(f, "read_bytes")}
+        if versions:     # GGUF: container version, architecture (None for stable-diffusion.cpp files)
+            info.update(format=f"GGUF v{max(versions)}", architecture=source.architecture,
+                        gguf_quantized_tensors=sum(source.quant_type(k) is not None for k in source.keys()))
+            info["metadata_keys"] = len(source.metadata)
         if det.component is None:
-            info.update(family="unknown", looks_like=det.description)
+            info.update(family="unknown", looks_like=describe(source, det))
             return info
         src = strip_prefix(source, det.prefix)
         info["prefix"] = det.prefix

@@ -83,6 +83,21 @@ class TensorSource:
     def nbytes(self) -> int:
         return sum(self.entry(k).nbytes for k in self.keymap)
 
+    def quant_type(self, key) -> str | None:
+        """The GGML block type of ``key`` when it is stored quantized in a GGUF file, else None."""
+        f, k = self.keymap[key]
+        return f.entries[k].dtype if getattr(f, "is_quantized", None) and f.is_quantized(k) else None
+
+    def read_bytes(self, key, device=None) -> torch.Tensor:
+        """The stored GGML bytes of a quantized GGUF tensor (``[*shape[:-1], row bytes]`` uint8)."""
+        f, k = self.keymap[key]
+        return f.read_bytes(k, device)
+
+    @property
+    def architecture(self) -> str | None:
+        """``general.architecture`` of a GGUF source (None otherwise, and for sd.cpp files, which omit it)."""
+        return next((f.architecture for f in self.files if getattr(f, "architecture", None)), None)
+
     def close(self):
         for f in self.files:
             f.close()
@@ -208,7 +223,7 @@ def open_source(path, component: str | None = None) -> TensorSource:
         cfg_path = os.path.join(folder, "config.json")
         config = _read_json(cfg_path) if os.path.isfile(cfg_path) else None
         return TensorSource(files, keymap, path, config, cfg_path if config is not None else None)
-    f = SafetensorsFile(path)
+    f = open_file(path)
     folder = os.path.dirname(os.path.abspath(path))
     cfg_path = os.path.join(folder, "config.json")
     config = None
@@ -219,6 +234,13 @@ def open_source(path, component: str | None = None) -> TensorSource:
             config = _read_json(cfg_path)
     return TensorSource([f], {k: (f, k) for k in f.entries}, path, config,
                         cfg_path if config is not None else None)
+
+
+def open_file(path) -> SafetensorsFile:
+    """One weight file, by content: a GGUF file (magic ``GGUF``) or safetensors."""
+    from .gguf import GGUFFile, is_gguf
+
+    return GGUFFile(path) if is_gguf(path) else SafetensorsFile(path)
 
 
 def _has_weights(folder: str) -> bool:

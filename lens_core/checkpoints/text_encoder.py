@@ -8,10 +8,11 @@ import re
 import torch
 
 from .. import checks as chk
+from .. import ggml
 from .assign import (CheckpointInfo, assign_weights, block_count, checked_config, expect_shapes, init_empty_weights,
-                     tensor_dims)
-from .errors import CheckpointError
+                     keep_gguf_linears, tensor_dims)
 from .detect import _expect, quant_layers, strip_prefix, te_family
+from .errors import CheckpointError
 from .source import TensorSource, _dtype_summary, _read_json, open_source
 
 
@@ -93,8 +94,8 @@ def _nvfp4_scale_reader(source, name, device):
 
 def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None, config=None,
                       selected_layers=None, experts: str = "packed"):
-    """A ``LensTextEncoder`` from the diffusers MXFP4 ``text_encoder/`` (folder, index or whole diffusers folder)
-    or the Comfy-Org NVFP4 single file. Experts stay packed (dequantized per call) unless
+    """A ``LensTextEncoder`` from the diffusers MXFP4 ``text_encoder/`` (folder, index or whole diffusers folder),
+    the Comfy-Org NVFP4 single file or a GPT-OSS GGUF (:func:`gguf_te_source`). Experts stay packed (dequantized per call) unless
     ``experts="dequantized"``. ``selected_layers`` defaults to the transformer config's
     ``selected_layer_index`` of a diffusers folder, else the real (5, 11, 17, 23)."""
     from .. import text_encoder as te_mod
@@ -104,9 +105,15 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
     source = strip_prefix(source, det.prefix)
     family = te_family(source)
     quant_layers(source, "text_encoder")
-    source = source.rename(_to_hf_te_name)
+    special = {}
+    if det.scheme == "gguf":
+        source, special, gguf_consumed = gguf_te_source(source, dtype)
+    else:
+        source, gguf_consumed = source.rename(_to_hf_te_name), set()
     if config is None:
         cfg_dict = source.config if source.config is not None else te_config_from_shapes(source)
+        if det.scheme == "gguf":
+            cfg_dict = gguf_te_config(source, cfg_dict)
     else:
         cfg_dict = dict(config)
     cfg = checked_config(lambda: te_mod.TextEncoderConfig.from_dict(cfg_dict), source, "text_encoder")
@@ -125,9 +132,10 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
     with init_empty_weights():
         model = te_mod.LensTextEncoder(cfg, **kwargs)
     # layers after the last selected one, lm_head and the final norm are never used for features
-    consumed = {k for k in source.keys() if model.is_unused_key(k)}
-    special = {k: _nvfp4_scale_reader for k in source.keys()
-               if family == "comfy-te-nvfp4" and k.endswith("_proj_scales") and k not in consumed}
+    consumed = {k for k in source.keys() if model.is_unused_key(k)} | gguf_consumed
+    special.update({k: _nvfp4_scale_reader for k in source.keys()
+                    if family == "comfy-te-nvfp4" and k.endswith("_proj_scales") and k not in consumed})
+    special.update(keep_gguf_linears(model, source, dtype))
     assign_weights(model, source, device, "text_encoder", special, consumed)
     model.eval()
     model.lens_checkpoint = CheckpointInfo(source.origin, "text_encoder", family, None, "", cfg_dict,
@@ -153,3 +161,176 @@ def _selected_layers_near(path) -> list | None:
             except ValueError as exc:
                 raise CheckpointError(f"{exc}. Fix: restore the transformer config.json of this model") from None
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# GPT-OSS GGUF (llama.cpp / unsloth / ggml-org names)
+# --------------------------------------------------------------------------------------------------
+_GGUF_TE_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                   "output.weight": "lm_head.weight"}
+_GGUF_TE_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight", "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_sinks.weight": "self_attn.sinks", "attn_sinks": "self_attn.sinks",
+    "ffn_gate_inp.weight": "mlp.router.weight", "ffn_gate_inp.bias": "mlp.router.bias",
+    "ffn_down_exps.weight": "mlp.experts.down_proj_blocks", "ffn_down_exps.bias": "mlp.experts.down_proj_bias",
+    # gate and up are separate (or fused, gate rows then up rows); the encoder's bank interleaves them
+    "ffn_gate_exps.weight": "mlp.experts.gate_up_proj_blocks", "ffn_gate_exps.bias": "mlp.experts.gate_up_proj_bias",
+    "ffn_up_exps.weight": "mlp.experts.gguf_up_proj", "ffn_up_exps.bias": "mlp.experts.gguf_up_proj_bias",
+    "ffn_gate_up_exps.weight": "mlp.experts.gate_up_proj_blocks",
+    "ffn_gate_up_exps.bias": "mlp.experts.gate_up_proj_bias",
+}
+
+
+def gguf_te_name(key: str) -> str:
+    """GGUF GPT-OSS tensor name → the ``LensTextEncoder`` name (unknown names are returned unchanged)."""
+    if key in _GGUF_TE_GLOBAL:
+        return _GGUF_TE_GLOBAL[key]
+    m = re.match(r"blk\.(\d+)\.(.+)$", key)
+    if m and m.group(2) in _GGUF_TE_LAYER:
+        return f"model.layers.{int(m.group(1))}.{_GGUF_TE_LAYER[m.group(2)]}"
+    return key
+
+
+def gguf_te_source(source: TensorSource, dtype):
+    """(renamed source, special readers, consumed names) for a GPT-OSS GGUF: the MXFP4 expert tensors (GGML type
+    39) go into the packed expert bank as they are stored (nibbles re-ordered, gate/up rows interleaved back,
+    nothing dequantized); every other tensor keeps its stored type (quantized Linears stay quantized)."""
+    km, fused = {}, {}
+    for k, v in source.keymap.items():
+        nk = gguf_te_name(k)
+        if nk in km:
+            raise CheckpointError(f"{source.origin}: tensors {k!r} and another one both map to {nk!r}; "
+                                  f"corrupt or unknown GGUF layout")
+        km[nk] = v
+        if nk.endswith("gate_up_proj_blocks"):
+            fused[nk[: -len("gate_up_proj_blocks")]] = "gate_up_exps" in k
+    special, consumed = {}, set()
+    for prefix, is_fused in fused.items():
+        km[prefix + "gate_up_proj_scales"] = km[prefix + "gate_up_proj_blocks"]
+        if prefix + "down_proj_blocks" in km:
+            km[prefix + "down_proj_scales"] = km[prefix + "down_proj_blocks"]
+        readers = _gguf_bank_readers(prefix, is_fused, dtype)
+        for name in ("gate_up_proj_blocks", "gate_up_proj_scales", "gate_up_proj_bias", "down_proj_blocks",
+                     "down_proj_scales"):
+            special[prefix + name] = readers
+        if not is_fused:
+            consumed |= {prefix + "gguf_up_proj", prefix + "gguf_up_proj_bias"}
+    return TensorSource(source.files, km, source.origin, source.config, source.config_path), special, consumed
+
+
+def _gguf_bank_readers(prefix: str, fused: bool, dtype):
+    cache = {}
+
+    def expert_type(source, key):
+        qtype = source.quant_type(key) if key in source else None
+        if qtype != "MXFP4":
+            found = source.dtype(key) if key in source else "missing"
+            raise CheckpointError(f"{source.file_of(key) if key in source else source.origin}: expert tensor "
+                                  f"{key!r} is {found}; only MXFP4 experts (GGML type 39, as in the unsloth / "
+                                  f"ggml-org GPT-OSS GGUFs) are supported")
+
+    def bank(source, proj, device):
+        if proj == "down_proj":
+            parts = [prefix + "down_proj_blocks"]
+        else:
+            parts = [prefix + "gate_up_proj_blocks"] + ([] if fused else [prefix + "gguf_up_proj"])
+        for p in parts:
+            expert_type(source, p)
+        shapes = [source.shape(p) for p in parts]
+        if len(shapes) == 2 and shapes[0] != shapes[1]:
+            raise CheckpointError(f"{source.origin}: gate {list(shapes[0])} and up {list(shapes[1])} expert banks "
+                                  f"of {prefix!r} differ in shape")
+        e, rows, cols = shapes[0]
+        g = cols // 32
+        if proj == "down_proj":
+            blocks, scales = ggml.mxfp4_to_hf(source.read_bytes(parts[0], "cpu"), rows, cols)
+            return {"blocks": blocks, "scales": scales}
+        half = rows if not fused else rows // 2
+        if fused and rows % 2:
+            raise CheckpointError(f"{source.origin}: fused gate/up bank {parts[0]!r} has an odd row count {rows}")
+        blocks = torch.empty(e, 2 * half, g, 16, dtype=torch.uint8)
+        scales = torch.empty(e, 2 * half, g, dtype=torch.uint8)
+        stored = [source.read_bytes(p, "cpu") for p in parts]
+        for i in range(e):      # one expert at a time keeps the temporaries small
+            for j, which in enumerate((0, 1)):
+                data = stored[j][i] if not fused else stored[0][i, which * half:(which + 1) * half]
+                b, s = ggml.mxfp4_to_hf(data, half, cols)
+                blocks[i, which::2] = b
+                scales[i, which::2] = s
+        del stored
+        return {"blocks": blocks, "scales": scales}
+
+    def bias(source, device):
+        key = prefix + "gate_up_proj_bias"
+        if fused:
+            b = source.read(key, dtype, "cpu")
+            half = b.shape[-1] // 2
+            gate, up = b[..., :half], b[..., half:]
+        else:
+            gate, up = source.read(key, dtype, "cpu"), source.read(prefix + "gguf_up_proj_bias", dtype, "cpu")
+        return torch.stack([gate, up], dim=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1]).to(device)
+
+    def read(source, name, device):
+        leaf = name[len(prefix):]
+        if leaf == "gate_up_proj_bias":
+            return bias(source, device)
+        proj, which = leaf.rsplit("_", 1)
+        if proj not in cache:
+            cache[proj] = bank(source, proj, device)
+        t = cache[proj].pop(which)
+        if not cache[proj]:
+            del cache[proj]
+        return t.to(device)
+
+    return read
+
+
+def _md_number(source, key, kind, lo, hi):
+    """A GGUF metadata number, validated (finite, in [lo, hi]); None when absent."""
+    v = source.metadata.get(key)
+    if v is None:
+        return None
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or isinstance(v, int))
+    if not ok or not (lo <= v <= hi):       # NaN fails both comparisons
+        raise CheckpointError(f"{source.origin}: GGUF metadata {key} = {v!r}; expected a {kind.__name__} in "
+                              f"[{lo}, {hi}]")
+    return kind(v)
+
+
+def gguf_te_config(source: TensorSource, cfg: dict) -> dict:
+    """The shape-derived config completed from the GGUF ``gpt-oss.*`` metadata (what shapes cannot tell)."""
+    cfg = json.loads(json.dumps(cfg))
+    a = "gpt-oss."
+    used = _md_number(source, a + "expert_used_count", int, 1, cfg["num_local_experts"])
+    if used is not None:
+        cfg["num_experts_per_tok"] = cfg["experts_per_token"] = used
+    window = _md_number(source, a + "attention.sliding_window", int, 1, 1 << 24)
+    if window is not None:
+        cfg["sliding_window"] = window
+    eps = _md_number(source, a + "attention.layer_norm_rms_epsilon", float, 1e-12, 1e-1)
+    if eps is not None:
+        cfg["rms_norm_eps"] = eps
+    head_dim = _md_number(source, a + "attention.key_length", int, 1, 4096)
+    if head_dim is not None and head_dim != cfg["head_dim"]:
+        q, k = source.shape("model.layers.0.self_attn.q_proj.weight")[0], \
+            source.shape("model.layers.0.self_attn.k_proj.weight")[0]
+        if q % head_dim or k % head_dim:
+            raise CheckpointError(f"{source.origin}: attention.key_length {head_dim} does not divide the q/k "
+                                  f"widths {q}/{k}")
+        cfg.update(head_dim=head_dim, num_attention_heads=q // head_dim, num_key_value_heads=k // head_dim)
+    rope = cfg["rope_parameters"]
+    for key, field in (("rope.freq_base", "rope_theta"), ("rope.scaling.factor", "factor")):
+        v = _md_number(source, a + key, float, 1e-6, 1e12)
+        if v is not None:
+            rope[field] = v
+    ctx = _md_number(source, a + "rope.scaling.original_context_length", int, 1, 1 << 24)
+    if ctx is not None:
+        rope["original_max_position_embeddings"] = ctx
+    down = "model.layers.0.mlp.experts.down_proj_blocks"
+    if down in source:
+        cfg["intermediate_size"] = source.shape(down)[-1]
+    return cfg

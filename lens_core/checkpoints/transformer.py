@@ -1,4 +1,4 @@
-"""DiT loader: diffusers folder/shards, Comfy bf16 or MXFP8 single files (optionally fp8 storage)."""
+"""DiT loader: diffusers folder/shards, Comfy bf16 or MXFP8 single files (optionally fp8 storage), GGUF files."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,7 @@ from torch import nn
 
 from .. import quant_linear as ql
 from .assign import (CheckpointInfo, _replace_module, assign_weights, block_count, checked_config, expect_shapes,
-                     init_empty_weights, tensor_dims)
+                     init_empty_weights, keep_gguf_linears, tensor_dims)
 from .detect import _expect, detect_variant, dit_family, quant_layers, strip_prefix
 from .errors import CheckpointError
 from .source import TensorSource, _dtype_summary, open_source
@@ -61,7 +61,8 @@ def _mxfp8_scale_reader(rows, cols):
 
 def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, config=None,
                      variant: str | None = None, fp8: bool = False, mxfp8_dequantize: bool = False):
-    """A ``LensTransformer`` from any DiT family (diffusers folder/shards, Comfy bf16 or mxfp8 file).
+    """A ``LensTransformer`` from any DiT family (diffusers folder/shards, Comfy bf16 or mxfp8 file, GGUF file of
+    the stable-diffusion.cpp layout: Comfy/diffusers names, quantized Linears kept quantized).
 
     ``dtype`` is the compute/storage dtype of the float weights (fp32 shards are cast tensor by tensor).
     ``fp8=True`` stores eligible Linears (not img_mod/txt_mod, not norms) as float8_e4m3fn + row scale.
@@ -93,7 +94,8 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
                               f"F8_E4M3 weight + weight_scale pair")
     with init_empty_weights():
         model = LensTransformer(cfg, operations=operations, device=None, dtype=dtype)
-    special, consumed = {}, set()
+    # GGUF: quantized Linears stay in their GGML type (GGUFLinear); F16/F32 tensors are cast like safetensors
+    special, consumed = keep_gguf_linears(model, source, dtype), set()
     for name, mod in list(model.named_modules()):
         if name in mx:
             want = (mod.out_features, mod.in_features) if isinstance(mod, nn.Linear) else None
@@ -120,6 +122,7 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
     model.eval()
     model.lens_checkpoint = CheckpointInfo(source.origin, "transformer", family, var, var_src, cfg.to_dict(),
                                            {"dtypes": _dtype_summary(source), "mxfp8_layers": len(mx),
+                                            "gguf_layers": sum(isinstance(m, ql.GGUFLinear) for m in model.modules()),
                                             "fp8": fp8})
     source.close()
     return model
