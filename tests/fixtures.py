@@ -324,3 +324,70 @@ def write_pickle_lookalike(path) -> pathlib.Path:
     """Bytes shaped like a torch.save zip archive (never unpickled; the loader must refuse it by itself)."""
     pathlib.Path(path).write_bytes(b"PK\x03\x04" + b"\x00" * 60 + b"archive/data.pkl")
     return pathlib.Path(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Random GPT-OSS causal LM (text generation / the prompt enhancer)
+# --------------------------------------------------------------------------------------------------
+def gptoss_lm_config(vocab=300, hidden=64, layers=4, heads=4, kv_heads=2, head_dim=32, experts=4, top_k=2,
+                     window=5, tie=False) -> dict:
+    """A transformers-style GPT-OSS ``config.json`` (MXFP4 quantization_config, yarn rope, alternating
+    sliding/full layers) for a tiny random model."""
+    return {
+        "model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "dtype": "float32",
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "num_local_experts": experts, "num_experts_per_tok": top_k, "experts_per_token": top_k,
+        "sliding_window": window, "attention_bias": True, "rms_norm_eps": 1e-5, "swiglu_limit": 7.0,
+        "tie_word_embeddings": tie, "max_position_embeddings": 131072, "initial_context_length": 4096,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                            "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": False},
+        "pad_token_id": 0, "eos_token_id": 1,
+        "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+    }
+
+
+def write_gptoss_lm(folder, seed=0, dtype=torch.float32, eos=(1,), shards=2, **cfg_kw) -> pathlib.Path:
+    """A random GPT-OSS causal LM as a diffusers ``text_encoder/`` folder: config.json, generation_config.json,
+    ``model-0000i-of-0000N.safetensors`` + index, experts in the real MXFP4 layout (``*_blocks [E, out, G, 16]``
+    low nibble first, E8M0 ``*_scales``), ``lm_head`` untied unless ``tie=True``. Loadable by transformers'
+    ``GptOssForCausalLM.from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True))``."""
+    cfg = gptoss_lm_config(**cfg_kw)
+    g = torch.Generator().manual_seed(seed)
+    d, e, v = cfg["hidden_size"], cfg["num_local_experts"], cfg["vocab_size"]
+    hd, heads, kv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(dtype)
+
+    sd = {"model.embed_tokens.weight": rnd(v, d), "model.norm.weight": rnd(d, scale=0.1, shift=1.0)}
+    if not cfg["tie_word_embeddings"]:
+        sd["lm_head.weight"] = rnd(v, d, scale=d ** -0.5)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for name, (o, n) in {"q_proj": (heads * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d),
+                             "o_proj": (d, heads * hd)}.items():
+            sd[p + f"self_attn.{name}.weight"] = rnd(o, n, scale=n ** -0.5)
+            sd[p + f"self_attn.{name}.bias"] = rnd(o, scale=0.1)
+        sd[p + "self_attn.sinks"] = rnd(heads)
+        sd[p + "mlp.router.weight"] = rnd(e, d, scale=d ** -0.5)
+        sd[p + "mlp.router.bias"] = rnd(e, scale=0.1)
+        sd[p + "input_layernorm.weight"] = rnd(d, scale=0.1, shift=1.0)
+        sd[p + "post_attention_layernorm.weight"] = rnd(d, scale=0.1, shift=1.0)
+        for proj, rows in (("gate_up_proj", 2 * d), ("down_proj", d)):
+            sd[p + f"mlp.experts.{proj}_blocks"] = torch.randint(0, 256, (e, rows, d // 32, 16), generator=g,
+                                                                 dtype=torch.uint8)
+            sd[p + f"mlp.experts.{proj}_scales"] = torch.randint(121, 124, (e, rows, d // 32), generator=g,
+                                                                 dtype=torch.uint8)
+            sd[p + f"mlp.experts.{proj}_bias"] = rnd(e, rows, scale=0.1)
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = sorted(sd)
+    groups = [keys[k::shards] for k in range(shards)]
+    _write_sharded(sd, folder, "model", "model.safetensors.index.json", groups)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": list(eos), "pad_token_id": 0, "do_sample": True}, indent=1))
+    return folder
