@@ -243,6 +243,7 @@ _PLAIN_FINAL = re.compile(r"assistant\s*final\s*", re.IGNORECASE)
 _PLAIN_LINE_FINAL = re.compile(r"(?:^|\n)\s*final\s*", re.IGNORECASE)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _STILL_ANALYSIS = re.compile(r"^(?:analysis|assistant\s*analysis)(?:\b|[a-z])", re.IGNORECASE)
+_ANALYSIS_OPENINGS = ("<|channel|>analysis<|message|>", "<|start|>assistant<|channel|>analysis<|message|>")
 _MARKERS = ("<|channel|>analysis<|message|>", "<|start|>assistant<|channel|>analysis<|message|>",
             "<|channel|>final<|message|>", "<|start|>assistant<|channel|>final<|message|>",
             "<|start|>assistant<|message|>", "<|return|>", "<|end|>", "<|endoftext|>", "<|im_end|>")
@@ -270,11 +271,17 @@ def clean_output(text: str) -> str:
     """The official clean-up of a decoded reasoner output (special tokens kept): the last ``final`` message
     (assistant turn or channel), ``<think>`` blocks and harmony markers removed, a text still starting with
     "analysis" counts as empty, one wrapping code fence and one pair of wrapping double quotes removed,
-    whitespace collapsed. Returns "" when nothing usable is left (the caller then keeps the original prompt)."""
+    whitespace collapsed. Returns "" when nothing usable is left (the caller then keeps the original prompt).
+    One deviation: an output that is only an unfinished analysis message (cut off by ``max_new_tokens``) gives ""
+    where the official code would return the analysis text as the prompt."""
     text = text.strip()
     m = _last_match(_FINAL_TURN, text) or _last_match(_FINAL_CHANNEL, text)
     if m is not None:
         text = m.group(1).strip()
+    elif text.startswith(_ANALYSIS_OPENINGS) and _plain_final(text) is None:
+        # Deviation from the official code, which would return the unfinished analysis text itself: an output
+        # that is only an analysis message was cut off by max_new_tokens before its final answer.
+        return ""
     else:
         text = _plain_final(text) or text
     text = _THINK.sub("", text).strip()

@@ -396,7 +396,6 @@ class LensTextEncoder(nn.Module):
         operations/dtype the encoder was built with. Returns the state-dict keys to load into them (nothing else
         is touched: the existing layers are the same objects). Undo with :meth:`remove_generation_modules_`."""
         cfg, b = self.config, self._build
-        before = set(self.state_dict())
         for i in range(len(self.model.layers), cfg.num_hidden_layers):
             self.model.layers.append(GptOssDecoderLayer(cfg, i, b["ops"], b["experts"], b["expert_format"],
                                                         device="meta", dtype=b["dtype"]))
@@ -405,7 +404,13 @@ class LensTextEncoder(nn.Module):
         if self.lm_head is None and not cfg.tie_word_embeddings:
             self.lm_head = b["ops"].Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta",
                                            dtype=b["dtype"])
-        return [k for k, t in self.state_dict().items() if k not in before or t.device.type == "meta"]
+        return [k for k, t in self.state_dict().items() if t.device.type == "meta" and self._is_generation_key(k)]
+
+    def _is_generation_key(self, key: str) -> bool:
+        if key.startswith(("lm_head.", "model.norm.")):
+            return True
+        parts = key.split(".")
+        return key.startswith("model.layers.") and int(parts[2]) >= self.feature_layers
 
     def remove_generation_modules_(self):
         """Drop the generation modules (back to the feature encoder; frees ``lm_head`` and the final norm)."""
