@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--denoise", type=float, default=1.0)
     g.add_argument("--mask", help="inpainting mask image for --image: white = regenerate, black = keep "
                                   "(masked denoising; works with any --denoise)")
+    g.add_argument("--enhance", action="store_true",
+                   help="rewrite the prompt first with the official Lens reasoner (GPT-OSS, needs the diffusers "
+                        "text_encoder/ with lm_head); prints it and stores both prompts in the PNG")
+    g.add_argument("--enhance-max-new-tokens", type=int, default=None,
+                   help="token budget of the enhancer (default 4096, the official; fewer is faster, a cut-off "
+                        "answer keeps the original prompt)")
     g.add_argument("--variant", choices=["lens", "turbo", "base"], help="override the detected variant")
     g.add_argument("--date", default=None, help="chat-template date (default 2026-05-23; 'today' = official)")
     g.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -64,6 +70,8 @@ def _png_info(params: dict):
                f"Steps: {params['steps']}, CFG scale: {params['cfg']}, Seed: {params['seed']}, "
                f"Size: {params['width']}x{params['height']}, Model: {VARIANT_NAMES.get(params['variant'], params['variant'])}, "
                f"Denoise: {params['denoise']}, Dtype: {params['dtype']}, Template date: {params['template_date']}")
+    if params.get("original_prompt") is not None:
+        summary += f"\nOriginal prompt (enhanced by the Lens reasoner): {params['original_prompt']}"
     info.add_text("parameters", summary)
     info.add_text("lens", json.dumps(params))
     return info
@@ -74,6 +82,19 @@ def out_paths(out: str, n: int) -> list[str]:
         return [out]
     stem, ext = os.path.splitext(out)
     return [f"{stem}_{k}{ext or '.png'}" for k in range(n)]
+
+
+def _enhance_options(args):
+    if args.enhance_max_new_tokens is not None and not args.enhance:
+        raise ValueError("--enhance-max-new-tokens: only used with --enhance; add --enhance or drop it")
+    if not args.enhance:
+        return False
+    if args.enhance_max_new_tokens is None:
+        return True
+    if args.enhance_max_new_tokens < 1:
+        raise ValueError(f"--enhance-max-new-tokens: expected a positive number of tokens, found "
+                         f"{args.enhance_max_new_tokens}")
+    return {"max_new_tokens": args.enhance_max_new_tokens}
 
 
 def cmd_generate(args) -> int:
@@ -89,12 +110,15 @@ def cmd_generate(args) -> int:
     pipe = LensPipeline.from_pretrained(args.model, text_encoder=args.text_encoder, vae=args.vae,
                                         tokenizer=args.tokenizer, dtype=getattr(torch, DTYPES[args.dtype]),
                                         device=args.device, offload=args.offload, variant=args.variant,
-                                        fp8=args.fp8, progress=True)
+                                        fp8=args.fp8, progress=True,
+                                        enhance=_enhance_options(args))
     out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
                aspect=args.aspect or (None if args.height or args.width or args.image else "1:1"), base=args.base,
                steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=args.num_images, image=args.image,
                denoise=args.denoise, mask=args.mask, template_date=args.date)
     params = dict(out.parameters, model=os.path.abspath(args.model), init_image=args.image, mask=args.mask)
+    if args.enhance:
+        print(f"enhanced prompt: {out.parameters['prompt']}")
     for path, img in zip(out_paths(args.out, len(out.images)), out.images):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         img.save(path, pnginfo=_png_info(params))

@@ -53,7 +53,7 @@ class LensPipeline:
     """Text-to-image (and img2img) with Lens, Lens-Turbo or Lens-Base."""
 
     def __init__(self, transformer, text_encoder, tokenizer, vae, *, variant="lens", dtype=torch.bfloat16,
-                 device="cpu", offload=False, exact=True):
+                 device="cpu", offload=False, exact=True, enhance=False):
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -66,6 +66,11 @@ class LensPipeline:
         if self.vae is not None and hasattr(self.vae, "exact"):
             self.vae.exact = exact        # reference mode decodes like the official VAE too (bf16 bit-exact)
         self.progress = False
+        # prompt enhancer (the official reasoner, lens_core.enhance): False, True, or a dict of enhance() options
+        if not isinstance(enhance, (bool, dict)):
+            raise ValueError(f"enhance: expected True/False or a dict of lens_core.enhance.enhance options, found "
+                             f"{type(enhance).__name__}")
+        self.enhance_options = (dict(enhance) if isinstance(enhance, dict) else {}) if enhance else None
         if not self.offload:
             for m in (transformer, text_encoder, vae):
                 m.to(self.device)
@@ -74,7 +79,7 @@ class LensPipeline:
     @classmethod
     def from_pretrained(cls, path=None, *, transformer=None, text_encoder=None, vae=None, tokenizer=None,
                         dtype=torch.bfloat16, device="auto", offload=None, variant=None, fp8=False,
-                        configs: dict | None = None, exact=True, progress=False) -> "LensPipeline":
+                        configs: dict | None = None, exact=True, progress=False, enhance=False) -> "LensPipeline":
         """Load every component.
 
         ``path``: a diffusers Lens folder (all components), a DiT file/folder (then ``text_encoder`` and ``vae``
@@ -135,7 +140,7 @@ class LensPipeline:
         if bar is not None:
             bar.close()
         pipe = cls(dit, te, tok, v, variant=dit.lens_checkpoint.variant, dtype=dtype, device=device,
-                   offload=offload, exact=exact)
+                   offload=offload, exact=exact, enhance=enhance)
         pipe.paths = paths
         pipe.progress = progress
         return pipe
@@ -221,6 +226,39 @@ class LensPipeline:
             z = z.expand(batch, -1, -1)
         return z
 
+    def enhance(self, prompt: str, seed=0, max_new_tokens=None, temperature=None, template_date=None,
+                **options) -> str:
+        """Rewrite ``prompt`` with the official Lens reasoner run on this pipeline's text encoder
+        (``lens_core.enhance.enhance``: temperature 0.7, up to 4096 new tokens by default; ``seed`` makes the
+        sampling reproducible). ``lm_head`` and the final norm are loaded from the text-encoder checkpoint on the
+        first call (the Comfy-Org NVFP4 file has none: use the diffusers ``text_encoder/`` folder)."""
+        from . import enhance as enh
+
+        opts = dict(self.enhance_options or {}, **options)
+        if max_new_tokens is not None:
+            opts["max_new_tokens"] = max_new_tokens
+        if temperature is not None:
+            opts["temperature"] = temperature
+        if not isinstance(prompt, str) or not prompt.strip():
+            return enh.enhance(self.text_encoder, self.tokenizer, prompt, load_weights=False)
+        enh.load_generation_weights(self.text_encoder, device="cpu" if self.offload else self.device)
+        bar = _progress(self.progress, opts.get("max_new_tokens", enh.DEFAULT_MAX_NEW_TOKENS), "enhance")
+        user_callback = opts.pop("callback", None)
+
+        def on_token(done, total):
+            if bar is not None:
+                bar.update(done - bar.n)
+            if user_callback is not None:
+                user_callback(done, total)
+
+        try:
+            with self._on_device(self.text_encoder) as te:
+                return enh.enhance(te, self.tokenizer, prompt, seed=seed, date=template_date, device=self.device,
+                                   callback=on_token, **opts)
+        finally:
+            if bar is not None:
+                bar.close()
+
     # ---- generation --------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", height=None, width=None, aspect=None, base=None, steps=None,
@@ -253,6 +291,11 @@ class LensPipeline:
         n_prompts = 1 if isinstance(prompt, str) else len(prompt)
         batch = n_prompts * int(num_images)
 
+        original_prompt = prompt
+        if self.enhance_options is not None:   # only the positive prompts, one at a time (as the official code)
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            texts = [self.enhance(p, seed=seed + i, template_date=template_date) for i, p in enumerate(texts)]
+            prompt = texts[0] if isinstance(prompt, str) else texts
         feats, mask, neg = self.encode(prompt, negative_prompt, int(num_images), template_date)
         if latents is not None:
             noise = pack_latents(latents) if latents.ndim == 4 else latents
@@ -293,6 +336,7 @@ class LensPipeline:
             dbar.close()
         images = [Image.fromarray(p.numpy()) for p in pixels]
         params = {"prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
+                  "original_prompt": original_prompt if self.enhance_options is not None else None,
                   "steps": steps, "cfg": cfg, "seed": None if latents is not None else seed,
                   "num_images": int(num_images), "denoise": denoise, "inpaint": region is not None, "template_date": template_date,
                   "variant": self.variant, "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact}

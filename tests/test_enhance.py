@@ -305,3 +305,33 @@ def test_real_size_memory_on_meta():
           f"lm_head/norm {(full - base) / 1e9:.3f} GB; KV cache for 600 + 4096 tokens bf16: "
           f"{24 * 2 * 8 * 64 * 4696 * 2 / 1e6:.0f} MB")
     assert 12.5e9 <= base <= 12.7e9 and 1.15e9 <= full - base <= 1.17e9
+
+
+def test_pipeline_and_cli_enhance(pipeline_dir, tmp_path, capsys):
+    """CLI --enhance prints the rewritten prompt and stores both prompts in the PNG; the API gives the same."""
+    from PIL import Image
+
+    from lens_core.__main__ import main
+    from lens_core.pipeline import LensPipeline
+
+    prompt = "a red cube on a wooden table"
+    out = tmp_path / "e.png"
+    rc = main(["generate", "--model", str(pipeline_dir), "--prompt", prompt, "--height", "32", "--width", "32",
+               "--steps", "1", "--seed", "3", "--device", "cpu", "--dtype", "fp32", "--enhance",
+               "--enhance-max-new-tokens", "6", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    line = next(s for s in printed.splitlines() if s.startswith("enhanced prompt: "))
+    enhanced = line[len("enhanced prompt: "):]
+    meta = json.loads(Image.open(out).text["lens"])
+    assert meta["original_prompt"] == prompt and meta["prompt"] == enhanced
+    assert f"Original prompt (enhanced by the Lens reasoner): {prompt}" in Image.open(out).text["parameters"]
+    pipe = LensPipeline.from_pretrained(pipeline_dir, dtype=torch.float32, device="cpu",
+                                        enhance={"max_new_tokens": 6})
+    assert pipe.enhance(prompt, seed=3) == enhanced
+    res = pipe(prompt, height=32, width=32, steps=1, seed=3)
+    assert res.parameters["prompt"] == enhanced and res.parameters["original_prompt"] == prompt
+    assert res.images[0].tobytes() == Image.open(out).tobytes()
+    assert main(["generate", "--model", str(pipeline_dir), "--prompt", "x", "--enhance-max-new-tokens", "5",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "--enhance-max-new-tokens" in capsys.readouterr().err
