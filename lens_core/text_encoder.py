@@ -529,6 +529,12 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    @staticmethod
+    def bytes_for(config: TextEncoderConfig, batch: int, capacity: int, dtype) -> int:
+        """Size of a cache for ``capacity`` positions of every layer of ``config`` (before allocating it)."""
+        per = batch * config.num_key_value_heads * capacity * config.head_dim * torch.finfo(dtype).bits // 8
+        return 2 * config.num_hidden_layers * per
+
 
 def resident_bytes(module: nn.Module) -> int:
     """Bytes held by the module's parameters and persistent buffers (works on ``meta``)."""

@@ -4,6 +4,7 @@ Imported as a subpackage of the pack (``<pack>.nodes``), so lens_core is reached
 (``from ..lens_core import ...``); ``comfy_bridge`` is the only module that imports ComfyUI.
 """
 from .conditioning import LensTextEncode
+from .enhance import LensPromptEnhance
 from .latents import LensEmptyLatent, LensVAEDecode, LensVAEEncode
 from .loaders import LensCheckpointLoader, LensModelLoader, LensTextEncoderLoader, LensVAELoader
 from .sampling import LensSampler
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "LensSampler": LensSampler,
     "LensVAEDecode": LensVAEDecode,
     "LensVAEEncode": LensVAEEncode,
+    "LensPromptEnhance": LensPromptEnhance,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,4 +32,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LensSampler": "Lens Sampler",
     "LensVAEDecode": "Lens VAE Decode",
     "LensVAEEncode": "Lens VAE Encode",
+    "LensPromptEnhance": "Lens Prompt Enhance (reasoner)",
 }

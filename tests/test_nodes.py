@@ -74,7 +74,8 @@ def stub_only(pack):
 def test_mappings_and_ids(pack):
     m = pack.NODE_CLASS_MAPPINGS
     assert set(m) == {"LensModelLoader", "LensTextEncoderLoader", "LensVAELoader", "LensCheckpointLoader",
-                      "LensTextEncode", "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode"}
+                      "LensTextEncode", "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode",
+                      "LensPromptEnhance"}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(m)
     for name in m:
         assert name.startswith("Lens") and name not in CORE_IDS
@@ -82,7 +83,7 @@ def test_mappings_and_ids(pack):
 
 @pytest.mark.parametrize("name", ["LensModelLoader", "LensTextEncoderLoader", "LensVAELoader",
                                   "LensCheckpointLoader", "LensTextEncode", "LensEmptyLatent", "LensSampler",
-                                  "LensVAEDecode", "LensVAEEncode"])
+                                  "LensVAEDecode", "LensVAEEncode", "LensPromptEnhance"])
 def test_input_and_return_types_valid(pack, name):
     cls = pack.NODE_CLASS_MAPPINGS[name]
     spec = cls.INPUT_TYPES()
@@ -432,3 +433,37 @@ def test_one_forward_per_step_and_tiled_decode(pack, loaded):
         handle.remove()
     (tiled,) = run(pack, "LensVAEDecode", vae=loaded["vae"], samples=out, tiled="on")
     assert (tiled - image).abs().max().item() < 1e-5
+
+
+def test_prompt_enhance_node(pack, loaded, pipeline_dir):
+    """LensPromptEnhance on the tiny golden encoder: the same text as lens_core.enhance for the same seed,
+    loaded through ComfyUI (lm_head/final norm added on first use), progress per token batch, interruptible,
+    and the encoder keeps encoding identically afterwards."""
+    import comfy.model_management as mm
+    import comfy.utils
+    from lens_core import checkpoints as ck
+    from lens_core import enhance as core_enhance
+
+    te = loaded["te"]
+    before, = run(pack, "LensTextEncode", text_encoder=te, text=PROMPT)
+    assert run(pack, "LensPromptEnhance", text_encoder=te, text="  ", seed=1) == ("  ",)
+    events = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: events.append((value, total)))
+    try:
+        out, = run(pack, "LensPromptEnhance", text_encoder=te, text=PROMPT, seed=7, max_new_tokens=20,
+                   temperature=0.7)
+        assert te.module.can_generate and te.patcher.model_size() == mm.module_size(te.module)
+        assert events and events[-1] == (20, 20) and all(t == 20 for _, t in events)
+        mm.interrupt_current_processing(True)
+        with pytest.raises(mm.InterruptProcessingException):
+            run(pack, "LensPromptEnhance", text_encoder=te, text=PROMPT + " again", seed=7, max_new_tokens=20)
+        assert not mm.processing_interrupted()
+        assert run(pack, "LensPromptEnhance", text_encoder=te, text=PROMPT, seed=7, max_new_tokens=20) == (out,)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    ref_te = ck.load_text_encoder(pipeline_dir, dtype=torch.float32)
+    ref = core_enhance.enhance(ref_te, ck.load_tokenizer(pipeline_dir), PROMPT, seed=7, max_new_tokens=20)
+    assert isinstance(out, str) and out == ref
+    after, = run(pack, "LensTextEncode", text_encoder=te, text=PROMPT)
+    assert torch.equal(before[0][0], after[0][0])
