@@ -210,13 +210,16 @@ def generate(encoder, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, t
             generator.seed()
         else:
             generator.manual_seed(int(seed))
+    if not encoder.can_generate:
+        raise ValueError("generate: the encoder has no generation weights (lm_head, final norm, all layers); call "
+                         "lens_core.enhance.load_generation_weights(encoder) first")
     batch = ids.shape[0]
     cache = encoder.new_kv_cache(batch, ids.shape[1] + max_new_tokens, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     out, step_logits = [], []
     step_input = ids
     for step in range(max_new_tokens):
-        logits = encoder.logits_step(step_input, cache)
+        logits = encoder._logits_step(step_input, cache) if step else encoder.logits_step(step_input, cache)
         if output_logits:
             step_logits.append(logits)
         nxt = _pick(logits, float(temperature), int(top_k), generator)

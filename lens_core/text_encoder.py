@@ -443,6 +443,10 @@ class LensTextEncoder(nn.Module):
                              "with lens_core.enhance.load_generation_weights(encoder)")
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected [B, T] with T >= 1, found {tuple(input_ids.shape)}")
+        return self._logits_step(input_ids, cache)
+
+    def _logits_step(self, input_ids, cache):
+        """:meth:`logits_step` without the checks (the generation loop checks once)."""
         b, t = input_ids.shape
         start = cache.length
         if start + t > cache.capacity:
