@@ -74,6 +74,12 @@ def matmul_rate(dtype_name: str = "float32", n: int = 2048, device: str = "cpu",
     return 2 * n ** 3 / t / 1e9
 
 
+def print_load(when: str) -> None:
+    """Print the machine's 1/5/15-minute load average (``when``: "start" / "end")."""
+    with open("/proc/loadavg") as f:
+        print(f"# load average at {when}: {' '.join(f.read().split()[:3])}")
+
+
 def machine_line() -> str:
     import torch
 

@@ -354,34 +354,10 @@ def write_gptoss_lm(folder, seed=0, dtype=torch.float32, eos=(1,), shards=2, **c
     ``model-0000i-of-0000N.safetensors`` + index, experts in the real MXFP4 layout (``*_blocks [E, out, G, 16]``
     low nibble first, E8M0 ``*_scales``), ``lm_head`` untied unless ``tie=True``. Loadable by transformers'
     ``GptOssForCausalLM.from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True))``."""
+    from lens_core.benchmarks.te import random_gptoss_state_dict
+
     cfg = gptoss_lm_config(**cfg_kw)
-    g = torch.Generator().manual_seed(seed)
-    d, e, v = cfg["hidden_size"], cfg["num_local_experts"], cfg["vocab_size"]
-    hd, heads, kv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-
-    def rnd(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g) * scale + shift).to(dtype)
-
-    sd = {"model.embed_tokens.weight": rnd(v, d), "model.norm.weight": rnd(d, scale=0.1, shift=1.0)}
-    if not cfg["tie_word_embeddings"]:
-        sd["lm_head.weight"] = rnd(v, d, scale=d ** -0.5)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        for name, (o, n) in {"q_proj": (heads * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d),
-                             "o_proj": (d, heads * hd)}.items():
-            sd[p + f"self_attn.{name}.weight"] = rnd(o, n, scale=n ** -0.5)
-            sd[p + f"self_attn.{name}.bias"] = rnd(o, scale=0.1)
-        sd[p + "self_attn.sinks"] = rnd(heads)
-        sd[p + "mlp.router.weight"] = rnd(e, d, scale=d ** -0.5)
-        sd[p + "mlp.router.bias"] = rnd(e, scale=0.1)
-        sd[p + "input_layernorm.weight"] = rnd(d, scale=0.1, shift=1.0)
-        sd[p + "post_attention_layernorm.weight"] = rnd(d, scale=0.1, shift=1.0)
-        for proj, rows in (("gate_up_proj", 2 * d), ("down_proj", d)):
-            sd[p + f"mlp.experts.{proj}_blocks"] = torch.randint(0, 256, (e, rows, d // 32, 16), generator=g,
-                                                                 dtype=torch.uint8)
-            sd[p + f"mlp.experts.{proj}_scales"] = torch.randint(121, 124, (e, rows, d // 32), generator=g,
-                                                                 dtype=torch.uint8)
-            sd[p + f"mlp.experts.{proj}_bias"] = rnd(e, rows, scale=0.1)
+    sd = random_gptoss_state_dict(cfg, seed=seed, dtype=dtype, scales=(121, 124))
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     keys = sorted(sd)

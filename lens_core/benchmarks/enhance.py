@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from types import SimpleNamespace
 
@@ -86,19 +85,12 @@ def _child(side, folder, tokens, new, dtype_name, runs, threads):
 
 
 def run(args):
-    from lens_core.bench import run_isolated
-    from lens_core.benchmarks.te import write_checkpoint
+    from lens_core.bench import print_load, run_isolated
+    from lens_core.benchmarks.te import prepare_folder
 
     size = SIZES[args.size]
-    tmp = None
-    folder = args.workdir
-    if folder is None:
-        tmp = tempfile.TemporaryDirectory(prefix="lens_enhance_bench_")
-        folder = tmp.name
-    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-        run_isolated(write_checkpoint, folder, SimpleNamespace(**size))
-    with open("/proc/loadavg") as f:
-        print(f"# load average at start: {' '.join(f.read().split()[:3])}")
+    folder, tmp = prepare_folder(SimpleNamespace(workdir=args.workdir, **size), "lens_enhance_bench_")
+    print_load("start")
     nbytes = os.path.getsize(os.path.join(folder, "model.safetensors"))
     print(f"# random GPT-OSS ({args.size}): {size}; checkpoint {nbytes / 1e9:.3f} GB; prompt {args.tokens} tokens, "
           f"{args.new} new tokens, greedy; {args.dtype}; threads {args.threads or 'default'}")
@@ -119,8 +111,7 @@ def run(args):
             row["decode_ratio"] = decode / ((args.new - 1) / max(ref["tn"] - ref["t1"], 1e-9))
             row["same_ids_as_tf"] = r["ids"] == ref["ids"]
         rows.append(row)
-    with open("/proc/loadavg") as f:
-        print(f"# load average at end: {' '.join(f.read().split()[:3])}")
+    print_load("end")
     if tmp is not None:
         tmp.cleanup()
     return rows
