@@ -8,6 +8,7 @@ from .enhance import LensPromptEnhance
 from .latents import LensEmptyLatent, LensVAEDecode, LensVAEEncode
 from .loaders import LensCheckpointLoader, LensModelLoader, LensTextEncoderLoader, LensVAELoader
 from .sampling import LensSampler
+from .sigmas import LensNoise, LensSigmas
 
 NODE_CLASS_MAPPINGS = {
     "LensModelLoader": LensModelLoader,
@@ -20,6 +21,8 @@ NODE_CLASS_MAPPINGS = {
     "LensVAEDecode": LensVAEDecode,
     "LensVAEEncode": LensVAEEncode,
     "LensPromptEnhance": LensPromptEnhance,
+    "LensSigmas": LensSigmas,
+    "LensNoise": LensNoise,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -33,4 +36,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LensVAEDecode": "Lens VAE Decode",
     "LensVAEEncode": "Lens VAE Encode",
     "LensPromptEnhance": "Lens Prompt Enhance (reasoner)",
+    "LensSigmas": "Lens Sigmas (official schedule)",
+    "LensNoise": "Lens Noise (pipeline seed)",
 }

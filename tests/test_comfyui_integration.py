@@ -320,7 +320,10 @@ def test_pack_loads_and_lists_every_node(server, object_info):
 
 
 def test_workflows_validate_against_live_object_info(object_info):
+    native_lens = "pre_cfg" in object_info.get("CFGNorm", {}).get("input", {}).get("optional", {})
     for path in sorted((REPO / "workflows").glob("*.json")):
+        if path.stem == "lens_native_official" and not native_lens:
+            continue        # native Lens nodes (CFGNorm pre_cfg, CLIPLoader type lens) arrived in ComfyUI 0.33
         wf = json.loads(path.read_text())
         assert check_workflow(wf, object_info, check_combos=False) == [], path.name
         prompt = ui_to_api(wf, object_info)
