@@ -195,34 +195,71 @@ def _folder_roots(folder: str) -> list[str]:
         return []
 
 
-def model_folders(folder: str) -> list[str]:
-    """Relative paths of diffusers folders below ``folder``'s roots: pipeline roots (model_index.json) and
-    stand-alone component folders (config.json next to *.safetensors)."""
-    found = set()
+MAX_LISTING_DEPTH = 12
+
+
+def _walk(root: str):
+    """(relative dir, subdir names, file names) below ``root``, following symlinks but entering every real folder
+    once (symlink loops and repeated links are skipped) and at most MAX_LISTING_DEPTH levels deep; unreadable
+    folders are skipped. Termination does not depend on the folder's contents."""
+    seen = set()
+    stack = [("", 0)]
+    while stack:
+        rel, depth = stack.pop()
+        cur = os.path.join(root, rel) if rel else root
+        try:
+            st = os.stat(cur)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            with os.scandir(cur) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        dirs, files = [], []
+        for e in entries:
+            try:
+                (dirs if e.is_dir() else files if e.is_file() else []).append(e.name)
+            except OSError:
+                continue
+        dirs = sorted(d for d in dirs if not d.startswith("."))
+        yield rel, dirs, sorted(files)
+        if depth < MAX_LISTING_DEPTH:
+            stack.extend((f"{rel}/{d}" if rel else d, depth + 1) for d in reversed(dirs))
+
+
+def _listing(folder: str) -> tuple[list[str], list[str]]:
+    """(diffusers folders, loose .safetensors files) below ``folder``'s roots, as relative '/' paths.
+
+    Diffusers folders are pipeline roots (model_index.json) and stand-alone component folders (config.json next
+    to *.safetensors); their own shards and sub-components are not listed as files."""
+    folders, files = set(), []
     for root in _folder_roots(folder):
         if not os.path.isdir(root):
             continue
-        for cur, subdirs, files in os.walk(root, followlinks=True):
-            subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
-            is_pipeline = DIFFUSERS_MARKER in files
-            is_component = "config.json" in files and any(f.endswith(".safetensors") for f in files)
-            if (is_pipeline or is_component) and cur != root:
-                found.add(os.path.relpath(cur, root).replace(os.sep, "/"))
-                subdirs[:] = []          # do not list a folder's own shards or sub-components
-    return sorted(found)
+        inside = []                    # folders already taken as diffusers folders (skip what is below them)
+        for rel, _dirs, names in _walk(root):
+            if any(rel == d or rel.startswith(d + "/") for d in inside):
+                continue
+            is_pipeline = DIFFUSERS_MARKER in names
+            is_component = "config.json" in names and any(n.endswith(".safetensors") for n in names)
+            if (is_pipeline or is_component) and rel:
+                folders.add(rel)
+                inside.append(rel)
+                continue
+            files += [f"{rel}/{n}" if rel else n for n in names if n.lower().endswith((".safetensors", ".sft"))]
+    return sorted(folders), sorted(set(files))
+
+
+def model_folders(folder: str) -> list[str]:
+    """Relative paths of diffusers folders below ``folder``'s roots (see :func:`_listing`)."""
+    return _listing(folder)[0]
 
 
 def model_files(folder: str) -> list[str]:
     """safetensors files of ``folder`` that are not part of a diffusers folder."""
-    folders = model_folders(folder)
-    out = []
-    for name in folder_paths.get_filename_list(folder):
-        if not name.lower().endswith((".safetensors", ".sft")):
-            continue
-        if any(name.startswith(d + "/") for d in folders):
-            continue
-        out.append(name)
-    return out
+    return _listing(folder)[1]
 
 
 def model_choices(*folders: str, files: bool = True, dirs: bool = True, dir_folders: tuple = ()) -> list[str]:
