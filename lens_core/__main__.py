@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--image)")
     g.add_argument("--mask", help="inpainting mask image for --image: white = regenerate, black = keep "
                                   "(masked denoising; works with any --denoise)")
+    g.add_argument("--enhance", action="store_true",
+                   help="rewrite the prompt first with the official Lens reasoner (GPT-OSS, needs the diffusers "
+                        "text_encoder/ with lm_head); prints it and stores both prompts in the PNG")
+    g.add_argument("--enhance-max-new-tokens", type=int, default=None,
+                   help="token budget of the enhancer (default 4096, the official; fewer is faster, a cut-off "
+                        "answer keeps the original prompt)")
     g.add_argument("--variant", choices=["lens", "turbo", "base"], help="override the detected variant")
     g.add_argument("--date", default=None, help="chat-template date (default 2026-05-23; 'today' = official)")
     g.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
@@ -98,6 +104,8 @@ def _png_info(params: dict):
                f"Denoise: {params['denoise']}, Dtype: {params['dtype']}, Template date: {params['template_date']}")
     if params.get("loras"):
         summary += ", Lora: " + " ".join(f"{d['file']}:{d['strength']:g}" for d in params["loras"])
+    if params.get("original_prompt") is not None:
+        summary += f"\nOriginal prompt (enhanced by the Lens reasoner): {params['original_prompt']}"
     info.add_text("parameters", summary)
     info.add_text("lens", json.dumps(params))
     return info
@@ -109,6 +117,19 @@ def out_paths(out: str, n: int, first: int = 0) -> list[str]:
         return [out]
     stem, ext = os.path.splitext(out)
     return [f"{stem}_{k}{ext}" for k in range(first, first + n)]
+
+
+def _enhance_options(args):
+    if args.enhance_max_new_tokens is not None and not args.enhance:
+        raise ValueError("--enhance-max-new-tokens: only used with --enhance; add --enhance or drop it")
+    if not args.enhance:
+        return False
+    if args.enhance_max_new_tokens is None:
+        return True
+    if args.enhance_max_new_tokens < 1:
+        raise ValueError(f"--enhance-max-new-tokens: expected a positive number of tokens, found "
+                         f"{args.enhance_max_new_tokens}")
+    return {"max_new_tokens": args.enhance_max_new_tokens}
 
 
 def _read_prompt_file(path: str) -> str:
@@ -200,7 +221,8 @@ def validate_generate(args) -> dict:
                          f"--device cpu, or install a CUDA build of PyTorch")
     device = resolve_device(args.device)
     dtype, reason = resolve_dtype(DTYPES[args.dtype], device)
-    return {"prompt": prompt, "paths": paths, "request": request, "outputs": outputs, "first": first,
+    enhance = _enhance_options(args)
+    return {"prompt": prompt, "paths": paths, "request": request, "outputs": outputs, "first": first, "enhance": enhance,
             "device": device, "dtype": dtype, "dtype_reason": reason, "denoise_note": note,
             "loras": loras}
 
@@ -245,7 +267,7 @@ def run_generate(args, plan: dict) -> int:
     pipe = LensPipeline.from_pretrained({c: paths[c] for c in ("transformer", "text_encoder", "vae", "tokenizer")},
                                         dtype=plan["dtype"], device=plan["device"], offload=args.offload,
                                         variant=args.variant, fp8=args.fp8, progress=True,
-                                        loras=plan["loras"])
+                                        loras=plan["loras"], enhance=plan["enhance"])
     req = plan["request"]
     image = req["image"]
     for k, path in enumerate(plan["outputs"]):
@@ -256,6 +278,8 @@ def run_generate(args, plan: dict) -> int:
         params = dict(out.image_parameters[0], model=os.path.abspath(args.model),
                       init_image=None if args.image is None else os.path.abspath(args.image),
                       mask=None if args.mask is None else os.path.abspath(args.mask), device=plan["device"].type)
+        if plan["enhance"]:
+            print(f"enhanced prompt: {params['prompt']}")
         params["command"] = _command(args, plan, params)
         out.images[0].save(path, pnginfo=_png_info(params))
         print(path)

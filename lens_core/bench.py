@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m lens_core.bench --component dit|te|vae|load|pipeline|lora [--device cpu|cuda] ...``
+"""Benchmarks: ``python -m lens_core.bench --component dit|te|vae|load|pipeline|lora|gguf|enhance [--device cpu|cuda] ...``
 
 Prints a table (median of N runs, peak memory) and writes nothing by itself; results worth keeping are
 copied into BENCHMARKS.md with the date, the machine and the command. Each component lives in
@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-COMPONENTS = ("dit", "te", "vae", "load", "pipeline", "lora", "gguf")
+COMPONENTS = ("dit", "te", "vae", "load", "pipeline", "lora", "gguf", "enhance")
 
 
 def median_time(fn, runs: int = 3, warmup: int = 1, sync=None) -> float:
@@ -72,6 +72,12 @@ def matmul_rate(dtype_name: str = "float32", n: int = 2048, device: str = "cpu",
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     t = median_time(lambda: a @ b, runs=runs, warmup=1, sync=sync)
     return 2 * n ** 3 / t / 1e9
+
+
+def print_load(when: str) -> None:
+    """Print the machine's 1/5/15-minute load average (``when``: "start" / "end")."""
+    with open("/proc/loadavg") as f:
+        print(f"# load average at {when}: {' '.join(f.read().split()[:3])}")
 
 
 def machine_line() -> str:

@@ -52,7 +52,7 @@ class LensPipeline:
     """Text-to-image (and img2img) with Lens, Lens-Turbo or Lens-Base."""
 
     def __init__(self, transformer, text_encoder, tokenizer, vae, *, variant="lens", dtype=torch.bfloat16,
-                 device="cpu", offload=False, exact=True, loras=None):
+                 device="cpu", offload=False, exact=True, loras=None, enhance=False):
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -65,6 +65,11 @@ class LensPipeline:
         if self.vae is not None and hasattr(self.vae, "exact"):
             self.vae.exact = exact        # reference mode decodes like the official VAE too (bf16 bit-exact)
         self.progress = False
+        # prompt enhancer (the official reasoner, lens_core.enhance): False, True, or a dict of enhance() options
+        if not isinstance(enhance, (bool, dict)):
+            raise ValueError(f"enhance: expected True/False or a dict of lens_core.enhance.enhance options, found "
+                             f"{type(enhance).__name__}")
+        self.enhance_options = (dict(enhance) if isinstance(enhance, dict) else {}) if enhance else None
         if not self.offload:
             for m in (transformer, text_encoder, vae):
                 m.to(self.device)
@@ -107,7 +112,8 @@ class LensPipeline:
     @classmethod
     def from_pretrained(cls, path=None, *, transformer=None, text_encoder=None, vae=None, tokenizer=None,
                         dtype=None, device="auto", offload=None, variant=None, fp8=False,
-                        configs: dict | None = None, exact=True, progress=False, loras=None) -> "LensPipeline":
+                        configs: dict | None = None, exact=True, progress=False, loras=None,
+                        enhance=False) -> "LensPipeline":
         """Load every component.
 
         ``path``: a diffusers Lens folder (all components), a DiT file/folder (then ``text_encoder`` and ``vae``
@@ -155,7 +161,7 @@ class LensPipeline:
             if bar is not None:
                 bar.close()                               # also on errors: the message starts a clean line
         pipe = cls(dit, te, tok, v, variant=dit.lens_checkpoint.variant, dtype=dtype, device=device,
-                   offload=offload, exact=exact, loras=loras)
+                   offload=offload, exact=exact, loras=loras, enhance=enhance)
         pipe.paths = paths
         pipe.progress = progress
         pipe.dtype_reason = reason
@@ -224,6 +230,39 @@ class LensPipeline:
             z = z.expand(batch, -1, -1)
         return z
 
+    def enhance(self, prompt: str, seed=0, max_new_tokens=None, temperature=None, template_date=None,
+                **options) -> str:
+        """Rewrite ``prompt`` with the official Lens reasoner run on this pipeline's text encoder
+        (``lens_core.enhance.enhance``: temperature 0.7, up to 4096 new tokens by default; ``seed`` makes the
+        sampling reproducible). ``lm_head`` and the final norm are loaded from the text-encoder checkpoint on the
+        first call (the Comfy-Org NVFP4 file has none: use the diffusers ``text_encoder/`` folder)."""
+        from . import enhance as enh
+
+        opts = dict(self.enhance_options or {}, **options)
+        if max_new_tokens is not None:
+            opts["max_new_tokens"] = max_new_tokens
+        if temperature is not None:
+            opts["temperature"] = temperature
+        if not isinstance(prompt, str) or not prompt.strip():
+            return enh.enhance(self.text_encoder, self.tokenizer, prompt, load_weights=False)
+        enh.load_generation_weights(self.text_encoder, device="cpu" if self.offload else self.device)
+        bar = _progress(self.progress, opts.get("max_new_tokens", enh.DEFAULT_MAX_NEW_TOKENS), "enhance")
+        user_callback = opts.pop("callback", None)
+
+        def on_token(done, total):
+            if bar is not None:
+                bar.update(done - bar.n)
+            if user_callback is not None:
+                user_callback(done, total)
+
+        try:
+            with self._on_device(self.text_encoder) as te:
+                return enh.enhance(te, self.tokenizer, prompt, seed=seed, date=template_date, device=self.device,
+                                   callback=on_token, **opts)
+        finally:
+            if bar is not None:
+                bar.close()
+
     # ---- generation --------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", height=None, width=None, aspect=None, base=None, steps=None,
@@ -256,6 +295,11 @@ class LensPipeline:
         height, width, (gh, gw) = req["height"], req["width"], req["grid"]
         batch, denoise = req["batch"], req["denoise"]
 
+        original_prompts = list(req["prompts"])
+        if self.enhance_options is not None:   # only the positive prompts, one at a time (as the official code)
+            req["prompts"] = [self.enhance(p, seed=req["seed"] + i, template_date=req["template_date"])
+                              for i, p in enumerate(req["prompts"])]
+            prompt = req["prompts"][0] if isinstance(prompt, str) else list(req["prompts"])
         feats, mask, neg = self.encode(req["prompts"], req["negatives"], req["num_images"], req["template_date"])
         if req["latents"] is not None:
             noise = req["latents"]
@@ -296,16 +340,20 @@ class LensPipeline:
         images = [Image.fromarray(p.numpy()) for p in pixels]
         seeded = req["latents"] is None
         params = {"prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
-                  "steps": steps, "cfg": cfg, "seed": req["seed"] if seeded else None,
+                  "original_prompt": None, "steps": steps, "cfg": cfg, "seed": req["seed"] if seeded else None,
                   "num_images": req["num_images"], "batch_index": req["batch_index"] if seeded else None,
                   "denoise": denoise, "inpaint": packed_mask is not None, "template_date": req["template_date"],
                   "variant": self.variant,
                   "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact,
                   "loras": [{"file": n, "strength": s} for n, s in self.loras]}
+        if self.enhance_options is not None:
+            params["original_prompt"] = original_prompts[0] if isinstance(prompt, str) else original_prompts
         per_image = []
         for i in range(batch):
             one = dict(params, prompt=req["prompts"][i // req["num_images"]],
                        negative_prompt=req["negatives"][i // req["num_images"]], num_images=1)
+            if self.enhance_options is not None:
+                one["original_prompt"] = original_prompts[i // req["num_images"]]
             if seeded:
                 one["batch_index"] = req["batch_index"] + i
             per_image.append(one)

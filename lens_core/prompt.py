@@ -61,15 +61,22 @@ def resolve_date(date=None) -> str:
                      f"found {date!r}")
 
 
-def _preamble(date: str) -> str:
+def harmony_preamble(date: str, instructions: str, reasoning: str = "medium") -> str:
+    """What the gpt-oss chat template renders before a user message for a conversation [system message
+    ``instructions``, user message]: the fixed system block (identity, cutoff, ``date``, ``Reasoning:
+    <reasoning>``, channels), the system message as the developer block, and the opening of the user turn."""
     return ("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
             "Knowledge cutoff: 2024-06\n"
             f"Current date: {date}\n\n"
-            "Reasoning: medium\n\n"
+            f"Reasoning: {reasoning}\n\n"
             "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
             "<|start|>developer<|message|># Instructions\n\n"
-            f"{LENS_INSTRUCTION}\n\n<|end|>"
+            f"{instructions}\n\n<|end|>"
             "<|start|>user<|message|>")
+
+
+def _preamble(date: str) -> str:
+    return harmony_preamble(date, LENS_INSTRUCTION)
 
 
 def render_prompt(text: str, date=None) -> str:

@@ -303,7 +303,39 @@ class PackedExperts(nn.Module):
         if self.mode == "dequantized" and self.is_packed and f"{prefix}gate_up_proj_blocks" in state_dict:
             self.dequantize_()
 
+    def _experts_weight(self, proj: str, experts: torch.Tensor, dtype, device) -> torch.Tensor:
+        """Dense ``[k, out, in]`` weights of the experts ``experts [k]`` in one gather + one unpacking."""
+        if f"{proj}_blocks" not in self._parameters:
+            return cast_to(getattr(self, proj).index_select(0, experts.to(getattr(self, proj).device)), dtype, device)
+        parts = []
+        for n in self._packed_names(proj):
+            t = getattr(self, n)
+            parts.append(cast_to(t.index_select(0, experts.to(t.device)), None, device))
+        if self.fmt == "mxfp4":
+            return mxfp4_dequantize(parts[0], parts[1], dtype)
+        return nvfp4_dequantize(parts[0], parts[1], parts[2], dtype)
+
+    def _forward_one_token(self, x, router_indices, routing_weights):
+        """One token (text generation): the k routed experts as one batched matmul each way."""
+        experts, order = torch.sort(router_indices[0])
+        w = routing_weights[0, order]
+        w_gu = self._experts_weight("gate_up_proj", experts, x.dtype, x.device)            # [k, 2I, D]
+        b_gu = cast_to(self.gate_up_proj_bias.index_select(0, experts.to(self.gate_up_proj_bias.device)),
+                       x.dtype, x.device)
+        act = swiglu_clamped(torch.matmul(x, w_gu.transpose(1, 2)) + b_gu[:, None], self.alpha, self.limit)
+        del w_gu
+        w_d = self._experts_weight("down_proj", experts, x.dtype, x.device)                 # [k, D, I]
+        b_d = cast_to(self.down_proj_bias.index_select(0, experts.to(self.down_proj_bias.device)), x.dtype,
+                      x.device)
+        y = (torch.matmul(act, w_d.transpose(1, 2)) + b_d[:, None]) * w[:, None, None].to(x.dtype)   # [k, 1, D]
+        out = torch.zeros_like(x)
+        for i in range(y.shape[0]):     # accumulate in expert order, like the per-expert loop
+            out += y[i]
+        return out
+
     def forward(self, x: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor):
+        if x.shape[0] == 1 and router_indices.shape[-1] > 1:
+            return self._forward_one_token(x, router_indices, routing_weights)
         out = torch.zeros_like(x)
         for e in torch.unique(router_indices).tolist():
             tok, slot = torch.where(router_indices == e)

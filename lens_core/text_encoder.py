@@ -34,6 +34,8 @@ LENS_SELECTED_LAYERS = (5, 11, 17, 23)
 #: bound on a GPT-OSS config's depth (gpt-oss-20b: 24 layers, gpt-oss-120b: 36)
 MAX_TE_LAYERS = 256
 
+_QUERY_CHUNK = 1024  # prompt rows per attention block during generation prefill
+
 _YARN_DEFAULTS = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
                       original_max_position_embeddings=4096, truncate=False)
 
@@ -59,6 +61,8 @@ class TextEncoderConfig:
     attention_bias: bool = True
     rope: dict = dataclasses.field(default_factory=lambda: dict(_YARN_DEFAULTS))
     pad_token_id: int = 199999
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 131072
 
     def __post_init__(self):
         # values come from an untrusted config.json: types and ranges first, then the relations between them
@@ -101,6 +105,10 @@ class TextEncoderConfig:
         if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(f"text encoder config: expected 1 <= num_experts_per_tok <= {self.num_local_experts}, "
                              f"found {self.num_experts_per_tok}")
+        if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings < 1:
+            raise ValueError(f"text encoder config: expected a positive int max_position_embeddings, found "
+                             f"{self.max_position_embeddings!r}")
+        self.tie_word_embeddings = bool(self.tie_word_embeddings)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextEncoderConfig":
@@ -265,6 +273,43 @@ class GptOssAttention(nn.Module):
         out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return self.o_proj(out)
 
+    def forward_cached(self, x, cos, sin, cache_k, cache_v, start: int, mask):
+        """Attention of ``t`` new tokens at positions ``start..start+t-1`` against the cache (generation).
+
+        Writes their rotated keys/values into ``cache_k/v [B, kv_heads, capacity, head_dim]`` at ``start``, then
+        attends to the keys a query may see: all earlier ones on full layers, the last ``window`` (the query
+        included) on sliding layers. ``mask``: additive ``[1, 1, t, L]`` for the ``L`` keys read, or None (all
+        visible, e.g. one new token). Query heads are grouped per kv head (no repeated copy of the cache);
+        the math is the eager forward's, sinks included."""
+        b, t, _ = x.shape
+        kv, rep, hd = self.kv_heads, self.heads // self.kv_heads, self.head_dim
+        q = self.q_proj(x).view(b, t, self.heads, hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, kv, hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, kv, hd).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        end = start + t
+        cache_k[:, :, start:end] = k
+        cache_v[:, :, start:end] = v
+        lo = max(0, start - self.window + 1) if self.window else 0
+        keys, values = cache_k[:, :, lo:end], cache_v[:, :, lo:end]
+        n_keys = end - lo
+        qg = q.reshape(b, kv, rep, t, hd)
+        sink = cast_to(self.sinks, q.dtype, x.device).view(1, kv, rep, 1, 1)
+        out = torch.empty(b, kv, rep, t, hd, dtype=v.dtype, device=x.device)
+        for c in range(0, t, _QUERY_CHUNK):  # bounded [.., chunk, L] logits for long prompts
+            n = min(_QUERY_CHUNK, t - c)
+            logits = torch.matmul(qg[:, :, :, c:c + n].reshape(b, kv, rep * n, hd), keys.transpose(2, 3))
+            logits = logits.view(b, kv, rep, n, n_keys) * hd ** -0.5
+            if mask is not None:
+                logits = logits + mask[..., c:c + n, :].unsqueeze(1).to(logits.dtype)
+            logits = torch.cat([logits, sink.expand(b, kv, rep, n, 1)], dim=-1)
+            logits = logits - logits.amax(dim=-1, keepdim=True)
+            probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1].to(values.dtype)
+            out[:, :, :, c:c + n] = torch.matmul(probs.reshape(b, kv, rep * n, n_keys), values).view(
+                b, kv, rep, n, hd)
+        out = out.view(b, self.heads, t, hd).transpose(1, 2).reshape(b, t, self.heads * hd)
+        return self.o_proj(out)
+
 
 class GptOssMoE(nn.Module):
     def __init__(self, cfg: TextEncoderConfig, ops, experts="packed", expert_format="mxfp4", device=None,
@@ -296,6 +341,11 @@ class GptOssDecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, masks):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(self, x, cos, sin, cache_k, cache_v, start, masks):
+        mask = masks["sliding" if self.self_attn.window else "full"]
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache_k, cache_v, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -355,18 +405,124 @@ class LensTextEncoder(nn.Module):
         ops = resolve_operations(operations)
         n_layers = max(self.selected_layers) + 1
         self.model = _GptOssBody(config, n_layers, ops, experts, expert_format, device=device, dtype=dtype)
+        # what the generation modules (later layers, final norm, lm_head) are built with, on demand
+        self._build = dict(ops=ops, experts=experts, expert_format=expert_format, dtype=dtype)
+        self.lm_head = None
         inv_freq, self.attention_scaling = rope_inv_freq(config.head_dim, config.rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def is_unused_key(self, key: str) -> bool:
         """True for checkpoint keys this encoder does not hold (``lm_head``, final norm, layers past the last
-        selected one): drop them before ``load_state_dict``."""
-        if key.startswith("lm_head.") or key.startswith("model.norm."):
-            return True
+        selected one, unless the generation modules were added): drop them before ``load_state_dict``."""
+        if key.startswith("lm_head."):
+            return self.lm_head is None
+        if key.startswith("model.norm."):
+            return not hasattr(self.model, "norm")
         parts = key.split(".")
         if key.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
-            return int(parts[2]) > max(self.selected_layers)
+            return int(parts[2]) >= len(self.model.layers)
         return False
+
+    @property
+    def feature_layers(self) -> int:
+        """Decoder layers the feature forward runs (0..max(selected_layers))."""
+        return max(self.selected_layers) + 1
+
+    # ---- text generation (the prompt enhancer, lens_core.enhance) ------------------------------------------
+    @property
+    def can_generate(self) -> bool:
+        """All layers, the final norm and the output head (or tied embeddings) are present and loaded."""
+        if len(self.model.layers) != self.config.num_hidden_layers or not hasattr(self.model, "norm"):
+            return False
+        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        tensors = [p for p in self.parameters()] + ([] if head is None else [head.weight])
+        return head is not None and all(p.device.type != "meta" for p in tensors)
+
+    def add_generation_modules_(self) -> list[str]:
+        """Build (on ``meta``) what text generation needs beyond the feature layers: the decoder layers after
+        the last selected one, the final norm ``model.norm`` and ``lm_head`` (not with tied embeddings), with the
+        operations/dtype the encoder was built with. Returns the state-dict keys to load into them (nothing else
+        is touched: the existing layers are the same objects). Undo with :meth:`remove_generation_modules_`."""
+        cfg, b = self.config, self._build
+        for i in range(len(self.model.layers), cfg.num_hidden_layers):
+            self.model.layers.append(GptOssDecoderLayer(cfg, i, b["ops"], b["experts"], b["expert_format"],
+                                                        device="meta", dtype=b["dtype"]))
+        if not hasattr(self.model, "norm"):
+            self.model.norm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device="meta", dtype=b["dtype"])
+        if self.lm_head is None and not cfg.tie_word_embeddings:
+            self.lm_head = b["ops"].Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta",
+                                           dtype=b["dtype"])
+        return [k for k, t in self.state_dict().items() if t.device.type == "meta" and self._is_generation_key(k)]
+
+    def _is_generation_key(self, key: str) -> bool:
+        if key.startswith(("lm_head.", "model.norm.")):
+            return True
+        parts = key.split(".")
+        return key.startswith("model.layers.") and int(parts[2]) >= self.feature_layers
+
+    def remove_generation_modules_(self):
+        """Drop the generation modules (back to the feature encoder; frees ``lm_head`` and the final norm)."""
+        del self.model.layers[self.feature_layers:]
+        if hasattr(self.model, "norm"):
+            del self.model.norm
+        self.lm_head = None
+        return self
+
+    def new_kv_cache(self, batch: int, capacity: int, dtype=None, device=None) -> "KVCache":
+        """An empty key/value cache for ``capacity`` positions of every layer."""
+        dtype = dtype or self.compute_dtype or self.model.layers[0].self_attn.k_proj.weight.dtype
+        attn = self.model.layers[0].self_attn
+        return KVCache(len(self.model.layers), batch, attn.kv_heads, attn.head_dim, capacity, dtype, device)
+
+    def _rope_at(self, start: int, t: int, dtype, device):
+        inv_freq = self.inv_freq
+        if inv_freq.device.type == "meta":
+            inv_freq, _ = rope_inv_freq(self.config.head_dim, self.config.rope)
+        pos = torch.arange(start, start + t, device=device, dtype=torch.float32)[:, None]
+        angles = pos * inv_freq.to(device, torch.float32)
+        return ((angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype))
+
+    def logits_step(self, input_ids: torch.Tensor, cache: "KVCache") -> torch.Tensor:
+        """Run ``input_ids [B, t]`` (the tokens at positions ``cache.length …``) through all layers with the
+        cache, append their keys/values, and return the fp32 next-token logits ``[B, vocab]`` of the last
+        position (final norm + ``lm_head``). The whole prompt in one call (prefill), then one token per call."""
+        if not self.can_generate:
+            raise ValueError("text generation needs all decoder layers, model.norm and lm_head: load them first "
+                             "with lens_core.enhance.load_generation_weights(encoder)")
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids: expected [B, T] with T >= 1, found {tuple(input_ids.shape)}")
+        return self._logits_step(input_ids, cache)
+
+    def _logits_step(self, input_ids, cache):
+        """:meth:`logits_step` without the checks (the generation loop checks once)."""
+        b, t = input_ids.shape
+        start = cache.length
+        if start + t > cache.capacity:
+            raise ValueError(f"KV cache: {start} + {t} positions exceed its capacity {cache.capacity}")
+        if any(layer.mlp.experts.mode == "dequantized" and layer.mlp.experts.is_packed for layer in self.model.layers):
+            self.dequantize_experts_()
+        dtype = cache.dtype
+        x = self.model.embed_tokens(input_ids).to(dtype)
+        cos, sin = self._rope_at(start, t, dtype, x.device)
+        masks = {"full": None, "sliding": None}
+        if t > 1:  # prompt: causal (+ window) mask over the keys each layer reads
+            q = torch.arange(start, start + t, device=x.device).view(t, 1)
+            neg, zero = torch.finfo(dtype).min, torch.zeros((), dtype=dtype, device=x.device)
+            k_full = torch.arange(0, start + t, device=x.device).view(1, -1)
+            masks["full"] = torch.where(k_full <= q, zero, neg)[None, None]
+            w = self.config.sliding_window
+            k_win = torch.arange(max(0, start - w + 1), start + t, device=x.device).view(1, -1)
+            masks["sliding"] = torch.where((k_win <= q) & (q - k_win < w), zero, neg)[None, None]
+        for i, layer in enumerate(self.model.layers):
+            x = layer.forward_cached(x, cos, sin, cache.k[i], cache.v[i], start, masks)
+        cache.length = start + t
+        h = self.model.norm(x[:, -1:])
+        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        if head is self.lm_head:
+            logits = head(h)
+        else:
+            logits = F.linear(h, cast_to(head.weight, h.dtype, h.device))
+        return logits[:, -1].float()
 
     @torch.no_grad()
     def dequantize_experts_(self, dtype=None):
@@ -402,11 +558,34 @@ class LensTextEncoder(nn.Module):
         masks = attention_masks(attention_mask, self.config.sliding_window, dtype, x.device)
         wanted = {layer: pos for pos, layer in enumerate(self.selected_layers)}
         outputs = [None] * len(self.selected_layers)
-        for idx, layer in enumerate(self.model.layers):
+        for idx, layer in enumerate(self.model.layers[:self.feature_layers]):
             x = layer(x, cos, sin, masks)
             if idx in wanted:
                 outputs[wanted[idx]] = x
         return outputs
+
+
+class KVCache:
+    """Keys and values of every decoder layer during one generation: ``k[i], v[i]`` are
+    ``[B, kv_heads, capacity, head_dim]`` buffers filled up to ``length`` (RoPE already applied to the keys).
+    Sliding layers read only their last ``window`` positions of it."""
+
+    def __init__(self, num_layers, batch, kv_heads, head_dim, capacity, dtype, device=None):
+        if capacity < 1 or batch < 1:
+            raise ValueError(f"KV cache: expected batch >= 1 and capacity >= 1, found {batch} and {capacity}")
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity, self.dtype, self.length = capacity, dtype, 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @staticmethod
+    def bytes_for(config: TextEncoderConfig, batch: int, capacity: int, dtype) -> int:
+        """Size of a cache for ``capacity`` positions of every layer of ``config`` (before allocating it)."""
+        per = batch * config.num_key_value_heads * capacity * config.head_dim * torch.finfo(dtype).bits // 8
+        return 2 * config.num_hidden_layers * per
 
 
 def resident_bytes(module: nn.Module) -> int:

@@ -4,6 +4,7 @@ Imported as a subpackage of the pack (``<pack>.nodes``), so lens_core is reached
 (``from ..lens_core import ...``); ``comfy_bridge`` is the only module that imports ComfyUI.
 """
 from .conditioning import LensTextEncode
+from .enhance import LensPromptEnhance
 from .latents import LensEmptyLatent, LensVAEDecode, LensVAEEncode
 from .loaders import LensCheckpointLoader, LensModelLoader, LensTextEncoderLoader, LensVAELoader
 from .lora import LensLoraLoader
@@ -21,6 +22,7 @@ NODE_CLASS_MAPPINGS = {
     "LensVAEDecode": LensVAEDecode,
     "LensVAEEncode": LensVAEEncode,
     "LensLoraLoader": LensLoraLoader,
+    "LensPromptEnhance": LensPromptEnhance,
     "LensSigmas": LensSigmas,
     "LensNoise": LensNoise,
 }
@@ -36,6 +38,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LensVAEDecode": "Lens VAE Decode",
     "LensVAEEncode": "Lens VAE Encode",
     "LensLoraLoader": "Lens LoRA Loader",
+    "LensPromptEnhance": "Lens Prompt Enhance (reasoner)",
     "LensSigmas": "Lens Sigmas (official schedule)",
     "LensNoise": "Lens Noise (pipeline seed)",
 }

@@ -147,6 +147,20 @@ def load(patcher, memory_required: int = 0, minimum_memory_required: int | None 
                        else int(minimum_memory_required))
 
 
+def unload(patcher):
+    """Take ``patcher`` out of ComfyUI's loaded models (weights back on its offload device) and forget its
+    cached size, so that the next :func:`load` moves and counts every tensor the module holds now (used after
+    modules were added to it, e.g. the prompt enhancer's lm_head). Entries of ``current_loaded_models`` are
+    ComfyUI's LoadedModel wrappers (``.model`` is the patcher)."""
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        entry = mm.current_loaded_models[i]
+        if entry is patcher or getattr(entry, "model", None) is patcher:
+            if hasattr(entry, "model_unload"):
+                entry.model_unload()
+            mm.current_loaded_models.pop(i)
+    patcher.size = 0
+
+
 @dataclass
 class LensModel:
     """LENS_MODEL: the Lens DiT in a ModelPatcher plus what the sampler needs to know about it."""
@@ -209,6 +223,16 @@ def dit_memory(config, batch: int, image_tokens: int, text_tokens: int, dtype: t
 
 def text_encoder_memory(batch: int, tokens: int, hidden: int, dtype: torch.dtype) -> int:
     return int(batch * tokens * max(hidden, 1) * 64 * torch.finfo(dtype).bits // 8)
+
+
+def enhancer_memory(config, tokens: int, dtype: torch.dtype) -> int:
+    """KV cache of a generation of ``tokens`` positions + the prompt pass's activations + one step's logits."""
+    from ..lens_core.text_encoder import KVCache
+
+    bits = torch.finfo(dtype).bits
+    kv = KVCache.bytes_for(config, 1, tokens, dtype)
+    prompt = min(tokens, 1024) * (config.hidden_size * 64 + config.num_attention_heads * tokens) * bits // 8
+    return int(kv + prompt + config.vocab_size * 4 * 4)
 
 
 def vae_memory(batch: int, height: int, width: int, dtype: torch.dtype) -> int:
@@ -433,6 +457,25 @@ class StepReporter:
             preview = self.previewer.decode_latent_to_preview_image("JPEG", self.to_image_latent(x0))
         self.steps_seen += 1
         self.pbar.update_absolute(step + 1, total, preview)
+
+
+class TokenReporter:
+    """Per-token callback of lens_core.enhance.generate: interrupt check every token, ComfyUI progress bar
+    every ``every`` tokens (a batch of tokens per update keeps the websocket traffic low)."""
+
+    def __init__(self, total: int, every: int = 16):
+        self.pbar = comfy.utils.ProgressBar(total)
+        self.every = every
+        self.done = 0
+
+    def __call__(self, done, total):
+        check_interrupt()
+        self.done = done
+        if done % self.every == 0 or done == total:
+            self.pbar.update_absolute(done, total)
+
+    def finish(self):
+        self.pbar.update_absolute(self.pbar.total, self.pbar.total)
 
 
 # ---------------------------------------------------------------------------------------------------------

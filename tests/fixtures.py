@@ -503,3 +503,45 @@ def write_gguf_te(path, golden_dir, fused=False, float_type="BF16") -> pathlib.P
         put(b + "ffn_down_exps.bias", src[e + "down_proj_bias"], "F32")
     _gguf_write(w)
     return pathlib.Path(path)
+
+
+# Random GPT-OSS causal LM (text generation / the prompt enhancer)
+# --------------------------------------------------------------------------------------------------
+def gptoss_lm_config(vocab=300, hidden=64, layers=4, heads=4, kv_heads=2, head_dim=32, experts=4, top_k=2,
+                     window=5, tie=False) -> dict:
+    """A transformers-style GPT-OSS ``config.json`` (MXFP4 quantization_config, yarn rope, alternating
+    sliding/full layers) for a tiny random model."""
+    return {
+        "model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "dtype": "float32",
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "num_local_experts": experts, "num_experts_per_tok": top_k, "experts_per_token": top_k,
+        "sliding_window": window, "attention_bias": True, "rms_norm_eps": 1e-5, "swiglu_limit": 7.0,
+        "tie_word_embeddings": tie, "max_position_embeddings": 131072, "initial_context_length": 4096,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                            "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": False},
+        "pad_token_id": 0, "eos_token_id": 1,
+        "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+    }
+
+
+def write_gptoss_lm(folder, seed=0, dtype=torch.float32, eos=(1,), shards=2, **cfg_kw) -> pathlib.Path:
+    """A random GPT-OSS causal LM as a diffusers ``text_encoder/`` folder: config.json, generation_config.json,
+    ``model-0000i-of-0000N.safetensors`` + index, experts in the real MXFP4 layout (``*_blocks [E, out, G, 16]``
+    low nibble first, E8M0 ``*_scales``), ``lm_head`` untied unless ``tie=True``. Loadable by transformers'
+    ``GptOssForCausalLM.from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True))``."""
+    from lens_core.benchmarks.te import random_gptoss_state_dict
+
+    cfg = gptoss_lm_config(**cfg_kw)
+    sd = random_gptoss_state_dict(cfg, seed=seed, dtype=dtype, scales=(121, 124))
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = sorted(sd)
+    groups = [keys[k::shards] for k in range(shards)]
+    _write_sharded(sd, folder, "model", "model.safetensors.index.json", groups)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": list(eos), "pad_token_id": 0, "do_sample": True}, indent=1))
+    return folder

@@ -34,7 +34,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = (REPO.parent / "shared" / "tools" / "comfyui_headless.sh").resolve()
 PORTS = range(18188, 18300)
 LENS_NODES = {"LensModelLoader", "LensTextEncoderLoader", "LensVAELoader", "LensCheckpointLoader", "LensTextEncode",
-              "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode", "LensLoraLoader"}
+              "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode", "LensLoraLoader",
+              "LensPromptEnhance"}
 TINY = "Lens-tiny"
 UPSCALER = "tiny-compact-4x.safetensors"
 
@@ -788,6 +789,40 @@ def test_inpaint_workflow_runs(server, object_info):
     (images,) = [o["images"] for o in hist["outputs"].values() if "images" in o]
     with Image.open(server.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
         assert im.size == (96, 64)
+
+
+def test_prompt_enhance_feeds_encode_sample_decode(server, object_info):
+    """LensPromptEnhance (STRING) -> LensTextEncode -> LensSampler -> LensVAEDecode -> SaveImage on the tiny
+    golden pipeline: the graph runs, the enhancer reports progress per token batch, the image is saved."""
+    from PIL import Image
+
+    assert object_info["LensPromptEnhance"]["output"] == ["STRING"]
+    prompt = {
+        "1": {"class_type": "LensCheckpointLoader", "inputs": {"folder": TINY, "weight_dtype": "default",
+                                                               "variant": "auto", "text_encoder_device": "default",
+                                                               "experts": "packed"}},
+        "2": {"class_type": "LensPromptEnhance", "inputs": {"text_encoder": ["1", 1], "text": "a red cube",
+                                                            "seed": 5, "max_new_tokens": 40, "temperature": 0.7}},
+        "3": {"class_type": "LensTextEncode", "inputs": {"text_encoder": ["1", 1], "text": ["2", 0]}},
+        "4": {"class_type": "LensTextEncode", "inputs": {"text_encoder": ["1", 1], "text": ""}},
+        "5": {"class_type": "LensEmptyLatent", "inputs": {"aspect_ratio": "custom", "base_resolution": 1024,
+                                                          "width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "LensSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                      "latent_image": ["5", 0], "seed": 1, "steps": 2, "cfg": 1.0,
+                                                      "denoise": 1.0}},
+        "7": {"class_type": "LensVAEDecode", "inputs": {"vae": ["1", 2], "samples": ["6", 0], "tiled": "auto"}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "lens_test/enhance"}},
+    }
+    pid = server.submit(prompt)
+    status, hist = server.finish(pid)
+    assert status == "execution_success", hist and hist["status"]
+    events = server.ws.for_prompt(pid)
+    progress = [e["data"] for k, e in events if k == "json" and e["type"] == "progress" and e["data"]["node"] == "2"]
+    print(f"enhance: {len(progress)} progress events, values {[p['value'] for p in progress]}")
+    assert progress and all(p["max"] == 40 for p in progress) and progress[-1]["value"] == 40
+    (images,) = [o["images"] for o in hist["outputs"].values() if "images" in o]
+    with Image.open(server.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
+        assert im.size == (64, 64)
 
 
 def test_hostile_files_through_the_loader_nodes_keep_the_server_up(server, object_info, golden_dir, pipeline_dir):

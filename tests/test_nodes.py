@@ -75,7 +75,7 @@ def test_mappings_and_ids(pack):
     m = pack.NODE_CLASS_MAPPINGS
     assert set(m) == {"LensModelLoader", "LensTextEncoderLoader", "LensVAELoader", "LensCheckpointLoader",
                       "LensTextEncode", "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode",
-                      "LensLoraLoader", "LensSigmas", "LensNoise"}
+                      "LensLoraLoader", "LensPromptEnhance", "LensSigmas", "LensNoise"}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(m)
     for name in m:
         assert name.startswith("Lens") and name not in CORE_IDS
@@ -83,7 +83,7 @@ def test_mappings_and_ids(pack):
 
 @pytest.mark.parametrize("name", ["LensModelLoader", "LensTextEncoderLoader", "LensVAELoader",
                                   "LensCheckpointLoader", "LensTextEncode", "LensEmptyLatent", "LensSampler",
-                                  "LensVAEDecode", "LensVAEEncode", "LensLoraLoader", "LensSigmas",
+                                  "LensVAEDecode", "LensVAEEncode", "LensLoraLoader", "LensPromptEnhance", "LensSigmas",
                                   "LensNoise"])
 def test_input_and_return_types_valid(pack, name):
     cls = pack.NODE_CLASS_MAPPINGS[name]
@@ -467,3 +467,37 @@ def test_patcher_choice_for_dynamic_vram_at_real_size(pack):
             if hasattr(m, "comfy_cast_weights"):
                 assert hasattr(m, "weight") and hasattr(m, "bias"), type(m)
                 assert isinstance(m.weight_function, list) and isinstance(m.bias_function, list), type(m)
+
+
+def test_prompt_enhance_node(pack, loaded, pipeline_dir):
+    """LensPromptEnhance on the tiny golden encoder: the same text as lens_core.enhance for the same seed,
+    loaded through ComfyUI (lm_head/final norm added on first use), progress per token batch, interruptible,
+    and the encoder keeps encoding identically afterwards."""
+    import comfy.model_management as mm
+    import comfy.utils
+    from lens_core import checkpoints as ck
+    from lens_core import enhance as core_enhance
+
+    te = loaded["te"]
+    before, = run(pack, "LensTextEncode", text_encoder=te, text=PROMPT)
+    assert run(pack, "LensPromptEnhance", text_encoder=te, text="  ", seed=1) == ("  ",)
+    events = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: events.append((value, total)))
+    try:
+        out, = run(pack, "LensPromptEnhance", text_encoder=te, text=PROMPT, seed=7, max_new_tokens=20,
+                   temperature=0.7)
+        assert te.module.can_generate and te.patcher.model_size() == mm.module_size(te.module)
+        assert events and events[-1] == (20, 20) and all(t == 20 for _, t in events)
+        mm.interrupt_current_processing(True)
+        with pytest.raises(mm.InterruptProcessingException):
+            run(pack, "LensPromptEnhance", text_encoder=te, text=PROMPT + " again", seed=7, max_new_tokens=20)
+        assert not mm.processing_interrupted()
+        assert run(pack, "LensPromptEnhance", text_encoder=te, text=PROMPT, seed=7, max_new_tokens=20) == (out,)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    ref_te = ck.load_text_encoder(pipeline_dir, dtype=torch.float32)
+    ref = core_enhance.enhance(ref_te, ck.load_tokenizer(pipeline_dir), PROMPT, seed=7, max_new_tokens=20)
+    assert isinstance(out, str) and out == ref
+    after, = run(pack, "LensTextEncode", text_encoder=te, text=PROMPT)
+    assert torch.equal(before[0][0], after[0][0])

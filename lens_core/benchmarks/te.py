@@ -56,39 +56,66 @@ def _config(args) -> dict:
     }
 
 
-def write_checkpoint(folder: str, args) -> dict:
-    """Write a random GPT-OSS in the diffusers text_encoder/ layout (bf16 + MXFP4 experts) to ``folder``."""
+def random_gptoss_state_dict(cfg: dict, seed: int = 0, dtype=None, scales=(119, 122)) -> dict:
+    """Random weights of the GPT-OSS described by the transformers ``config.json`` dict ``cfg`` in the diffusers
+    ``text_encoder/`` layout: float tensors in ``dtype`` (default bf16), experts in the real MXFP4 layout
+    (``*_blocks [E, out, G, 16]`` uint8, E8M0 ``*_scales`` drawn in ``scales`` = [low, high)), an untied
+    ``lm_head`` unless ``cfg["tie_word_embeddings"]``. Scaled so activations stay O(1)."""
     import torch
-    from safetensors.torch import save_file
 
-    cfg = _config(args)
-    g = torch.Generator().manual_seed(0)
-    d, e = args.hidden, args.experts
-    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    dtype = dtype or torch.bfloat16
+    g = torch.Generator().manual_seed(seed)
+    d, e, v = cfg["hidden_size"], cfg["num_local_experts"], cfg["vocab_size"]
+    hd, heads, kv = cfg.get("head_dim", 64), cfg["num_attention_heads"], cfg["num_key_value_heads"]
 
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(dtype)
 
-    sd = {"model.embed_tokens.weight": rnd(args.vocab, d), "model.norm.weight": rnd(d, scale=0.1) + 1,
-          "lm_head.weight": rnd(args.vocab, d, scale=d ** -0.5)}
-    for i in range(args.layers):
+    sd = {"model.embed_tokens.weight": rnd(v, d), "model.norm.weight": rnd(d, scale=0.1, shift=1.0)}
+    if not cfg.get("tie_word_embeddings", False):
+        sd["lm_head.weight"] = rnd(v, d, scale=d ** -0.5)
+    for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        for name, (o, n) in {"q_proj": (heads * 64, d), "k_proj": (kv * 64, d), "v_proj": (kv * 64, d),
-                             "o_proj": (d, heads * 64)}.items():
+        for name, (o, n) in {"q_proj": (heads * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d),
+                             "o_proj": (d, heads * hd)}.items():
             sd[p + f"self_attn.{name}.weight"] = rnd(o, n, scale=n ** -0.5)
             sd[p + f"self_attn.{name}.bias"] = rnd(o, scale=0.1)
         sd[p + "self_attn.sinks"] = rnd(heads)
         sd[p + "mlp.router.weight"] = rnd(e, d, scale=d ** -0.5)
         sd[p + "mlp.router.bias"] = rnd(e, scale=0.1)
-        sd[p + "input_layernorm.weight"] = rnd(d, scale=0.1) + 1
-        sd[p + "post_attention_layernorm.weight"] = rnd(d, scale=0.1) + 1
+        sd[p + "input_layernorm.weight"] = rnd(d, scale=0.1, shift=1.0)
+        sd[p + "post_attention_layernorm.weight"] = rnd(d, scale=0.1, shift=1.0)
         for proj, rows in (("gate_up_proj", 2 * d), ("down_proj", d)):
             sd[p + f"mlp.experts.{proj}_blocks"] = torch.randint(0, 256, (e, rows, d // 32, 16), generator=g,
                                                                  dtype=torch.uint8)
-            # exponents around 2^-6 keep activations O(1) for fan-in ~1000
-            sd[p + f"mlp.experts.{proj}_scales"] = torch.randint(119, 122, (e, rows, d // 32), generator=g,
-                                                                 dtype=torch.uint8)
+            sd[p + f"mlp.experts.{proj}_scales"] = torch.randint(scales[0], scales[1], (e, rows, d // 32),
+                                                                 generator=g, dtype=torch.uint8)
             sd[p + f"mlp.experts.{proj}_bias"] = rnd(e, rows, scale=0.1)
+    return sd
+
+
+def prepare_folder(args, prefix: str):
+    """(folder, TemporaryDirectory or None): ``args.workdir`` or a temp dir holding the random checkpoint
+    (written in a child process: torch's thread pool must not start in the parent before the measured forks)."""
+    from lens_core.bench import run_isolated
+
+    tmp = None
+    folder = args.workdir
+    if folder is None:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        folder = tmp.name
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        run_isolated(write_checkpoint, folder, args)
+    return folder, tmp
+
+
+def write_checkpoint(folder: str, args) -> dict:
+    """Write a random GPT-OSS in the diffusers text_encoder/ layout (bf16 + MXFP4 experts) to ``folder``."""
+    from safetensors.torch import save_file
+
+    cfg = _config(args)
+    # exponents around 2^-6 keep activations O(1) for fan-in ~1000
+    sd = random_gptoss_state_dict(cfg, seed=0, scales=(119, 122))
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "model.safetensors")
     for pad in range(4):
@@ -156,19 +183,11 @@ def _encode_child(side: str, folder: str, tokens: int, dtype_name: str, runs: in
 def run(args):
     import numpy as np
 
-    from lens_core.bench import run_isolated
+    from lens_core.bench import print_load, run_isolated
 
-    tmp = None
-    folder = args.workdir
-    if folder is None:
-        tmp = tempfile.TemporaryDirectory(prefix="lens_te_bench_")
-        folder = tmp.name
-    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-        # in a child too: torch's thread pool must not start in the parent before the measured forks
-        run_isolated(write_checkpoint, folder, args)
+    folder, tmp = prepare_folder(args, "lens_te_bench_")
     size = os.path.getsize(os.path.join(folder, "model.safetensors"))
-    with open("/proc/loadavg") as f:
-        print(f"# load average at start: {' '.join(f.read().split()[:3])}")
+    print_load("start")
     print(f"# random GPT-OSS: {args.layers} layers, hidden {args.hidden}, {args.experts} experts top-{args.top_k}, "
           f"vocab {args.vocab}; checkpoint {size / 1e9:.3f} GB; prompt {args.tokens} tokens; {args.dtype}")
     results = {}
@@ -190,8 +209,7 @@ def run(args):
             row["max_rel_diff_vs_tf"] = max(float(np.abs(a - b).max() / np.abs(b).max())
                                             for a, b in zip(r["features"], ref["features"]))
         rows.append(row)
-    with open("/proc/loadavg") as f:
-        print(f"# load average at end: {' '.join(f.read().split()[:3])}")
+    print_load("end")
     if tmp is not None:
         tmp.cleanup()
     return rows

@@ -41,7 +41,8 @@ from .detect import (COMPONENT_NAMES, DIT_SIGNATURE, FOREIGN, NVFP4_TE_SUFFIX, Q
                      quant_layers, strip_prefix, te_family)
 from .assign import IGNORED_KEYS, CheckpointInfo, assign_weights, init_empty_weights
 from .transformer import dit_config_from_shapes, load_transformer
-from .text_encoder import REAL_SELECTED_LAYERS, REAL_TE_CONFIG, load_text_encoder, te_config_from_shapes
+from .text_encoder import (REAL_SELECTED_LAYERS, REAL_TE_CONFIG, load_text_encoder, load_text_encoder_parts,
+                           te_config_from_shapes)
 from .vae import load_vae
 from .tokenizer import load_tokenizer
 from .inspection import format_inspect, inspect
@@ -53,5 +54,5 @@ __all__ = [
     "VAE_BFL_SIGNATURE", "VAE_DIFFUSERS_SIGNATURE", "Detection", "detect", "detect_variant", "dit_family",
     "quant_layers", "strip_prefix", "te_family", "IGNORED_KEYS", "CheckpointInfo", "assign_weights",
     "init_empty_weights", "dit_config_from_shapes", "load_transformer", "REAL_SELECTED_LAYERS", "REAL_TE_CONFIG",
-    "load_text_encoder", "te_config_from_shapes", "load_vae", "load_tokenizer", "format_inspect", "inspect",
+    "load_text_encoder", "load_text_encoder_parts", "te_config_from_shapes", "load_vae", "load_tokenizer", "format_inspect", "inspect",
 ]

@@ -6,6 +6,7 @@ import os
 import re
 
 import torch
+from torch import nn
 
 from .. import checks as chk
 from .. import ggml
@@ -143,6 +144,62 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
                                             "selected_layers": list(selected_layers),
                                             "embedded_tokenizer": "tokenizer_json" in source})
     source.close()
+    return model
+
+
+GENERATION_FIX = ("load the text encoder from the diffusers text_encoder/ folder of microsoft/Lens, Lens-Turbo or "
+                  "Lens-Base (13.8 GB, it has lm_head.weight and model.norm.weight) and use that one for the prompt "
+                  "enhancer; the feature encoder itself works with this file")
+
+
+def load_text_encoder_parts(model, path, names, device="cpu"):
+    """Load the tensors ``names`` (state-dict keys of ``model``, a ``LensTextEncoder``, whose modules were just
+    built on ``meta`` — e.g. by ``add_generation_modules_``) from the text-encoder checkpoint ``path``, cast to
+    their dtype, onto ``device``. Nothing else of ``model`` is read or replaced. A checkpoint without them (the
+    Comfy-Org NVFP4 file has no ``lm_head`` / final norm) raises CheckpointError naming the file to use."""
+    names = list(names)
+    source = open_source(path, "text_encoder")
+    try:
+        det = _expect(source, "text_encoder")
+        # lm_head sits beside the "model." body (HF layout): keep it while stripping the detected prefix
+        outer = det.prefix[: -len("model.")] if det.prefix.endswith("model.") else det.prefix
+        source = source.rename(lambda k: k[len(det.prefix):] if k.startswith(det.prefix) else
+                               k[len(outer):] if k.startswith(outer + "lm_head.") else None)
+        family = te_family(source)
+        quant_layers(source, "text_encoder")
+        source = source.rename(_to_hf_te_name)
+        missing = [n for n in names if n not in source]
+        if family == "comfy-te-nvfp4":   # its scales are read through the un-tiling reader, not by name
+            missing = [n for n in missing if not n.endswith("_proj_scales")]
+        if missing:
+            raise CheckpointError(f"{source.origin}: text generation (the prompt enhancer) needs {len(missing)} "
+                                  f"tensor(s) this {family} checkpoint does not have, e.g. {missing[:3]}"
+                                  + ("; the Comfy-Org gpt_oss_20b_nvfp4.safetensors carries no lm_head"
+                                     if family == "comfy-te-nvfp4" else "") + f". Fix: {GENERATION_FIX}")
+        holder, layers = nn.Module(), nn.ModuleDict()
+        holder.model = nn.Module()
+        for n in names:
+            if n.startswith("model.layers."):
+                i = n.split(".")[2]
+                layers[i] = model.model.layers[int(i)]
+            elif n.startswith("model.norm."):
+                holder.model.norm = model.model.norm
+            elif n.startswith("lm_head."):
+                holder.lm_head = model.lm_head
+            else:
+                raise ValueError(f"load_text_encoder_parts: {n!r} is not a generation-module key")
+        if len(layers):
+            holder.model.layers = layers
+        if set(holder.state_dict()) != set(names):
+            raise ValueError(f"load_text_encoder_parts: {sorted(set(holder.state_dict()) ^ set(names))[:4]} do not "
+                             f"match whole modules of the encoder")
+        special = {n: _nvfp4_scale_reader for n in names if family == "comfy-te-nvfp4" and n.endswith("_proj_scales")}
+        blocks = {n[: -len("_scales")] + "_blocks" for n in special}
+        wanted = set(names) | blocks
+        part = source.rename(lambda k: k if k in wanted else None)
+        assign_weights(holder, part, device, "text_encoder", special, blocks - set(names))
+    finally:
+        source.close()
     return model
 
 

@@ -1,0 +1,356 @@
+"""The prompt enhancer: the official Lens "reasoner" run locally on the GPT-OSS text encoder's own weights.
+
+Facts: ../shared/docs/lora_gguf_reasoner.md §3 and text_encoder_spec.md §6 (official ``lens/reasoner.py``).
+
+- The same :class:`lens_core.text_encoder.LensTextEncoder` object generates text: :func:`load_generation_weights`
+  adds what the feature encoder never loads (decoder layers after the last selected one, the final norm
+  ``model.norm`` and ``lm_head``, 1.16 GB in bf16 for GPT-OSS-20B) from the same checkpoint into the same module;
+  the experts stay packed and nothing already loaded is copied.
+- :func:`generate`: the prompt is prefilled in one pass, then one token per step with a KV cache
+  (:class:`lens_core.text_encoder.KVCache`: sinks, the sliding window on alternating layers, YaRN RoPE at any
+  position). ``temperature == 0`` is greedy; otherwise the logits are divided by the temperature, cut to the
+  ``top_k`` best (50: transformers' default, which the official ``generate`` call inherits) and sampled with a
+  CPU ``torch.Generator`` seeded by ``seed`` (so a seed gives the same text on any device). Generation stops
+  at an end-of-sequence id (``generation_config.json``'s, default ``<|return|>``, ``<|endoftext|>``, ``<|call|>``)
+  or after ``max_new_tokens``.
+- :func:`enhance`: the official conversation (system = the official rewriter prompt + its "keep any reasoning
+  private" sentence, user = the prompt) in the harmony template with ``Reasoning: low``, temperature 0.7,
+  ``max_new_tokens`` 4096 (the official defaults; a smaller budget is an option: GPT-OSS at ``Reasoning: low``
+  usually answers in a few hundred tokens, and a cut-off answer falls back to the original prompt), then the
+  official clean-up (:func:`clean_output`). The system prompt is data: ``data/lens_reasoner_prompt.json``
+  (with its source and MIT notice). The template date is pinned like the encoder's (``prompt.resolve_date``).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import warnings
+
+import torch
+
+from . import prompt as lens_prompt
+
+DEFAULT_MAX_NEW_TOKENS = 4096      # official PromptReasoner default
+DEFAULT_TEMPERATURE = 0.7          # official PromptReasoner default
+DEFAULT_TOP_K = 50                 # transformers' generate default (the official call sets none)
+DEFAULT_EOS_IDS = (200002, 199999, 200012)   # openai/gpt-oss-20b generation_config.json: <|return|> <|endoftext|> <|call|>
+REASONING = "low"
+DATA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "lens_reasoner_prompt.json")
+ASSISTANT_OPEN = "<|end|><|start|>assistant"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# model input data
+
+
+@functools.lru_cache(maxsize=None)
+def reasoner_data() -> dict:
+    """The official reasoner's system prompt and local-path sentence (``data/lens_reasoner_prompt.json``)."""
+    with open(DATA_FILE, encoding="utf-8") as f:
+        data = json.load(f)
+    for key in ("system_prompt", "local_suffix", "joiner"):
+        if not isinstance(data.get(key), str) or (key != "joiner" and not data[key].strip()):
+            raise ValueError(f"{DATA_FILE}: expected a non-empty string {key!r}; the data file is damaged")
+    return data
+
+
+def system_message() -> str:
+    """The system message of the official local path: the rewriter prompt, a blank line, the privacy sentence."""
+    d = reasoner_data()
+    return d["system_prompt"] + d["joiner"] + d["local_suffix"]
+
+
+def render_parts(date=None) -> tuple[str, str]:
+    """(text before the prompt, text after it) of the rendered enhancer conversation: the harmony template with
+    ``Reasoning: low``, the system message as developer instructions, and the open assistant turn."""
+    return (lens_prompt.harmony_preamble(lens_prompt.resolve_date(date), system_message(), REASONING),
+            ASSISTANT_OPEN)
+
+
+def render_enhance_prompt(text: str, date=None) -> str:
+    """The exact string the official reasoner tokenizes for ``text``."""
+    if not isinstance(text, str):
+        raise ValueError(f"prompt: expected a string, found {type(text).__name__}")
+    head, tail = render_parts(date)
+    return head + text + tail
+
+
+# ------------------------------------------------------------------------------------------------------------
+# weights
+
+
+def load_generation_weights(encoder, path=None, device=None):
+    """Make ``encoder`` able to generate: build the missing decoder layers, ``model.norm`` and ``lm_head`` and
+    load them from ``path`` (default: the checkpoint the encoder was loaded from, ``encoder.lens_checkpoint``)
+    onto ``device`` (default: where the embedding is). Idempotent; on failure the encoder is left as it was.
+
+    The diffusers ``text_encoder/`` folder has ``lm_head``; the Comfy-Org NVFP4 file does not (a
+    CheckpointError says which file to use instead)."""
+    if encoder.can_generate:
+        return encoder
+    if path is None:
+        info = getattr(encoder, "lens_checkpoint", None)
+        path = getattr(info, "path", None)
+    if path is None:
+        raise ValueError("load_generation_weights: this text encoder was not loaded by lens_core.checkpoints "
+                         "(no lens_checkpoint.path); pass path= (the diffusers text_encoder/ folder)")
+    if device is None:
+        w = encoder.model.embed_tokens.weight
+        device = w.device if w.device.type != "meta" else torch.device("cpu")
+    names = encoder.add_generation_modules_()
+    try:
+        if names:
+            _load_parts(encoder, path, names, device)
+    except BaseException:
+        encoder.remove_generation_modules_()
+        raise
+    return encoder
+
+
+def _load_parts(encoder, path, names, device):
+    from . import checkpoints as ck
+    return ck.load_text_encoder_parts(encoder, path, names, device=device)
+
+
+def default_eos_ids(encoder) -> tuple[int, ...]:
+    """End-of-sequence ids: ``generation_config.json`` beside the encoder's checkpoint (``eos_token_id``, an int
+    or a list), else the real GPT-OSS ones."""
+    from .jsonfile import read_json_object
+
+    info = getattr(encoder, "lens_checkpoint", None)
+    path = getattr(info, "path", None)
+    if path:
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        cfg = os.path.join(folder, "generation_config.json")
+        if os.path.isfile(cfg):
+            ids = read_json_object(cfg, "generation config").get("eos_token_id")
+            ids = [ids] if isinstance(ids, int) else ids
+            if isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                     for i in ids):
+                return tuple(ids)
+            raise ValueError(f"{cfg}: expected eos_token_id as a non-negative int or a non-empty list of them, "
+                             f"found {ids!r}")
+    return DEFAULT_EOS_IDS
+
+
+# ------------------------------------------------------------------------------------------------------------
+# generation
+
+
+def _check_number(name, value, lo, hi=None, integer=False):
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok_type or isinstance(value, bool) or value != value or value < lo or (hi is not None and value > hi):
+        kind = "an int" if integer else "a finite number"
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected {kind} {rng}, found {value!r}")
+    return value
+
+
+def _device_of(encoder):
+    for p in encoder.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
+    """Next ids ``[B]`` from fp32 logits ``[B, V]``: argmax, or temperature + top-k sampling on the CPU."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits.cpu() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(encoder, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+             seed=None, *, top_k: int = DEFAULT_TOP_K, eos_token_ids=None, pad_token_id=None, callback=None,
+             device=None, output_logits: bool = False):
+    """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (``[T]`` or ``[B, T]``, no padding) and
+    return the new ids ``[B, N]`` (an end-of-sequence id is included, as transformers does; rows that ended
+    earlier than others are filled with ``pad_token_id``). ``temperature == 0`` is greedy; otherwise sampling
+    with ``top_k`` and a CPU generator seeded with ``seed`` (None = a random seed).
+
+    ``callback(done, total)`` runs after every new token (progress; it may raise to interrupt: the encoder is not
+    modified by a run, so it stays usable). ``output_logits=True`` also returns the fp32 logits ``[B, V]`` each
+    step was chosen from. The encoder must have its generation weights (:func:`load_generation_weights`)."""
+    _check_number("max_new_tokens", max_new_tokens, 1, integer=True)
+    _check_number("temperature", temperature, 0.0, 100.0)
+    _check_number("top_k", top_k, 0, integer=True)
+    if seed is not None:
+        _check_number("seed", seed, 0, 2 ** 64 - 1, integer=True)
+    if not torch.is_tensor(input_ids) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids: expected an integer tensor [T] or [B, T], found {type(input_ids).__name__}"
+                         f" {getattr(input_ids, 'dtype', '')}")
+    ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
+    if ids.dim() != 2 or ids.shape[1] < 1 or ids.shape[0] < 1:
+        raise ValueError(f"input_ids: expected [T] or [B, T] with T >= 1, found {tuple(input_ids.shape)}")
+    vocab = encoder.config.vocab_size
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"input_ids: expected ids in [0, {vocab}), found [{int(ids.min())}, {int(ids.max())}]")
+    limit = encoder.config.max_position_embeddings
+    if ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"generate: {ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the model's "
+                         f"{limit} positions (max_position_embeddings); shorten the prompt or max_new_tokens")
+    eos = torch.tensor(sorted(set(eos_token_ids if eos_token_ids is not None else default_eos_ids(encoder))),
+                       dtype=torch.long)
+    pad = encoder.config.pad_token_id if pad_token_id is None else pad_token_id
+    device = torch.device(device) if device is not None else _device_of(encoder)
+    ids = ids.to(device=device, dtype=torch.long)
+    eos = eos.to(device)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device="cpu")
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed))
+    if not encoder.can_generate:
+        raise ValueError("generate: the encoder has no generation weights (lm_head, final norm, all layers); call "
+                         "lens_core.enhance.load_generation_weights(encoder) first")
+    batch = ids.shape[0]
+    cache = encoder.new_kv_cache(batch, ids.shape[1] + max_new_tokens, device=device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    out, step_logits = [], []
+    step_input = ids
+    for step in range(max_new_tokens):
+        logits = encoder._logits_step(step_input, cache) if step else encoder.logits_step(step_input, cache)
+        if output_logits:
+            step_logits.append(logits)
+        nxt = _pick(logits, float(temperature), int(top_k), generator)
+        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
+        out.append(nxt)
+        unfinished &= ~torch.isin(nxt, eos)
+        if callback is not None:
+            callback(step + 1, max_new_tokens)
+        if not bool(unfinished.any()):
+            break
+        step_input = nxt[:, None]
+    del cache
+    result = torch.stack(out, dim=1)
+    return (result, step_logits) if output_logits else result
+
+
+# ------------------------------------------------------------------------------------------------------------
+# clean-up of the generated text (the official rules, in our own code)
+
+_FINAL_TURN = re.compile(r"<\|start\|>assistant(?:<\|channel\|>final)?<\|message\|>(.*?)(?=<\|return\|>|<\|end\|>|$)",
+                         re.DOTALL)
+_FINAL_CHANNEL = re.compile(r"<\|channel\|>final<\|message\|>(.*?)(?=<\|return\|>|<\|end\|>|$)", re.DOTALL)
+_PLAIN_FINAL = re.compile(r"assistant\s*final\s*", re.IGNORECASE)
+_PLAIN_LINE_FINAL = re.compile(r"(?:^|\n)\s*final\s*", re.IGNORECASE)
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_STILL_ANALYSIS = re.compile(r"^(?:analysis|assistant\s*analysis)(?:\b|[a-z])", re.IGNORECASE)
+_ANALYSIS_OPENINGS = ("<|channel|>analysis<|message|>", "<|start|>assistant<|channel|>analysis<|message|>")
+_MARKERS = ("<|channel|>analysis<|message|>", "<|start|>assistant<|channel|>analysis<|message|>",
+            "<|channel|>final<|message|>", "<|start|>assistant<|channel|>final<|message|>",
+            "<|start|>assistant<|message|>", "<|return|>", "<|end|>", "<|endoftext|>", "<|im_end|>")
+
+
+def _last_match(pattern, text):
+    found = None
+    for found in pattern.finditer(text):
+        pass
+    return found
+
+
+def _plain_final(text: str):
+    """Text after the last 'assistant final' (special tokens lost in decoding), or after the last line starting
+    with 'final' when the text starts with 'analysis'; None when neither applies or nothing follows."""
+    m = _last_match(_PLAIN_FINAL, text)
+    if m is None and text.lstrip().lower().startswith("analysis"):
+        m = _last_match(_PLAIN_LINE_FINAL, text)
+    if m is None:
+        return None
+    return text[m.end():].strip() or None
+
+
+def clean_output(text: str) -> str:
+    """The official clean-up of a decoded reasoner output (special tokens kept): the last ``final`` message
+    (assistant turn or channel), ``<think>`` blocks and harmony markers removed, a text still starting with
+    "analysis" counts as empty, one wrapping code fence and one pair of wrapping double quotes removed,
+    whitespace collapsed. Returns "" when nothing usable is left (the caller then keeps the original prompt).
+    One deviation: an output that is only an unfinished analysis message (cut off by ``max_new_tokens``) gives ""
+    where the official code would return the analysis text as the prompt."""
+    text = text.strip()
+    m = _last_match(_FINAL_TURN, text) or _last_match(_FINAL_CHANNEL, text)
+    if m is not None:
+        text = m.group(1).strip()
+    elif text.startswith(_ANALYSIS_OPENINGS) and _plain_final(text) is None:
+        # Deviation from the official code, which would return the unfinished analysis text itself: an output
+        # that is only an analysis message was cut off by max_new_tokens before its final answer.
+        return ""
+    else:
+        text = _plain_final(text) or text
+    text = _THINK.sub("", text).strip()
+    if "</think>" in text.lower():
+        text = re.split(r"</think>", text, flags=re.IGNORECASE)[-1].strip()
+    text = _plain_final(text) or text
+    for marker in _MARKERS:
+        text = text.replace(marker, "")
+    text = text.strip()
+    if _STILL_ANALYSIS.match(text):
+        return ""
+    if text.startswith("```") and text.endswith("```"):
+        lines = text.splitlines()
+        if len(lines) >= 3:
+            text = "\n".join(lines[1:-1]).strip()
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        text = text[1:-1].strip()
+    return " ".join(text.split())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the enhancer
+
+
+def enhance_ids(tokenizer, text: str, max_new_tokens: int, context: int, date=None) -> torch.Tensor:
+    """Token ids ``[1, T]`` of the rendered enhancer conversation. The prompt's own tokens are cut on the right
+    (with a warning giving the count) so that template + prompt + ``max_new_tokens`` fit in ``context``."""
+    head, tail = render_parts(date)
+    head_ids, prompt_ids, tail_ids = tokenizer.encode([head, text, tail])
+    room = context - max_new_tokens - len(head_ids) - len(tail_ids)
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: the enhancer template takes "
+                         f"{len(head_ids) + len(tail_ids)} tokens, so at most "
+                         f"{context - len(head_ids) - len(tail_ids) - 1} new tokens fit in the {context}-token "
+                         f"context; lower max_new_tokens")
+    if len(prompt_ids) > room:
+        warnings.warn(f"prompt enhancer: the prompt is {len(prompt_ids)} tokens; truncated to {room} tokens so that "
+                      f"the template and {max_new_tokens} new tokens fit in the {context}-token context "
+                      f"({len(prompt_ids) - room} tokens dropped from the end)", stacklevel=3)
+        prompt_ids = prompt_ids[:room]
+    return torch.tensor([head_ids + prompt_ids + tail_ids], dtype=torch.long)
+
+
+def enhance(encoder, tokenizer, prompt: str, *, seed=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+            temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K, date=None, context=None,
+            callback=None, device=None, load_weights: bool = True) -> str:
+    """Rewrite ``prompt`` into a long, dense Lens caption with the official reasoner (see the module doc).
+
+    An empty (or whitespace-only) prompt is returned unchanged without running the model; an output with no
+    usable final answer (e.g. cut off by ``max_new_tokens`` during its analysis) gives the original prompt.
+    ``context``: token budget of template + prompt + new tokens (default: the model's
+    ``max_position_embeddings``). ``load_weights``: load the generation weights on demand."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt: expected a string, found {type(prompt).__name__}")
+    if not prompt.strip():
+        return prompt
+    if not isinstance(tokenizer, lens_prompt.LensTokenizer):
+        raise ValueError(f"tokenizer: expected a LensTokenizer from lens_core.prompt.load_tokenizer, found "
+                         f"{type(tokenizer).__name__}")
+    _check_number("max_new_tokens", max_new_tokens, 1, integer=True)
+    context = encoder.config.max_position_embeddings if context is None else context
+    _check_number("context", context, 2, encoder.config.max_position_embeddings, integer=True)
+    if load_weights:
+        load_generation_weights(encoder)
+    ids = enhance_ids(tokenizer, prompt, max_new_tokens, context, date)
+    new = generate(encoder, ids, max_new_tokens, temperature, seed, top_k=top_k, pad_token_id=tokenizer.pad_id,
+                   callback=callback, device=device)
+    text = tokenizer.tokenizer.decode(new[0].tolist(), skip_special_tokens=False)
+    return clean_output(text) or prompt
