@@ -103,8 +103,11 @@ def _qk_fast(norm, x, freqs, out):
     """Fast QK-RMSNorm + RoPE of x [B,S,H,Dh] in fp32, written (cast) into ``out`` (a joint-buffer slice)."""
     y = x * _rms_scale(x, getattr(norm, "eps", BLOCK_NORM_EPS))
     y.mul_(cast_to(norm.weight, torch.float32, x.device))
-    rot = torch.view_as_complex(y.unflatten(-1, (-1, 2))) * freqs.unsqueeze(1)
-    out.copy_(torch.view_as_real(rot).flatten(3))
+    yc = torch.view_as_complex(y.unflatten(-1, (-1, 2)))
+    if out.dtype == torch.float32:  # rotate straight into the buffer (no temporary, no copy)
+        torch.mul(yc, freqs.unsqueeze(1), out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+    else:
+        out.copy_(torch.view_as_real(yc * freqs.unsqueeze(1)).flatten(3))
 
 
 def timestep_projection(t: torch.Tensor, dim: int = TIME_PROJ_DIM) -> torch.Tensor:
@@ -182,9 +185,8 @@ class _JointAttention(nn.Module):
             k = torch.cat([img_k, txt_k], dim=1)
             v = torch.cat([img_v, txt_v], dim=1)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        else:  # norm + RoPE in fp32 written straight into contiguous joint [B, H, img + txt, Dh] buffers
-            q, k, v = (img_v.new_empty(b, self.heads, s_img + s_txt, self.head_dim) for _ in range(3))
-            qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, S, H, Dh] views
+        else:  # norm + RoPE in fp32 written straight into joint [B, img + txt, H, Dh] buffers (no cat)
+            qs, ks, vs = (img_v.new_empty(b, s_img + s_txt, self.heads, self.head_dim) for _ in range(3))
             _qk_fast(self.norm_q, img_q, rope_img, qs[:, :s_img])
             _qk_fast(self.norm_k, img_k, rope_img, ks[:, :s_img])
             vs[:, :s_img].copy_(img_v)
@@ -192,6 +194,7 @@ class _JointAttention(nn.Module):
                 _qk_fast(self.norm_added_q, txt_q, rope_txt, qs[:, s_img:])
                 _qk_fast(self.norm_added_k, txt_k, rope_txt, ks[:, s_img:])
                 vs[:, s_img:].copy_(txt_v)
+            q, k, v = qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2)  # [B, H, S, Dh] views
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
