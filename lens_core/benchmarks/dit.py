@@ -10,7 +10,8 @@ Three modes (all take ``--device`` cpu|cuda; the device name is printed):
   inputs, in one process, runs interleaved (official, ours exact, ours fast, …), medians. Rows: one forward
   (batch 1), one Lens step (CFG 5: the official batch of 2 [pos; neg] + CFG rescale + Euler vs
   ``sampling.sample(steps=1)``) and one Turbo step (CFG 1: the official still runs the batch of 2; our fast
-  path runs one forward). The positive prompt is unpadded, the negative is the empty one (zeros, all-False
+  path runs one forward; the official step is the same computation at both g, so it is timed once and serves
+  both rows). The positive prompt is unpadded, the negative is the empty one (zeros, all-False
   mask), as in the official pipeline's default.
 - ``--full``: all blocks (48 unless ``--blocks``) end to end through ``sampling.sample``: Lens (20 steps,
   CFG 5) and Turbo (4 steps, CFG 1) at ``--sizes`` (default 1024), with the time per run, the ratio to the
@@ -48,6 +49,7 @@ def add_arguments(parser):
     parser.add_argument("--official", default=None, metavar="FILE",
                         help="the official transformer.py rebuild (outside the repo) to compare against")
     parser.add_argument("--rows", default="forward,lens,turbo", help="--official: which rows to time")
+    parser.add_argument("--variants", default="exact,fast", help="--official: our variants to time")
     parser.add_argument("--full", action="store_true", help="all blocks end to end: Lens and Turbo runs")
     parser.add_argument("--tiny", action="store_true", help="a CI-size config (2 heads × 16) for smoke tests")
     parser.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
@@ -174,7 +176,7 @@ def _compare_rows(args, device):
         official = official_cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in accepted})
         official = official.to(device=device, dtype=dtype).eval()
         official.load_state_dict(ours.state_dict())
-        variants = ["official", "exact", "fast"] + (["fast+compile"] if args.compile else [])
+        variants = ["official"] + args.variants.split(",") + (["fast+compile"] if args.compile else [])
         compiled = ours.enable_compile()._compiled_block if args.compile else None
         ours.enable_compile(False)
         for size in (int(s) for s in (args.sizes or ("64" if args.tiny else "1024")).split(",")):
@@ -198,32 +200,45 @@ def _compare_rows(args, device):
                 return sample(ours, x, feats, mask, grid=grid, steps=1, cfg=guidance,
                               exact=variant == "exact", dtype=dtype)
 
-            tasks = {"forward": (lambda v: forward(v), 1),
-                     "lens": (lambda v: step(v, 5.0), 2), "turbo": (lambda v: step(v, 1.0), 2)}
+            # The official step is the same batch of 2 at CFG 5 and at CFG 1 (only g differs), so one timed
+            # official step serves both rows; everything of one size is interleaved run by run.
+            calls = {}
             for what in args.rows.split(","):
-                fn, _ = tasks[what]
-                times = {v: [] for v in variants}
-                outs = {}
-                with torch.inference_mode():
-                    for v in variants:  # warm-up (and compilation) + outputs for the agreement check
-                        outs[v] = fn(v).float().cpu()
-                    for _ in range(args.runs):
-                        for v in variants:
-                            sync = _sync(device)
-                            t0 = time.perf_counter()
-                            fn(v)
-                            if sync:
-                                sync()
-                            times[v].append(time.perf_counter() - t0)
-                ref = statistics.median(times["official"])
+                for v in variants:
+                    if what == "forward":
+                        calls[(what, v)] = (lambda v=v: forward(v))
+                    elif v == "official" and ("lens", "official") in calls:
+                        continue
+                    else:
+                        g = 5.0 if what == "lens" else 1.0
+                        calls[(what, v)] = (lambda v=v, g=g: step(v, g))
+            times = {k: [] for k in calls}
+            outs = {}
+            with torch.inference_mode():
+                for k, fn in calls.items():  # warm-up (and compilation) + outputs for the agreement check
+                    outs[k] = fn().float().cpu()
+                if "turbo" in args.rows.split(",") and ("turbo", "official") not in calls:
+                    outs[("turbo", "official")] = step("official", 1.0).float().cpu()
+                for _ in range(args.runs):
+                    for k, fn in calls.items():
+                        sync = _sync(device)
+                        t0 = time.perf_counter()
+                        fn()
+                        if sync:
+                            sync()
+                        times[k].append(time.perf_counter() - t0)
+            for what in args.rows.split(","):
+                off_key = (what, "official") if (what, "official") in times else ("lens", "official")
+                ref = statistics.median(times[off_key])
                 row = {"what": what, "dtype": dtype_name, "threads": torch.get_num_threads(),
                        "size": f"{size}x{size}", "blocks": cfg.num_layers, "official s": ref}
                 for v in variants[1:]:
-                    row[f"{v} ×"] = statistics.median(times[v]) / ref
-                    row[f"{v} maxdiff"] = float((outs[v] - outs["official"]).abs().max())
-                row["all times"] = " ".join(f"{v}:" + "/".join(f"{s:.3g}" for s in times[v]) for v in variants)
+                    row[f"{v} ×"] = statistics.median(times[(what, v)]) / ref
+                    row[f"{v} maxdiff"] = float((outs[(what, v)] - outs[(what, "official")]).abs().max())
+                row["all times"] = " ".join(f"{v}:" + "/".join(f"{s:.3g}" for s in times[(what, v)])
+                                            for v in variants if (what, v) in times)
                 rows.append(row)
-                print(f"# {what} {size}: done, load average {_load_avg()}", flush=True)
+            print(f"# size {size} done, load average {_load_avg()}", flush=True)
         del ours, official, compiled
     return rows
 
