@@ -213,6 +213,7 @@ def _compare_rows(args, device):
                         g = 5.0 if what == "lens" else 1.0
                         calls[(what, v)] = (lambda v=v, g=g: step(v, g))
             times = {k: [] for k in calls}
+            cpu = {k: [] for k in calls}  # process CPU time: less sensitive to other jobs on a shared machine
             outs = {}
             with torch.inference_mode():
                 for k, fn in calls.items():  # warm-up (and compilation) + outputs for the agreement check
@@ -222,18 +223,22 @@ def _compare_rows(args, device):
                 for _ in range(args.runs):
                     for k, fn in calls.items():
                         sync = _sync(device)
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         fn()
                         if sync:
                             sync()
                         times[k].append(time.perf_counter() - t0)
+                        cpu[k].append(time.process_time() - c0)
             for what in args.rows.split(","):
                 off_key = (what, "official") if (what, "official") in times else ("lens", "official")
                 ref = statistics.median(times[off_key])
                 row = {"what": what, "dtype": dtype_name, "threads": torch.get_num_threads(),
                        "size": f"{size}x{size}", "blocks": cfg.num_layers, "official s": ref}
+                ref_cpu = statistics.median(cpu[off_key])
+                row["official cpu s"] = ref_cpu
                 for v in variants[1:]:
                     row[f"{v} ×"] = statistics.median(times[(what, v)]) / ref
+                    row[f"{v} cpu ×"] = statistics.median(cpu[(what, v)]) / ref_cpu
                     row[f"{v} maxdiff"] = float((outs[(what, v)] - outs[(what, "official")]).abs().max())
                 row["all times"] = " ".join(f"{v}:" + "/".join(f"{s:.3g}" for s in times[(what, v)])
                                             for v in variants if (what, v) in times)
