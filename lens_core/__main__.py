@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--image", help="init image for img2img (use with --denoise < 1)")
     g.add_argument("--denoise", type=float, default=1.0)
+    g.add_argument("--mask", help="inpainting mask image for --image: white = regenerate, black = keep "
+                                  "(masked denoising; works with any --denoise)")
     g.add_argument("--variant", choices=["lens", "turbo", "base"], help="override the detected variant")
     g.add_argument("--date", default=None, help="chat-template date (default 2026-05-23; 'today' = official)")
     g.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -79,6 +81,11 @@ def cmd_generate(args) -> int:
 
     from .pipeline import LensPipeline
 
+    if args.mask is not None:       # checked before any weight is loaded
+        if args.image is None:
+            raise ValueError("--mask: inpainting needs --image (the picture to keep outside the mask)")
+        if not os.path.isfile(args.mask):
+            raise FileNotFoundError(f"--mask: no such file {args.mask!r}; expected a mask image (white = regenerate)")
     pipe = LensPipeline.from_pretrained(args.model, text_encoder=args.text_encoder, vae=args.vae,
                                         tokenizer=args.tokenizer, dtype=getattr(torch, DTYPES[args.dtype]),
                                         device=args.device, offload=args.offload, variant=args.variant,
@@ -86,8 +93,8 @@ def cmd_generate(args) -> int:
     out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
                aspect=args.aspect or (None if args.height or args.width or args.image else "1:1"), base=args.base,
                steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=args.num_images, image=args.image,
-               denoise=args.denoise, template_date=args.date)
-    params = dict(out.parameters, model=os.path.abspath(args.model), init_image=args.image)
+               denoise=args.denoise, mask=args.mask, template_date=args.date)
+    params = dict(out.parameters, model=os.path.abspath(args.model), init_image=args.image, mask=args.mask)
     for path, img in zip(out_paths(args.out, len(out.images)), out.images):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         img.save(path, pnginfo=_png_info(params))

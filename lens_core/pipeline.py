@@ -19,7 +19,7 @@ import torch
 from . import checkpoints as ck
 from .config import aspect_buckets, pack_latents, unpack_latents, validate_size, variant_defaults, variant_name
 from .prompt import DEFAULT_TEMPLATE_DATE, encode_prompts, resolve_date
-from .sampling import make_noise, sample
+from .sampling import make_noise, prepare_mask, sample
 
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 
@@ -224,17 +224,24 @@ class LensPipeline:
     # ---- generation --------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", height=None, width=None, aspect=None, base=None, steps=None,
-                 cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=1.0,
+                 cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=1.0, mask=None,
                  template_date=DEFAULT_TEMPLATE_DATE, callback=None) -> LensOutput:
         """Generate images. ``steps``/``cfg`` default to the variant's (lens 20/5, turbo 4/1, base 50/5).
 
         ``latents``: initial noise as packed tokens [B, S_img, 128] (or a [B, 128, h, w] latent), used as given
         (the official ``latents=``); otherwise seeded noise (``make_noise(seed, ...)``, one draw for the batch).
         ``image`` + ``denoise`` < 1: img2img from the encoded image. ``callback(step, total, latents, x0)``.
+        ``mask`` (with ``image``): inpainting by masked denoising, 1 (white) = generate anew, 0 (black) = keep
+        the image; a PIL image, a path, or a tensor [H, W] / [B, H, W] in [0, 1] at any resolution (resized
+        to the latent grid like ComfyUI does). Works at any ``denoise`` (1 = the masked area from pure noise).
         """
         from PIL import Image
         from .vae import to_uint8
 
+        region = mask                    # the inpainting mask; ``mask`` below is the text mask
+        if region is not None and image is None:
+            raise ValueError("mask: inpainting needs the image to keep outside the mask; pass image= as well "
+                             "(or drop mask= for text-to-image)")
         template_date = resolve_date(template_date)
         d_steps, d_cfg = variant_defaults(self.variant)
         steps = d_steps if steps is None else int(steps)
@@ -254,8 +261,10 @@ class LensPipeline:
                                  f"{batch}, got {tuple(latents.shape)}")
         else:
             noise = make_noise(seed, batch, gh, gw)
-        init = None
-        if image is not None and denoise < 1.0:
+        init = packed_mask = None
+        if region is not None:
+            packed_mask = prepare_mask(load_mask(region), batch, gh, gw)
+        if image is not None and (denoise < 1.0 or region is not None):
             init = self._init_latents(image, height, width, batch)
 
         bar = _progress(self.progress, steps, "denoise")
@@ -271,7 +280,8 @@ class LensPipeline:
         with self._on_device(self.transformer) as dit:
             final = sample(dit, noise, feats, mask, None if neg is None else neg[0], None if neg is None else neg[1],
                            grid=(gh, gw), steps=steps, cfg=cfg, denoise=denoise, init_latents=init,
-                           callback=on_step, exact=self.exact, dtype=self.dtype, device=self.device)
+                           callback=on_step, exact=self.exact, dtype=self.dtype, device=self.device,
+                           mask=packed_mask)
         if bar is not None:
             bar.close()
         dbar = _progress(self.progress, 1, "decode")
@@ -284,9 +294,45 @@ class LensPipeline:
         images = [Image.fromarray(p.numpy()) for p in pixels]
         params = {"prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
                   "steps": steps, "cfg": cfg, "seed": None if latents is not None else seed,
-                  "num_images": int(num_images), "denoise": denoise, "template_date": template_date,
+                  "num_images": int(num_images), "denoise": denoise, "inpaint": region is not None, "template_date": template_date,
                   "variant": self.variant, "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact}
         return LensOutput(images=images, latents=final, uint8=pixels, parameters=params)
+
+
+def load_mask(mask) -> torch.Tensor:
+    """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (8-bit or
+    16-bit grayscale, palette, RGB(A): its luminance; a float image must already be in [0, 1]) or a tensor."""
+    if isinstance(mask, torch.Tensor):
+        return mask
+    from PIL import Image, UnidentifiedImageError
+    import numpy as np
+
+    name = "mask"
+    if isinstance(mask, (str, os.PathLike)):
+        name = f"mask {os.fspath(mask)!r}"
+        try:
+            mask = Image.open(mask)
+            mask.load()
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise ValueError(f"{name}: expected an image file (PNG, JPEG, WebP …) whose white pixels mark the area "
+                             f"to regenerate, could not read it: {exc}") from None
+    if not isinstance(mask, Image.Image):
+        raise ValueError(f"{name}: expected a PIL image, a path or a tensor [H, W] in [0, 1], got "
+                         f"{type(mask).__name__}")
+    if mask.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(mask, dtype=np.float32) / 65535.0
+    elif mask.mode == "I":
+        arr = np.asarray(mask, dtype=np.float64)
+        arr = (arr / (65535.0 if arr.max(initial=0) > 255 else 255.0)).astype(np.float32)
+    elif mask.mode == "F":
+        arr = np.asarray(mask, dtype=np.float32)
+    else:
+        arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
+        raise ValueError(f"{name}: a float ('F' mode) mask must hold values in [0, 1], found "
+                         f"[{float(t.nan_to_num().min()):g}, {float(t.nan_to_num().max()):g}] or NaN")
+    return t
 
 
 def _tokenizer_path(text_encoder_path, root):

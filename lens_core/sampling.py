@@ -15,7 +15,7 @@ import torch
 from .config import check_grid, variant_defaults
 
 __all__ = ["empirical_mu", "sigma_schedule", "scheduler_timesteps", "model_timesteps", "cfg_combine",
-           "euler_step", "make_noise", "start_index", "sample", "variant_defaults"]
+           "euler_step", "make_noise", "start_index", "prepare_mask", "sample", "variant_defaults"]
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -112,6 +112,41 @@ def make_noise(seed: int, batch: int, h: int, w: int, channels: int = 128) -> to
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Inpainting mask
+
+
+def prepare_mask(mask, batch: int, h: int, w: int) -> torch.Tensor:
+    """A regeneration mask on the latent grid in the packed layout: [batch, h·w, 1] float32 in [0, 1].
+
+    ``mask`` is [H, W], [B, H, W] or [B, 1, H, W] at any resolution (typically the image's pixels; 1 = generate
+    anew, 0 = keep the input latent). Like ComfyUI's samplers it is resized to the latent grid bilinearly
+    (align_corners=False) and repeated (or cut) to the batch size. Values must be finite and in [0, 1].
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask: expected a tensor [H, W], [B, H, W] or [B, 1, H, W], got {type(mask).__name__}")
+    if mask.ndim not in (2, 3, 4) or (mask.ndim == 4 and mask.shape[1] != 1) or 0 in mask.shape:
+        raise ValueError(f"mask: expected [H, W], [B, H, W] or [B, 1, H, W] with one channel, got "
+                         f"{tuple(mask.shape)}")
+    m = mask.detach().to(device="cpu", dtype=torch.float32)
+    if not bool(torch.isfinite(m).all()) or float(m.min()) < 0.0 or float(m.max()) > 1.0:
+        raise ValueError(f"mask: values must be finite and within [0, 1] (1 = regenerate), found the range "
+                         f"[{float(m.nan_to_num().min()):g}, {float(m.nan_to_num().max()):g}] or NaN/inf; fix: "
+                         f"normalise the mask (e.g. divide 8-bit values by 255)")
+    m = m.reshape(-1, 1, m.shape[-2], m.shape[-1])
+    if tuple(m.shape[-2:]) != (h, w):
+        m = torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+    if m.shape[0] != batch:
+        m = m.repeat(-(-batch // m.shape[0]), 1, 1, 1)[:batch]
+    return m.reshape(batch, h * w, 1).contiguous()
+
+
+def _masked(latents, reference, mask):
+    """``latents`` where the mask is 1, ``reference`` where it is 0 (linear in between), computed in fp32 with
+    ``torch.lerp`` so that both ends are exact: mask 1 keeps the latents' bits, mask 0 gives the reference's."""
+    return torch.lerp(reference.float(), latents.float(), mask).to(latents.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Text batching helpers (features: list of per-layer [B,S,D] tensors or one stacked [B,S,4D] tensor)
 
 
@@ -165,8 +200,6 @@ def _accepts_exact(model) -> bool:
 # The sampler
 
 
-@torch.no_grad()
-
 def _check_text(features, mask, b, mask_name, what):
     """Text features (list or stacked) and their [B, S] mask must agree with each other and the batch."""
     if mask is None or mask.ndim != 2 or mask.shape[0] != b:
@@ -175,8 +208,10 @@ def _check_text(features, mask, b, mask_name, what):
         raise ValueError(f"{what} features: expected [B, S] = {tuple(mask.shape)} like the mask, got "
                          f"{tuple(_first(features).shape)}")
 
+
+@torch.no_grad()
 def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=None, *, grid, steps, cfg,
-           denoise=1.0, init_latents=None, callback=None, exact=True, dtype=None, device=None):
+           denoise=1.0, init_latents=None, callback=None, exact=True, dtype=None, device=None, mask=None):
     """Denoise ``noise`` [B, S_img, 128] into final latents [B, S_img, 128] (run dtype, on ``device``).
 
     Arguments:
@@ -208,7 +243,14 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
             them; fp32 ~1e-7).
         dtype: run dtype (default: ``model.dtype`` if it exists, else float32). device: default the
             model's parameter device (else ``noise.device``).
+        mask: inpainting (the general masked-denoising method; no Lens inpainting model exists). A packed
+            [B, S_img, 1] mask from :func:`prepare_mask` (1 = generate anew, 0 = keep); needs
+            ``init_latents`` at any ``denoise``. After every step the latents outside the mask are replaced by
+            the input latent at the next step's noise level, (1 − σ)·init + σ·noise with the same noise, so the
+            region outside the mask ends equal to ``init_latents`` (bit for bit where the mask is 0) and the
+            model sees a consistent image at every step. A mask of ones equals plain img2img.
     """
+    region, mask = mask, None           # ``mask`` (the inpainting region) is ``region`` below
     if not isinstance(noise, torch.Tensor) or noise.ndim != 3:
         raise ValueError(f"noise: expected packed latents [B, S_img, 128], got "
                          f"{getattr(noise, 'shape', type(noise).__name__)}")
@@ -259,6 +301,17 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
         s0 = sigmas[first]
         latents = ((1.0 - s0) * init_latents.to(device).float() + s0 * noise.to(device).float()).to(dtype)
 
+    keep = None
+    if region is not None:
+        if init_latents is None or tuple(init_latents.shape) != tuple(noise.shape):
+            raise ValueError(f"init_latents: a mask needs the input latents of shape {tuple(noise.shape)} to keep "
+                             f"outside it, got {None if init_latents is None else tuple(init_latents.shape)}")
+        if not isinstance(region, torch.Tensor) or tuple(region.shape) != (b, s_img, 1):
+            raise ValueError(f"mask: expected the packed mask [{b}, {s_img}, 1] (lens_core.sampling.prepare_mask), "
+                             f"got {getattr(region, 'shape', type(region).__name__)}")
+        region = region.to(device=device, dtype=torch.float32)
+        keep = (init_latents.to(device).float(), noise.to(device).float())
+
     kwargs = {"exact": exact} if _accepts_exact(model) else {}
     total = steps - first
     rows = b if single or split else 2 * b
@@ -275,6 +328,10 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
             v = cfg_combine(cond, uncond, guidance)
         x0 = latents.float() - sigmas[i] * v.float()
         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+        if keep is not None:
+            s_next = sigmas[i + 1]
+            latents = _masked(latents, (1.0 - s_next) * keep[0] + s_next * keep[1], region)
+            x0 = torch.lerp(keep[0], x0, region)
         if callback is not None:
             replaced = callback(n, total, latents, x0)
             if isinstance(replaced, torch.Tensor):

@@ -46,6 +46,8 @@ class LensSampler:
     CATEGORY = "Lens/sampling"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The denoised Lens latent [B,128,H/16,W/16]; batch_index / noise_mask are kept.",)
+    # A LATENT with a noise_mask (Set Latent Noise Mask, VAE Encode for Inpainting) is inpainted: only the masked
+    # area is generated, the rest follows the input latent at every step's noise level and ends equal to it.
     FUNCTION = "sample"
 
     @classmethod
@@ -57,7 +59,9 @@ class LensSampler:
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt; encode an empty text for the official "
                                                      "'no negative'. Unused at CFG 1."}),
             "latent_image": ("LATENT", {"tooltip": "LensEmptyLatent (or native EmptyLatentImage) for text-to-image; "
-                                                   "LensVAEEncode output with denoise < 1 for img2img / hires."}),
+                                                   "LensVAEEncode output with denoise < 1 for img2img / hires; "
+                                                   "with a noise mask (Set Latent Noise Mask) only the masked "
+                                                   "area is regenerated (inpainting)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                              "tooltip": "Seed of the initial noise (same seed = same image as the lens_core "
                                         "pipeline)."}),
@@ -92,7 +96,11 @@ class LensSampler:
                 neg, neg_mask = match_batch(neg, neg_mask, batch, "negative")
 
         noise = seeded_noise(int(seed), batch, h, w, latent_image.get("batch_index"))
-        init = None
+        init = mask = None
+        noise_mask = latent_image.get("noise_mask")
+        if noise_mask is not None:          # inpainting (Set Latent Noise Mask, VAE Encode for Inpainting)
+            mask = core_sampling.prepare_mask(noise_mask, batch, h, w)
+            init = core_config.pack_latents(samples.float())
         if denoise < 1.0:
             if not torch.count_nonzero(samples):
                 raise ValueError("LensSampler: denoise < 1 needs an input image latent (LensVAEEncode), found an "
@@ -116,7 +124,7 @@ class LensSampler:
             out = core_sampling.sample(
                 model.module, noise, pos, pos_mask, neg, neg_mask, grid=(h, w), steps=steps, cfg=cfg,
                 denoise=float(denoise), init_latents=init, callback=reporter, exact=cfg != 1.0,
-                dtype=dtype, device=device)
+                dtype=dtype, device=device, mask=mask)
             result = bridge.to_intermediate(core_config.unpack_latents(out.float(), h, w))
         bridge.soft_empty_cache()
         latent = dict(latent_image)

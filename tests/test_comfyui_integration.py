@@ -587,3 +587,52 @@ def test_native_empty_latent_feeds_lens_sampler(server, object_info):
     (images,) = [o["images"] for o in hist["outputs"].values() if "images" in o]
     with Image.open(server.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
         assert im.size == (96, 64)
+
+
+MASKS = r'''
+import json, sys, torch
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.utils
+sys.path.insert(0, sys.argv[1])
+from lens_core.sampling import prepare_mask
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+for shape, batch, grid in (((64, 96), 1, (4, 6)), ((2, 1, 50, 70), 3, (4, 6)), ((3, 33, 17), 2, (8, 5)),
+                           ((1, 1, 16, 16), 2, (1, 1))):
+    m = torch.rand(*shape, generator=g)
+    ref = comfy.utils.reshape_mask(m, (batch, 128) + grid)[:, :1]
+    ours = prepare_mask(m, batch, *grid).reshape(batch, 1, *grid)
+    worst = max(worst, (ref - ours).abs().max().item())
+print(json.dumps({"max_abs": worst}))
+'''
+
+
+def test_mask_preparation_matches_comfyui(server, tmp_path):
+    """lens_core.sampling.prepare_mask resizes and batches a noise mask exactly as ComfyUI's own samplers do."""
+    script = tmp_path / "masks.py"
+    script.write_text(MASKS)
+    out = subprocess.run(["bash", str(TOOL), "python", os.environ["COMFYUI_DIR"], str(script), str(REPO)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["max_abs"] == 0.0
+
+
+def test_inpaint_workflow_runs(server, object_info):
+    """workflows/lens_inpaint.json: LoadImage (an RGBA picture whose transparent right half is the mask) ->
+    LensVAEEncode -> Set Latent Noise Mask -> LensSampler -> decode -> save."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.zeros((64, 96, 4), dtype=np.uint8)
+    rgba[..., :3] = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    rgba[:, :48, 3] = 255                       # opaque left half = keep; transparent right half = regenerate
+    (server.base / "input").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgba, "RGBA").save(server.base / "input" / "lens_inpaint_test.png")
+    prompt = _workflow_prompt("lens_inpaint", object_info, LoadImage={"image": "lens_inpaint_test.png"},
+                              LensSampler={"steps": 2})
+    status, hist = server.finish(server.submit(prompt))
+    assert status == "execution_success", hist and hist["status"]
+    (images,) = [o["images"] for o in hist["outputs"].values() if "images" in o]
+    with Image.open(server.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
+        assert im.size == (96, 64)

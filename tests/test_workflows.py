@@ -33,6 +33,11 @@ CORE_OBJECT_INFO = {
         "height": ["INT", {"default": 512, "min": 0, "max": 16384, "step": 1}],
         "crop": [["disabled", "center"]]}},
         "input_order": {"required": ["image", "upscale_method", "width", "height", "crop"]}, "output": ["IMAGE"]},
+    # nodes.py LoadImage (input/example.png ships with ComfyUI) and SetLatentNoiseMask, as in 0.33
+    "LoadImage": {"input": {"required": {"image": [["example.png"], {"image_upload": True}]}},
+                  "input_order": {"required": ["image"]}, "output": ["IMAGE", "MASK"]},
+    "SetLatentNoiseMask": {"input": {"required": {"samples": ["LATENT"], "mask": ["MASK"]}},
+                           "input_order": {"required": ["samples", "mask"]}, "output": ["LATENT"]},
 }
 
 
@@ -60,6 +65,12 @@ def _has_control_widget(name, spec) -> bool:
     return spec[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed"))
 
 
+def _has_upload_widget(spec) -> bool:
+    """An input with ``image_upload`` gets a frontend upload button whose value ("image") follows it."""
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return bool(opts.get("image_upload"))
+
+
 def widget_values(node: dict, info: dict) -> dict:
     """Map a UI node's positional ``widgets_values`` to input names (skipping the frontend's
     control_after_generate values); inputs fed by a link are not widgets."""
@@ -77,7 +88,7 @@ def widget_values(node: dict, info: dict) -> dict:
                 continue
             out[name] = values[pos]
             pos += 1
-            if _has_control_widget(name, spec):
+            if _has_control_widget(name, spec) or _has_upload_widget(spec):
                 pos += 1
     if pos != len(values):
         raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values, {pos} expected")
@@ -176,7 +187,7 @@ def pack_object_info():
 
 def test_three_workflows_exist():
     names = {p.stem for p in WORKFLOWS}
-    assert {"lens_t2i", "lens_turbo_t2i", "lens_hires"} <= names
+    assert {"lens_t2i", "lens_turbo_t2i", "lens_hires", "lens_inpaint"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
@@ -231,6 +242,20 @@ def test_workflow_settings(pack_object_info):
         assert t in types
     (lat,) = [n["inputs"] for n in api.values() if n["class_type"] == "LensEmptyLatent"]
     assert lat["base_resolution"] == 1024
+
+
+def test_inpaint_workflow(pack_object_info):
+    """LoadImage (image + mask) -> LensVAEEncode -> SetLatentNoiseMask -> LensSampler (denoise 1) -> decode."""
+    wf = json.loads((REPO / "workflows" / "lens_inpaint.json").read_text())
+    api = ui_to_api(wf, pack_object_info)
+    by_type = {n["class_type"]: (k, n["inputs"]) for k, n in api.items()}
+    load, _ = by_type["LoadImage"]
+    enc, enc_in = by_type["LensVAEEncode"]
+    _, mask_in = by_type["SetLatentNoiseMask"]
+    _, smp = by_type["LensSampler"]
+    assert enc_in["pixels"] == [load, 0] and mask_in == {"samples": [enc, 0], "mask": [load, 1]}
+    assert smp["latent_image"] == [by_type["SetLatentNoiseMask"][0], 0]
+    assert (smp["steps"], smp["cfg"], smp["denoise"]) == (20, 5.0, 1.0)
 
 
 def test_converter_links_and_widgets(pack_object_info):

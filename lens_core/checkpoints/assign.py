@@ -1,0 +1,122 @@
+"""Module construction on meta + per-tensor assignment in file order; the description attached to loaded models."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+from torch import nn
+
+from .. import readahead
+from .detect import COMPONENT_NAMES
+from .errors import CheckpointError
+from .safetensors import ST_NAMES
+from .source import TensorSource
+
+
+@contextlib.contextmanager
+def init_empty_weights():
+    """Build modules with their *parameters* on the meta device (buffers stay real: RoPE tables etc.)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, is_param: bool):
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if is_param:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[attr] = value
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module):
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+IGNORED_KEYS = {
+    "transformer": (".comfy_quant",),
+    "text_encoder": ("lm_head.weight", ".comfy_quant", "tokenizer_json"),
+    "vae": ("bn.num_batches_tracked",),
+}
+
+
+def assign_weights(model: nn.Module, source: TensorSource, device, component: str,
+                   special: dict | None = None, consumed: set | None = None):
+    """Copy every parameter/persistent buffer of ``model`` from ``source`` (cast to the module's dtype).
+
+    ``special`` maps a tensor name to a reader ``fn(source, name, device) -> tensor`` (un-tiling …);
+    ``consumed`` names source tensors such readers use besides their own (not "unexpected").
+    Missing tensors and unexpected ones (other than known unused keys) raise CheckpointError.
+    """
+    special = special or {}
+    expected = {}
+    for n, p in model.named_parameters():
+        expected[n] = (p, True)
+    persistent = set(model.state_dict().keys())
+    for n, b in model.named_buffers():
+        if n in persistent:
+            expected[n] = (b, False)
+    missing = [n for n in expected if n not in source and n not in special]
+    if missing:
+        raise CheckpointError(f"{source.origin}: {len(missing)} tensor(s) the {COMPONENT_NAMES[component]} needs "
+                              f"are missing, e.g. {missing[:4]}; the file is incomplete or of another model size")
+    ignored = IGNORED_KEYS.get(component, ())
+    consumed = consumed or set()
+    unexpected = [k for k in source.keys() if k not in expected and k not in consumed and not k.endswith(ignored)
+                  and not any(k == i for i in ignored)]
+    if unexpected:
+        raise CheckpointError(f"{source.origin}: {len(unexpected)} tensor(s) do not belong to the "
+                              f"{COMPONENT_NAMES[component]} built from its config, e.g. {unexpected[:4]}")
+    order = sorted(expected, key=source.location)  # file order: sequential reads
+    # a helper thread keeps the next bytes of the mapping populated, so disk I/O overlaps the copy/cast
+    spans = [source.span(n) or readahead.Span(0, -1, 0, 0) for n in order]
+    with readahead.ReadAhead(spans) as ahead:
+        for i, n in enumerate(order):
+            ref, is_param = expected[n]
+            if not ahead.active and i + 1 < len(order):  # no helper here: hint the next tensor's I/O
+                source.prefetch(order[i + 1])
+            if n in special:
+                t = special[n](source, n, device)
+            else:
+                target = ref.dtype
+                if not ref.dtype.is_floating_point and source.dtype(n) != ST_NAMES.get(ref.dtype):
+                    raise CheckpointError(f"{source.file_of(n)}: tensor {n!r} is {source.dtype(n)}, expected "
+                                          f"{ST_NAMES.get(ref.dtype)}")
+                t = source.read(n, target, device)
+            ahead.consumed(i)
+            if tuple(t.shape) != tuple(ref.shape):
+                raise CheckpointError(f"{source.file_of(n) if n in source else source.origin}: tensor {n!r} has "
+                                      f"shape {list(t.shape)}, the model built from its config expects "
+                                      f"{list(ref.shape)}")
+            _set_tensor(model, n, t, is_param)
+    for n, b in model.named_buffers():  # non-persistent buffers computed at construction
+        if b.device.type != torch.device(device).type:
+            _set_tensor(model, n, b.to(device), False)
+    leftovers = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftovers:
+        raise CheckpointError(f"{source.origin}: parameters left unloaded: {leftovers[:4]}")
+    return model
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    path: str
+    component: str
+    family: str
+    variant: str | None = None
+    variant_source: str = ""
+    config: dict | None = None
+    extra: dict = dataclasses.field(default_factory=dict)

@@ -1,0 +1,123 @@
+"""DiT loader: diffusers folder/shards, Comfy bf16 or MXFP8 single files (optionally fp8 storage)."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .. import quant_linear as ql
+from .assign import CheckpointInfo, _replace_module, assign_weights, init_empty_weights
+from .detect import _expect, detect_variant, dit_family, quant_layers, strip_prefix
+from .errors import CheckpointError
+from .source import TensorSource, _dtype_summary, open_source
+
+
+def dit_config_from_shapes(source: TensorSource) -> dict:
+    """The transformer config of a single file without config.json (as ComfyUI derives it)."""
+    from ..config import REAL_DIT_CONFIG
+
+    keys = list(source.keys())
+    heads_dim = 64
+    width = source.shape("img_in.weight")[0]
+    n_layers = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
+    n_txt = len({k for k in keys if re.match(r"txt_norm\.\d+\.weight$", k)})
+    cfg = REAL_DIT_CONFIG.to_dict()
+    cfg.update(in_channels=source.shape("img_in.weight")[1], out_channels=source.shape("proj_out.weight")[0] // 4,
+               num_layers=n_layers, attention_head_dim=heads_dim, num_attention_heads=width // heads_dim,
+               inner_dim=width, enc_hidden_dim=source.shape("txt_norm.0.weight")[0])
+    if n_txt != 4:
+        raise CheckpointError(f"{source.origin}: expected 4 txt_norm.N layers, found {n_txt}")
+    return cfg
+
+
+def _mxfp8_scale_reader(rows, cols):
+    def read(source, name, device):
+        stored = source.read(name, torch.uint8 if source.dtype(name) == "U8" else None, "cpu")
+        stored = stored.view(torch.uint8)
+        return ql.untile_scales(stored, rows, cols // ql.MXFP8_BLOCK).contiguous().to(device)
+    return read
+
+
+def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, config=None,
+                     variant: str | None = None, fp8: bool = False, mxfp8_dequantize: bool = False):
+    """A ``LensTransformer`` from any DiT family (diffusers folder/shards, Comfy bf16 or mxfp8 file).
+
+    ``dtype`` is the compute/storage dtype of the float weights (fp32 shards are cast tensor by tensor).
+    ``fp8=True`` stores eligible Linears (not img_mod/txt_mod, not norms) as float8_e4m3fn + row scale.
+    MXFP8 layers stay MXFP8 (dequantized per call) unless ``mxfp8_dequantize=True``.
+    ``config`` (dict or LensDiTConfig) overrides config.json / shape-derived values.
+    """
+    from ..config import LensDiTConfig
+    from ..dit import LensTransformer
+
+    source = open_source(path, "transformer")
+    det = _expect(source, "transformer")
+    source = strip_prefix(source, det.prefix)
+    qlayers = quant_layers(source, "transformer")
+    family = dit_family(source, qlayers)
+    if config is None:
+        cfg_dict = source.config if source.config is not None else dit_config_from_shapes(source)
+    else:
+        cfg_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    cfg = LensDiTConfig.from_dict(cfg_dict)
+    var, var_src = detect_variant(path, source, variant)
+
+    # layers stored as MXFP8: a weight_scale sibling + fp8 weight (with or without a comfy_quant marker)
+    mx = {k[: -len(".weight_scale")] for k in source.keys() if k.endswith(".weight_scale")
+          and source.dtype(k[: -len("_scale")]) == "F8_E4M3"}
+    missing_scale = [n for n in qlayers if n not in mx]
+    if missing_scale:
+        raise CheckpointError(f"{source.origin}: layer(s) {missing_scale[:3]} are marked mxfp8 but have no "
+                              f"F8_E4M3 weight + weight_scale pair")
+    with init_empty_weights():
+        model = LensTransformer(cfg, operations=operations, device=None, dtype=dtype)
+    special, consumed = {}, set()
+    for name, mod in list(model.named_modules()):
+        if name in mx:
+            out_f, in_f = source.shape(name + ".weight")
+            rows, cols = out_f, in_f
+            if mxfp8_dequantize:
+                special[name + ".weight"] = _mxfp8_dequant_reader(name, rows, cols, dtype)
+                consumed.add(name + ".weight_scale")
+                continue
+            has_bias = (name + ".bias") in source
+            new = ql.MXFP8Linear(in_f, out_f, bias=has_bias, device="meta", dtype=dtype)
+            _replace_module(model, name, new)
+            special[name + ".weight_scale"] = _mxfp8_scale_reader(rows, cols)
+        elif fp8 and isinstance(mod, nn.Linear) and ql.fp8_eligible(name) and (name + ".weight") in source:
+            new = ql.FP8Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta",
+                               dtype=dtype)
+            _replace_module(model, name, new)
+            special[name + ".weight"], special[name + ".weight_scale"] = _fp8_readers(name)
+    assign_weights(model, source, device, "transformer", special, consumed)
+    model.eval()
+    model.lens_checkpoint = CheckpointInfo(source.origin, "transformer", family, var, var_src, cfg.to_dict(),
+                                           {"dtypes": _dtype_summary(source), "mxfp8_layers": len(mx),
+                                            "fp8": fp8})
+    source.close()
+    return model
+
+
+def _mxfp8_dequant_reader(layer, rows, cols, dtype):
+    def read(source, name, device):
+        w = source.read(name)
+        s = source.read(layer + ".weight_scale").view(torch.uint8)
+        s = ql.untile_scales(s, rows, cols // ql.MXFP8_BLOCK)
+        return ql.dequantize_mxfp8(w, s, dtype).to(device)
+    return read
+
+
+def _fp8_readers(layer):
+    """(weight reader, scale reader) for one fp8-stored Linear: the weight is quantized row-wise once, on
+    whichever of the two is assigned first."""
+    parts = {}
+
+    def quantized(source, device, which):
+        if not parts:
+            data, scale = ql.quantize_fp8_rowwise(source.read(layer + ".weight", torch.float32))
+            parts.update(weight=data, scale=scale)
+        return parts.pop(which).to(device)
+
+    return (lambda source, name, device: quantized(source, device, "weight"),
+            lambda source, name, device: quantized(source, device, "scale"))
