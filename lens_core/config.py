@@ -9,7 +9,12 @@ import dataclasses
 
 import torch
 
+from . import checks as chk
 from .jsonfile import read_json_object
+
+#: bounds of what a Lens DiT config can be (the released model: 48 layers, width 1536); far above any real file
+MAX_DIT_LAYERS = 128
+MAX_DIT_WIDTH = 16384
 
 # ---------------------------------------------------------------------------------------------------------
 # transformer/config.json
@@ -39,13 +44,26 @@ class LensDiTConfig:
     selected_layer_index: tuple = (5, 11, 17, 23)
 
     def __post_init__(self):
-        object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
-        object.__setattr__(self, "selected_layer_index", tuple(int(a) for a in self.selected_layer_index))
+        # every value comes from an untrusted config.json: types and ranges are checked before anything is built
+        w = "transformer config"
+        chk.integer(self.patch_size, "patch_size", 2, 2, w)
+        chk.integer(self.in_channels, "in_channels (the packed FLUX.2 latent)", 128, 128, w)
+        chk.integer(self.out_channels, "out_channels (FLUX.2 latent channels)", 32, 32, w)
+        chk.integer(self.num_layers, "num_layers", 1, MAX_DIT_LAYERS, w)
+        chk.integer(self.attention_head_dim, "attention_head_dim", 2, 512, w)
+        chk.integer(self.num_attention_heads, "num_attention_heads", 1, 256, w)
+        chk.integer(self.inner_dim, "inner_dim", 0, MAX_DIT_WIDTH, w)
+        chk.integer(self.enc_hidden_dim, "enc_hidden_dim", 1, 16384, w)
+        chk.integer(self.width, "num_attention_heads * attention_head_dim", 1, MAX_DIT_WIDTH, w)
+        object.__setattr__(self, "axes_dims_rope",
+                           chk.int_list(self.axes_dims_rope, "axes_dims_rope", 2, 512, w, 3, 3))
+        object.__setattr__(self, "selected_layer_index",
+                           chk.int_list(self.selected_layer_index, "selected_layer_index", 0, 255, w, 1, 16))
         if sum(self.axes_dims_rope) != self.attention_head_dim or any(a % 2 for a in self.axes_dims_rope):
             raise ValueError(f"axes_dims_rope must be even and sum to attention_head_dim="
                              f"{self.attention_head_dim}, got {list(self.axes_dims_rope)}")
         for flag in ("gate_mlp", "rms_norm", "multi_layer_encoder_feature"):
-            if not getattr(self, flag):
+            if not chk.boolean(getattr(self, flag), flag, w):
                 raise ValueError(f"LensDiTConfig: {flag}=false is not used by any Lens checkpoint and is not "
                                  f"supported (expected true, got false)")
         if len(self.selected_layer_index) != 4:
@@ -70,6 +88,8 @@ class LensDiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LensDiTConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"transformer config: expected a JSON object, found {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

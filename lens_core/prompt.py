@@ -155,6 +155,9 @@ def load_tokenizer(path_or_bytes, check_preamble: bool = True) -> LensTokenizer:
         raw = path_or_bytes.encode("utf-8") if isinstance(path_or_bytes, str) else _bytes_of(path_or_bytes)
         try:
             tok = Tokenizer.from_str(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"embedded tokenizer ({len(raw)} bytes): expected UTF-8 tokenizer.json content, found "
+                             f"invalid bytes ({exc}); the file is corrupt. Fix: download it again") from None
         except Exception as exc:
             raise ValueError(f"embedded tokenizer ({len(raw)} bytes): expected tokenizer.json content, could "
                              f"not parse it ({exc})") from exc

@@ -1,4 +1,8 @@
-"""Background population of memory-mapped checkpoint bytes, so that disk I/O overlaps the copy/cast.
+"""Background read-ahead of checkpoint bytes, so that disk I/O overlaps the copy/cast.
+
+The checkpoint loader reads with positioned reads (issue 12: no memory map, so a file shrinking during a load
+is an error instead of SIGBUS); its spans carry no mapping address and the helper gives ``posix_fadvise``
+hints on the file. Spans of a memory map (``base`` != 0) are populated instead (the history below).
 
 Why (BENCHMARKS.md "Loading", runs 1-5): a loader that copies tensors out of a memory map in file order pays the
 disk read *and* the CPU work (page faults on the map, zeroing the fresh destination memory, the dtype cast) one
@@ -43,9 +47,10 @@ def available() -> bool:
     return _libc is not None or hasattr(os, "posix_fadvise")
 
 
-def mode() -> str:
-    """What the helper does here: "populate", "fadvise" (older Linux kernels) or "none"."""
-    if _libc is not None and _populate_supported:
+def mode(mapped: bool = False) -> str:
+    """What the helper does here: "populate" (spans of a memory map, Linux >= 5.14), "fadvise" (file spans, as
+    the checkpoint loader's positioned reads give, or older Linux kernels) or "none"."""
+    if mapped and _libc is not None and _populate_supported:
         return "populate"
     return "fadvise" if hasattr(os, "posix_fadvise") else "none"
 

@@ -14,8 +14,9 @@ import torch
 
 from .config import check_grid, variant_defaults
 
-__all__ = ["empirical_mu", "sigma_schedule", "scheduler_timesteps", "model_timesteps", "cfg_combine",
-           "euler_step", "make_noise", "start_index", "prepare_mask", "sample", "variant_defaults"]
+__all__ = ["empirical_mu", "sigma_schedule", "denoise_sigmas", "scheduler_timesteps", "model_timestep",
+           "model_timesteps", "cfg_combine", "euler_step", "make_noise", "start_index", "prepare_mask", "sample",
+           "variant_defaults"]
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -55,17 +56,27 @@ def sigma_schedule(steps: int, image_seq_len: int) -> torch.Tensor:
     return torch.cat([sig, torch.zeros(1)])
 
 
+def denoise_sigmas(steps: int, image_seq_len: int, denoise: float = 1.0) -> torch.Tensor:
+    """The sigmas a run with ``denoise`` walks: the last round(steps·denoise) steps of the ``steps`` schedule
+    (``[steps − start_index(steps, denoise) + 1]`` values ending with 0; all of them for denoise = 1), i.e. what
+    :func:`sample` uses for img2img. float32 on the CPU."""
+    return sigma_schedule(steps, image_seq_len)[start_index(steps, denoise):]
+
+
 def scheduler_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
     """The scheduler's timesteps σ·1000 in float32 (without the terminal σ = 0)."""
     return sigmas[:-1].float() * NUM_TRAIN_TIMESTEPS
 
 
-def model_timesteps(sigmas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What the DiT receives per step: (σ·1000 cast to the latent dtype) / 1000, in that dtype (spec §4).
+def model_timestep(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The DiT timestep for σ (any shape): (σ·1000 in fp32, cast to the latent dtype) / 1000, in that dtype
+    (spec §4). bf16: bf16(bf16(σ·1000)/1000), e.g. 0.994191 -> 0.996094; fp32: fp32(fp32(σ·1000)/1000)."""
+    return (sigma.float() * NUM_TRAIN_TIMESTEPS).to(dtype) / NUM_TRAIN_TIMESTEPS
 
-    bf16: bf16(bf16(σ·1000)/1000), e.g. 0.994191 -> 0.996094; fp32: fp32(fp32(σ·1000)/1000).
-    """
-    return scheduler_timesteps(sigmas).to(dtype) / NUM_TRAIN_TIMESTEPS
+
+def model_timesteps(sigmas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the DiT receives per step of a schedule (:func:`model_timestep` of every σ but the final 0)."""
+    return model_timestep(sigmas[:-1], dtype)
 
 
 def start_index(steps: int, denoise: float) -> int:
@@ -79,15 +90,17 @@ def start_index(steps: int, denoise: float) -> int:
 # One step
 
 
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance: float, dim: int = -1) -> torch.Tensor:
     """uncond + g·(cond − uncond), rescaled per token so its norm over the channels equals ‖cond‖.
 
     Runs in the tensors' dtype with the reference's rounding points (each op rounded to the model dtype,
-    norms accumulated in fp32). Applied for every g (g = 1 is not bit-identical to ``cond``).
+    norms accumulated in fp32). Applied for every g (g = 1 is not bit-identical to ``cond``). ``dim`` is the
+    channel dimension: -1 for packed tokens [B, S, 128], 1 for ComfyUI latents [B, 128, h, w]. The result is
+    homogeneous in (cond, uncond): scaling both by σ (ComfyUI hands x − x0 = σ·v to CFG functions) scales it by σ.
     """
     comb = uncond + guidance * (cond - uncond)
-    cond_norm = torch.linalg.vector_norm(cond, dim=-1, keepdim=True)
-    comb_norm = torch.linalg.vector_norm(comb, dim=-1, keepdim=True)
+    cond_norm = torch.linalg.vector_norm(cond, dim=dim, keepdim=True)
+    comb_norm = torch.linalg.vector_norm(comb, dim=dim, keepdim=True)
     scale = torch.where(comb_norm > 0, cond_norm / comb_norm.clamp_min(1e-12), torch.ones_like(comb_norm))
     return comb * scale
 

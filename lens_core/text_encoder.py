@@ -25,11 +25,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import checks as chk
 from .jsonfile import read_json_object
 from .ops import cast_to, resolve_operations
 from .quant import PackedExperts
 
 LENS_SELECTED_LAYERS = (5, 11, 17, 23)
+#: bound on a GPT-OSS config's depth (gpt-oss-20b: 24 layers, gpt-oss-120b: 36)
+MAX_TE_LAYERS = 256
 
 _YARN_DEFAULTS = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
                       original_max_position_embeddings=4096, truncate=False)
@@ -58,6 +61,29 @@ class TextEncoderConfig:
     pad_token_id: int = 199999
 
     def __post_init__(self):
+        # values come from an untrusted config.json: types and ranges first, then the relations between them
+        w = "text encoder config"
+        chk.integer(self.vocab_size, "vocab_size", 1, 1 << 20, w)
+        chk.integer(self.hidden_size, "hidden_size", 1, 16384, w)
+        chk.integer(self.num_hidden_layers, "num_hidden_layers", 1, MAX_TE_LAYERS, w)
+        chk.integer(self.num_attention_heads, "num_attention_heads", 1, 256, w)
+        chk.integer(self.num_key_value_heads, "num_key_value_heads", 1, self.num_attention_heads, w)
+        chk.integer(self.head_dim, "head_dim", 2, 1024, w)
+        if self.head_dim % 2:
+            raise ValueError(f"{w}: head_dim expected an even integer (RoPE rotates pairs), found {self.head_dim}")
+        chk.integer(self.intermediate_size, "intermediate_size", 1, 65536, w)
+        chk.integer(self.num_local_experts, "num_local_experts", 1, 1024, w)
+        chk.integer(self.num_experts_per_tok, "num_experts_per_tok", 1, None, w)
+        chk.integer(self.sliding_window, "sliding_window", 1, 1 << 24, w)
+        chk.number(self.rms_norm_eps, "rms_norm_eps", 0.0, 1.0, w, lo_open=True)
+        chk.number(self.swiglu_limit, "swiglu_limit", 0.0, 1e6, w, lo_open=True)
+        chk.number(self.swiglu_alpha, "swiglu_alpha", 0.0, 1e6, w, lo_open=True)
+        chk.boolean(self.attention_bias, "attention_bias", w)
+        chk.integer(self.pad_token_id, "pad_token_id", 0, 1 << 31, w)
+        _check_rope(self.rope, w)
+        if not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) > MAX_TE_LAYERS:
+            raise ValueError(f"{w}: layer_types expected a list of {self.num_hidden_layers} strings, found "
+                             f"{type(self.layer_types).__name__}")
         if not self.layer_types:
             self.layer_types = tuple("sliding_attention" if i % 2 == 0 else "full_attention"
                                      for i in range(self.num_hidden_layers))
@@ -89,7 +115,9 @@ class TextEncoderConfig:
         if "num_experts_per_tok" not in kw and "experts_per_token" in d:
             kw["num_experts_per_tok"] = d["experts_per_token"]
         if "head_dim" not in kw and "hidden_size" in d and "num_attention_heads" in d:
-            kw["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+            hidden = chk.integer(d["hidden_size"], "hidden_size", 1, 16384, "text encoder config")
+            kw["head_dim"] = hidden // chk.integer(d["num_attention_heads"], "num_attention_heads", 1, 256,
+                                                   "text encoder config")
         kw["rope"] = _rope_from_config(d)
         return cls(**kw)
 
@@ -102,8 +130,28 @@ class TextEncoderConfig:
             raise ValueError(f"{path}: {exc}") from exc
 
 
+def _check_rope(rope, where: str):
+    """Types and ranges of the RoPE parameters (NaN/inf or a zero theta would give NaN features silently)."""
+    if not isinstance(rope, dict):
+        raise ValueError(f"{where}: rope parameters expected a JSON object, found {type(rope).__name__}")
+    chk.text(rope.get("rope_type"), "rope_type", ("yarn", "default"), where)
+    chk.number(rope.get("rope_theta"), "rope_theta", 1.0, 1e12, where, lo_open=True)
+    if rope["rope_type"] == "yarn":
+        chk.number(rope.get("factor"), "rope factor", 1.0, 1e6, where)
+        chk.integer(rope.get("original_max_position_embeddings"), "original_max_position_embeddings", 1, 1 << 30,
+                    where)
+        for key in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"):
+            if rope.get(key) is not None:
+                chk.number(rope[key], key, 0.0, 1e6, where, lo_open=True)
+        if "truncate" in rope:
+            chk.boolean(rope["truncate"], "truncate", where)
+
+
 def _rope_from_config(d: dict) -> dict:
     params = d.get("rope_parameters")
+    for key in ("rope_parameters", "rope_scaling"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ValueError(f"text encoder config: {key} expected a JSON object, found {type(d[key]).__name__}")
     if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
         raise ValueError("text encoder config: per-layer-type rope_parameters are not supported for GPT-OSS")
     if not params:

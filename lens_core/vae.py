@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checks as chk
 from .jsonfile import read_json_object
 from .ops import cast_to, resolve_operations
 
@@ -63,12 +64,26 @@ class VAEConfig:
     act_fn: str = "silu"
 
     def __post_init__(self):
-        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        # values come from an untrusted config.json: types and ranges before anything is built
+        w = "VAE config"
+        object.__setattr__(self, "block_out_channels",
+                           chk.int_list(self.block_out_channels, "block_out_channels", 1, 4096, w, 2, 8))
         if self.decoder_block_out_channels is not None:
             object.__setattr__(self, "decoder_block_out_channels",
-                               tuple(int(c) for c in self.decoder_block_out_channels))
+                               chk.int_list(self.decoder_block_out_channels, "decoder_block_out_channels", 1,
+                                            4096, w, 2, 8))
+        chk.integer(self.in_channels, "in_channels (RGB)", 3, 3, w)
+        chk.integer(self.out_channels, "out_channels (RGB)", 3, 3, w)
+        chk.integer(self.layers_per_block, "layers_per_block", 1, 8, w)
+        chk.integer(self.latent_channels, "latent_channels", 1, 256, w)
+        chk.integer(self.norm_num_groups, "norm_num_groups", 1, 1024, w)
+        for flag in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+            chk.boolean(getattr(self, flag), flag, w)
+        chk.number(self.batch_norm_eps, "batch_norm_eps", 0.0, 1.0, w, lo_open=True)
+        chk.number(self.batch_norm_momentum, "batch_norm_momentum", 0.0, 1.0, w)
         ps = self.patch_size
-        ps = (int(ps), int(ps)) if isinstance(ps, int) else tuple(int(p) for p in ps)
+        ps = (ps, ps) if isinstance(ps, int) and not isinstance(ps, bool) else ps
+        ps = chk.int_list(ps, "patch_size", 1, 16, w, 2, 2)
         object.__setattr__(self, "patch_size", ps)
         if ps != (2, 2):
             raise ValueError(f"VAEConfig: patch_size expected [2, 2] (FLUX.2), got {list(ps)}")
@@ -98,8 +113,10 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"VAE config: expected a JSON object, found {type(d).__name__}")
         for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            if key in d and any(t != want for t in d[key]):
+            if key in d and (not isinstance(d[key], (list, tuple)) or any(t != want for t in d[key])):
                 raise ValueError(f"VAEConfig: {key} expected all {want!r}, got {d[key]}")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -126,19 +143,29 @@ def infer_vae_config(state_dict, base: VAEConfig | None = None) -> VAEConfig:
     real FLUX.2 config). Lets single files without config.json load, including tiny test files."""
     base = base or REAL_VAE_CONFIG
 
-    def shape(k):
+    def shape(k, ndim=4):
+        if k not in state_dict:
+            raise ValueError(f"infer_vae_config: expected tensor {k!r} (FLUX.2 VAE layout), found none")
         v = state_dict[k]
-        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+        dims = tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+        if len(dims) != ndim or not all(d >= 1 for d in dims):
+            raise ValueError(f"infer_vae_config: tensor {k!r} expected a {ndim}-D convolution weight, found "
+                             f"shape {list(dims)}")
+        return dims
 
     keys = set(state_dict)
     need = "decoder.conv_in.weight"
     if need not in keys or "encoder.conv_in.weight" not in keys:
         raise ValueError(f"infer_vae_config: expected a diffusers-keyed FLUX.2 VAE state dict with {need!r} and "
                          f"'encoder.conv_in.weight', found keys like {sorted(keys)[:5]}")
-    levels = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
+    levels = 1 + max((int(m.group(1)) for k in keys if (m := re.match(r"encoder\.down_blocks\.(\d{1,3})\.", k))),
+                     default=-1)
+    if not 2 <= levels <= 8:
+        raise ValueError(f"infer_vae_config: expected 2..8 encoder.down_blocks (FLUX.2: 4), found {levels}")
     enc = tuple(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels))
     dec = tuple(shape(f"decoder.up_blocks.{levels - 1 - i}.resnets.0.conv1.weight")[0] for i in range(levels))
-    layers = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)))
+    layers = 1 + max((int(m.group(1)) for k in keys
+                      if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d{1,3})\.", k))), default=-1)
     groups = base.norm_num_groups
     while any(c % groups for c in enc + dec):
         groups //= 2

@@ -7,6 +7,7 @@ from .conditioning import LensTextEncode
 from .latents import LensEmptyLatent, LensVAEDecode, LensVAEEncode
 from .loaders import LensCheckpointLoader, LensModelLoader, LensTextEncoderLoader, LensVAELoader
 from .sampling import LensSampler
+from .sigmas import LensNoise, LensSigmas
 
 NODE_CLASS_MAPPINGS = {
     "LensModelLoader": LensModelLoader,
@@ -18,6 +19,8 @@ NODE_CLASS_MAPPINGS = {
     "LensSampler": LensSampler,
     "LensVAEDecode": LensVAEDecode,
     "LensVAEEncode": LensVAEEncode,
+    "LensSigmas": LensSigmas,
+    "LensNoise": LensNoise,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,4 +33,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LensSampler": "Lens Sampler",
     "LensVAEDecode": "Lens VAE Decode",
     "LensVAEEncode": "Lens VAE Encode",
+    "LensSigmas": "Lens Sigmas (official schedule)",
+    "LensNoise": "Lens Noise (pipeline seed)",
 }

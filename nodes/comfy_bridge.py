@@ -171,34 +171,71 @@ def _folder_roots(folder: str) -> list[str]:
         return []
 
 
-def model_folders(folder: str) -> list[str]:
-    """Relative paths of diffusers folders below ``folder``'s roots: pipeline roots (model_index.json) and
-    stand-alone component folders (config.json next to *.safetensors)."""
-    found = set()
+MAX_LISTING_DEPTH = 12
+
+
+def _walk(root: str):
+    """(relative dir, subdir names, file names) below ``root``, following symlinks but entering every real folder
+    once (symlink loops and repeated links are skipped) and at most MAX_LISTING_DEPTH levels deep; unreadable
+    folders are skipped. Termination does not depend on the folder's contents."""
+    seen = set()
+    stack = [("", 0)]
+    while stack:
+        rel, depth = stack.pop()
+        cur = os.path.join(root, rel) if rel else root
+        try:
+            st = os.stat(cur)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            with os.scandir(cur) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        dirs, files = [], []
+        for e in entries:
+            try:
+                (dirs if e.is_dir() else files if e.is_file() else []).append(e.name)
+            except OSError:
+                continue
+        dirs = sorted(d for d in dirs if not d.startswith("."))
+        yield rel, dirs, sorted(files)
+        if depth < MAX_LISTING_DEPTH:
+            stack.extend((f"{rel}/{d}" if rel else d, depth + 1) for d in reversed(dirs))
+
+
+def _listing(folder: str) -> tuple[list[str], list[str]]:
+    """(diffusers folders, loose .safetensors files) below ``folder``'s roots, as relative '/' paths.
+
+    Diffusers folders are pipeline roots (model_index.json) and stand-alone component folders (config.json next
+    to *.safetensors); their own shards and sub-components are not listed as files."""
+    folders, files = set(), []
     for root in _folder_roots(folder):
         if not os.path.isdir(root):
             continue
-        for cur, subdirs, files in os.walk(root, followlinks=True):
-            subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
-            is_pipeline = DIFFUSERS_MARKER in files
-            is_component = "config.json" in files and any(f.endswith(".safetensors") for f in files)
-            if (is_pipeline or is_component) and cur != root:
-                found.add(os.path.relpath(cur, root).replace(os.sep, "/"))
-                subdirs[:] = []          # do not list a folder's own shards or sub-components
-    return sorted(found)
+        inside = []                    # folders already taken as diffusers folders (skip what is below them)
+        for rel, _dirs, names in _walk(root):
+            if any(rel == d or rel.startswith(d + "/") for d in inside):
+                continue
+            is_pipeline = DIFFUSERS_MARKER in names
+            is_component = "config.json" in names and any(n.endswith(".safetensors") for n in names)
+            if (is_pipeline or is_component) and rel:
+                folders.add(rel)
+                inside.append(rel)
+                continue
+            files += [f"{rel}/{n}" if rel else n for n in names if n.lower().endswith((".safetensors", ".sft"))]
+    return sorted(folders), sorted(set(files))
+
+
+def model_folders(folder: str) -> list[str]:
+    """Relative paths of diffusers folders below ``folder``'s roots (see :func:`_listing`)."""
+    return _listing(folder)[0]
 
 
 def model_files(folder: str) -> list[str]:
     """safetensors files of ``folder`` that are not part of a diffusers folder."""
-    folders = model_folders(folder)
-    out = []
-    for name in folder_paths.get_filename_list(folder):
-        if not name.lower().endswith((".safetensors", ".sft")):
-            continue
-        if any(name.startswith(d + "/") for d in folders):
-            continue
-        out.append(name)
-    return out
+    return _listing(folder)[1]
 
 
 def model_choices(*folders: str, files: bool = True, dirs: bool = True, dir_folders: tuple = ()) -> list[str]:
@@ -336,3 +373,81 @@ class StepReporter:
             preview = self.previewer.decode_latent_to_preview_image("JPEG", self.to_image_latent(x0))
         self.steps_seen += 1
         self.pbar.update_absolute(step + 1, total, preview)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ComfyUI's native Lens MODEL (comfy.model_base.Lens, ComfyUI 0.33+) sampled the official way
+
+
+def native_lens_patcher(model, where: str):
+    """``model`` if it is the ModelPatcher of a native Lens model; ValueError naming what it is and the fix."""
+    try:
+        import comfy.model_base
+    except ImportError:         # a ComfyUI stand-in without model classes
+        cls = None
+    else:
+        cls = getattr(comfy.model_base, "Lens", None)
+    inner = getattr(model, "model", None)
+    if cls is None:
+        raise ValueError(f"{where}: got a {type(inner).__name__ if inner is not None else type(model).__name__} "
+                         f"MODEL, but this ComfyUI has no native Lens model (comfy.model_base.Lens, ComfyUI 0.33 "
+                         f"or newer). Fix: load the Lens DiT with LensModelLoader, or update ComfyUI")
+    if not isinstance(inner, cls) or not hasattr(model, "clone"):
+        raise ValueError(f"{where}: the model input is a {type(inner if inner is not None else model).__name__} "
+                         f"model, expected Lens. Fix: load a Lens DiT with LensModelLoader or the native "
+                         f"UNETLoader (lens_bf16 / lens_turbo_bf16)")
+    return model
+
+
+def native_compute_dtype(patcher) -> torch.dtype:
+    """The dtype the native model's DiT computes in (its manual-cast dtype, else its weight dtype)."""
+    m = patcher.model
+    if hasattr(m, "get_dtype_inference"):
+        return m.get_dtype_inference()
+    return getattr(m, "manual_cast_dtype", None) or m.get_dtype()
+
+
+def native_text_width(patcher) -> int:
+    """Width of the stacked text conditioning the native Lens DiT accepts (its txt_in input features)."""
+    return int(patcher.model.diffusion_model.txt_in.in_features)
+
+
+def official_native_patcher(patcher, timestep_fn, cfg_fn=None):
+    """A clone of a native Lens ModelPatcher that samples like the official pipeline.
+
+    ``timestep_fn(sigma)`` gives the timestep the DiT receives (its model_sampling's ``timestep``; the Euler
+    step and x0 still use σ itself); ``cfg_fn(cond, uncond, scale)`` replaces ComfyUI's linear CFG and gets
+    x − x0 = σ·v of both passes in the [B,128,h,w] layout (None keeps ComfyUI's CFG, e.g. at CFG 1). Everything
+    else (LoRA and other weight patches, wrappers, transformer_options, memory management) is the patcher's own.
+    """
+    import comfy.model_sampling
+
+    m = patcher.clone()
+    current = m.get_model_object("model_sampling")
+
+    class LensOfficialSampling(comfy.model_sampling.ModelSamplingFlux, comfy.model_sampling.CONST):
+        def timestep(self, sigma):
+            return timestep_fn(sigma)
+
+    sampling = LensOfficialSampling(m.model.model_config)
+    shift = getattr(current, "shift", None)
+    if shift is not None:
+        sampling.set_parameters(shift=shift)
+    m.add_object_patch("model_sampling", sampling)
+    if cfg_fn is not None:
+        m.set_model_sampler_cfg_function(lambda args: cfg_fn(args["cond"], args["uncond"], args["cond_scale"]))
+    return m
+
+
+def sample_native(patcher, noise, sigmas, positive, negative, cfg, latent_image, seed, callback=None,
+                  noise_mask=None):
+    """ComfyUI's own sampling path (comfy.sample.sample_custom: conds, load_models_gpu, model wrappers, its
+    inpainting with ``noise_mask``) with ComfyUI's Euler sampler on the given ``sigmas``; ``callback(step, x0, x,
+    total)`` per step."""
+    import comfy.sample
+    import comfy.samplers
+
+    sampler = comfy.samplers.sampler_object("euler")
+    return comfy.sample.sample_custom(patcher, noise, float(cfg), sampler, sigmas, positive, negative, latent_image,
+                                      noise_mask=noise_mask, callback=callback,
+                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(seed))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import comfy_bridge as bridge
+from ..lens_core import checks as chk
 
 NUM_LAYERS = 4
 
@@ -60,10 +61,16 @@ def _entry(conditioning, name):
     if len(conditioning) != 1:
         raise ValueError(f"{name}: LensSampler takes a single conditioning entry, found {len(conditioning)} "
                          f"(combined/area conditioning is not supported); connect LensTextEncode directly")
-    cond, extra = conditioning[0][0], conditioning[0][1]
+    entry = conditioning[0]
+    if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[1] or {}, dict):
+        raise ValueError(f"{name}: expected a CONDITIONING entry [tensor, dict], found {type(entry).__name__}; "
+                         f"connect LensTextEncode")
+    cond, extra = entry[0], entry[1]
     if not torch.is_tensor(cond) or cond.ndim != 3:
         raise ValueError(f"{name}: expected a conditioning tensor [B,S,width], found "
                          f"{getattr(cond, 'shape', type(cond).__name__)}")
+    chk.finite_tensor(cond, name + " conditioning", "re-encode the prompt with LensTextEncode (the node that "
+                      "produced this conditioning overflowed or was fed broken data)")
     return cond, dict(extra or {})
 
 

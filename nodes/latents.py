@@ -6,11 +6,14 @@ import logging
 import torch
 
 from . import comfy_bridge as bridge
+from ..lens_core import checks as chk
 from ..lens_core import config as core_config
 
 LATENT_CHANNELS = 128
 CUSTOM = "custom"
 TILED = {"auto": None, "on": True, "off": False}
+UPSTREAM_FIX = ("the node that produced it overflowed or was fed broken data; re-run it in fp32/bf16 (not fp16) "
+                "or replace it, then queue again")
 
 
 def _aspect_choices():
@@ -18,13 +21,14 @@ def _aspect_choices():
 
 
 def check_lens_latent(samples, where: str):
-    """ValueError unless ``samples`` is a Lens/FLUX.2 latent [B,128,h,w]."""
+    """ValueError unless ``samples`` is a Lens/FLUX.2 latent [B,128,h,w] of finite numbers."""
     if not torch.is_tensor(samples) or samples.ndim != 4 or samples.shape[1] != LATENT_CHANNELS:
         shape = tuple(samples.shape) if torch.is_tensor(samples) else type(samples).__name__
         raise ValueError(
             f"{where}: expected a Lens / FLUX.2 latent [B,{LATENT_CHANNELS},H/16,W/16], found {shape}. This LATENT "
             f"comes from another model family; make Lens latents with LensEmptyLatent, LensSampler or "
             f"LensVAEEncode (or decode this one with its own model's VAE)")
+    chk.finite_tensor(samples, f"{where}: latent", UPSTREAM_FIX)
 
 
 class LensEmptyLatent:
@@ -125,6 +129,10 @@ class LensVAEEncode:
     def encode(self, vae, pixels, tiled="auto"):
         from ..lens_core import vae as core_vae
 
+        if not torch.is_tensor(pixels) or pixels.ndim != 4 or pixels.shape[-1] < 3:
+            raise ValueError(f"LensVAEEncode: expected an IMAGE [B,H,W,3], found "
+                             f"{list(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__}")
+        chk.finite_tensor(pixels, "LensVAEEncode: pixels", UPSTREAM_FIX)
         b, hh, ww = pixels.shape[0], pixels.shape[1], pixels.shape[2]
         h, w = hh // 16 * 16, ww // 16 * 16
         if h == 0 or w == 0:

@@ -33,6 +33,8 @@ _WHERE = {"diffusion": ("Lens DiT", "models/diffusion_models", "LensModelLoader"
 def _wrong_file(path, role, exc):
     """A ValueError naming the file, what it is, and which loader/folder it belongs to."""
     what, _folder, node = _WHERE[role]
+    if "Fix:" in str(exc):          # a broken / hostile file whose error already names the fix
+        return ValueError(f"{node}: {path} is not a usable {what} checkpoint: {exc}")
     others = "; ".join(f"a {w} goes in {f} and loads with {n}" for r, (w, f, n) in _WHERE.items() if r != role)
     return ValueError(f"{node}: {path} is not a usable {what} checkpoint ({exc}). Fix: pick a {what} file or a "
                       f"diffusers Lens folder in this loader ({others}).")
@@ -51,7 +53,8 @@ def load_model(path: str, weight_dtype: str = "default", variant: str = "auto") 
     try:
         module = ck.load_transformer(src, dtype=store, device=offload_device, operations=bridge.operations(),
                                      variant=override, fp8=weight_dtype == "fp8_e4m3fn")
-        var, _how = ck.detect_variant(path, None, override)
+        # the variant from the file's own evidence (metadata/config) before its path, as the loader decided it
+        var = module.lens_checkpoint.variant
     except (ValueError, KeyError) as exc:
         raise _wrong_file(src, "diffusion", exc) from exc
     module.eval()
@@ -121,7 +124,7 @@ class LensModelLoader:
             "variant": (VARIANT_CHOICES, {
                 "default": "auto",
                 "tooltip": "Which Lens model this is; sets the sampler's 'auto' steps/CFG (Lens 20/5, Turbo 4/1, "
-                           "Base 50/5). 'auto' reads it from the file name."}),
+                           "Base 50/5). 'auto' reads it from the file's metadata/config, then its name."}),
         }}
 
     def load(self, model_name, weight_dtype="default", variant="auto"):
@@ -196,7 +199,7 @@ class LensCheckpointLoader:
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "default", "tooltip": "Storage dtype of the DiT weights ('default' = as stored)."}),
             "variant": (VARIANT_CHOICES, {
-                "default": "auto", "tooltip": "Lens, Turbo or Base; 'auto' reads the folder name."}),
+                "default": "auto", "tooltip": "Lens, Turbo or Base; 'auto' reads the config, then the folder name."}),
             "text_encoder_device": (["default", "cpu"], {
                 "default": "default", "tooltip": "'cpu' keeps the text encoder on the CPU."}),
             "experts": (["packed", "dequantized"], {

@@ -9,11 +9,15 @@ from .latents import LATENT_CHANNELS, check_lens_latent
 from ..lens_core import config as core_config
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+# a comma union (validated by ComfyUI 0.3.64 and 0.33 alike): the pack's LENS_MODEL or a native Lens MODEL
+MODEL_TYPES = "LENS_MODEL,MODEL"
 
 
-def lens_latent(latent: dict):
+def lens_latent(latent: dict, where: str = "LensSampler"):
     """The [B,128,h,w] samples of a LATENT, building Lens-size zeros for an empty latent of another layout
     (e.g. native EmptyLatentImage's [B,4,H/8,W/8]); ValueError for a non-empty latent of another family."""
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise ValueError(f"{where}: expected a LATENT (a dict with 'samples'), found {type(latent).__name__}")
     samples = latent["samples"]
     if torch.is_tensor(samples) and samples.ndim == 4 and samples.shape[1] != LATENT_CHANNELS \
             and not torch.count_nonzero(samples):
@@ -22,10 +26,10 @@ def lens_latent(latent: dict):
         try:
             h, w = core_config.validate_size(height, width)
         except ValueError as exc:
-            raise ValueError(f"LensSampler: the empty latent is {width}×{height} pixels: {exc}. Fix: use a size "
+            raise ValueError(f"{where}: the empty latent is {width}×{height} pixels: {exc}. Fix: use a size "
                              f"that is a multiple of 16, or LensEmptyLatent") from None
         return torch.zeros(samples.shape[0], LATENT_CHANNELS, h, w)
-    check_lens_latent(samples, "LensSampler")
+    check_lens_latent(samples, where)
     return samples
 
 
@@ -53,7 +57,10 @@ class LensSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("LENS_MODEL", {"tooltip": "From LensModelLoader or LensCheckpointLoader."}),
+            "model": (MODEL_TYPES, {"tooltip": "From LensModelLoader or LensCheckpointLoader, or ComfyUI's native "
+                                               "Lens MODEL (UNETLoader, LoRA and model patches included; ComfyUI "
+                                               "0.33+), which is then sampled the official way through ComfyUI's "
+                                               "own sampling code."}),
             "positive": ("CONDITIONING", {"tooltip": "The prompt, from LensTextEncode (or native Lens text "
                                                      "encoding)."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt; encode an empty text for the official "
@@ -78,6 +85,8 @@ class LensSampler:
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id=None):
         from ..lens_core import sampling as core_sampling
 
+        if not isinstance(model, bridge.LensModel):
+            return self.sample_native(model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id)
         d_steps, d_cfg = core_config.variant_defaults(model.variant)
         steps = int(steps) or d_steps
         cfg = float(cfg) or d_cfg
@@ -131,3 +140,53 @@ class LensSampler:
         latent.pop("downscale_ratio_spacial", None)
         latent["samples"] = result
         return (latent,)
+
+    def sample_native(self, model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id=None):
+        """A native Lens MODEL: the official schedule, model timestep and CFG rescale (lens_core) through
+        ComfyUI's own sampling path; same seed = same noise as with a LENS_MODEL."""
+        from ..lens_core import sampling as core_sampling
+
+        patcher = bridge.native_lens_patcher(model, "LensSampler")
+        if not steps or not cfg:
+            raise ValueError(f"LensSampler: steps = {steps} / cfg = {cfg}: 0 means 'the variant's default', but a "
+                             f"native MODEL does not say whether it is Lens, Turbo or Base. Fix: set steps and cfg "
+                             f"(Lens 20 / 5, Turbo 4 / 1, Base 50 / 5)")
+        steps, cfg = int(steps), float(cfg)
+        samples = lens_latent(latent_image)
+        batch, _, h, w = samples.shape
+        width = bridge.native_text_width(patcher)
+        for name, cond in (("positive", positive), ("negative", negative)):
+            check_native_conditioning(cond, width, name)
+        first = core_sampling.start_index(steps, float(denoise))
+        if first > 0 and not torch.count_nonzero(samples):
+            raise ValueError("LensSampler: denoise < 1 needs an input image latent (LensVAEEncode / VAEEncode), "
+                             "found an empty latent; set denoise to 1 for text-to-image")
+        noise_mask = latent_image.get("noise_mask")
+        if noise_mask is not None:          # inpainting: checked here, applied by ComfyUI's own sampler
+            core_sampling.prepare_mask(noise_mask, batch, h, w)
+        noise = core_config.unpack_latents(seeded_noise(int(seed), batch, h, w, latent_image.get("batch_index")), h, w)
+        sigmas = core_sampling.denoise_sigmas(steps, h * w, float(denoise))
+        dtype = bridge.native_compute_dtype(patcher)
+        official = bridge.official_native_patcher(
+            patcher, lambda sigma: core_sampling.model_timestep(sigma, dtype),
+            None if cfg == 1.0 else (lambda c, u, g: core_sampling.cfg_combine(c, u, g, dim=1)))
+        reporter = bridge.StepReporter(steps - first, patcher.load_device, lambda x0: x0[:1].float(), node_id=unique_id)
+        out = bridge.sample_native(official, noise, sigmas, positive, negative, cfg, samples.float(), seed,
+                                   callback=lambda i, x0, x, total: reporter(i, total, x, x0), noise_mask=noise_mask)
+        latent = dict(latent_image)
+        latent.pop("downscale_ratio_spacial", None)
+        latent["samples"] = bridge.to_intermediate(out.float())
+        return (latent,)
+
+
+def check_native_conditioning(conditioning, width: int, name: str):
+    """ValueError unless every entry of ``conditioning`` is a [B,S,width] tensor (S = 0: the empty prompt)."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError(f"LensSampler: {name}: expected a CONDITIONING (a non-empty list), found "
+                         f"{type(conditioning).__name__}")
+    for entry in conditioning:
+        cond = entry[0] if isinstance(entry, (list, tuple)) and entry else None
+        if not torch.is_tensor(cond) or cond.ndim != 3 or (cond.shape[1] and cond.shape[-1] != width):
+            raise ValueError(f"LensSampler: {name}: conditioning {getattr(cond, 'shape', type(cond).__name__)} does "
+                             f"not fit this native Lens model, which expects [B,S,{width}]. Fix: encode the prompt "
+                             f"with the Lens text encoder (CLIPLoader type lens, or LensTextEncode)")

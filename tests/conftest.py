@@ -66,3 +66,11 @@ def pipeline_dir(tokenizer_dir, golden_dir, tmp_path_factory) -> pathlib.Path:
         else:
             os.symlink(entry, out / entry.name)
     return out
+
+
+def comfyui_dir_or_skip() -> str:
+    """The real ComfyUI checkout for tests marked ``comfyui`` (COMFYUI_DIR), or skip."""
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir:
+        pytest.skip("COMFYUI_DIR not set (real-ComfyUI integration tests)")
+    return comfy_dir

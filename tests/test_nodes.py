@@ -74,7 +74,8 @@ def stub_only(pack):
 def test_mappings_and_ids(pack):
     m = pack.NODE_CLASS_MAPPINGS
     assert set(m) == {"LensModelLoader", "LensTextEncoderLoader", "LensVAELoader", "LensCheckpointLoader",
-                      "LensTextEncode", "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode"}
+                      "LensTextEncode", "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode",
+                      "LensSigmas", "LensNoise"}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(m)
     for name in m:
         assert name.startswith("Lens") and name not in CORE_IDS
@@ -82,7 +83,7 @@ def test_mappings_and_ids(pack):
 
 @pytest.mark.parametrize("name", ["LensModelLoader", "LensTextEncoderLoader", "LensVAELoader",
                                   "LensCheckpointLoader", "LensTextEncode", "LensEmptyLatent", "LensSampler",
-                                  "LensVAEDecode", "LensVAEEncode"])
+                                  "LensVAEDecode", "LensVAEEncode", "LensSigmas", "LensNoise"])
 def test_input_and_return_types_valid(pack, name):
     cls = pack.NODE_CLASS_MAPPINGS[name]
     spec = cls.INPUT_TYPES()
@@ -117,7 +118,8 @@ def test_custom_types_chain(pack):
     assert m["LensModelLoader"].RETURN_TYPES == ("LENS_MODEL",)
     assert m["LensCheckpointLoader"].RETURN_TYPES == ("LENS_MODEL", "LENS_TEXT_ENCODER", "LENS_VAE")
     assert m["LensTextEncode"].RETURN_TYPES == ("CONDITIONING",)
-    assert m["LensSampler"].INPUT_TYPES()["required"]["model"][0] == "LENS_MODEL"
+    # a comma union: the pack's LENS_MODEL (what the three workflows connect) or a native Lens MODEL
+    assert m["LensSampler"].INPUT_TYPES()["required"]["model"][0].split(",") == ["LENS_MODEL", "MODEL"]
     assert m["LensVAEDecode"].RETURN_TYPES == ("IMAGE",)
     assert m["LensVAEEncode"].RETURN_TYPES == ("LATENT",)
 

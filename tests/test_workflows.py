@@ -39,6 +39,42 @@ CORE_OBJECT_INFO = {
     "SetLatentNoiseMask": {"input": {"required": {"samples": ["LATENT"], "mask": ["MASK"]}},
                            "input_order": {"required": ["samples", "mask"]}, "output": ["LATENT"]},
 }
+# The native Lens nodes of ComfyUI 0.33 used by workflows/lens_native_official.json (its /object_info; nodes.py,
+# comfy_extras/nodes_cfg.py, comfy_extras/nodes_custom_sampler.py; long combos shortened).
+CORE_OBJECT_INFO.update({
+    "UNETLoader": {"input": {"required": {"unet_name": [["lens_bf16.safetensors"]],
+                                          "weight_dtype": [["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]]}},
+                   "input_order": {"required": ["unet_name", "weight_dtype"]}, "output": ["MODEL"]},
+    "CLIPLoader": {"input": {"required": {"clip_name": [["gpt_oss_20b_nvfp4.safetensors"]],
+                                          "type": [["stable_diffusion", "flux2", "lens"]]},
+                             "optional": {"device": [["default", "cpu"]]}},
+                   "input_order": {"required": ["clip_name", "type"], "optional": ["device"]}, "output": ["CLIP"]},
+    "VAELoader": {"input": {"required": {"vae_name": [["flux2-vae.safetensors", "pixel_space"]]}},
+                  "input_order": {"required": ["vae_name"]}, "output": ["VAE"]},
+    "CLIPTextEncode": {"input": {"required": {"text": ["STRING", {}], "clip": ["CLIP", {}]}},
+                       "input_order": {"required": ["text", "clip"]}, "output": ["CONDITIONING"]},
+    "EmptyLatentImage": {"input": {"required": {
+        "width": ["INT", {"default": 512, "min": 16, "max": 16384, "step": 8}],
+        "height": ["INT", {"default": 512, "min": 16, "max": 16384, "step": 8}],
+        "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}]}},
+        "input_order": {"required": ["width", "height", "batch_size"]}, "output": ["LATENT"]},
+    "VAEDecode": {"input": {"required": {"samples": ["LATENT", {}], "vae": ["VAE", {}]}},
+                  "input_order": {"required": ["samples", "vae"]}, "output": ["IMAGE"]},
+    "CFGNorm": {"input": {"required": {"model": ["MODEL", {}],
+                                       "strength": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}]},
+                          "optional": {"pre_cfg": ["BOOLEAN", {"default": False}]}},
+                "input_order": {"required": ["model", "strength"], "optional": ["pre_cfg"]}, "output": ["MODEL"]},
+    "KSamplerSelect": {"input": {"required": {"sampler_name": ["COMBO", {"options": ["euler", "euler_ancestral"]}]}},
+                       "input_order": {"required": ["sampler_name"]}, "output": ["SAMPLER"]},
+    "SamplerCustom": {"input": {"required": {
+        "model": ["MODEL", {}], "add_noise": ["BOOLEAN", {"default": True}],
+        "noise_seed": ["INT", {"default": 0, "min": 0, "max": 18446744073709551615, "control_after_generate": True}],
+        "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1}],
+        "positive": ["CONDITIONING", {}], "negative": ["CONDITIONING", {}], "sampler": ["SAMPLER", {}],
+        "sigmas": ["SIGMAS", {}], "latent_image": ["LATENT", {}]}},
+        "input_order": {"required": ["model", "add_noise", "noise_seed", "cfg", "positive", "negative", "sampler",
+                                     "sigmas", "latent_image"]}, "output": ["LATENT", "LATENT"]},
+})
 
 
 def object_info_of(mappings) -> dict:
@@ -136,6 +172,15 @@ def validate_value(name, spec, value) -> str | None:
     return None
 
 
+def types_match(out_type: str, in_type) -> bool:
+    """ComfyUI's link rule (comfy_execution/validation.py, 0.3.64 and 0.33): equal, or comma unions overlapping."""
+    if out_type == in_type:
+        return True
+    if not isinstance(in_type, str):
+        return False
+    return bool({t.strip() for t in out_type.split(",")} & {t.strip() for t in in_type.split(",")})
+
+
 def check_workflow(workflow: dict, object_info: dict, check_combos: bool = True) -> list[str]:
     """All problems found in a UI workflow against ``object_info`` (empty list = valid)."""
     problems = []
@@ -170,7 +215,7 @@ def check_workflow(workflow: dict, object_info: dict, check_combos: bool = True)
         in_name = dst_node["inputs"][dslot]["name"]
         dst_info = object_info[dst_node["type"]]["input"]
         spec = dst_info.get("required", {}).get(in_name) or dst_info.get("optional", {}).get(in_name)
-        if spec is None or spec[0] != out_type or typ != out_type:
+        if spec is None or not types_match(out_type, spec[0]) or typ != out_type:
             problems.append(f"link {lid}: {nodes[src]['type']} output {sslot} ({out_type}) -> "
                             f"{dst_node['type']}.{in_name} ({spec and spec[0]}) does not type-check")
     return problems
@@ -216,9 +261,11 @@ def test_workflow_is_valid_ui_format(path, pack_object_info):
     assert check_workflow(wf, pack_object_info, check_combos=False) == []
     # every combo of a Lens node that is not a file list validates exactly
     for node in wf["nodes"]:
+        if node["type"] in UI_ONLY_NODES:
+            continue
         info = pack_object_info[node["type"]]
         for name, value in widget_values(node, info).items():
-            spec = info["input"]["required"][name]
+            spec = info["input"].get("required", {}).get(name) or info["input"]["optional"][name]
             if isinstance(spec[0], list) and not name.endswith(("_name", "folder")):
                 assert value in spec[0], (path.name, node["type"], name, value)
 
@@ -242,6 +289,26 @@ def test_workflow_settings(pack_object_info):
         assert t in types
     (lat,) = [n["inputs"] for n in api.values() if n["class_type"] == "LensEmptyLatent"]
     assert lat["base_resolution"] == 1024
+
+
+def test_native_official_workflow(pack_object_info):
+    """The native template with the official schedule: LensSigmas (sized by the latent) instead of
+    ModelSamplingFlux + BasicScheduler, CFGNorm pre_cfg on, SamplerCustom euler, Lens 20 steps CFG 5."""
+    wf = json.loads((REPO / "workflows" / "lens_native_official.json").read_text())
+    api = ui_to_api(wf, pack_object_info)
+    by_type = {n["class_type"]: (k, n["inputs"]) for k, n in api.items() if n["class_type"] != "CLIPTextEncode"}
+    assert "ModelSamplingFlux" not in by_type and "BasicScheduler" not in by_type
+    assert by_type["CLIPLoader"][1]["type"] == "lens" and by_type["UNETLoader"][1]["unet_name"] == "lens_bf16.safetensors"
+    assert by_type["CFGNorm"][1] == {"model": [by_type["UNETLoader"][0], 0], "strength": 1.0, "pre_cfg": True}
+    sig = by_type["LensSigmas"][1]
+    assert (sig["steps"], sig["denoise"], sig["latent"]) == (20, 1.0, [by_type["EmptyLatentImage"][0], 0])
+    s = by_type["SamplerCustom"][1]
+    assert s["model"] == [by_type["CFGNorm"][0], 0] and s["sigmas"] == [by_type["LensSigmas"][0], 0]
+    assert s["cfg"] == 5.0 and s["add_noise"] is True
+    assert by_type["KSamplerSelect"][1]["sampler_name"] == "euler"
+    texts = [n["inputs"]["text"] for n in api.values() if n["class_type"] == "CLIPTextEncode"]
+    assert len(texts) == 2 and "" in texts
+    assert by_type["EmptyLatentImage"][1] == {"width": 1440, "height": 1440, "batch_size": 1}
 
 
 def test_inpaint_workflow(pack_object_info):

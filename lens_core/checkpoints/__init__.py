@@ -1,4 +1,4 @@
-"""Checkpoint families: detection, key mapping, memory-mapped cast-on-read loading, ``inspect``.
+"""Checkpoint families: detection, key mapping, cast-on-read loading, ``inspect``.
 
 Layout of this package (the public names are re-exported here, so ``from lens_core.checkpoints import …``
 is the interface): ``errors`` (:class:`CheckpointError`), one module per file format (``safetensors``),
@@ -16,18 +16,19 @@ name); known prefixes (``model.diffusion_model.``, ``transformer.``, ``vae.`` �
 keys and stripped. Files that are something else (a VAE given as DiT, SD / FLUX.1 checkpoints, pickles,
 truncated files …) raise :class:`CheckpointError` naming the file and what it looks like.
 
-Memory: the safetensors header is parsed by :mod:`.safetensors` and the data section is memory-mapped
-(private, read-only use); tensors are read in file order, each copied/cast straight from the mapping into its
-final dtype and device and assigned to a module built with its parameters on the ``meta`` device; the mapped
-pages of that tensor are then released (``MADV_DONTNEED``), so peak RSS ≈ the resident weights + one tensor +
-the read-ahead window (fp32 16.4 GB DiT → 8.2 GB bf16; measured 1.04× in BENCHMARKS.md "Loading").
+Safety (issue 12): every header is validated as strictly as the reference ``safetensors`` library before any
+tensor byte is used (:func:`.safetensors.parse_header`); shard indexes may only name files inside their folder;
+configs are checked for type, range and finiteness and against the tensors present before a module is built.
 
-Time: :mod:`lens_core.readahead` runs a helper thread that populates the next 256 MB of the mapping while this
-thread copies/casts, so the disk read overlaps the page faults, the zeroing of fresh memory and the casts
-(measured 0.84-1.10× one plain read of the file, against 1.4-2.1× without the helper). Without the helper
-(non-Linux), the next tensor is hinted with ``MADV_WILLNEED``. Alternatives measured and dropped: positioned
-reads into staging buffers with a reader thread (1.45× peak RSS from allocator fragmentation, 1.9× time) and
-one ``preadv`` per tensor straight into its destination (2.0× time).
+Memory: tensors are read in file order with positioned reads (no memory map: a map turns a file that shrinks
+while it is read into a SIGBUS that kills the process; reads turn it into a :class:`CheckpointError`), each
+straight into its final tensor (same dtype on CPU) or through one 16 MB staging buffer (cast / other device),
+and assigned to a module built with its parameters on the ``meta`` device, so peak RSS ≈ the resident weights +
+one tensor (fp32 16.4 GB DiT → 8.2 GB bf16; BENCHMARKS.md "Loading").
+
+Time: :mod:`lens_core.readahead` runs a helper thread that asks the kernel to read the next 256 MB of the file
+into the page cache (``posix_fadvise(WILLNEED)``) while this thread copies/casts, so disk reading overlaps the
+CPU work (BENCHMARKS.md "Loading", run 9 for the positioned reads; runs 5-8 were the earlier memory map).
 """
 from __future__ import annotations
 

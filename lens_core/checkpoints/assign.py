@@ -89,12 +89,24 @@ def assign_weights(model: nn.Module, source: TensorSource, device, component: st
             if not ahead.active and i + 1 < len(order):  # no helper here: hint the next tensor's I/O
                 source.prefetch(order[i + 1])
             if n in special:
-                t = special[n](source, n, device)
+                try:
+                    t = special[n](source, n, device)
+                except (RuntimeError, ValueError, IndexError, KeyError) as exc:
+                    if isinstance(exc, CheckpointError):
+                        raise
+                    raise CheckpointError(f"{source.origin}: tensor {n!r} cannot be unpacked for the "
+                                          f"{COMPONENT_NAMES[component]} ({str(exc)[:200]}); its shape or dtype does "
+                                          f"not fit the quantized layout. Fix: download the file again") from None
             else:
                 target = ref.dtype
-                if not ref.dtype.is_floating_point and source.dtype(n) != ST_NAMES.get(ref.dtype):
-                    raise CheckpointError(f"{source.file_of(n)}: tensor {n!r} is {source.dtype(n)}, expected "
-                                          f"{ST_NAMES.get(ref.dtype)}")
+                found = source.dtype(n)
+                if found != ST_NAMES.get(ref.dtype) and not (ref.dtype.is_floating_point and found in FLOAT_ST):
+                    raise CheckpointError(f"{source.file_of(n)}: tensor {n!r} is {found}, expected "
+                                          f"{ST_NAMES.get(ref.dtype) if not ref.dtype.is_floating_point else 'a float type'}"
+                                          f"; the file is not this model's checkpoint or is corrupt")
+                if tuple(source.shape(n)) != tuple(ref.shape):    # checked before any byte is read
+                    raise CheckpointError(f"{source.file_of(n)}: tensor {n!r} has shape {list(source.shape(n))}, "
+                                          f"the model built from its config expects {list(ref.shape)}")
                 t = source.read(n, target, device)
             ahead.consumed(i)
             if tuple(t.shape) != tuple(ref.shape):
@@ -109,6 +121,59 @@ def assign_weights(model: nn.Module, source: TensorSource, device, component: st
     if leftovers:
         raise CheckpointError(f"{source.origin}: parameters left unloaded: {leftovers[:4]}")
     return model
+
+
+FLOAT_ST = ("F64", "F32", "F16", "BF16")
+
+
+def checked_config(build, source, component: str):
+    """``build()`` (a config constructor fed with untrusted values) with its ValueError turned into a
+    CheckpointError naming the config file (or the weights whose shapes it was derived from) and the fix."""
+    try:
+        return build()
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        where = source.config_path or source.origin
+        raise CheckpointError(f"{where}: not a valid {COMPONENT_NAMES[component]} config: {exc}. Fix: use the "
+                              f"config.json of this checkpoint's repository (or remove it: configs are derived "
+                              f"from the tensors of single files)") from None
+
+
+def expect_shapes(source, wanted: dict, cfg_desc: str):
+    """CheckpointError unless every tensor ``name`` in ``wanted`` exists with exactly shape ``wanted[name]`` —
+    run before any module is built, so a config describing a bigger model than the file holds builds nothing."""
+    where = source.config_path or "the config"
+    for name, shape in wanted.items():
+        if name not in source:
+            raise CheckpointError(f"{source.origin}: expected tensor {name!r} ({cfg_desc}), found none; the file is "
+                                  f"incomplete or not this model")
+        found = tuple(source.shape(name))
+        if found != tuple(shape):
+            raise CheckpointError(f"{source.origin}: {where} implies tensor {name!r} of shape {list(shape)} "
+                                  f"({cfg_desc}), the file has {list(found)}; the config does not belong to "
+                                  f"these weights. Fix: use this checkpoint's own config.json (or none)")
+
+
+def tensor_dims(source: TensorSource, key: str, ndim: int, what: str) -> tuple:
+    """The shape of ``key`` (which must exist, with ``ndim`` non-zero dimensions) or a CheckpointError."""
+    if key not in source:
+        raise CheckpointError(f"{source.origin}: expected tensor {key!r} ({what}), found none; the file is "
+                              f"incomplete or not this model")
+    dims = tuple(source.shape(key))
+    if len(dims) != ndim or not all(dims):
+        raise CheckpointError(f"{source.origin}: tensor {key!r} ({what}) expected {ndim} non-zero dimensions, "
+                              f"found shape {list(dims)}; the file is corrupt or not this model")
+    return dims
+
+
+def block_count(source, pattern: str) -> int:
+    """1 + the largest N among keys matching ``pattern`` (a regex with one group of digits); 0 if none."""
+    import re
+
+    rx = re.compile(pattern)
+    return 1 + max((int(m.group(1)) for k in source.keys() if (m := rx.match(k)) and len(m.group(1)) <= 4),
+                   default=-1)
 
 
 @dataclasses.dataclass

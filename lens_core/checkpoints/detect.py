@@ -33,6 +33,13 @@ FOREIGN = [
 ]
 
 
+def _foreign(keys) -> str | None:
+    for pat, desc in FOREIGN:
+        if any(pat in k for k in keys):
+            return desc
+    return None
+
+
 def _find_prefix(keys: Iterable[str], suffix: str) -> str | None:
     for k in keys:
         if k.endswith(suffix) and (len(k) == len(suffix) or k[-len(suffix) - 1] == "."):
@@ -58,19 +65,23 @@ def detect(keys: Iterable[str]) -> Detection:
     p = _find_prefix(keys, TE_SIGNATURE)
     if p is not None:
         return Detection("text_encoder", p, description="a GPT-OSS text encoder")
-    p = _find_prefix(keys, VAE_DIFFUSERS_SIGNATURE[1])
-    if p is not None and p + VAE_DIFFUSERS_SIGNATURE[0] in ks:
-        if p + "bn.running_mean" in ks:
-            return Detection("vae", p, "diffusers", "a FLUX.2 VAE (diffusers key names)")
-        return Detection(None, p, description="a VAE without the FLUX.2 BN statistics (an SD / FLUX.1 VAE)")
-    p = _find_prefix(keys, VAE_BFL_SIGNATURE[1])
-    if p is not None and p + VAE_BFL_SIGNATURE[0] in ks:
-        if p + "bn.running_mean" in ks:
-            return Detection("vae", p, "bfl", "a FLUX.2 VAE (BFL/LDM key names)")
-        return Detection(None, p, description="a VAE without the FLUX.2 BN statistics (an SD / FLUX.1 VAE)")
-    for pat, desc in FOREIGN:
-        if any(pat in k for k in keys):
-            return Detection(None, description=desc)
+    for signature, scheme in ((VAE_DIFFUSERS_SIGNATURE, "diffusers"), (VAE_BFL_SIGNATURE, "bfl")):
+        p = _find_prefix(keys, signature[1])
+        if p is not None and p + signature[0] in ks:
+            if p + "bn.running_mean" in ks:
+                return Detection("vae", p, scheme, f"a FLUX.2 VAE ({'diffusers' if scheme == 'diffusers' else 'BFL/LDM'}"
+                                                  f" key names)")
+            # a whole SD / SDXL / FLUX.1 checkpoint also holds a VAE (under first_stage_model. / vae.): name the
+            # model the rest of the file is, not its VAE
+            other = _foreign([k for k in keys if not k.startswith(p)]) if p else None
+            if other:
+                return Detection(None, description=f"{other} (a full checkpoint; its VAE under '{p}' has no "
+                                                   f"FLUX.2 BN statistics either)")
+            return Detection(None, p, description="a VAE without the FLUX.2 BN statistics (an SD / SDXL / FLUX.1 "
+                                                  "VAE)")
+    desc = _foreign(keys)
+    if desc:
+        return Detection(None, description=desc)
     sample = sorted(keys)[:3]
     return Detection(None, description=f"an unknown checkpoint ({len(keys)} tensors, e.g. {sample})")
 
@@ -96,6 +107,9 @@ def strip_prefix(source: TensorSource, prefix: str) -> TensorSource:
 QUANT_FORMATS = {"transformer": ("mxfp8",), "text_encoder": ("nvfp4",)}
 
 
+MAX_MARKER_BYTES = 1 << 16
+
+
 def quant_layers(source: TensorSource, component: str) -> dict[str, dict]:
     """{layer name: marker dict} from ``L.comfy_quant`` tensors and a header ``_quantization_metadata``.
 
@@ -105,15 +119,23 @@ def quant_layers(source: TensorSource, component: str) -> dict[str, dict]:
     md = source.metadata.get("_quantization_metadata")
     if md:
         try:
-            layers.update(json.loads(md).get("layers", {}))
-        except (json.JSONDecodeError, AttributeError):
-            raise CheckpointError(f"{source.origin}: unreadable _quantization_metadata header entry") from None
+            found = json.loads(md).get("layers", {})
+            if not isinstance(found, dict):
+                raise AttributeError
+            layers.update(found)
+        except (ValueError, AttributeError, RecursionError):
+            raise CheckpointError(f"{source.origin}: unreadable _quantization_metadata header entry (expected a JSON "
+                                  f"object with a 'layers' object); the file is corrupt") from None
     for k in source.keys():
         if k.endswith(".comfy_quant"):
+            e = source.entry(k)
+            if e.dtype not in ("U8", "I8") or len(e.shape) != 1 or e.nbytes > MAX_MARKER_BYTES:
+                raise CheckpointError(f"{source.file_of(k)}: tensor {k!r} expected a 1-D U8 JSON quantization "
+                                      f"marker of at most {MAX_MARKER_BYTES} bytes, found {e.dtype}{list(e.shape)}")
             raw = source.read(k)
             try:
-                layers[k[: -len(".comfy_quant")]] = json.loads(bytes(raw.to(torch.uint8).tolist()).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+                layers[k[: -len(".comfy_quant")]] = json.loads(bytes(raw.view(torch.uint8).tolist()).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 raise CheckpointError(f"{source.file_of(k)}: tensor {k!r} is not a JSON quantization marker") \
                     from None
     allowed = QUANT_FORMATS.get(component, ())

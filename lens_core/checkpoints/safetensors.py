@@ -1,11 +1,11 @@
-"""safetensors reading: parsed and validated header, memory-mapped data, tensor-by-tensor reads."""
+"""safetensors reading: a header validated as strictly as the reference library, tensor-by-tensor positioned reads."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import math
-import mmap
 import os
 
 import torch
@@ -25,7 +25,6 @@ if hasattr(torch, "float8_e8m0fnu"):
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-_PAGE = mmap.PAGESIZE
 
 
 @dataclasses.dataclass
@@ -49,8 +48,100 @@ def _describe_foreign_file(path: str, head: bytes) -> str:
     return f"a file whose first bytes are {head[:8]!r}"
 
 
+MAX_HEADER_BYTES = 100_000_000   # the reference library's limit (safetensors' MAX_HEADER_SIZE)
+_READ_CHUNK = 1 << 30            # bytes per read call (Linux reads at most ~2 GiB at once)
+_STAGING_BYTES = 16 << 20        # staging buffer for reads that cast or go to another device
+
+
+def _dup_checked(pairs):
+    """JSON object hook: a key given twice is refused (which value would be meant is ambiguous)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _is_uint(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=ST_DTYPES[dtype]).element_size()
+
+
+def parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict, dict[str, tuple]]:
+    """(metadata, {name: (dtype, shape, start, end)}) from the JSON header bytes of a safetensors file whose data
+    section holds ``data_size`` bytes; offsets are relative to the data section.
+
+    The rules of the reference library (huggingface/safetensors ``Metadata::validate``), checked before any tensor
+    byte is used: UTF-8 JSON object starting with ``{``; ``__metadata__`` a string→string map; every entry has a
+    known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets`` [begin, end] of non-negative
+    integers; sorted by offset the entries cover the data section contiguously (no gap, no overlap, begin ≤ end);
+    each entry's size is exactly dtype size × shape; the last end equals the data size (no truncation, no trailing
+    bytes). Stricter than the reference: a key given twice is refused.
+    """
+    def bad(what: str):
+        return CheckpointError(f"{path}: invalid safetensors header: {what}; the file is corrupt, truncated or "
+                               f"crafted. Fix: download it again (compare its size / SHA-256 with the source)")
+
+    if not raw[:1] == b"{":
+        raise bad(f"expected a JSON object starting with '{{', found {raw[:8]!r}")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_dup_checked)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"expected UTF-8 JSON, found unreadable bytes ({str(exc)[:200]})") from None
+    if not isinstance(header, dict):
+        raise bad(f"expected a JSON object, found {type(header).__name__}")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("expected '__metadata__' to map strings to strings")
+    entries = {}
+    for name, e in header.items():
+        if not isinstance(e, dict):
+            raise bad(f"tensor {name!r}: expected an object with dtype, shape, data_offsets, found "
+                      f"{type(e).__name__}")
+        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+            raise bad(f"tensor {name!r}: expected a dtype among {sorted(ST_DTYPES)}, found {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise bad(f"tensor {name!r}: expected a shape of non-negative integers, found {shape!r:.80}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+            raise bad(f"tensor {name!r}: expected data_offsets [begin, end] of non-negative integers, found "
+                      f"{offsets!r:.80}")
+        begin, end = offsets
+        need = math.prod(shape) * _itemsize(dtype)
+        if end < begin or end - begin != need:
+            raise bad(f"tensor {name!r} {dtype}{shape}: expected {need} bytes (dtype size x shape), data_offsets "
+                      f"{offsets} give {end - begin}")
+        entries[name] = (dtype, tuple(shape), begin, end)
+    cursor = 0
+    for name, (_d, _s, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != cursor:
+            what = "overlaps the previous tensor" if begin < cursor else "leaves a gap after the previous tensor"
+            raise bad(f"tensor {name!r}: data_offsets begin at {begin}, expected {cursor} (it {what}; tensors "
+                      f"must cover the data section contiguously)")
+        cursor = end
+    if cursor != data_size:
+        if cursor > data_size:
+            raise CheckpointError(f"{path}: truncated safetensors file: the header describes {cursor} data bytes, "
+                                  f"the file holds {data_size} (incomplete download or full disk?). Fix: download "
+                                  f"it again")
+        raise bad(f"the tensors end at data byte {cursor}, the file has {data_size - cursor} bytes more "
+                  f"(expected the data section to end with the last tensor)")
+    return metadata, entries
+
+
 class SafetensorsFile:
-    """One safetensors file: parsed and validated header, memory-mapped data, tensor-by-tensor reads."""
+    """One safetensors file: parsed and validated header, tensor-by-tensor positioned reads.
+
+    Tensor bytes are read with plain reads (no memory map): a file that shrinks or is rewritten while it is read
+    (a download still running, a full disk, a file replaced in place) gives a :class:`CheckpointError` naming it,
+    never a SIGBUS that kills the process (which is what touching a vanished page of a memory map does).
+    """
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -61,110 +152,111 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: a pickle checkpoint ({os.path.splitext(low)[1]}) is refused "
                                   f"(safetensors only: pickles can run code); convert it or download the "
                                   f".safetensors version")
-        self.size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            self.size = st.st_size
+            self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             head = f.read(9)
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: expected a safetensors file, found a {self.size}-byte file "
                                       f"(truncated or empty)")
             n = int.from_bytes(head[:8], "little")
-            length_ok = 1 < n <= 100_000_000 and 8 + n <= self.size
+            length_ok = 1 < n <= MAX_HEADER_BYTES and 8 + n <= self.size
             # A real header length can begin with any byte (0x80, "PK", ...), so the foreign-format
             # signatures are only consulted when the bytes do not read as a safetensors header.
             if not (length_ok and head[8:9] == b"{") and (head[:4] == b"GGUF" or head[:2] == b"PK" or head[:1] == b"\x80"):
                 raise CheckpointError(f"{self.path}: expected a safetensors file, found "
                                       f"{_describe_foreign_file(self.path, head)}; only safetensors is loaded")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{self.path}: expected a safetensors header of at most {MAX_HEADER_BYTES} "
+                                      f"bytes, the length field says {n} (corrupt or not safetensors)")
             if not length_ok:
                 raise CheckpointError(f"{self.path}: expected a safetensors header of {n} bytes after the 8-byte "
                                       f"length, found a {self.size}-byte file (truncated or not safetensors)")
             f.seek(8)
             raw = f.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{self.path}: expected a JSON safetensors header, found unreadable bytes "
-                                  f"({exc}); the file is corrupt or not safetensors") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: expected a JSON object as safetensors header")
-        self.metadata = header.pop("__metadata__", None) or {}
+        if len(raw) != n:
+            self._changed()
         self.data_start = 8 + n
-        self.entries: dict[str, TensorEntry] = {}
-        for name, e in header.items():
-            try:
-                dtype, shape, (a, b) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: malformed header entry for tensor {name!r}") from None
-            if dtype not in ST_DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
-            itemsize = torch.empty((), dtype=ST_DTYPES[dtype]).element_size()
-            if b - a != math.prod(shape) * itemsize:
-                raise CheckpointError(f"{self.path}: tensor {name!r} {dtype}{list(shape)} needs "
-                                      f"{math.prod(shape) * itemsize} bytes, header gives {b - a}; corrupt file")
-            self.entries[name] = TensorEntry(name, dtype, shape, self.data_start + a, self.data_start + b)
-        end = max((e.end for e in self.entries.values()), default=self.data_start)
-        if end > self.size:
-            raise CheckpointError(f"{self.path}: truncated safetensors file: the header describes "
-                                  f"{end} bytes, the file has {self.size} (incomplete download?)")
-        self._mm = None
+        self.metadata, parsed = parse_header(self.path, raw, self.size - self.data_start)
+        self.entries: dict[str, TensorEntry] = {
+            name: TensorEntry(name, dtype, shape, self.data_start + a, self.data_start + b)
+            for name, (dtype, shape, a, b) in parsed.items()}
+        self._file = None
+        self._staging = None
 
     # -- data access -------------------------------------------------------------------------------
-    def _map(self):
-        if self._mm is None:
-            self._file = open(self.path, "rb")  # kept open for posix_fadvise read-ahead hints
-            # private copy-on-write mapping: writable for torch.frombuffer, never written
-            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._base = torch.frombuffer(self._mm, dtype=torch.uint8, count=1).data_ptr() if self.size else 0
-        return self._mm
+    def _changed(self, detail: str = ""):
+        try:
+            now = os.stat(self.path).st_size
+            found = f"; it had {self._identity[2]} bytes when opened and has {now} now"
+        except OSError:
+            found = "; it is gone now"
+        raise CheckpointError(f"{self.path}: the file changed while it was being read{detail}{found}. It is still "
+                              f"being written (download in progress, full disk) or was replaced. Fix: wait until "
+                              f"it is complete (or download it again) and load it again")
+
+    def _fd(self) -> int:
+        if self._file is None:
+            self._file = open(self.path, "rb", buffering=0)
+            st = os.fstat(self._file.fileno())
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
+                self._changed()
+        return self._file.fileno()
+
+    def _read_into(self, address: int, offset: int, length: int):
+        """Read ``length`` file bytes at ``offset`` into memory at ``address``; a short read (the file shrank)
+        raises CheckpointError."""
+        self._fd()
+        done = 0
+        while done < length:
+            n = min(_READ_CHUNK, length - done)
+            view = (ctypes.c_char * n).from_address(address + done)
+            self._file.seek(offset + done)
+            got = self._file.readinto(view)
+            if not got:
+                self._changed(f" (reading {length} bytes at offset {offset} hit the end of the file)")
+            done += got
 
     def span(self, name: str) -> readahead.Span:
-        """Where ``name``'s bytes are mapped, for the background read-ahead helper."""
+        """Where ``name``'s bytes lie in the file, for the background read-ahead helper (page-cache hints)."""
         e = self.entries[name]
-        self._map()
-        return readahead.Span(self._base, self._file.fileno(), e.start, e.nbytes)
-
-    def raw(self, name: str) -> torch.Tensor:
-        """A tensor viewing the mapped bytes of ``name`` (valid until :meth:`close`; do not keep it)."""
-        e = self.entries[name]
-        dtype = ST_DTYPES[e.dtype]
-        if e.nbytes == 0:
-            return torch.empty(e.shape, dtype=dtype)
-        buf = torch.frombuffer(self._map(), dtype=torch.uint8, count=e.nbytes, offset=e.start)
-        return buf.view(dtype).view(e.shape)
+        return readahead.Span(0, self._fd(), e.start, e.nbytes)
 
     def prefetch(self, name: str):
-        """Ask the kernel to read ``name``'s bytes ahead asynchronously (large I/O instead of page faults)."""
-        if not hasattr(mmap, "MADV_WILLNEED"):
-            return
-        mm = self._map()
-        e = self.entries[name]
-        a = (e.start // _PAGE) * _PAGE
-        if e.end > a:
-            with contextlib.suppress(OSError, ValueError):
-                mm.madvise(mmap.MADV_WILLNEED, a, e.end - a)
-
-    def release(self, name: str):
-        """Drop the mapped pages of ``name`` from this process (they are re-read on demand)."""
-        if self._mm is None or not hasattr(self._mm, "madvise"):
-            return
-        e = self.entries[name]
-        a = (e.start // _PAGE) * _PAGE
-        b = min(self.size, -(-e.end // _PAGE) * _PAGE)
-        if b > a:
-            with contextlib.suppress(OSError, ValueError):
-                self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+        """Ask the kernel to read ``name``'s bytes ahead asynchronously (used when no helper thread runs)."""
+        if hasattr(os, "posix_fadvise"):
+            e = self.entries[name]
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd(), e.start, e.nbytes, os.POSIX_FADV_WILLNEED)
 
     def read(self, name: str, dtype=None, device=None) -> torch.Tensor:
-        """An owned copy of ``name`` in ``dtype`` on ``device``, read straight from the mapping."""
-        src = self.raw(name)
-        dst = torch.empty(src.shape, dtype=dtype or src.dtype, device=device or "cpu")
-        dst.copy_(src)
-        del src
-        self.release(name)
+        """An owned copy of ``name`` in ``dtype`` on ``device``: same-dtype CPU reads go straight into the
+        result, others through a small staging buffer (cast / device copy per chunk)."""
+        e = self.entries[name]
+        src = ST_DTYPES[e.dtype]
+        dst = torch.empty(e.shape, dtype=dtype or src, device=device or "cpu")
+        if e.nbytes == 0:
+            return dst
+        if dst.dtype == src and dst.device.type == "cpu":
+            self._read_into(dst.data_ptr(), e.start, e.nbytes)
+        else:
+            if self._staging is None:
+                self._staging = torch.empty(_STAGING_BYTES, dtype=torch.uint8)
+            item = _itemsize(e.dtype)
+            per = _STAGING_BYTES // item
+            flat = dst.view(-1)
+            for i in range(0, flat.numel(), per):
+                k = min(per, flat.numel() - i)
+                self._read_into(self._staging.data_ptr(), e.start + i * item, k * item)
+                flat[i:i + k].copy_(self._staging[:k * item].view(src))
+        st = os.fstat(self._file.fileno())
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
+            self._changed(f" (after reading tensor {name!r})")
         return dst
 
     def close(self):
-        if self._mm is not None:
-            with contextlib.suppress(BufferError):
-                self._mm.close()
-            self._mm = None
+        if self._file is not None:
             self._file.close()
+            self._file = None
+        self._staging = None

@@ -96,26 +96,60 @@ def _read_json(path: str) -> dict:
     return read_json_object(path, "JSON file", CheckpointError)
 
 
+def _allowed_roots(folder: str) -> list[str]:
+    """Where the shards of an index in ``folder`` may resolve to: the folder itself, and for a Hugging Face hub
+    cache snapshot (``models--org--name/snapshots/<rev>/…``, whose files are symlinks) that repository's
+    ``blobs/`` folder."""
+    real = os.path.realpath(folder)
+    roots = [real]
+    parts = real.split(os.sep)
+    if "snapshots" in parts:
+        i = len(parts) - 1 - parts[::-1].index("snapshots")
+        blobs = os.sep.join(parts[:i] + ["blobs"])
+        if os.path.isdir(blobs):
+            roots.append(blobs)
+    return roots
+
+
+def shard_path(index_path: str, name) -> str:
+    """The file a shard index names, which must resolve (symlinks included) inside the index's folder: an
+    absolute name, ``..`` or a link leading elsewhere is refused (an index must not make the loader read files
+    outside the model folder)."""
+    folder = os.path.dirname(os.path.abspath(index_path))
+    if not isinstance(name, str) or not name.endswith(".safetensors") or "\0" in name:
+        raise CheckpointError(f"{index_path}: expected shard file names ending in .safetensors in 'weight_map', "
+                              f"found {name!r:.100}. Fix: repair the index or download it again")
+    path = os.path.join(folder, name)
+    real = os.path.realpath(path)
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/") or not any(
+            os.path.commonpath([real, root]) == root for root in _allowed_roots(folder)):
+        raise CheckpointError(f"{index_path}: the index names the shard {name!r}, which resolves to {real}, outside "
+                              f"the index's folder {folder}; shards must be files inside that folder (refused: "
+                              f"an index must not make the loader read other files). Fix: use the repository's "
+                              f"own index, or put the shards next to it")
+    return path
+
+
 def _open_index(index_path: str) -> tuple[list[SafetensorsFile], dict]:
     data = _read_json(index_path)
     wm = data.get("weight_map")
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{index_path}: expected a shard index with a non-empty 'weight_map', found keys "
-                              f"{sorted(data)}")
-    folder = os.path.dirname(index_path)
-    shards = sorted(set(wm.values()))
-    missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+                              f"{sorted(data)[:10]}")
+    folder = os.path.dirname(os.path.abspath(index_path))
+    shards = sorted(set(shard_path(index_path, s) for s in wm.values()))
+    missing = [os.path.basename(s) for s in shards if not os.path.isfile(s)]
     if missing:
-        raise CheckpointError(f"{index_path}: the index lists shard(s) {missing} that are missing from {folder} "
+        raise CheckpointError(f"{index_path}: the index lists shard(s) {missing[:8]} that are missing from {folder} "
                               f"(incomplete download?); present: "
-                              f"{sorted(n for n in os.listdir(folder) if n.endswith('.safetensors'))}")
-    files = {s: SafetensorsFile(os.path.join(folder, s)) for s in shards}
+                              f"{sorted(n for n in os.listdir(folder) if n.endswith('.safetensors'))[:8]}")
+    files = {s: SafetensorsFile(s) for s in shards}
     keymap = {}
     for key, shard in wm.items():
-        f = files[shard]
+        f = files[os.path.join(folder, shard)]
         if key not in f.entries:
-            raise CheckpointError(f"{f.path}: the index {os.path.basename(index_path)} maps tensor {key!r} to this "
-                                  f"shard, but the shard does not contain it")
+            raise CheckpointError(f"{f.path}: the index {os.path.basename(index_path)} maps tensor {key!r:.100} to "
+                                  f"this shard, but the shard does not contain it")
         keymap[key] = (f, key)
     return list(files.values()), keymap
 

@@ -7,7 +7,10 @@ import re
 
 import torch
 
-from .assign import CheckpointInfo, assign_weights, init_empty_weights
+from .. import checks as chk
+from .assign import (CheckpointInfo, assign_weights, block_count, checked_config, expect_shapes, init_empty_weights,
+                     tensor_dims)
+from .errors import CheckpointError
 from .detect import _expect, quant_layers, strip_prefix, te_family
 from .source import TensorSource, _dtype_summary, _read_json, open_source
 
@@ -29,16 +32,34 @@ REAL_SELECTED_LAYERS = (5, 11, 17, 23)
 def te_config_from_shapes(source: TensorSource) -> dict:
     """The real GPT-OSS-20B config with the sizes that shapes reveal (layers, widths, heads, experts)."""
     cfg = json.loads(json.dumps(REAL_TE_CONFIG))
-    keys = list(source.keys())
-    n = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"model\.layers\.(\d+)\.", k)))
-    vocab, hidden = source.shape("model.embed_tokens.weight")
+    n = block_count(source, r"model\.layers\.(\d+)\.")
+    vocab, hidden = tensor_dims(source, "model.embed_tokens.weight", 2, "the token embedding")
     hd = cfg["head_dim"]
-    experts = source.shape("model.layers.0.mlp.router.weight")[0]
+    experts = tensor_dims(source, "model.layers.0.mlp.router.weight", 2, "the MoE router")[0]
+    q = tensor_dims(source, "model.layers.0.self_attn.q_proj.weight", 2, "the query projection")[0]
+    k = tensor_dims(source, "model.layers.0.self_attn.k_proj.weight", 2, "the key projection")[0]
     cfg.update(num_hidden_layers=n, hidden_size=hidden, vocab_size=vocab, num_local_experts=experts,
-               num_attention_heads=source.shape("model.layers.0.self_attn.q_proj.weight")[0] // hd,
-               num_key_value_heads=source.shape("model.layers.0.self_attn.k_proj.weight")[0] // hd,
+               num_attention_heads=q // hd, num_key_value_heads=k // hd,
+               num_experts_per_tok=min(cfg["num_experts_per_tok"], experts),
                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)])
     return cfg
+
+
+def check_te_config(source: TensorSource, cfg) -> None:
+    """The config against the tensors present, before anything is built."""
+    found = block_count(source, r"model\.layers\.(\d+)\.")
+    if found != cfg.num_hidden_layers:
+        raise CheckpointError(f"{source.origin}: {source.config_path or 'the config'} says num_hidden_layers="
+                              f"{cfg.num_hidden_layers}, the file holds {found} layers; the config does not belong "
+                              f"to these weights. Fix: use this checkpoint's own config.json (or none)")
+    qd, kd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    expect_shapes(source, {
+        "model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+        "model.layers.0.self_attn.q_proj.weight": (qd, cfg.hidden_size),
+        "model.layers.0.self_attn.k_proj.weight": (kd, cfg.hidden_size),
+        "model.layers.0.mlp.router.weight": (cfg.num_local_experts, cfg.hidden_size),
+    }, f"hidden_size={cfg.hidden_size}, {cfg.num_attention_heads} heads x {cfg.head_dim}, "
+       f"{cfg.num_local_experts} experts")
 
 
 _NVFP4_RENAMES = ((".weight_scale_2", "_scales_2"), (".weight_scale", "_scales"), (".weight", "_blocks"),
@@ -88,9 +109,15 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
         cfg_dict = source.config if source.config is not None else te_config_from_shapes(source)
     else:
         cfg_dict = dict(config)
-    cfg = te_mod.TextEncoderConfig.from_dict(cfg_dict)
+    cfg = checked_config(lambda: te_mod.TextEncoderConfig.from_dict(cfg_dict), source, "text_encoder")
+    check_te_config(source, cfg)
     if selected_layers is None:
         selected_layers = _selected_layers_near(path) or REAL_SELECTED_LAYERS
+    try:
+        selected_layers = te_mod._validate_selected(selected_layers, cfg.num_hidden_layers)
+    except ValueError as exc:
+        raise CheckpointError(f"{source.origin}: {exc} (this encoder has {cfg.num_hidden_layers} layers; the "
+                              f"transformer config's selected_layer_index must name 4 of them)") from None
     kwargs = dict(selected_layers=tuple(selected_layers), operations=operations, device=None, dtype=dtype,
                   experts=experts)
     if family == "comfy-te-nvfp4":
@@ -118,5 +145,11 @@ def _selected_layers_near(path) -> list | None:
     for root in (folder, os.path.dirname(folder)):
         cfg = os.path.join(root, "transformer", "config.json")
         if os.path.isfile(cfg):
-            return list(_read_json(cfg).get("selected_layer_index") or []) or None
+            value = _read_json(cfg).get("selected_layer_index")
+            if value is None:
+                return None
+            try:
+                return list(chk.int_list(value, "selected_layer_index", 0, 255, cfg, 1, 16))
+            except ValueError as exc:
+                raise CheckpointError(f"{exc}. Fix: restore the transformer config.json of this model") from None
     return None

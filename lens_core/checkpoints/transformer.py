@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .. import quant_linear as ql
-from .assign import CheckpointInfo, _replace_module, assign_weights, init_empty_weights
+from .assign import (CheckpointInfo, _replace_module, assign_weights, block_count, checked_config, expect_shapes,
+                     init_empty_weights, tensor_dims)
 from .detect import _expect, detect_variant, dit_family, quant_layers, strip_prefix
 from .errors import CheckpointError
 from .source import TensorSource, _dtype_summary, open_source
@@ -19,16 +20,35 @@ def dit_config_from_shapes(source: TensorSource) -> dict:
 
     keys = list(source.keys())
     heads_dim = 64
-    width = source.shape("img_in.weight")[0]
-    n_layers = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
+    width, in_channels = tensor_dims(source, "img_in.weight", 2, "the image input projection")
+    n_layers = block_count(source, r"transformer_blocks\.(\d+)\.")
     n_txt = len({k for k in keys if re.match(r"txt_norm\.\d+\.weight$", k)})
-    cfg = REAL_DIT_CONFIG.to_dict()
-    cfg.update(in_channels=source.shape("img_in.weight")[1], out_channels=source.shape("proj_out.weight")[0] // 4,
-               num_layers=n_layers, attention_head_dim=heads_dim, num_attention_heads=width // heads_dim,
-               inner_dim=width, enc_hidden_dim=source.shape("txt_norm.0.weight")[0])
     if n_txt != 4:
         raise CheckpointError(f"{source.origin}: expected 4 txt_norm.N layers, found {n_txt}")
+    cfg = REAL_DIT_CONFIG.to_dict()
+    cfg.update(in_channels=in_channels, out_channels=tensor_dims(source, "proj_out.weight", 2, "the output "
+                                                                 "projection")[0] // 4,
+               num_layers=n_layers, attention_head_dim=heads_dim, num_attention_heads=width // heads_dim,
+               inner_dim=width, enc_hidden_dim=tensor_dims(source, "txt_norm.0.weight", 1, "the text norm")[0])
     return cfg
+
+
+def check_dit_config(source: TensorSource, cfg) -> None:
+    """The config against the tensors present, before anything is built (sizes, depth, widths)."""
+    desc = (f"num_layers={cfg.num_layers}, width={cfg.num_attention_heads}x{cfg.attention_head_dim}, "
+            f"enc_hidden_dim={cfg.enc_hidden_dim}")
+    found = block_count(source, r"transformer_blocks\.(\d+)\.")
+    if found != cfg.num_layers:
+        raise CheckpointError(f"{source.origin}: {source.config_path or 'the config'} says num_layers="
+                              f"{cfg.num_layers}, the file holds {found} transformer_blocks; the config does not "
+                              f"belong to these weights. Fix: use this checkpoint's own config.json (or none)")
+    expect_shapes(source, {
+        "img_in.weight": (cfg.width, cfg.in_channels),
+        "proj_out.weight": (cfg.out_features, cfg.width),
+        "txt_norm.0.weight": (cfg.enc_hidden_dim,),
+        "transformer_blocks.0.attn.norm_q.weight": (cfg.attention_head_dim,),
+        "transformer_blocks.0.img_mlp.w1.weight": (cfg.mlp_hidden, cfg.width),
+    }, desc)
 
 
 def _mxfp8_scale_reader(rows, cols):
@@ -60,7 +80,8 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
         cfg_dict = source.config if source.config is not None else dit_config_from_shapes(source)
     else:
         cfg_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    cfg = LensDiTConfig.from_dict(cfg_dict)
+    cfg = checked_config(lambda: LensDiTConfig.from_dict(cfg_dict), source, "transformer")
+    check_dit_config(source, cfg)
     var, var_src = detect_variant(path, source, variant)
 
     # layers stored as MXFP8: a weight_scale sibling + fp8 weight (with or without a comfy_quant marker)
@@ -75,7 +96,12 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
     special, consumed = {}, set()
     for name, mod in list(model.named_modules()):
         if name in mx:
-            out_f, in_f = source.shape(name + ".weight")
+            want = (mod.out_features, mod.in_features) if isinstance(mod, nn.Linear) else None
+            if tuple(source.shape(name + ".weight")) != want:
+                raise CheckpointError(f"{source.origin}: MXFP8 layer {name!r} has weight shape "
+                                      f"{list(source.shape(name + '.weight'))}, the model expects "
+                                      f"{list(want) if want else 'no quantized layer there'}")
+            out_f, in_f = want
             rows, cols = out_f, in_f
             if mxfp8_dequantize:
                 special[name + ".weight"] = _mxfp8_dequant_reader(name, rows, cols, dtype)
