@@ -87,6 +87,28 @@ def machine_line() -> str:
             f"torch {torch.__version__} threads {torch.get_num_threads()} | python {platform.python_version()}")
 
 
+def device_name(device: str) -> str:
+    """A human name of the compute device: the GPU's name, or the CPU model (with its vector extensions)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            return f"CUDA not available (torch {torch.__version__})"
+        return torch.cuda.get_device_name(torch.device(device))
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    ext = [e for e in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if e in flags]
+    return f"{model} ({', '.join(ext) or 'no avx2'}, {os.cpu_count()} logical cores)"
+
+
 def print_table(rows: list[dict]) -> None:
     if not rows:
         print("(no rows)")
@@ -113,6 +135,7 @@ def main(argv=None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     print(f"# machine: {machine_line()}")
+    print(f"# device: {args.device} = {device_name(args.device)}")
     print(f"# command: python -m lens_core.bench {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"# date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print_table(module.run(args))

@@ -103,8 +103,16 @@ def _qk_fast(norm, x, freqs, out):
     """Fast QK-RMSNorm + RoPE of x [B,S,H,Dh] in fp32, written (cast) into ``out`` (a joint-buffer slice)."""
     y = x * _rms_scale(x, getattr(norm, "eps", BLOCK_NORM_EPS))
     y.mul_(cast_to(norm.weight, torch.float32, x.device))
-    rot = torch.view_as_complex(y.unflatten(-1, (-1, 2))) * freqs.unsqueeze(1)
-    out.copy_(torch.view_as_real(rot).flatten(3))
+    if torch.compiler.is_compiling():  # inductor has no complex kernels: the same product in real arithmetic
+        fr = torch.view_as_real(freqs).unsqueeze(1)
+        cos, sin, ye, yo = fr[..., 0], fr[..., 1], y[..., 0::2], y[..., 1::2]
+        out.copy_(torch.stack([ye * cos - yo * sin, ye * sin + yo * cos], dim=-1).flatten(3))
+        return
+    yc = torch.view_as_complex(y.unflatten(-1, (-1, 2)))
+    if out.dtype == torch.float32:  # rotate straight into the buffer (no temporary, no copy)
+        torch.mul(yc, freqs.unsqueeze(1), out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+    else:
+        out.copy_(torch.view_as_real(yc * freqs.unsqueeze(1)).flatten(3))
 
 
 def timestep_projection(t: torch.Tensor, dim: int = TIME_PROJ_DIM) -> torch.Tensor:
@@ -182,9 +190,8 @@ class _JointAttention(nn.Module):
             k = torch.cat([img_k, txt_k], dim=1)
             v = torch.cat([img_v, txt_v], dim=1)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        else:  # norm + RoPE in fp32 written straight into contiguous joint [B, H, img + txt, Dh] buffers
-            q, k, v = (img_v.new_empty(b, self.heads, s_img + s_txt, self.head_dim) for _ in range(3))
-            qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, S, H, Dh] views
+        else:  # norm + RoPE in fp32 written straight into joint [B, img + txt, H, Dh] buffers (no cat)
+            qs, ks, vs = (img_v.new_empty(b, s_img + s_txt, self.heads, self.head_dim) for _ in range(3))
             _qk_fast(self.norm_q, img_q, rope_img, qs[:, :s_img])
             _qk_fast(self.norm_k, img_k, rope_img, ks[:, :s_img])
             vs[:, :s_img].copy_(img_v)
@@ -192,6 +199,7 @@ class _JointAttention(nn.Module):
                 _qk_fast(self.norm_added_q, txt_q, rope_txt, qs[:, s_img:])
                 _qk_fast(self.norm_added_k, txt_k, rope_txt, ks[:, s_img:])
                 vs[:, s_img:].copy_(txt_v)
+            q, k, v = qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2)  # [B, H, S, Dh] views
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -290,6 +298,7 @@ class LensTransformer(nn.Module):
         self.norm_out = _AdaNormOut(dim, ops, device, dtype)
         self.proj_out = ops.Linear(dim, cfg.out_features, **kw)
         self._rope_cache: dict = {}
+        self._compiled_block = None
 
     # -- helpers --------------------------------------------------------------------------------------------
     @property
@@ -361,12 +370,33 @@ class LensTransformer(nn.Module):
             attn_mask.masked_fill_(~joint, float("-inf"))
             attn_mask = attn_mask[:, None, None, :]
 
+        rope = self.rope((gh, gw), s_txt, device)  # 6. (cached per grid and text length)
         img = self.img_in(hidden_states)  # 2.
         t = timestep.to(img.dtype)  # 3.
         txt = torch.cat([_rms(norm, cast_to(f, dtype, device)) for norm, f in zip(self.txt_norm, feats)], dim=-1)
         txt = self.txt_in(txt)  # 4.
         temb = self.time_text_embed.timestep_embedder(timestep_projection(t).to(img.dtype))  # 5.
-        rope = self.rope((gh, gw), s_txt, device)  # 6.
+        compiled = self._compiled_block if not exact else None
         for block in self.transformer_blocks:  # 7.
-            txt, img = block(img, txt, temb, rope, attn_mask, exact)
+            if compiled is not None:
+                txt, img = compiled(block, img, txt, temb, rope, attn_mask)
+            else:
+                txt, img = block(img, txt, temb, rope, attn_mask, exact)
         return self.proj_out(self.norm_out(img, temb, exact))  # 8.
+
+    def enable_compile(self, enabled: bool = True, **compile_kwargs):
+        """Run the fast path's blocks (``exact=False``) through ``torch.compile`` (regional compilation).
+
+        One compiled function serves all blocks (their parameters are graph inputs), so compiling costs about
+        one block's worth, whatever the depth. The exact path always runs eagerly (compiled kernels round
+        differently). Shapes vary with the image size and text length: by default torch recompiles once with
+        dynamic shapes on the second size; ``dynamic=True`` starts that way. ``enabled=False`` goes back to
+        eager. Whether it pays depends on the machine: see BENCHMARKS.md (DiT, torch.compile).
+        """
+        self._compiled_block = torch.compile(_fast_block, **compile_kwargs) if enabled else None
+        return self
+
+
+def _fast_block(block, img, txt, temb, rope, attn_mask):
+    """One block on the fast path; module-level so that torch.compile traces one graph for every block."""
+    return block(img, txt, temb, rope, attn_mask, False)

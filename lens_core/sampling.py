@@ -191,6 +191,20 @@ def _pad_text(features, mask, target):
     return feats, mask
 
 
+def _crop_text(features, mask):
+    """Drop the text columns that are padding in every row (the trailing all-False ones of ``mask``).
+
+    A masked text token is never a visible key, and its own stream only feeds its own (masked) key and value
+    in later blocks, so it cannot reach any valid token: dropping it changes nothing but the summation order
+    of the softmax (fp32: ~1e-7). An all-False mask (the empty negative) leaves zero text tokens.
+    """
+    valid = mask.any(dim=0).nonzero()
+    keep = int(valid[-1]) + 1 if valid.numel() else 0
+    if keep == mask.shape[1]:
+        return features, mask
+    return _map(features, lambda f: f[:, :keep]), mask[:, :keep]
+
+
 def _accepts_exact(model) -> bool:
     try:
         return "exact" in inspect.signature(model.forward if hasattr(model, "forward") else model).parameters
@@ -238,8 +252,11 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
             raise to interrupt; if it returns a tensor, that tensor replaces the latents.
         exact: True (default) = the reference computation: CFG always as one batch of 2 ([pos; neg]), the
             DiT in its reference-exact mode; reproduces the official pipeline bit for bit. False = the fast
-            path: at cfg == 1 a single forward on the positive only (no uncond pass) and the DiT's fast mode;
-            differences are at bf16 rounding level (tests/test_sampling.py measures them).
+            path: at cfg == 1 a single forward on the positive only (no uncond pass); otherwise two forwards
+            (positive, negative), each without the text columns its mask pads in every row (the empty
+            negative runs with no text tokens at all, and an unpadded positive needs no attention mask);
+            the DiT in its fast mode. Differences are at bf16 rounding level (tests/test_sampling.py measures
+            them; fp32 ~1e-7).
         dtype: run dtype (default: ``model.dtype`` if it exists, else float32). device: default the
             model's parameter device (else ``noise.device``).
         mask: inpainting (the general masked-denoising method; no Lens inpainting model exists). A packed
@@ -275,20 +292,27 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
     guidance = float(cfg)
     single = (not exact) and guidance == 1.0
 
-    if single:
-        feats, mask = pos_features, pos_mask
-    else:
-        if neg_features is None:
-            neg_features = _map(pos_features, torch.zeros_like)
-            neg_mask = torch.zeros_like(pos_mask)
+    if not single and neg_features is None:
+        neg_features = _map(pos_features, torch.zeros_like)
+        neg_mask = torch.zeros_like(pos_mask)
+    if not single:
         _check_text(neg_features, neg_mask, b, "neg_mask", "negative")
+        neg_mask = neg_mask.bool()
+    split = (not exact) and not single  # fast CFG: two forwards, each without its masked-out text tail
+    if single or split:
+        feats, mask = _crop_text(pos_features, pos_mask)
+    else:
         target = max(pos_mask.shape[1], neg_mask.shape[1])
         pf, pm = _pad_text(pos_features, pos_mask, target)
-        nf, nm = _pad_text(neg_features, neg_mask.bool(), target)
+        nf, nm = _pad_text(neg_features, neg_mask, target)
         feats = _zip(pf, nf, lambda p, n: torch.cat([p, n.to(p.device)], dim=0))
         mask = torch.cat([pm, nm.to(pm.device)], dim=0)
     feats = _map(feats, lambda f: f.to(device=device, dtype=dtype))
     mask = mask.to(device)
+    if split:
+        neg_feats, neg_mask = _crop_text(neg_features, neg_mask)
+        neg_feats = _map(neg_feats, lambda f: f.to(device=device, dtype=dtype))
+        neg_mask = neg_mask.to(device)
 
     sigmas = sigma_schedule(steps, s_img).to(device)
     t_model = model_timesteps(sigmas, dtype)
@@ -314,12 +338,17 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
 
     kwargs = {"exact": exact} if _accepts_exact(model) else {}
     total = steps - first
-    rows = b if single else 2 * b
+    rows = b if single or split else 2 * b
     for n, i in enumerate(range(first, steps)):
-        hidden = latents if single else latents.repeat(2, 1, 1)
-        v = model(hidden, feats, mask, t_model[i].expand(rows), grid=(gh, gw), **kwargs)
-        if not single:
-            cond, uncond = v.chunk(2)
+        t = t_model[i].expand(rows)
+        if split:
+            cond = model(latents, feats, mask, t, grid=(gh, gw), **kwargs)
+            uncond = model(latents, neg_feats, neg_mask, t, grid=(gh, gw), **kwargs)
+            v = cfg_combine(cond, uncond, guidance)
+        elif single:
+            v = model(latents, feats, mask, t, grid=(gh, gw), **kwargs)
+        else:
+            cond, uncond = model(latents.repeat(2, 1, 1), feats, mask, t, grid=(gh, gw), **kwargs).chunk(2)
             v = cfg_combine(cond, uncond, guidance)
         x0 = latents.float() - sigmas[i] * v.float()
         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])

@@ -289,3 +289,26 @@ def test_make_noise(golden_dir):
     assert not torch.equal(S.make_noise(7, 1, 3, 3), S.make_noise(8, 1, 3, 3))
     assert torch.equal(n.bfloat16(), torch.randn((1, 24, 128), generator=torch.Generator().manual_seed(1234),
                                                  dtype=torch.bfloat16))
+
+
+def test_fast_cfg_two_cropped_passes_match_golden(golden_dir, pipe_dit):
+    """exact=False at cfg 5: positive and negative run as two forwards, each without its all-padding text
+    columns (the empty negative with no text at all); fp32 result equals the golden run to float noise."""
+    d = case(golden_dir, "b_cfg5_6steps_emptyneg", "fp32")
+    feats = [d[f"prompt_embeds_{i}"] for i in range(4)]
+    calls = []
+
+    def counting(x, f, mask, t, grid, exact):
+        calls.append((x.shape[0], mask.shape[1], bool(mask.all())))
+        return pipe_dit(x, f, mask, t, grid=grid, exact=exact)
+
+    # pad the positive with 3 masked columns: they must be cropped before the forward
+    pad = [torch.cat([f, torch.randn(1, 3, f.shape[-1])], 1) for f in feats]
+    pmask = torch.cat([d["prompt_mask"], torch.zeros(1, 3, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        out = S.sample(counting, d["noise"], pad, pmask, grid=(4, 6), steps=6, cfg=5.0, exact=False)
+    s = d["prompt_mask"].shape[1]
+    assert calls == [(1, s, bool(d["prompt_mask"].all())), (1, 0, True)] * 6
+    diff = rel(out, d["final_latents"])
+    print(f"fast cfg-5 (two cropped passes) vs golden fp32: rel {diff:.3g}")
+    assert diff <= 1e-5

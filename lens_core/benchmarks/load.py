@@ -144,7 +144,7 @@ import torch
 from lens_core.benchmarks.load import drop_cache
 from lens_core.checkpoints import load_transformer
 from lens_core import readahead
-helper, path, files = sys.argv[1] == "1", sys.argv[2], sys.argv[3:]
+helper, device, path, files = sys.argv[1] == "1", sys.argv[2], sys.argv[3], sys.argv[4:]
 if not helper:
     readahead.available = lambda: False
 def rss():
@@ -153,7 +153,9 @@ def rss():
 drop_cache(files)
 base = rss()
 t0 = time.perf_counter()
-model = load_transformer(path, dtype=torch.bfloat16)
+model = load_transformer(path, dtype=torch.bfloat16, device=device)
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
 dt = time.perf_counter() - t0
 resident = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps(dict(load_s=dt, resident=resident, tensors=len(model.state_dict()), baseline=base,
@@ -162,15 +164,15 @@ print(json.dumps(dict(load_s=dt, resident=resident, tensors=len(model.state_dict
 """
 
 
-def load_in_fresh_process(path, files, helper: bool = True) -> dict:
-    """``load_transformer(path, bf16)`` in a new interpreter (spawned, not forked: a fork of a process that ran
+def load_in_fresh_process(path, files, helper: bool = True, device: str = "cpu") -> dict:
+    """``load_transformer(path, bf16, device)`` in a new interpreter (spawned, not forked: a fork of a process that ran
     torch thread pools can deadlock); returns its timings and RSS figures."""
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = [sys.executable, "-c", _LOAD_CHILD, "1" if helper else "0", path, *files]
+    argv = [sys.executable, "-c", _LOAD_CHILD, "1" if helper else "0", str(device), path, *files]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"load child failed: {proc.stderr[-3000:]}")
@@ -196,7 +198,7 @@ def run_memory(args):
             write_s = time.perf_counter() - t0
             size = sum(os.path.getsize(f) for f in files)
             for helper in ((True, False) if args.compare_readahead else (True,)):
-                rows.append(_measure(layout, files, path, size, write_s, helper))
+                rows.append(_measure(layout, files, path, size, write_s, helper, args.device))
             if not args.keep:
                 for f in files:
                     os.remove(f)
@@ -206,9 +208,9 @@ def run_memory(args):
     return rows
 
 
-def _measure(layout, files, path, size, write_s, helper) -> dict:
+def _measure(layout, files, path, size, write_s, helper, device="cpu") -> dict:
     read_s = read_once(files)
-    r = load_in_fresh_process(path, files, helper)
+    r = load_in_fresh_process(path, files, helper, device)
     return {"layout": layout, "files": len(files), "file_GB": size / 1e9, "write_s": write_s,
             "read_once_s": read_s, "load_s": r["load_s"], "load/read": r["load_s"] / read_s,
             "tensors": r["tensors"], "resident_GB": r["resident"] / 1e9,
@@ -232,11 +234,13 @@ def run_mxfp8(args):
         dense = torch.nn.Linear(in_f, out_f, dtype=torch.bfloat16)
         dense.weight.data = ql.dequantize_mxfp8(data, e, torch.bfloat16)
         dense.bias.data = packed.bias.data.clone()
-        x = torch.randn(1, args.tokens, in_f, dtype=torch.bfloat16)
+        packed, dense = packed.to(args.device), dense.to(args.device)
+        x = torch.randn(1, args.tokens, in_f, dtype=torch.bfloat16).to(args.device)
+        sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else None
         with torch.no_grad():
-            t_packed = median_time(lambda: packed(x), runs=args.runs)
-            t_dense = median_time(lambda: dense(x), runs=args.runs)
-            t_deq = median_time(lambda: packed.dequantized_weight(torch.bfloat16), runs=args.runs)
+            t_packed = median_time(lambda: packed(x), runs=args.runs, sync=sync)
+            t_dense = median_time(lambda: dense(x), runs=args.runs, sync=sync)
+            t_deq = median_time(lambda: packed.dequantized_weight(torch.bfloat16), runs=args.runs, sync=sync)
             same = torch.equal(packed(x), dense(x))
         rows.append({"layer": f"[{out_f},{in_f}]", "tokens": args.tokens, "on_the_fly_ms": t_packed * 1e3,
                      "at_load_bf16_ms": t_dense * 1e3, "dequant_only_ms": t_deq * 1e3,

@@ -131,7 +131,7 @@ def write_checkpoint(folder: str, args) -> dict:
     return None
 
 
-def _encode_child(side: str, folder: str, tokens: int, dtype_name: str, runs: int) -> dict:
+def _encode_child(side: str, folder: str, tokens: int, dtype_name: str, runs: int, device: str = "cpu") -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -145,18 +145,21 @@ def _encode_child(side: str, folder: str, tokens: int, dtype_name: str, runs: in
     else:
         from transformers import GptOssForCausalLM, Mxfp4Config
     base_rss = _rss_now()
-    ids = torch.randint(0, cfg["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, cfg["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     mask = torch.ones_like(ids, dtype=torch.bool)
     t0 = time.perf_counter()
     if side.startswith("ours"):
         experts = "dequantized" if side == "ours-dequantized" else "packed"
-        model = load_text_encoder(folder, dtype=dtype, selected_layers=selected, experts=experts)
+        model = load_text_encoder(folder, dtype=dtype, selected_layers=selected, experts=experts, device=device)
 
         def encode():
-            return model(ids, mask)
+            out = model(ids, mask)
+            sync()
+            return out
     else:
         full = GptOssForCausalLM.from_pretrained(folder, dtype=dtype,
-                                                 quantization_config=Mxfp4Config(dequantize=True)).eval()
+                                                 quantization_config=Mxfp4Config(dequantize=True)).eval().to(device)
         model = full.model
         captured = {}
         for i in selected:
@@ -164,6 +167,7 @@ def _encode_child(side: str, folder: str, tokens: int, dtype_name: str, runs: in
 
         def encode():
             model(input_ids=ids, attention_mask=mask.long())
+            sync()
             return [captured[i] for i in selected]
     t_load = time.perf_counter() - t0
     with torch.no_grad():
@@ -177,7 +181,7 @@ def _encode_child(side: str, folder: str, tokens: int, dtype_name: str, runs: in
             steady.append(time.perf_counter() - t0)
     return {"base_rss": base_rss, "load_s": t_load, "first_encode_s": t_first,
             "encode_s": statistics.median(steady) if steady else float("nan"),
-            "features": [f.float().numpy() for f in first]}
+            "features": [f.float().cpu().numpy() for f in first]}
 
 
 def run(args):
@@ -192,7 +196,7 @@ def run(args):
           f"vocab {args.vocab}; checkpoint {size / 1e9:.3f} GB; prompt {args.tokens} tokens; {args.dtype}")
     results = {}
     for side in args.sides.split(","):
-        res, peak = run_isolated(_encode_child, side, folder, args.tokens, args.dtype, args.runs)
+        res, peak = run_isolated(_encode_child, side, folder, args.tokens, args.dtype, args.runs, str(args.device))
         res["peak"] = peak
         results[side] = res
     rows = []

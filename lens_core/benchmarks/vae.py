@@ -66,9 +66,11 @@ def _diffusers(config, sd, dtype):
     return ref.to(dtype).eval()
 
 
-def _timed(fn):
+def _timed(fn, sync=None):
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
+    if sync:
+        sync()
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -89,18 +91,20 @@ def _speed_rows(args):
         dtype = getattr(torch, dtype_name)
         ours = LensVAE(cfg, device="meta")
         ours.load_state_dict(sd, assign=True)
-        ours = ours.to(dtype).eval()
-        ref = None if args.no_diffusers else _diffusers(cfg, sd, dtype)
+        ours = ours.to(device=args.device, dtype=dtype).eval()
+        ref = None if args.no_diffusers else _diffusers(cfg, sd, dtype).to(args.device)
+        lat_d = lat.to(args.device)
+        sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else None
         t_ours, t_ref = [], []
         with torch.no_grad():
             if ref is not None:
-                z = unpatchify(lat.to(dtype) * torch.sqrt(ref.bn.running_var + ref.bn.eps)[:, None, None]
+                z = unpatchify(lat_d.to(dtype) * torch.sqrt(ref.bn.running_var + ref.bn.eps)[:, None, None]
                                + ref.bn.running_mean[:, None, None])
             for _ in range(args.runs):
-                out, wall, cpu = _timed(lambda: ours.decode(lat, tiled=False))
+                out, wall, cpu = _timed(lambda: ours.decode(lat_d, tiled=False), sync)
                 t_ours.append((wall, cpu))
                 if ref is not None:
-                    ref_out, wall, cpu = _timed(lambda: ref.decode(z).sample)
+                    ref_out, wall, cpu = _timed(lambda: ref.decode(z).sample, sync)
                     t_ref.append((wall, cpu))
         med = lambda ts, i: statistics.median(t[i] for t in ts)  # noqa: E731
         row = {"what": f"decode {s}x{s}", "dtype": dtype_name, "ours_s": med(t_ours, 0),
@@ -152,7 +156,10 @@ def run(args):
     rows = []
     what = args.what.split(",")
     if "memory" in what:
-        rows += _memory_rows(args)
+        if str(args.device) != "cpu":  # peak RSS of a fresh CPU process: no device counterpart here
+            print(f"# --what memory measures host RSS of a CPU decode; skipped on --device {args.device}")
+        else:
+            rows += _memory_rows(args)
     if "speed" in what:
         rows += _speed_rows(args)
     return rows
