@@ -253,8 +253,7 @@ def test_inspect_each_file_kind(pipeline_dir, golden_dir, tokenizer_json, tmp_pa
     gguf = tmp_path / "lens-Q4.safetensors"
     gguf.write_bytes(b"GGUF" + bytes(60))
     assert main(["inspect", str(gguf)]) == 2
-    assert capsys.readouterr().err == f"error: {gguf}: expected a safetensors file, found a GGUF file; only " \
-                                      f"safetensors is loaded\n"
+    assert capsys.readouterr().err == f"error: {gguf}: GGUF version 0 is not supported (expected 2 or 3)\n"
     for path, what in ((png, "a PNG image"), (text, "a text file starting with b'hello world, jus'")):
         assert main(["inspect", str(path)]) == 2
         err = capsys.readouterr().err
