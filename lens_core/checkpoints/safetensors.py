@@ -175,7 +175,7 @@ class SafetensorsFile:
             if not (length_ok and head[8:9] == b"{") and (head[:4] == b"GGUF" or head[:2] == b"PK" or head[:1] == b"\x80"):
                 raise CheckpointError(f"{self.path}: expected a safetensors file, found "
                                       f"{_describe_foreign_file(self.path, head)}; only safetensors is loaded")
-            if not length_ok and not (head[8:9] == b"{" and 1 < n <= MAX_HEADER_BYTES):
+            if not length_ok and head[8:9] != b"{":
                 # the first 8 bytes do not read as a header length: another kind of file, not a damaged one
                 raise CheckpointError(f"{self.path}: expected a safetensors file (an 8-byte header length, then a "
                                       f"JSON header), found {_describe_foreign_file(self.path, head)} of "
@@ -185,7 +185,7 @@ class SafetensorsFile:
                                       f"bytes, the length field says {n} (corrupt or not safetensors)")
             if not length_ok:
                 raise CheckpointError(f"{self.path}: expected a safetensors header of {n} bytes after the 8-byte "
-                                      f"length, found a {self.size}-byte file (truncated)")
+                                      f"length, found a {self.size}-byte file (truncated or not safetensors)")
             f.seek(8)
             raw = f.read(n)
         if len(raw) != n:
