@@ -9,21 +9,14 @@ from PIL import Image
 
 from lens_core import sampling as S
 from lens_core.pipeline import load_mask
+from test_sampling import pipe_dit  # noqa: F401  (the golden pipeline's tiny DiT, a module fixture)
 
 GRID = (4, 6)
 
 
 @pytest.fixture(scope="module")
-def inputs(golden_dir):
-    from safetensors.torch import load_file
-
-    from lens_core.config import LensDiTConfig
-    from lens_core.dit import LensTransformer
-
-    root = golden_dir / "pipeline_tiny" / "transformer"
-    cfg = LensDiTConfig.from_json(root / "config.json")
-    model = LensTransformer(cfg)
-    model.load_state_dict(load_file(str(root / "diffusion_pytorch_model.safetensors")))
+def inputs(pipe_dit):
+    model, cfg = pipe_dit, pipe_dit.config
     g = torch.Generator().manual_seed(3)
     feats = [torch.randn(2, 5, cfg.enc_hidden_dim, generator=g) for _ in range(cfg.num_text_layers)]
     text_mask = torch.ones(2, 5, dtype=torch.bool)
