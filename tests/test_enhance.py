@@ -69,6 +69,26 @@ def test_greedy_matches_transformers(lm):
     # sliding window many times over (20 + 56 positions vs a window of 5-6)
 
 
+def test_greedy_matches_transformers_on_packed_matvec_path(lm, monkeypatch):
+    """The same comparison with every decode step's packed experts on the product-table matvec
+    (``quant.mxfp4_matvec``, used on the CPU for banks above a size threshold; forced here for the tiny model)."""
+    from lens_core import quant
+
+    folder, hf, ours = lm
+    monkeypatch.setattr(quant, "_MATVEC_MIN_BYTES", 0)
+    calls = []
+    real = quant.mxfp4_matvec
+    monkeypatch.setattr(quant, "mxfp4_matvec", lambda *a: calls.append(1) or real(*a))
+    ids = _prompt(5)
+    new, logits = E.generate(ours, ids, 48, eos_token_ids=(), output_logits=True)
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=48, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                          eos_token_id=None, pad_token_id=0, min_new_tokens=48)
+    assert len(calls) == 47 * 2 * len(ours.model.layers)          # every decode step, both projections
+    assert torch.equal(new, ref.sequences[:, PROMPT_LEN:])
+    assert max(rel_err(a, b) for a, b in zip(logits, ref.logits)) <= 1e-5
+
+
 def test_eos_stop_matches_transformers(lm):
     _, hf, ours = lm
     ids = _prompt(0)

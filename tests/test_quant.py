@@ -166,6 +166,61 @@ def test_packed_bank_matches_dequantized_mode_and_is_frozen():
     assert torch.isfinite(packed(x, idx3, wts)).all()
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_mxfp4_matvec_equals_dequantized_matrix_times_x(shared):
+    """The product-table matvec (one token, packed experts) against the dequantized matrices times x in float64:
+    within fp32 rounding, whatever the chunking (rows not a multiple of the chunk)."""
+    g = torch.Generator().manual_seed(3)
+    k, rows, groups = 3, 300, 6
+    blocks = torch.randint(0, 256, (k, rows, groups, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(100, 150, (k, rows, groups), generator=g, dtype=torch.uint8)
+    x = torch.randn(1 if shared else k, groups * 32, generator=g)
+    ref = torch.matmul(Q.mxfp4_dequantize(blocks, scales, torch.float64), x.double().unsqueeze(-1)).squeeze(-1)
+    for chunk in (Q._MATVEC_CHUNK_BYTES, 7 * groups * 16):
+        old, Q._MATVEC_CHUNK_BYTES = Q._MATVEC_CHUNK_BYTES, chunk
+        try:
+            ours = Q.mxfp4_matvec(blocks, scales, x)
+        finally:
+            Q._MATVEC_CHUNK_BYTES = old
+        assert ours.shape == (k, rows) and ours.dtype == torch.float32
+        # fp32 error bound of a dot product of length n: n · eps · sum |w x|
+        bound = groups * 32 * 2 ** -24 * torch.matmul(Q.mxfp4_dequantize(blocks, scales, torch.float64).abs(),
+                                                      x.double().abs().unsqueeze(-1)).squeeze(-1)
+        assert ((ours.double() - ref).abs() <= bound).all()
+        assert ((ours.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    with pytest.raises(ValueError, match=r"x \[1 or 3, 192\]"):
+        Q.mxfp4_matvec(blocks, scales, torch.zeros(2, 192))
+    with pytest.raises(ValueError, match="blocks \\[k, rows, G, 16\\]"):
+        Q.mxfp4_matvec(blocks[0], scales[0], x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_packed_path_equals_dequantized_bank(dtype, monkeypatch):
+    """One token through a packed bank on the product-table path (forced for a small bank) vs the dequantized
+    bank: equal to fp32 rounding (bf16: to one bf16 rounding step of the outputs)."""
+    e, d, inter = 6, 96, 64
+    sd = _random_mxfp4_bank(e, d, inter, seed=9)
+    packed = Q.PackedExperts(e, d, inter, device="meta", dtype=dtype)
+    packed.load_state_dict(sd, assign=True)
+    dense = Q.PackedExperts(e, d, inter, mode="dequantized", device="meta", dtype=torch.float64)
+    dense.load_state_dict(sd, assign=True)
+    monkeypatch.setattr(Q, "_MATVEC_MIN_BYTES", 0)
+    calls = []
+    real = Q.mxfp4_matvec
+    monkeypatch.setattr(Q, "mxfp4_matvec", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        x = torch.randn(1, d, generator=g)
+        idx = torch.randperm(e, generator=g)[:3].view(1, 3)
+        wts = torch.softmax(torch.randn(1, 3, generator=g), -1)
+        ours = packed(x.to(dtype), idx, wts.to(dtype))
+        ref = dense(x.to(dtype).double(), idx, wts.to(dtype).double())
+        assert ours.dtype == dtype and ours.shape == (1, d)
+        tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+        assert ((ours.double() - ref).abs().max() / ref.abs().max()).item() < tol
+    assert len(calls) == 6          # gate_up and down of each token went through the matvec
+
+
 def test_bank_bad_arguments():
     with pytest.raises(ValueError, match="expected 'mxfp4' or 'nvfp4'"):
         Q.PackedExperts(2, 64, 64, fmt="int4")
