@@ -86,8 +86,8 @@ def load_generation_weights(encoder, path=None, device=None):
     load them from ``path`` (default: the checkpoint the encoder was loaded from, ``encoder.lens_checkpoint``)
     onto ``device`` (default: where the embedding is). Idempotent; on failure the encoder is left as it was.
 
-    The diffusers ``text_encoder/`` folder has ``lm_head``; the Comfy-Org NVFP4 file does not (a
-    CheckpointError says which file to use instead)."""
+    The diffusers ``text_encoder/`` folder has ``lm_head``, a GPT-OSS GGUF has it as ``output.weight`` (kept
+    quantized if stored so); the Comfy-Org NVFP4 file has none (a CheckpointError says which file to use)."""
     if encoder.can_generate:
         return encoder
     if path is None:

@@ -432,13 +432,19 @@ def _ggml_mxfp4(blocks: torch.Tensor, scales: torch.Tensor):
     return out.reshape(*b.shape[:-2], b.shape[-2] * 17)
 
 
-def write_gguf_te(path, golden_dir, fused=False, float_type="BF16") -> pathlib.Path:
-    """The golden tiny GPT-OSS as a llama.cpp / unsloth GGUF (``gpt-oss`` architecture, ``blk.N.*`` names, MXFP4
-    experts with gate/up de-interleaved, separate or fused ``ffn_gate_up_exps``)."""
+def write_gguf_te(path, golden_dir, fused=False, float_type="BF16", folder=None, embed_type="BF16") -> pathlib.Path:
+    """The golden tiny GPT-OSS (or the diffusers-style ``folder``, e.g. :func:`write_gptoss_lm`'s) as a llama.cpp /
+    unsloth GGUF (``gpt-oss`` architecture, ``blk.N.*`` names, MXFP4 experts with gate/up de-interleaved, separate
+    or fused ``ffn_gate_up_exps``; ``lm_head`` → ``output.weight``, final norm → ``output_norm.weight``)."""
     import gguf
 
-    cfg = te_config(golden_dir)
-    src = te_state_dict(golden_dir)
+    if folder is None:
+        cfg, src = te_config(golden_dir), te_state_dict(golden_dir)
+    else:
+        folder = pathlib.Path(folder)
+        cfg, src = json.loads((folder / "config.json").read_text()), {}
+        for f in sorted(folder.glob("model*.safetensors")):
+            src.update(load_file(str(f)))
     w = _gguf_writer(path, "gpt-oss")
     a = "gpt-oss."
     w.add_uint32(a + "block_count", cfg["num_hidden_layers"])
@@ -471,7 +477,7 @@ def write_gguf_te(path, golden_dir, fused=False, float_type="BF16") -> pathlib.P
 
     for k, v in src.items():
         if k == "model.embed_tokens.weight":
-            put("token_embd.weight", v, "BF16")
+            put("token_embd.weight", v, embed_type)
         elif k == "model.norm.weight":
             put("output_norm.weight", v, "F32")
         elif k == "lm_head.weight":

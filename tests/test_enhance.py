@@ -284,6 +284,34 @@ def test_long_prompt_truncated_with_warning(golden_encoder):
         E.enhance_ids(tok, "x", 100, head + tail + 50)
 
 
+@pytest.mark.parametrize("float_type,fused", [("F32", False), ("Q8_0", True)])
+def test_gguf_output_weight_is_the_lm_head(lm, tmp_path, float_type, fused):
+    """A GPT-OSS GGUF (llama.cpp names: ``output.weight`` = lm_head, ``output_norm.weight`` = final norm, later
+    layers' MXFP4 banks) generates exactly like the diffusers folder it was written from when every tensor is
+    F32; a Q8_0 ``output.weight`` stays quantized (GGUFLinear) and gives the reference logits to Q8_0 accuracy."""
+    pytest.importorskip("gguf")
+    from lens_core import quant_linear as ql
+
+    folder, _, ours = lm
+    path = fixtures.write_gguf_te(tmp_path / "gpt-oss-lm.gguf", None, folder=folder, float_type=float_type,
+                                  fused=fused, embed_type="F32")
+    te = ck.load_text_encoder(path, dtype=torch.float32, selected_layers=(1,))
+    assert te.lens_checkpoint.family == "gguf-text-encoder" and not te.can_generate
+    E.load_generation_weights(te)
+    assert te.can_generate and len(te.model.layers) == len(ours.model.layers)
+    ids = _prompt(6)
+    new, logits = E.generate(te, ids, 16, eos_token_ids=(), output_logits=True)
+    ref, ref_logits = E.generate(ours, ids, 16, eos_token_ids=(), output_logits=True)
+    if float_type == "F32":
+        assert torch.equal(te.lm_head.weight, ours.lm_head.weight)
+        assert torch.equal(new, ref)
+        assert all(torch.equal(a, b) for a, b in zip(logits, ref_logits))
+    else:
+        assert isinstance(te.lm_head, ql.GGUFLinear) and isinstance(te.model.layers[-1].self_attn.q_proj,
+                                                                     ql.GGUFLinear)
+        assert rel_err(logits[0], ref_logits[0]) < 0.05
+
+
 def test_nvfp4_file_has_no_lm_head(golden_dir, tokenizer_json, tmp_path):
     path = fixtures.write_comfy_te_nvfp4(tmp_path / "gpt_oss_20b_nvfp4.safetensors", golden_dir, tokenizer_json)
     te = ck.load_text_encoder(path, dtype=torch.float32, selected_layers=(1, 3, 4, 5),

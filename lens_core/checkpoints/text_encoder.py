@@ -167,7 +167,12 @@ def load_text_encoder_parts(model, path, names, device="cpu"):
                                k[len(outer):] if k.startswith(outer + "lm_head.") else None)
         family = te_family(source)
         quant_layers(source, "text_encoder")
-        source = source.rename(_to_hf_te_name)
+        dtype = model.model.embed_tokens.weight.dtype
+        gguf_special, gguf_consumed = {}, set()
+        if det.scheme == "gguf":     # llama.cpp names (output.weight = lm_head), MXFP4 banks read as stored
+            source, gguf_special, gguf_consumed = gguf_te_source(source, dtype)
+        else:
+            source = source.rename(_to_hf_te_name)
         missing = [n for n in names if n not in source]
         if family == "comfy-te-nvfp4":   # its scales are read through the un-tiling reader, not by name
             missing = [n for n in missing if not n.endswith("_proj_scales")]
@@ -195,9 +200,15 @@ def load_text_encoder_parts(model, path, names, device="cpu"):
                              f"match whole modules of the encoder")
         special = {n: _nvfp4_scale_reader for n in names if family == "comfy-te-nvfp4" and n.endswith("_proj_scales")}
         blocks = {n[: -len("_scales")] + "_blocks" for n in special}
-        wanted = set(names) | blocks
+        special.update({n: r for n, r in gguf_special.items() if n in names})
+        extra = blocks | {n for n in gguf_consumed if n.rsplit(".", 1)[0] + ".gate_up_proj_blocks" in names}
+        wanted = set(names) | extra
         part = source.rename(lambda k: k if k in wanted else None)
-        assign_weights(holder, part, device, "text_encoder", special, blocks - set(names))
+        if det.scheme == "gguf":     # Linears stored quantized stay quantized (GGUFLinear), as in the encoder
+            special.update(keep_gguf_linears(holder, part, dtype))
+            if getattr(holder, "lm_head", None) is not None:
+                model.lm_head = holder.lm_head
+        assign_weights(holder, part, device, "text_encoder", special, extra - set(names))
     finally:
         source.close()
     return model
