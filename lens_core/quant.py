@@ -18,6 +18,7 @@ call, one expert at a time). ``mode="dequantized"`` expands every expert once wh
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 
@@ -37,8 +38,9 @@ _DIRECT_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 _MATVEC_CHUNK_BYTES = 1 << 18
 # below this many packed bytes per projection, unpacking the k experts is faster (measured crossover 32–128 KB)
 _MATVEC_MIN_BYTES = 1 << 16
-# several tokens: routed experts are unpacked together up to this many bytes of dense weights at once
-_UNPACK_GROUP_BYTES = 64 << 20
+# several tokens: routed experts are unpacked together up to this many bytes of dense weights at once (small:
+# unpacking one large expert at a time and multiplying it while it is in cache is 2-3x faster than big groups)
+_UNPACK_GROUP_BYTES = 1 << 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,6 +267,41 @@ def swiglu_clamped(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.T
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+class ExpertCache:
+    """Dequantized experts kept for one-token steps (text generation): least-recently-used, at most ``max_bytes``
+    of dense weights in all. Memory for time: a hit multiplies an expert's dense weight (as fast as
+    ``experts="dequantized"``), a miss unpacks the expert once (about 4x a packed matvec) and stores it. Shared by
+    the banks of one encoder (:meth:`lens_core.text_encoder.LensTextEncoder.set_expert_cache`)."""
+
+    def __init__(self, max_bytes: int):
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+            raise ValueError(f"expert cache: expected max_bytes as an int >= 0, found {max_bytes!r}")
+        self.max_bytes, self.nbytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self._entries = collections.OrderedDict()
+
+    def get(self, bank, proj: str, expert: int, dtype, device) -> torch.Tensor:
+        key = (id(bank), proj, expert, dtype, str(device))
+        w = self._entries.get(key)
+        if w is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return w
+        self.misses += 1
+        w = bank.dequantize_expert(proj, expert, dtype, device)
+        size = w.numel() * w.element_size()
+        if size <= self.max_bytes:
+            while self.nbytes + size > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.nbytes -= old.numel() * old.element_size()
+            self._entries[key] = w
+            self.nbytes += size
+        return w
+
+    def clear(self):
+        self._entries.clear()
+        self.nbytes = 0
+
+
 class PackedExperts(nn.Module):
     """The ``mlp.experts`` bank of one GPT-OSS layer with 4-bit weights kept packed.
 
@@ -381,7 +418,8 @@ class PackedExperts(nn.Module):
     def _matvec_experts(self, proj: str, experts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``[k, out]``: each routed expert's ``proj`` times its row of ``x`` (``[1, in]`` shared or ``[k, in]``),
         without the bias, in ``x``'s dtype. Packed MXFP4 on the CPU: :func:`mxfp4_matvec` (nothing expanded);
-        dense experts: a matvec on each expert's own weight (no copy of the bank); otherwise (GPU, NVFP4, or
+        dense experts: a matvec on each expert's own weight (no copy of the bank); with an :class:`ExpertCache`
+        set (``self.expert_cache``), the cached dense weights; otherwise (GPU, NVFP4, or
         matrices so small that per-op overhead dominates) the k experts are dequantized and multiplied."""
         if f"{proj}_blocks" not in self._parameters:
             bank = getattr(self, proj)
@@ -390,6 +428,10 @@ class PackedExperts(nn.Module):
                 w = cast_to(bank[e], x.dtype, x.device)
                 rows.append(torch.matmul(x[min(i, x.shape[0] - 1)], w.t()))
             return torch.stack(rows)
+        cache = self.__dict__.get("expert_cache")
+        if cache is not None:
+            return torch.stack([torch.matmul(x[min(i, x.shape[0] - 1)], cache.get(self, proj, e, x.dtype, x.device).t())
+                                for i, e in enumerate(experts.tolist())])
         blocks = getattr(self, f"{proj}_blocks")
         if self.fmt == "mxfp4" and x.device.type == "cpu" and \
                 len(experts) * blocks[0].numel() >= _MATVEC_MIN_BYTES:

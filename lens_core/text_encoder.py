@@ -444,9 +444,11 @@ class LensTextEncoder(nn.Module):
         operations/dtype the encoder was built with. Returns the state-dict keys to load into them (nothing else
         is touched: the existing layers are the same objects). Undo with :meth:`remove_generation_modules_`."""
         cfg, b = self.config, self._build
+        cache = self.model.layers[0].mlp.experts.__dict__.get("expert_cache") if len(self.model.layers) else None
         for i in range(len(self.model.layers), cfg.num_hidden_layers):
             self.model.layers.append(GptOssDecoderLayer(cfg, i, b["ops"], b["experts"], b["expert_format"],
                                                         device="meta", dtype=b["dtype"]))
+            self.model.layers[-1].mlp.experts.expert_cache = cache
         if not hasattr(self.model, "norm"):
             self.model.norm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device="meta", dtype=b["dtype"])
         if self.lm_head is None and not cfg.tie_word_embeddings:
@@ -523,6 +525,18 @@ class LensTextEncoder(nn.Module):
         else:
             logits = F.linear(h, cast_to(head.weight, h.dtype, h.device))
         return logits[:, -1].float()
+
+    def set_expert_cache(self, max_bytes):
+        """Keep up to ``max_bytes`` of dequantized experts for one-token steps (text generation decode), least
+        recently used first out, shared by all layers; ``None`` or 0 removes it (the default: packed experts are
+        read in place). Memory for time: see :class:`lens_core.quant.ExpertCache`. Returns the cache (or None)."""
+        from .quant import ExpertCache
+
+        cache = ExpertCache(int(max_bytes)) if max_bytes else None
+        for layer in self.model.layers:
+            layer.mlp.experts.expert_cache = cache
+        self._expert_cache_bytes = max_bytes or None
+        return cache
 
     @torch.no_grad()
     def dequantize_experts_(self, dtype=None):

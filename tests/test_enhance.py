@@ -89,6 +89,32 @@ def test_greedy_matches_transformers_on_packed_matvec_path(lm, monkeypatch):
     assert max(rel_err(a, b) for a, b in zip(logits, ref.logits)) <= 1e-5
 
 
+def test_expert_cache_greedy_matches_transformers(lm):
+    """The optional decode-time expert cache (dequantized experts, LRU within a byte budget): a budget too small
+    for all experts (evictions) and one that holds them all give transformers' greedy ids and logits; removed
+    afterwards."""
+    folder, hf, ours = lm
+    ids = _prompt(7)
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=48, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                          eos_token_id=None, pad_token_id=0, min_new_tokens=48)
+    bank = ours.model.layers[0].mlp.experts
+    every = 3 * bank.intermediate_size * bank.hidden_size * 4 * bank.num_experts * len(ours.model.layers)  # fp32
+    try:
+        for budget in (every // 2, 10 ** 9):
+            cache = ours.set_expert_cache(budget)
+            new, logits = E.generate(ours, ids, 48, eos_token_ids=(), output_logits=True)
+            assert torch.equal(new, ref.sequences[:, PROMPT_LEN:])
+            assert max(rel_err(a, b) for a, b in zip(logits, ref.logits)) <= 1e-5
+            assert cache.hits > 0 and cache.misses > 0 and cache.nbytes <= budget
+            assert all(layer.mlp.experts.expert_cache is cache for layer in ours.model.layers)
+    finally:
+        ours.set_expert_cache(None)
+    assert all(layer.mlp.experts.expert_cache is None for layer in ours.model.layers)
+    with pytest.raises(ValueError, match="max_bytes"):
+        ours.set_expert_cache(-5)
+
+
 def test_eos_stop_matches_transformers(lm):
     _, hf, ours = lm
     ids = _prompt(0)

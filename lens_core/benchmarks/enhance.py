@@ -7,7 +7,8 @@ Prefill rate = prompt tokens / time(1 new token); decode rate = (new − 1) / (t
 
 - ``ours``: ``lens_core.checkpoints.load_text_encoder`` + ``lens_core.enhance.load_generation_weights`` (experts
   packed, dequantized per call) and ``lens_core.enhance.generate``; ``ours-dequantized``: the same with
-  ``experts="dequantized"``;
+  ``experts="dequantized"``; ``ours-cache``: packed with the optional decode-time expert cache
+  (``LensTextEncoder.set_expert_cache``, ``--expert-cache-gb``);
 - ``transformers``: ``GptOssForCausalLM.from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True))``
   and ``generate(do_sample=False, min_new_tokens=max_new_tokens)`` (its dynamic KV cache, eager attention).
 
@@ -32,11 +33,13 @@ def add_arguments(parser):
     parser.add_argument("--new", type=int, default=64, help="generated tokens")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    parser.add_argument("--sides", default="ours,ours-dequantized,transformers")
+    parser.add_argument("--sides", default="ours,ours-dequantized,ours-cache,transformers")
+    parser.add_argument("--expert-cache-gb", type=float, default=0.5,
+                        help="budget of the ours-cache side's dequantized-expert cache")
     parser.add_argument("--workdir", default=None)
 
 
-def _child(side, folder, tokens, new, dtype_name, runs, threads):
+def _child(side, folder, tokens, new, dtype_name, runs, threads, cache_gb=0.0):
     import torch
 
     if threads:
@@ -51,6 +54,8 @@ def _child(side, folder, tokens, new, dtype_name, runs, threads):
         model = load_text_encoder(folder, dtype=dtype, selected_layers=(0,),
                                   experts="dequantized" if side == "ours-dequantized" else "packed")
         enhance.load_generation_weights(model)
+        if side == "ours-cache":
+            model.set_expert_cache(int(cache_gb * 1e9))
         vocab = model.config.vocab_size
 
         def gen(n):
@@ -96,7 +101,8 @@ def run(args):
           f"{args.new} new tokens, greedy; {args.dtype}; threads {args.threads or 'default'}")
     results = {}
     for side in args.sides.split(","):
-        res, peak = run_isolated(_child, side, folder, args.tokens, args.new, args.dtype, args.runs, args.threads)
+        res, peak = run_isolated(_child, side, folder, args.tokens, args.new, args.dtype, args.runs, args.threads,
+                                 args.expert_cache_gb)
         res["peak"] = peak
         results[side] = res
     ref = results.get("transformers")
