@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LensDiTConfig, check_grid
-from .ops import RMSNorm, cast_to, resolve_operations
+from .ops import RMSNorm, cast_to, linear, resolve_operations
 
 ROPE_THETA = 10000.0
 ROPE_MAX_POSITIONS = 4096  # the official tables cover positions -4096..4095
@@ -155,8 +155,8 @@ class _GateMLP(nn.Module):
     def forward(self, x, exact=True):
         if exact:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        a = F.silu(self.w1(x), inplace=True)
-        return self.w2(a.mul_(self.w3(x)))
+        a = F.silu(linear(self.w1, x), inplace=True)
+        return linear(self.w2, a.mul_(linear(self.w3, x)))
 
 
 class _JointAttention(nn.Module):
@@ -176,8 +176,9 @@ class _JointAttention(nn.Module):
     def forward(self, x_img, x_txt, rope, attn_mask, exact=True):
         b, s_img, _ = x_img.shape
         s_txt = x_txt.shape[1]
-        img_q, img_k, img_v = self.img_qkv(x_img).view(b, s_img, 3, self.heads, self.head_dim).unbind(2)
-        txt_q, txt_k, txt_v = self.txt_qkv(x_txt).view(b, s_txt, 3, self.heads, self.head_dim).unbind(2)
+        lin = _call if exact else linear
+        img_q, img_k, img_v = lin(self.img_qkv, x_img).view(b, s_img, 3, self.heads, self.head_dim).unbind(2)
+        txt_q, txt_k, txt_v = lin(self.txt_qkv, x_txt).view(b, s_txt, 3, self.heads, self.head_dim).unbind(2)
         rope_img, rope_txt = rope
         if exact:
             img_q = apply_rope(_rms(self.norm_q, img_q), rope_img)
@@ -190,8 +191,10 @@ class _JointAttention(nn.Module):
             k = torch.cat([img_k, txt_k], dim=1)
             v = torch.cat([img_v, txt_v], dim=1)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        else:  # norm + RoPE in fp32 written straight into joint [B, img + txt, H, Dh] buffers (no cat)
-            qs, ks, vs = (img_v.new_empty(b, s_img + s_txt, self.heads, self.head_dim) for _ in range(3))
+        else:  # norm + RoPE in fp32 written straight into joint buffers (no cat), laid out [B, H, S, Dh]:
+            # SDPA's CPU kernel is faster on head-major contiguous inputs than on [B, S, H, Dh] views
+            q, k, v = (img_v.new_empty(b, self.heads, s_img + s_txt, self.head_dim) for _ in range(3))
+            qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, S, H, Dh] views
             _qk_fast(self.norm_q, img_q, rope_img, qs[:, :s_img])
             _qk_fast(self.norm_k, img_k, rope_img, ks[:, :s_img])
             vs[:, :s_img].copy_(img_v)
@@ -199,12 +202,15 @@ class _JointAttention(nn.Module):
                 _qk_fast(self.norm_added_q, txt_q, rope_txt, qs[:, s_img:])
                 _qk_fast(self.norm_added_k, txt_k, rope_txt, ks[:, s_img:])
                 vs[:, s_img:].copy_(txt_v)
-            q, k, v = qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2)  # [B, H, S, Dh] views
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(b, s_img + s_txt, -1)
-        return self.to_out[0](out[:, :s_img]), self.to_add_out(out[:, s_img:])
+        return lin(self.to_out[0], out[:, :s_img]), lin(self.to_add_out, out[:, s_img:])
+
+
+def _call(module, x):
+    return module(x)
 
 
 def _modulate(x, shift, scale, exact):

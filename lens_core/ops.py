@@ -57,3 +57,41 @@ def cast_to(t: torch.Tensor | None, dtype=None, device=None, non_blocking=False)
     if (dtype is None or t.dtype == dtype) and (device is None or t.device == torch.device(device)):
         return t
     return t.to(device=device, dtype=dtype, non_blocking=non_blocking)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fp32 GEMM back-end choice on the CPU (fast paths only)
+
+_onednn_linear = None  # None: not decided yet; then True/False for this process
+
+
+def _onednn_usable(module, x) -> bool:
+    global _onednn_linear
+    if _onednn_linear is None:
+        from .hardware import onednn_fp32_gemm_preferred
+        op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+        _onednn_linear = bool(op is not None and torch.backends.mkldnn.is_available()
+                              and onednn_fp32_gemm_preferred())
+    if not _onednn_linear or type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    w, b = module.weight, module.bias
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and w.device.type == "cpu" and x.ndim >= 2 and not torch.is_grad_enabled()
+            and (b is None or b.dtype == torch.float32)
+            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; a plain fp32 ``nn.Linear`` on a CPU where oneDNN's GEMM is faster runs through oneDNN.
+
+    Only the fast paths call this (the results differ from MKL's by fp32 summation order, ~1e-6 relative).
+    Host layer classes (ComfyUI's casting Linear), hooked layers (per-call LoRA) and other dtypes/devices
+    always go through ``module(x)``. See :func:`lens_core.hardware.onednn_fp32_gemm_preferred`.
+    """
+    global _onednn_linear
+    if _onednn_usable(module, x):
+        try:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), module.weight, module.bias, "none", [], "")
+        except RuntimeError:  # a torch build whose oneDNN op refuses these inputs: use the default from now on
+            _onednn_linear = False
+    return module(x)

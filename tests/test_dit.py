@@ -10,6 +10,8 @@ import types
 
 import pytest
 import torch
+
+import lens_core.ops as ops_mod
 from safetensors.torch import load_file
 
 from lens_core.config import REAL_DIT_CONFIG, LensDiTConfig
@@ -94,8 +96,14 @@ def capture(model):
 
 
 @pytest.mark.parametrize("name", ["io", "io_uncond"])
-@pytest.mark.parametrize("exact", [True, False])
-def test_fp32_matches_golden(tiny, golden_dir, name, exact):
+@pytest.mark.parametrize("exact,gemm", [(True, None), (False, "default"), (False, "onednn")])
+def test_fp32_matches_golden(tiny, golden_dir, name, exact, gemm, monkeypatch):
+    """Both paths match the goldens; the fast path with either CPU GEMM back-end (MKL default / oneDNN)."""
+    if gemm is not None:
+        monkeypatch.setattr(ops_mod, "_onednn_linear", gemm == "onednn")
+        w1 = tiny.transformer_blocks[0].img_mlp.w1
+        with torch.no_grad():
+            assert ops_mod._onednn_usable(w1, torch.ones(1, 2, w1.in_features)) == (gemm == "onednn")
     d, feats, grid = load_case(golden_dir, name)
     cap = capture(tiny)
     try:
@@ -319,3 +327,26 @@ def test_bad_inputs(tiny, golden_dir):
         tiny(x[..., :64], feats, m, t, grid=grid)
     with pytest.raises(ValueError, match="timestep: expected shape"):
         tiny(x, feats, m, t[:1].repeat(3), grid=grid)
+
+
+def test_onednn_linear_only_for_plain_fp32_layers(monkeypatch):
+    """The oneDNN GEMM is used only for a plain, unhooked fp32 nn.Linear without grad; it matches F.linear."""
+    monkeypatch.setattr(ops_mod, "_onednn_linear", True)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert ops_mod._onednn_usable(lin, x)
+        y = ops_mod.linear(lin, x[:, 1:])  # a non-contiguous input too
+        ref = torch.nn.functional.linear(x[:, 1:].double(), lin.weight.double(), lin.bias.double())
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+        assert not ops_mod._onednn_usable(lin, x.double())
+        assert not ops_mod._onednn_usable(lin, x.bfloat16())
+        hook = lin.register_forward_hook(lambda m, a, o: o + 1)  # per-call LoRA deltas use forward hooks
+        assert not ops_mod._onednn_usable(lin, x)
+        assert torch.equal(ops_mod.linear(lin, x), lin(x))
+        hook.remove()
+
+        class HostLinear(torch.nn.Linear):  # a host's casting layer class
+            pass
+        assert not ops_mod._onednn_usable(HostLinear(64, 48), x)
+    assert not ops_mod._onednn_usable(lin, x)  # grad mode on

@@ -56,3 +56,19 @@ def test_this_machine_and_overrides(monkeypatch):
     assert resolve_dtype(torch.bfloat16, torch.device("cpu")) == (torch.bfloat16, "requested")
     with pytest.raises(ValueError, match="dtype: expected 'auto', torch.bfloat16 or torch.float32"):
         resolve_dtype(torch.int8, torch.device("cpu"))
+
+
+def test_onednn_gemm_choice(tmp_path, monkeypatch):
+    """oneDNN fp32 GEMMs only where measured faster (AMD with AVX-512); LENS_ONEDNN_LINEAR forces it."""
+    monkeypatch.delenv("LENS_ONEDNN_LINEAR", raising=False)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert hw.cpu_vendor(str(info)) == "AuthenticAMD" and hw.cpu_vendor(str(tmp_path / "none")) == ""
+    flags = hw.cpu_flags(str(info))
+    assert hw.onednn_fp32_gemm_preferred(flags, "AuthenticAMD")
+    assert not hw.onednn_fp32_gemm_preferred({"avx2", "fma"}, "AuthenticAMD")  # AVX2 EPYC: MKL was as fast
+    assert not hw.onednn_fp32_gemm_preferred(flags, "GenuineIntel")  # not measured: keep torch's default
+    monkeypatch.setenv("LENS_ONEDNN_LINEAR", "1")
+    assert hw.onednn_fp32_gemm_preferred({"avx2"}, "GenuineIntel")
+    monkeypatch.setenv("LENS_ONEDNN_LINEAR", "0")
+    assert not hw.onednn_fp32_gemm_preferred(flags, "AuthenticAMD")
