@@ -430,7 +430,8 @@ class PackedExperts(nn.Module):
             return torch.stack(rows)
         cache = self.__dict__.get("expert_cache")
         if cache is not None:
-            return torch.stack([torch.matmul(x[min(i, x.shape[0] - 1)], cache.get(self, proj, e, x.dtype, x.device).t())
+            return torch.stack([torch.matmul(x[min(i, x.shape[0] - 1)],
+                                             cache.get(self, proj, e, x.dtype, x.device).t())
                                 for i, e in enumerate(experts.tolist())])
         blocks = getattr(self, f"{proj}_blocks")
         if self.fmt == "mxfp4" and x.device.type == "cpu" and \
@@ -476,12 +477,12 @@ class PackedExperts(nn.Module):
     def forward(self, x: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor):
         if x.shape[0] == 1 and router_indices.shape[-1] > 1:
             return self._forward_one_token(x, router_indices, routing_weights)
-        # Several tokens: one unpacking per projection of all routed experts, the (token, slot) pairs sorted by
-        # expert so each expert multiplies one contiguous slice, biases / activation / routing weights applied
-        # once over all pairs. Per element the same operations in the same order as one expert at a time
+        # Several tokens: the (token, slot) pairs sorted by expert so each routed expert multiplies one contiguous
+        # slice (experts unpacked a few at a time, see _grouped_matmul), biases / activation / routing weights
+        # applied once over all pairs. Per element the same operations in the same order as one expert at a time
         # (matmul, then the bias as a separate rounding step: bit-identical to transformers in bf16), and the
         # sum over a token's experts in expert order (index_add_ follows the sorted order).
-        n, k = router_indices.shape
+        k = router_indices.shape[1]
         flat = router_indices.reshape(-1)
         experts, counts = torch.unique(flat, return_counts=True)
         order = torch.argsort(flat, stable=True)

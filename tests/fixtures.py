@@ -432,7 +432,8 @@ def _ggml_mxfp4(blocks: torch.Tensor, scales: torch.Tensor):
     return out.reshape(*b.shape[:-2], b.shape[-2] * 17)
 
 
-def write_gguf_te(path, golden_dir, fused=False, float_type="BF16", folder=None, embed_type="BF16") -> pathlib.Path:
+def write_gguf_te(path, golden_dir, fused=False, float_type="BF16", folder=None,
+                  embed_type="BF16") -> pathlib.Path:
     """The golden tiny GPT-OSS (or the diffusers-style ``folder``, e.g. :func:`write_gptoss_lm`'s) as a llama.cpp /
     unsloth GGUF (``gpt-oss`` architecture, ``blk.N.*`` names, MXFP4 experts with gate/up de-interleaved, separate
     or fused ``ffn_gate_up_exps``; ``lm_head`` → ``output.weight``, final norm → ``output_norm.weight``)."""
