@@ -74,6 +74,8 @@ def _onednn_usable(module, x) -> bool:
                               and onednn_fp32_gemm_preferred())
     if not _onednn_linear or type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
         return False
+    if torch.compiler.is_compiling():  # inductor picks its own GEMMs (and cannot lower this op on plain weights)
+        return False
     w, b = module.weight, module.bias
     return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and w.device.type == "cpu" and x.ndim >= 2 and not torch.is_grad_enabled()
