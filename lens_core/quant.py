@@ -411,9 +411,9 @@ class PackedExperts(nn.Module):
             return mxfp4_dequantize(parts[0], parts[1], dtype)
         return nvfp4_dequantize(parts[0], parts[1], parts[2], dtype)
 
-    def _selected(self, name: str, experts: torch.Tensor, device) -> torch.Tensor:
+    def _selected(self, name: str, experts: torch.Tensor, device, dtype=None) -> torch.Tensor:
         t = getattr(self, name)
-        return cast_to(t.index_select(0, experts.to(t.device)), None, device)
+        return cast_to(t.index_select(0, experts.to(t.device)), dtype, device)
 
     def _matvec_experts(self, proj: str, experts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``[k, out]``: each routed expert's ``proj`` times its row of ``x`` (``[1, in]`` shared or ``[k, in]``),
@@ -421,17 +421,16 @@ class PackedExperts(nn.Module):
         dense experts: a matvec on each expert's own weight (no copy of the bank); with an :class:`ExpertCache`
         set (``self.expert_cache``), the cached dense weights; otherwise (GPU, NVFP4, or
         matrices so small that per-op overhead dominates) the k experts are dequantized and multiplied."""
+        cache = self.__dict__.get("expert_cache")
         if f"{proj}_blocks" not in self._parameters:
             bank = getattr(self, proj)
-            rows = []
-            for i, e in enumerate(experts.tolist()):
-                w = cast_to(bank[e], x.dtype, x.device)
-                rows.append(torch.matmul(x[min(i, x.shape[0] - 1)], w.t()))
-            return torch.stack(rows)
-        cache = self.__dict__.get("expert_cache")
-        if cache is not None:
-            return torch.stack([torch.matmul(x[min(i, x.shape[0] - 1)],
-                                             cache.get(self, proj, e, x.dtype, x.device).t())
+            dense = lambda e: cast_to(bank[e], x.dtype, x.device)  # noqa: E731
+        elif cache is not None:
+            dense = lambda e: cache.get(self, proj, e, x.dtype, x.device)  # noqa: E731
+        else:
+            dense = None
+        if dense is not None:  # one matvec per expert on its own dense weight (no copy of the bank)
+            return torch.stack([torch.matmul(x[min(i, x.shape[0] - 1)], dense(e).t())
                                 for i, e in enumerate(experts.tolist())])
         blocks = getattr(self, f"{proj}_blocks")
         if self.fmt == "mxfp4" and x.device.type == "cpu" and \
@@ -446,9 +445,9 @@ class PackedExperts(nn.Module):
         """One token (text generation): the k routed experts' matvecs, the packed ones read in place."""
         experts, order = torch.sort(router_indices[0])
         w = routing_weights[0, order]
-        b_gu = cast_to(self._selected("gate_up_proj_bias", experts, x.device), x.dtype, x.device)
+        b_gu = self._selected("gate_up_proj_bias", experts, x.device, x.dtype)
         act = swiglu_clamped(self._matvec_experts("gate_up_proj", experts, x) + b_gu, self.alpha, self.limit)
-        b_d = cast_to(self._selected("down_proj_bias", experts, x.device), x.dtype, x.device)
+        b_d = self._selected("down_proj_bias", experts, x.device, x.dtype)
         y = (self._matvec_experts("down_proj", experts, act) + b_d) * w[:, None].to(x.dtype)       # [k, D]
         out = torch.zeros_like(x)
         for i in range(y.shape[0]):     # accumulate in expert order, like the per-expert loop
@@ -493,12 +492,12 @@ class PackedExperts(nn.Module):
         h = torch.empty(flat.shape[0], 2 * self.intermediate_size, dtype=x.dtype, device=x.device)
         self._grouped_matmul("gate_up_proj", experts, bounds, xs, h)
         del xs
-        b_gu = cast_to(self._selected("gate_up_proj_bias", experts, x.device), x.dtype, x.device)
+        b_gu = self._selected("gate_up_proj_bias", experts, x.device, x.dtype)
         act = swiglu_clamped(h + b_gu.index_select(0, local), self.alpha, self.limit)
         del h
         y = torch.empty(flat.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
         self._grouped_matmul("down_proj", experts, bounds, act, y)
-        b_d = cast_to(self._selected("down_proj_bias", experts, x.device), x.dtype, x.device)
+        b_d = self._selected("down_proj_bias", experts, x.device, x.dtype)
         y = (y + b_d.index_select(0, local)) * routing_weights.reshape(-1).index_select(0, order)[:, None]
         out = torch.zeros_like(x)
         out.index_add_(0, tok, y.to(x.dtype))

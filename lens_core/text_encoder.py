@@ -535,7 +535,6 @@ class LensTextEncoder(nn.Module):
         cache = ExpertCache(int(max_bytes)) if max_bytes else None
         for layer in self.model.layers:
             layer.mlp.experts.expert_cache = cache
-        self._expert_cache_bytes = max_bytes or None
         return cache
 
     @torch.no_grad()
