@@ -21,6 +21,8 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import os
+import warnings
 
 import torch
 from torch import nn
@@ -115,12 +117,103 @@ def _pair_offsets(n_tables: int, pairs: int, device: str) -> torch.Tensor:
     return (torch.arange(n_tables * pairs, dtype=torch.int32) * 256).reshape(n_tables, pairs).to(device)
 
 
-def mxfp4_matvec(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y[e, r] = Σ_c W_e[r, c] · x[c]`` for MXFP4 matrices ``W_e`` (``blocks [k, rows, G, 16]``, ``scales
-    [k, rows, G]``, the layout of :func:`mxfp4_dequantize`) without expanding them: ``x`` is ``[1, G·32]``
-    (one vector for all ``k`` matrices) or ``[k, G·32]`` (one each). Returns fp32 ``[k, rows]``.
+def _e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    """int32 4-bit codes → their E2M1 values in fp32, by arithmetic instead of a table (inductor turns this
+    into vector code; a gathered table stays scalar): with ``m = code & 7``, ``|v| = m/2 + relu(m − 4)/2 +
+    relu(m − 6)`` gives 0, .5, 1, 1.5, 2, 3, 4, 6 exactly, and bit 3 negates."""
+    m = (codes & 7).float()
+    v = 0.5 * m + 0.5 * torch.relu(m - 4.0) + torch.relu(m - 6.0)
+    return torch.where((codes & 8) != 0, -v, v)
 
-    For each input pair ``(x[2j], x[2j+1])`` a 256-entry table ``T[j, byte] = lo(byte)·x[2j] + hi(byte)·x[2j+1]``
+
+def _mxfp4_matvec_fused(blocks, scales, experts, x_even, x_odd, scale_table):
+    """:func:`mxfp4_matvec` as one expression for ``torch.compile``: the routed experts' bytes read in place
+    from the bank, each decoded in registers (both nibbles), times its inputs and its block's scale, summed
+    over the row in one fused loop; nothing is written but the ``[k, rows]`` result. ``x_even`` / ``x_odd``:
+    ``[n, 1, G, 16]``."""
+    b = blocks[experts].to(torch.int32)
+    scale = scale_table[scales[experts].to(torch.int32)].unsqueeze(-1)
+    return ((_e2m1_values(b & 15) * x_even + _e2m1_values(b >> 4) * x_odd) * scale).sum((-1, -2))
+
+
+# distinct matrix shapes compiled per process (a model has two: gate_up and down); torch's recompile limit is 8
+_COMPILED_SHAPES_MAX = 6
+
+
+class _CompiledMatvec:
+    """The compiled form of :func:`_mxfp4_matvec_fused`, used by :func:`mxfp4_matvec` on the CPU when
+    torch.compile works here (inductor needs a C++ compiler). It reads the packed bytes once and decodes them
+    in vector registers: ≈ 4× the product-table kernel, and faster than a dense fp32 matvec (BENCHMARKS.md,
+    prompt enhancer). Each new matrix shape compiles once (a few seconds; torch keeps the result in its
+    on-disk cache) and is checked once against the table kernel; any failure (no compiler, a compile error,
+    a result off by more than fp32 rounding) switches it off for the process with one warning, and the table
+    kernel is used. ``LENS_COMPILED_KERNELS=0`` (or :func:`set_compiled_kernels`) turns it off."""
+
+    def __init__(self):
+        self.fn = None
+        self.enabled = None             # None: decided on first use from LENS_COMPILED_KERNELS
+        self.checked = set()
+
+    def usable(self, device) -> bool:
+        if self.enabled is None:
+            self.enabled = os.environ.get("LENS_COMPILED_KERNELS", "").strip() not in ("0", "false", "no", "off")
+        return self.enabled and device.type == "cpu" and not torch.compiler.is_compiling()
+
+    def disable(self, why: str):
+        self.enabled = False
+        warnings.warn(f"lens_core: the compiled packed-expert kernel is off for this process ({why}); text "
+                      f"generation on the CPU uses the slower table kernel. Set LENS_COMPILED_KERNELS=0 to skip "
+                      f"the attempt, or install a C++ compiler (torch.compile's inductor needs one).",
+                      stacklevel=3)
+        return None
+
+    def __call__(self, blocks, scales, experts, x):
+        """``[k, rows]`` fp32, or None when the compiled kernel is not usable (the caller falls back)."""
+        groups = blocks.shape[2]
+        xv = x.float().reshape(x.shape[0], 1, groups, 16, 2)
+        args = (blocks, scales, experts, xv[..., 0].contiguous(), xv[..., 1].contiguous(),
+                _e8m0_table(torch.float32, str(blocks.device)))
+        key = (tuple(blocks.shape), len(experts), x.shape[0])
+        if key not in self.checked and len(self.checked) >= _COMPILED_SHAPES_MAX:
+            return None     # past dynamo's recompile limit the expression would run eagerly (big temporaries)
+        try:
+            if self.fn is None:
+                self.fn = torch.compile(_mxfp4_matvec_fused, dynamic=False, fullgraph=True)
+            y = self.fn(*args)
+        except Exception as e:  # noqa: BLE001 — any compiler/toolchain failure means "use the eager kernel"
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            return self.disable(f"{type(e).__name__}: {first}")
+        if key not in self.checked:     # once per shape: the compiled code against the table kernel
+            ref = _mxfp4_matvec_table(blocks.index_select(0, experts), scales.index_select(0, experts), x)
+            if y.shape != ref.shape:
+                return self.disable(f"it returned {tuple(y.shape)} for {tuple(ref.shape)}")
+            fin = torch.isfinite(ref)   # (an E8M0 byte 255 is inf/NaN: both kernels give non-finite garbage)
+            err = (y[fin] - ref[fin]).abs().max().item() if fin.any() else 0.0
+            if not err <= 1e-4 * ref[fin].abs().max().item() + 1e-30:
+                return self.disable(f"its result for blocks {tuple(blocks.shape)} is {err:.3g} from the table "
+                                    f"kernel's")
+            self.checked.add(key)
+        return y
+
+
+_COMPILED_MATVEC = _CompiledMatvec()
+
+
+def set_compiled_kernels(enabled: bool):
+    """Turn the compiled packed-expert matvec (see :class:`_CompiledMatvec`) on or off for this process."""
+    _COMPILED_MATVEC.enabled = bool(enabled)
+
+
+def mxfp4_matvec(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
+                 experts: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[i, r] = Σ_c W_e[r, c] · x[c]`` for the MXFP4 matrices ``W_e``, ``e = experts[i]``, of a bank
+    (``blocks [E, rows, G, 16]``, ``scales [E, rows, G]``, the layout of :func:`mxfp4_dequantize`; ``experts``
+    int64 ``[k]``, default all ``E``) without expanding them: ``x`` is ``[1, G·32]`` (one vector for all ``k``
+    matrices) or ``[k, G·32]`` (one each). Returns fp32 ``[k, rows]``.
+
+    Two kernels, the same products summed in different orders (each a few fp32 ulps from the exact sum): on
+    the CPU, where torch.compile works, the compiled one of :class:`_CompiledMatvec` (the bytes decoded
+    arithmetically in vector registers, read in place from the bank); otherwise the product table: for each input pair ``(x[2j], x[2j+1])`` a 256-entry table ``T[j, byte] = lo(byte)·x[2j] + hi(byte)·x[2j+1]``
     (``lo``/``hi``: the byte's two E2M1 values) is built once; every packed byte is then one table read, each
     16-byte block is summed and multiplied by its E8M0 scale ``2^(s − 127)``, and the blocks of a row are
     summed. The same products as the dequantized matrix times ``x`` in fp32, summed in another order (a few
@@ -130,10 +223,26 @@ def mxfp4_matvec(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) ->
             or tuple(blocks.shape[:-1]) != tuple(scales.shape):
         raise ValueError(f"mxfp4_matvec: expected uint8 blocks [k, rows, G, 16] and scales [k, rows, G], found "
                          f"{blocks.dtype} {tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
-    k, rows, groups, _ = blocks.shape
+    if experts is None:
+        experts = torch.arange(blocks.shape[0], device=blocks.device)
+    if experts.dtype != torch.int64 or experts.dim() != 1:
+        raise ValueError(f"mxfp4_matvec: expected int64 experts [k], found {experts.dtype} {tuple(experts.shape)}")
+    k, groups = len(experts), blocks.shape[2]
     pairs = groups * 16
     if x.dim() != 2 or x.shape[0] not in (1, k) or x.shape[1] != 2 * pairs:
         raise ValueError(f"mxfp4_matvec: expected x [1 or {k}, {2 * pairs}], found {tuple(x.shape)}")
+    experts = experts.to(blocks.device)
+    if _COMPILED_MATVEC.usable(blocks.device):
+        y = _COMPILED_MATVEC(blocks, scales, experts, x)
+        if y is not None:
+            return y
+    return _mxfp4_matvec_table(blocks.index_select(0, experts), scales.index_select(0, experts), x)
+
+
+def _mxfp4_matvec_table(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The product-table kernel of :func:`mxfp4_matvec` (arguments already checked)."""
+    k, rows, groups, _ = blocks.shape
+    pairs = groups * 16
     dev, n = str(blocks.device), x.shape[0]
     pair = _byte_table(torch.float32, dev, True)                              # [256, 2]
     xf = x.float().reshape(n, pairs, 2, 1)
@@ -435,8 +544,11 @@ class PackedExperts(nn.Module):
         blocks = getattr(self, f"{proj}_blocks")
         if self.fmt == "mxfp4" and x.device.type == "cpu" and \
                 len(experts) * blocks[0].numel() >= _MATVEC_MIN_BYTES:
-            y = mxfp4_matvec(self._selected(f"{proj}_blocks", experts, x.device),
-                             self._selected(f"{proj}_scales", experts, x.device), x)
+            if blocks.device == x.device:   # the bank read in place
+                y = mxfp4_matvec(blocks, getattr(self, f"{proj}_scales"), x, experts.to(x.device))
+            else:                           # offloaded: copy only the routed experts
+                y = mxfp4_matvec(self._selected(f"{proj}_blocks", experts, x.device),
+                                 self._selected(f"{proj}_scales", experts, x.device), x)
             return y.to(x.dtype)
         w = self._experts_weight(proj, experts, x.dtype, x.device)                        # [k, out, in]
         return torch.matmul(x.unsqueeze(1), w.transpose(1, 2)).squeeze(1)

@@ -94,3 +94,27 @@ def comfyui_dir_or_skip() -> str:
     if not comfy_dir:
         pytest.skip("COMFYUI_DIR not set (real-ComfyUI integration tests)")
     return comfy_dir
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor would use on the CPU (``$CXX``, else g++ / c++ / clang++)."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(params=["compiled", "table"])
+def matvec_kernel(request, monkeypatch):
+    """The packed one-token matvec kernel under test (``quant.mxfp4_matvec``): the compiled one (needs a C++
+    compiler: skipped without one) or the product table. Yields the fresh kernel state; with "compiled" the
+    test asserts through ``state.checked`` that the compiled code really ran."""
+    from lens_core import quant
+
+    state = quant._CompiledMatvec()
+    state.enabled = request.param == "compiled"
+    if state.enabled and cxx_compiler() is None:
+        pytest.skip("no C++ compiler here for torch.compile's inductor (the compiled kernel falls back to the "
+                    "table kernel, which the 'table' case tests)")
+    monkeypatch.setattr(quant, "_COMPILED_MATVEC", state)
+    return state

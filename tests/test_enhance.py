@@ -69,9 +69,10 @@ def test_greedy_matches_transformers(lm):
     # sliding window many times over (20 + 56 positions vs a window of 5-6)
 
 
-def test_greedy_matches_transformers_on_packed_matvec_path(lm, monkeypatch):
-    """The same comparison with every decode step's packed experts on the product-table matvec
-    (``quant.mxfp4_matvec``, used on the CPU for banks above a size threshold; forced here for the tiny model)."""
+def test_greedy_matches_transformers_on_packed_matvec_path(lm, monkeypatch, matvec_kernel):
+    """The same comparison with every decode step's packed experts on the one-token packed matvec
+    (``quant.mxfp4_matvec``, used on the CPU for banks above a size threshold; forced here for the tiny model),
+    with each of its kernels: compiled, and product table."""
     from lens_core import quant
 
     folder, hf, ours = lm
@@ -85,6 +86,7 @@ def test_greedy_matches_transformers_on_packed_matvec_path(lm, monkeypatch):
         ref = hf.generate(ids, max_new_tokens=48, do_sample=False, output_logits=True, return_dict_in_generate=True,
                           eos_token_id=None, pad_token_id=0, min_new_tokens=48)
     assert len(calls) == 47 * 2 * len(ours.model.layers)          # every decode step, both projections
+    assert len(matvec_kernel.checked) == (2 if matvec_kernel.enabled else 0)   # compiled: gate_up and down
     assert torch.equal(new, ref.sequences[:, PROMPT_LEN:])
     assert max(rel_err(a, b) for a, b in zip(logits, ref.logits)) <= 1e-5
 

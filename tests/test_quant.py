@@ -173,35 +173,90 @@ def test_packed_bank_matches_dequantized_mode_and_is_frozen():
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_mxfp4_matvec_equals_dequantized_matrix_times_x(shared):
-    """The product-table matvec (one token, packed experts) against the dequantized matrices times x in float64:
-    within fp32 rounding, whatever the chunking (rows not a multiple of the chunk)."""
+def test_mxfp4_matvec_equals_dequantized_matrix_times_x(shared, matvec_kernel):
+    """The one-token packed matvec (compiled kernel, or product table) on routed experts of a bank against the
+    dequantized matrices times x in float64: within fp32 rounding, whatever the chunking of the table kernel
+    (rows not a multiple of the chunk)."""
     g = torch.Generator().manual_seed(3)
-    k, rows, groups = 3, 300, 6
-    blocks = torch.randint(0, 256, (k, rows, groups, 16), generator=g, dtype=torch.uint8)
-    scales = torch.randint(100, 150, (k, rows, groups), generator=g, dtype=torch.uint8)
+    n_experts, rows, groups = 5, 300, 6
+    experts = torch.tensor([0, 2, 4])
+    k = len(experts)
+    blocks = torch.randint(0, 256, (n_experts, rows, groups, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(100, 150, (n_experts, rows, groups), generator=g, dtype=torch.uint8)
     x = torch.randn(1 if shared else k, groups * 32, generator=g)
-    ref = torch.matmul(Q.mxfp4_dequantize(blocks, scales, torch.float64), x.double().unsqueeze(-1)).squeeze(-1)
+    dense = Q.mxfp4_dequantize(blocks, scales, torch.float64)[experts]
+    ref = torch.matmul(dense, x.double().unsqueeze(-1)).squeeze(-1)
+    # fp32 error bound of a dot product of length n: n · eps · sum |w x|
+    bound = groups * 32 * 2 ** -24 * torch.matmul(dense.abs(), x.double().abs().unsqueeze(-1)).squeeze(-1)
     for chunk in (Q._MATVEC_CHUNK_BYTES, 7 * groups * 16):
         old, Q._MATVEC_CHUNK_BYTES = Q._MATVEC_CHUNK_BYTES, chunk
         try:
-            ours = Q.mxfp4_matvec(blocks, scales, x)
+            ours = Q.mxfp4_matvec(blocks, scales, x, experts)
         finally:
             Q._MATVEC_CHUNK_BYTES = old
         assert ours.shape == (k, rows) and ours.dtype == torch.float32
-        # fp32 error bound of a dot product of length n: n · eps · sum |w x|
-        bound = groups * 32 * 2 ** -24 * torch.matmul(Q.mxfp4_dequantize(blocks, scales, torch.float64).abs(),
-                                                      x.double().abs().unsqueeze(-1)).squeeze(-1)
         assert ((ours.double() - ref).abs() <= bound).all()
         assert ((ours.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    assert len(matvec_kernel.checked) == (1 if matvec_kernel.enabled else 0)   # the compiled code really ran
+    # without experts: every matrix of the bank
+    whole = Q.mxfp4_matvec(blocks[experts].contiguous(), scales[experts].contiguous(), x)
+    assert ((whole.double() - ref).abs() <= bound).all()
     with pytest.raises(ValueError, match=r"x \[1 or 3, 192\]"):
-        Q.mxfp4_matvec(blocks, scales, torch.zeros(2, 192))
+        Q.mxfp4_matvec(blocks, scales, torch.zeros(2, 192), experts)
     with pytest.raises(ValueError, match="blocks \\[k, rows, G, 16\\]"):
         Q.mxfp4_matvec(blocks[0], scales[0], x)
+    with pytest.raises(ValueError, match="int64 experts"):
+        Q.mxfp4_matvec(blocks, scales, x, experts.int())
+
+
+def test_compiled_matvec_falls_back_to_the_table_kernel(monkeypatch):
+    """Whatever goes wrong with the compiled kernel, the result is the table kernel's: a compiler failure or a
+    result off by more than fp32 rounding switches it off for the process with one warning; a shape past the
+    per-process limit uses the table kernel silently; LENS_COMPILED_KERNELS=0 never tries."""
+    g = torch.Generator().manual_seed(5)
+    blocks = torch.randint(0, 256, (4, 64, 2, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(110, 130, (4, 64, 2), generator=g, dtype=torch.uint8)
+    x, experts = torch.randn(1, 64, generator=g), torch.tensor([1, 3])
+    ref = Q._mxfp4_matvec_table(blocks[experts], scales[experts], x)
+
+    def broken_compile(*a, **k):
+        raise RuntimeError("Compiler: cl is not found.\nmore text")
+
+    state = Q._CompiledMatvec()
+    state.enabled = True
+    monkeypatch.setattr(Q, "_COMPILED_MATVEC", state)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match=r"compiled packed-expert kernel is off .*RuntimeError: Compiler: cl is not "
+                                         r"found\..*LENS_COMPILED_KERNELS=0"):
+        assert torch.equal(Q.mxfp4_matvec(blocks, scales, x, experts), ref)
+    assert state.enabled is False
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # switched off: no second attempt, no second warning
+        assert torch.equal(Q.mxfp4_matvec(blocks, scales, x, experts), ref)
+
+    state = Q._CompiledMatvec()             # a "compiled" function with a wrong result
+    state.enabled, state.fn = True, (lambda *a: torch.zeros(2, 64))
+    monkeypatch.setattr(Q, "_COMPILED_MATVEC", state)
+    with pytest.warns(UserWarning, match=r"result for blocks \(4, 64, 2, 16\) is [0-9.e+-]+ from the table"):
+        assert torch.equal(Q.mxfp4_matvec(blocks, scales, x, experts), ref)
+    assert state.enabled is False
+
+    state = Q._CompiledMatvec()             # past the per-process shape limit: table kernel, still enabled
+    state.enabled, state.fn = True, (lambda *a: torch.zeros(2, 64))
+    state.checked = {("other", i) for i in range(Q._COMPILED_SHAPES_MAX)}
+    monkeypatch.setattr(Q, "_COMPILED_MATVEC", state)
+    assert torch.equal(Q.mxfp4_matvec(blocks, scales, x, experts), ref) and state.enabled
+
+    state = Q._CompiledMatvec()             # the environment switch: never compiled
+    monkeypatch.setattr(Q, "_COMPILED_MATVEC", state)
+    monkeypatch.setenv("LENS_COMPILED_KERNELS", "0")
+    assert torch.equal(Q.mxfp4_matvec(blocks, scales, x, experts), ref)
+    assert state.enabled is False and state.fn is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_token_packed_path_equals_dequantized_bank(dtype, monkeypatch):
+def test_one_token_packed_path_equals_dequantized_bank(dtype, monkeypatch, matvec_kernel):
     """One token through a packed bank on the product-table path (forced for a small bank) vs the dequantized
     bank: equal to fp32 rounding (bf16: to one bf16 rounding step of the outputs)."""
     e, d, inter = 6, 96, 64
@@ -225,6 +280,7 @@ def test_one_token_packed_path_equals_dequantized_bank(dtype, monkeypatch):
         tol = 1e-6 if dtype == torch.float32 else 2 ** -7
         assert ((ours.double() - ref).abs().max() / ref.abs().max()).item() < tol
     assert len(calls) == 6          # gate_up and down of each token went through the matvec
+    assert len(matvec_kernel.checked) == (2 if matvec_kernel.enabled else 0)     # (compiled: both shapes)
 
 
 def test_bank_bad_arguments():
