@@ -295,6 +295,9 @@ class GptOssAttention(nn.Module):
         n_keys = end - lo
         qg = q.reshape(b, kv, rep, t, hd)
         sink = cast_to(self.sinks, q.dtype, x.device).view(1, kv, rep, 1, 1)
+        if q.dtype == torch.float32:
+            out = _sink_attention_sdpa(qg, keys, values, sink, mask)
+            return self.o_proj(out.view(b, self.heads, t, hd).transpose(1, 2).reshape(b, t, self.heads * hd))
         out = torch.empty(b, kv, rep, t, hd, dtype=v.dtype, device=x.device)
         for c in range(0, t, _QUERY_CHUNK):  # bounded [.., chunk, L] logits for long prompts
             n = min(_QUERY_CHUNK, t - c)
@@ -309,6 +312,31 @@ class GptOssAttention(nn.Module):
                 b, kv, rep, n, hd)
         out = out.view(b, self.heads, t, hd).transpose(1, 2).reshape(b, t, self.heads * hd)
         return self.o_proj(out)
+
+
+def _sink_attention_sdpa(qg, keys, values, sink, mask):
+    """fp32 attention with GPT-OSS sinks through ``F.scaled_dot_product_attention`` (generation only).
+
+    The sink is one more key column whose logit is the head's sink value and whose value vector is zero: the
+    softmax then runs over the keys and the sink together, and the sink adds nothing to the output, which is
+    exactly the eager softmax-with-sink-dropped. Query heads stay grouped per kv head (``qg [B, kv, rep, t,
+    hd]`` read as ``rep·t`` query rows of that kv head; no repeated copy of the cache); queries in blocks of
+    ``_QUERY_CHUNK`` bound the ``[.., rows, L+1]`` bias. Returns ``[B, kv, rep, t, hd]``."""
+    b, kv, rep, t, hd = qg.shape
+    n_keys = keys.shape[2]
+    zero = keys.new_zeros(b, kv, 1, hd)
+    keys, values = torch.cat([keys, zero], dim=2), torch.cat([values, zero], dim=2)
+    out = torch.empty_like(qg)
+    for c in range(0, t, _QUERY_CHUNK):
+        n = min(_QUERY_CHUNK, t - c)
+        bias = qg.new_zeros(1, kv, rep, n, n_keys + 1)
+        if mask is not None:
+            bias[..., :n_keys] = mask[..., c:c + n, :].unsqueeze(1)
+        bias[..., n_keys:] = sink
+        out[:, :, :, c:c + n] = F.scaled_dot_product_attention(
+            qg[:, :, :, c:c + n].reshape(b, kv, rep * n, hd), keys, values,
+            attn_mask=bias.view(1, kv, rep * n, n_keys + 1), scale=hd ** -0.5).view(b, kv, rep, n, hd)
+    return out
 
 
 class GptOssMoE(nn.Module):

@@ -144,6 +144,25 @@ def test_kv_cache_equals_recomputation(lm):
         assert int(fresh.argmax()) == int(new[0, step])
 
 
+def test_attention_paths_and_query_blocks_agree(lm, monkeypatch):
+    """Generation attention runs fp32 through SDPA (the sink as one more key column with a zero value) and
+    other dtypes through the eager softmax, both in blocks of ``_QUERY_CHUNK`` prompt rows: 3-row blocks, and the
+    eager path in float64, give the default's greedy ids and logits."""
+    import copy
+
+    _, _, ours = lm
+    ids = _prompt(8)
+    ref_new, ref_logits = E.generate(ours, ids, 8, eos_token_ids=(), output_logits=True)
+    eager64 = copy.deepcopy(ours).double()
+    eager64.compute_dtype = torch.float64
+    for chunk in (T._QUERY_CHUNK, 3):
+        monkeypatch.setattr(T, "_QUERY_CHUNK", chunk)
+        for model in (ours, eager64):
+            new, logits = E.generate(model, ids, 8, eos_token_ids=(), output_logits=True)
+            assert torch.equal(new, ref_new)
+            assert max(rel_err(a, b) for a, b in zip(logits, ref_logits)) <= 1e-6, (chunk, model is ours)
+
+
 def test_batch_rows_equal_single_runs(lm):
     _, _, ours = lm
     a, b = _prompt(2), _prompt(3)
