@@ -86,10 +86,14 @@ def _unpack_codes(packed: torch.Tensor, dtype, low_first: bool) -> torch.Tensor:
     return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16,
+                     work: dict | None = None) -> torch.Tensor:
     """MXFP4 ``blocks [..., rows, G, 16]`` + E8M0 ``scales [..., rows, G]`` → ``[..., rows, G·32]`` in ``dtype``.
 
     Bit-identical to transformers' ``convert_moe_packed_tensors`` (up to its final transpose) for bf16/fp32.
+    ``work``: a dict in which the index and result buffers are kept for the next call of the same shape (the
+    result is then overwritten by that call; ≈ 25 % faster than fresh multi-MB buffers, page-faulted on first
+    touch).
     """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"MXFP4: expected uint8 blocks and scales, found {blocks.dtype} and {scales.dtype}")
@@ -98,11 +102,18 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfl
                          f"found blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)}")
     if dtype in (torch.bfloat16, torch.float16, torch.float32):
         table = _mxfp4_pair_table(dtype, str(blocks.device))
+        key = (tuple(blocks.shape), dtype, blocks.device)
+        if work is not None and work.get("key") == key:
+            index, words = work["index"], work["words"]
+        else:
+            index = torch.empty(blocks.shape, dtype=torch.int32, device=blocks.device)
+            words = torch.empty(blocks.numel(), dtype=table.dtype, device=blocks.device)
+            if work is not None:
+                work.update(key=key, index=index, words=words)
         # int32 [..., G, 16] = scale · 256 + byte, built in place (a mixed uint8 + int32 sum is 10x slower)
-        index = torch.empty(blocks.shape, dtype=torch.int32, device=blocks.device)
         index.copy_(blocks)
         index.add_(scales.to(torch.int32).mul_(256).unsqueeze(-1))
-        words = table.index_select(0, index.reshape(-1))
+        torch.index_select(table, 0, index.reshape(-1), out=words)
         return words.view(dtype).reshape(*blocks.shape[:-2], blocks.shape[-2] * MXFP4_BLOCK)
     work = _work_dtype(dtype)
     values = _unpack_codes(blocks, work, low_first=True)                    # [..., G, 32]
@@ -143,8 +154,8 @@ _COMPILED_SHAPES_MAX = 6
 class _CompiledMatvec:
     """The compiled form of :func:`_mxfp4_matvec_fused`, used by :func:`mxfp4_matvec` on the CPU when
     torch.compile works here (inductor needs a C++ compiler). It reads the packed bytes once and decodes them
-    in vector registers: ≈ 4× the product-table kernel, and faster than a dense fp32 matvec (BENCHMARKS.md,
-    prompt enhancer). Each new matrix shape compiles once (a few seconds; torch keeps the result in its
+    in vector registers: 3–4× faster than the product-table kernel and about as fast as a dense fp32 matvec
+    that reads 8× the bytes (BENCHMARKS.md, prompt enhancer). Each new matrix shape compiles once (a few seconds; torch keeps the result in its
     on-disk cache) and is checked once against the table kernel; any failure (no compiler, a compile error,
     a result off by more than fp32 rounding) switches it off for the process with one warning, and the table
     kernel is used. ``LENS_COMPILED_KERNELS=0`` (or :func:`set_compiled_kernels`) turns it off."""
@@ -213,7 +224,8 @@ def mxfp4_matvec(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
 
     Two kernels, the same products summed in different orders (each a few fp32 ulps from the exact sum): on
     the CPU, where torch.compile works, the compiled one of :class:`_CompiledMatvec` (the bytes decoded
-    arithmetically in vector registers, read in place from the bank); otherwise the product table: for each input pair ``(x[2j], x[2j+1])`` a 256-entry table ``T[j, byte] = lo(byte)·x[2j] + hi(byte)·x[2j+1]``
+    arithmetically in vector registers, read in place from the bank); otherwise the product table: for each
+    input pair ``(x[2j], x[2j+1])`` a 256-entry table ``T[j, byte] = lo(byte)·x[2j] + hi(byte)·x[2j+1]``
     (``lo``/``hi``: the byte's two E2M1 values) is built once; every packed byte is then one table read, each
     16-byte block is summed and multiplied by its E8M0 scale ``2^(s − 127)``, and the blocks of a row are
     summed. The same products as the dequantized matrix times ``x`` in fp32, summed in another order (a few
@@ -225,8 +237,12 @@ def mxfp4_matvec(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
                          f"{blocks.dtype} {tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
     if experts is None:
         experts = torch.arange(blocks.shape[0], device=blocks.device)
-    if experts.dtype != torch.int64 or experts.dim() != 1:
-        raise ValueError(f"mxfp4_matvec: expected int64 experts [k], found {experts.dtype} {tuple(experts.shape)}")
+    if experts.dtype != torch.int64 or experts.dim() != 1 or len(experts) < 1:
+        raise ValueError(f"mxfp4_matvec: expected int64 experts [k], k >= 1, found {experts.dtype} "
+                         f"{tuple(experts.shape)}")
+    lo, hi = int(experts.min()), int(experts.max())
+    if lo < 0 or hi >= blocks.shape[0]:
+        raise ValueError(f"mxfp4_matvec: expert indices must be in [0, {blocks.shape[0]}), found {lo}..{hi}")
     k, groups = len(experts), blocks.shape[2]
     pairs = groups * 16
     if x.dim() != 2 or x.shape[0] not in (1, k) or x.shape[1] != 2 * pairs:
@@ -372,8 +388,10 @@ def swiglu_clamped(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.T
     """GPT-OSS activation on interleaved ``[gate0, up0, gate1, up1, …]``: gate clamped above, up clamped both
     ways, ``(up + 1) · gate · sigmoid(alpha · gate)`` (text_encoder_spec.md §2.6)."""
     gate = gate_up[..., 0::2].clamp(max=limit)
-    up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    act = torch.mul(gate, alpha).sigmoid_().mul_(gate)         # gate · sigmoid(alpha · gate)
+    del gate
+    # in place (3 new tensors instead of 7: a fresh multi-MB tensor is page-faulted on first touch)
+    return gate_up[..., 1::2].clamp(min=-limit, max=limit).add_(1).mul_(act)
 
 
 class ExpertCache:
@@ -508,16 +526,19 @@ class PackedExperts(nn.Module):
         if self.mode == "dequantized" and self.is_packed and f"{prefix}gate_up_proj_blocks" in state_dict:
             self.dequantize_()
 
-    def _experts_weight(self, proj: str, experts: torch.Tensor, dtype, device) -> torch.Tensor:
-        """Dense ``[k, out, in]`` weights of the experts ``experts [k]`` in one gather + one unpacking."""
+    def _experts_weight(self, proj: str, experts: torch.Tensor, dtype, device, work=None) -> torch.Tensor:
+        """Dense ``[k, out, in]`` weights of the experts ``experts [k]`` in one gather + one unpacking
+        (``work``: see :func:`mxfp4_dequantize`)."""
         if f"{proj}_blocks" not in self._parameters:
             return cast_to(getattr(self, proj).index_select(0, experts.to(getattr(self, proj).device)), dtype, device)
         parts = []
+        one = int(experts[0]) if len(experts) == 1 else None
         for n in self._packed_names(proj):
             t = getattr(self, n)
-            parts.append(cast_to(t.index_select(0, experts.to(t.device)), None, device))
+            picked = t.narrow(0, one, 1) if one is not None else t.index_select(0, experts.to(t.device))
+            parts.append(cast_to(picked, None, device))             # (one expert: read in place)
         if self.fmt == "mxfp4":
-            return mxfp4_dequantize(parts[0], parts[1], dtype)
+            return mxfp4_dequantize(parts[0], parts[1], dtype, work)
         return nvfp4_dequantize(parts[0], parts[1], parts[2], dtype)
 
     def _selected(self, name: str, experts: torch.Tensor, device, dtype=None) -> torch.Tensor:
@@ -566,23 +587,27 @@ class PackedExperts(nn.Module):
             out += y[i]
         return out
 
-    def _grouped_matmul(self, proj, experts, bounds, inp, out):
-        """``out[a:b] = inp[a:b] @ W_e.T`` for the ``i``-th routed expert ``e`` and ``a, b = bounds[i:i+2]``; the
-        experts are unpacked a few at a time (at most ``_UNPACK_GROUP_BYTES`` of dense weights at once)."""
+    def _grouped_matmul(self, proj, experts, bounds, inp, out, bias):
+        """``out[a:b] = inp[a:b] @ W_e.T + bias[i]`` (the matmul, then the bias as its own rounding step) for the
+        ``i``-th routed expert ``e`` and ``a, b = bounds[i:i+2]``; the experts are unpacked a few at a time (at
+        most ``_UNPACK_GROUP_BYTES`` of dense weights at once)."""
         if f"{proj}_blocks" not in self._parameters:           # dense bank: each expert's own weight, no copy
             bank = getattr(self, proj)
             for i, e in enumerate(experts.tolist()):
-                torch.matmul(inp[bounds[i]:bounds[i + 1]], cast_to(bank[e], inp.dtype, inp.device).t(),
-                             out=out[bounds[i]:bounds[i + 1]])
+                a, b = bounds[i], bounds[i + 1]
+                torch.matmul(inp[a:b], cast_to(bank[e], inp.dtype, inp.device).t(), out=out[a:b])
+                out[a:b] += bias[i]
             return
         rows = out.shape[1]
         per_expert = rows * inp.shape[1] * inp.element_size()
         group = max(1, _UNPACK_GROUP_BYTES // per_expert)
+        work = {}       # one set of unpacking buffers for all groups of this call
         for g0 in range(0, len(experts), group):
-            w = self._experts_weight(proj, experts[g0:g0 + group], inp.dtype, inp.device)      # [g, out, in]
+            w = self._experts_weight(proj, experts[g0:g0 + group], inp.dtype, inp.device, work)  # [g, out, in]
             for i in range(w.shape[0]):
                 a, b = bounds[g0 + i], bounds[g0 + i + 1]
                 torch.matmul(inp[a:b], w[i].t(), out=out[a:b])
+                out[a:b] += bias[g0 + i]
             del w
 
     def forward(self, x: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor):
@@ -598,19 +623,20 @@ class PackedExperts(nn.Module):
         experts, counts = torch.unique(flat, return_counts=True)
         order = torch.argsort(flat, stable=True)
         tok = torch.div(order, k, rounding_mode="floor")
-        local = torch.searchsorted(experts, flat[order])       # position of each pair's expert among the routed
         bounds = [0] + torch.cumsum(counts, 0).tolist()
+        # (the bias additions and the routing-weight product run in place: same values, fewer fresh tensors)
         xs = x.index_select(0, tok)
         h = torch.empty(flat.shape[0], 2 * self.intermediate_size, dtype=x.dtype, device=x.device)
-        self._grouped_matmul("gate_up_proj", experts, bounds, xs, h)
+        self._grouped_matmul("gate_up_proj", experts, bounds, xs, h,
+                             self._selected("gate_up_proj_bias", experts, x.device, x.dtype))
         del xs
-        b_gu = self._selected("gate_up_proj_bias", experts, x.device, x.dtype)
-        act = swiglu_clamped(h + b_gu.index_select(0, local), self.alpha, self.limit)
+        act = swiglu_clamped(h, self.alpha, self.limit)
         del h
         y = torch.empty(flat.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
-        self._grouped_matmul("down_proj", experts, bounds, act, y)
-        b_d = self._selected("down_proj_bias", experts, x.device, x.dtype)
-        y = (y + b_d.index_select(0, local)) * routing_weights.reshape(-1).index_select(0, order)[:, None]
+        self._grouped_matmul("down_proj", experts, bounds, act, y,
+                             self._selected("down_proj_bias", experts, x.device, x.dtype))
+        del act
+        y.mul_(routing_weights.reshape(-1).index_select(0, order)[:, None])
         out = torch.zeros_like(x)
         out.index_add_(0, tok, y.to(x.dtype))
         return out

@@ -116,5 +116,9 @@ def matvec_kernel(request, monkeypatch):
     if state.enabled and cxx_compiler() is None:
         pytest.skip("no C++ compiler here for torch.compile's inductor (the compiled kernel falls back to the "
                     "table kernel, which the 'table' case tests)")
+    if state.enabled:
+        import torch
+
+        torch._dynamo.reset()   # dynamo's per-function recompile limit counts every shape of the whole run
     monkeypatch.setattr(quant, "_COMPILED_MATVEC", state)
     return state

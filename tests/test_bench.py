@@ -63,3 +63,17 @@ def test_dit_bench_argument_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             bench.main(["--component", "dit", "--device", "cuda", "--tiny", "--runs", "1"])
+
+
+def test_enhance_bench_smoke(tmp_path, capsys):
+    """The enhancer benchmark at its smallest: both sides generate the same greedy ids, every row has its rates
+    and the per-round ratios (per-token time stamps from our callback and transformers' logits processor)."""
+    assert bench.main(["--component", "enhance", "--size", "tiny", "--tokens", "12", "--new", "4", "--runs", "1",
+                       "--rounds", "2", "--threads", "1", "--sides", "ours,transformers",
+                       "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = {ln.split("|")[0].strip(): [c.strip() for c in ln.split("|")[1:]] for ln in out.splitlines()
+            if ln.startswith(("ours", "transformers"))}
+    assert set(rows) == {"ours", "transformers"}, out
+    assert all(float(v) > 0 for v in rows["ours"][:2] + rows["transformers"][:2])
+    assert float(rows["ours"][4]) > 0 and float(rows["ours"][5]) > 0 and rows["ours"][6] == "True", out

@@ -207,6 +207,8 @@ def test_mxfp4_matvec_equals_dequantized_matrix_times_x(shared, matvec_kernel):
         Q.mxfp4_matvec(blocks[0], scales[0], x)
     with pytest.raises(ValueError, match="int64 experts"):
         Q.mxfp4_matvec(blocks, scales, x, experts.int())
+    with pytest.raises(ValueError, match=r"in \[0, 5\), found 0\.\.5"):
+        Q.mxfp4_matvec(blocks, scales, x, torch.tensor([0, 2, 5]))
 
 
 def test_compiled_matvec_falls_back_to_the_table_kernel(monkeypatch):
