@@ -13,6 +13,7 @@ import importlib
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_module
 import resource
 import statistics
 import sys
@@ -46,16 +47,24 @@ def _child(target, args, queue):
 
 
 def run_isolated(target, *args):
-    """Run ``target(*args)`` in a fresh forked process; return (result, peak RSS bytes of that process).
+    """Run ``target(*args)`` in a fresh process; return (result, peak RSS bytes of that process).
 
-    Peak RSS of a process never goes down, so each memory figure gets its own process. ``target`` and its
-    result must be picklable (module-level function, plain data).
+    Peak RSS of a process never goes down, so each memory figure gets its own process. The process is spawned,
+    not forked: a child forked after the parent ran a multi-threaded torch op (or a compiled kernel) can hang in
+    its first parallel region (the OpenMP thread pool does not survive fork). ``target`` and its result must be
+    picklable (module-level function, plain data).
     """
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(target, args, queue))
     proc.start()
-    ok, result, peak = queue.get()
+    while True:
+        try:
+            ok, result, peak = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"benchmark child died without a result (exit code {proc.exitcode})") from None
     proc.join()
     if not ok:
         raise RuntimeError(f"benchmark child failed: {result}")
