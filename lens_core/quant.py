@@ -19,6 +19,7 @@ call, one expert at a time). ``mode="dequantized"`` expands every expert once wh
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import math
 import os
@@ -147,6 +148,15 @@ def _mxfp4_matvec_fused(blocks, scales, experts, x_even, x_odd, scale_table):
     return ((_e2m1_values(b & 15) * x_even + _e2m1_values(b >> 4) * x_odd) * scale).sum((-1, -2))
 
 
+def _no_eager_fallback():
+    """While calling the compiled kernel: past dynamo's recompile limit, raise (→ the table kernel) instead of
+    running :func:`_mxfp4_matvec_fused` eagerly, which would expand the experts into several dense temporaries."""
+    cfg = torch._dynamo.config
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        return cfg.patch(fail_on_recompile_limit_hit=True)
+    return contextlib.nullcontext()
+
+
 # distinct matrix shapes compiled per process (a model has two: gate_up and down); torch's recompile limit is 8
 _COMPILED_SHAPES_MAX = 6
 
@@ -190,7 +200,8 @@ class _CompiledMatvec:
         try:
             if self.fn is None:
                 self.fn = torch.compile(_mxfp4_matvec_fused, dynamic=False, fullgraph=True)
-            y = self.fn(*args)
+            with _no_eager_fallback():
+                y = self.fn(*args)
         except Exception as e:  # noqa: BLE001 — any compiler/toolchain failure means "use the eager kernel"
             first = (str(e).strip().splitlines() or [""])[0][:200]
             return self.disable(f"{type(e).__name__}: {first}")

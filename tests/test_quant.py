@@ -1,6 +1,7 @@
 """lens_core.quant: MXFP4 vs transformers' dequantizer (bit-exact), NVFP4 from a known dense weight, the bank."""
 import pytest
 import torch
+from conftest import cxx_compiler
 
 from lens_core import quant as Q
 
@@ -221,6 +222,8 @@ def test_compiled_matvec_falls_back_to_the_table_kernel(monkeypatch):
     x, experts = torch.randn(1, 64, generator=g), torch.tensor([1, 3])
     ref = Q._mxfp4_matvec_table(blocks[experts], scales[experts], x)
 
+    real_compile = torch.compile
+
     def broken_compile(*a, **k):
         raise RuntimeError("Compiler: cl is not found.\nmore text")
 
@@ -249,6 +252,23 @@ def test_compiled_matvec_falls_back_to_the_table_kernel(monkeypatch):
     state.checked = {("other", i) for i in range(Q._COMPILED_SHAPES_MAX)}
     monkeypatch.setattr(Q, "_COMPILED_MATVEC", state)
     assert torch.equal(Q.mxfp4_matvec(blocks, scales, x, experts), ref) and state.enabled
+
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        # dynamo's own recompile limit reached (here: 1, by another shape first): an error (→ the table kernel, one
+        # warning), never dynamo's silent eager run of the expression (dense temporaries of the routed experts)
+        torch._dynamo.reset()
+        monkeypatch.setattr(torch, "compile", real_compile)
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+        state = Q._CompiledMatvec()
+        state.enabled = True
+        monkeypatch.setattr(Q, "_COMPILED_MATVEC", state)
+        if cxx_compiler() is not None:
+            Q.mxfp4_matvec(blocks[:, :32].contiguous(), scales[:, :32].contiguous(), x, experts)
+            assert state.enabled and len(state.checked) == 1
+            with pytest.warns(UserWarning, match="compiled packed-expert kernel is off"):
+                assert torch.equal(Q.mxfp4_matvec(blocks, scales, x, experts), ref)
+            assert not state.enabled
+        torch._dynamo.reset()
 
     state = Q._CompiledMatvec()             # the environment switch: never compiled
     monkeypatch.setattr(Q, "_COMPILED_MATVEC", state)
