@@ -280,7 +280,7 @@ class GptOssAttention(nn.Module):
         attends to the keys a query may see: all earlier ones on full layers, the last ``window`` (the query
         included) on sliding layers. ``mask``: additive ``[1, 1, t, L]`` for the ``L`` keys read, or None (all
         visible, e.g. one new token). Query heads are grouped per kv head (no repeated copy of the cache);
-        the math is the eager forward's, sinks included."""
+        the math is the eager forward's, sinks included (in fp32 computed by SDPA: :func:`_sink_attention_sdpa`)."""
         b, t, _ = x.shape
         kv, rep, hd = self.kv_heads, self.heads // self.kv_heads, self.head_dim
         q = self.q_proj(x).view(b, t, self.heads, hd).transpose(1, 2)
