@@ -163,6 +163,46 @@ def test_attention_paths_and_query_blocks_agree(lm, monkeypatch):
             assert max(rel_err(a, b) for a, b in zip(logits, ref_logits)) <= 1e-6, (chunk, model is ours)
 
 
+def test_prefix_kept_and_reused_exactly(lm, monkeypatch):
+    """``prefix_len``: the prefix is prefilled on its own and kept on the encoder; a later prompt with the same
+    prefix copies its keys/values (only the rest is prefilled) and gives bit-identical ids and logits to a run
+    that computed it; a different prefix replaces it. Against the one-pass prefill: same greedy ids, logits to
+    fp32 rounding."""
+    _, _, ours = lm
+    E.clear_prefix_cache(ours)
+    seen = []
+    real = ours.logits_step
+    monkeypatch.setattr(ours, "logits_step", lambda ids, cache: seen.append(ids.shape[1]) or real(ids, cache))
+    a, b = _prompt(11), _prompt(11).clone()
+    b[0, 9:] = _prompt(12)[0, 9:]                                 # same first 9 tokens, another rest
+    one_pass, one_logits = E.generate(ours, a, 10, eos_token_ids=(), output_logits=True)
+    assert seen == [PROMPT_LEN]
+    seen.clear()
+    first, first_logits = E.generate(ours, a, 10, eos_token_ids=(), output_logits=True, prefix_len=9)
+    assert seen == [9, PROMPT_LEN - 9]                            # the prefix computed, then the rest
+    assert torch.equal(first, one_pass) and max(rel_err(x, y) for x, y in zip(first_logits, one_logits)) <= 1e-5
+    seen.clear()
+    again, again_logits = E.generate(ours, a, 10, eos_token_ids=(), output_logits=True, prefix_len=9)
+    assert seen == [PROMPT_LEN - 9]                               # the prefix copied
+    assert torch.equal(again, first) and all(torch.equal(x, y) for x, y in zip(again_logits, first_logits))
+    other = E.generate(ours, b, 10, eos_token_ids=(), prefix_len=9)
+    E.clear_prefix_cache(ours)
+    seen.clear()
+    assert torch.equal(E.generate(ours, b, 10, eos_token_ids=(), prefix_len=9), other) and seen == [9, PROMPT_LEN - 9]
+    seen.clear()
+    E.generate(ours, _prompt(13), 2, eos_token_ids=(), prefix_len=9)  # another prefix: recomputed, replaces it
+    assert seen == [9, PROMPT_LEN - 9]
+    kept = ours.__dict__["_lens_prefix_kv"]
+    assert kept[0][0] == tuple(_prompt(13)[0, :9].tolist()) and kept[1][0].shape[2] == 9
+    for bad in (PROMPT_LEN, -1):
+        with pytest.raises(ValueError, match="prefix_len"):
+            E.generate(ours, a, 2, eos_token_ids=(), prefix_len=bad)
+    with pytest.raises(ValueError, match="one row"):
+        E.generate(ours, torch.cat([a, a]), 2, eos_token_ids=(), prefix_len=3)
+    E.clear_prefix_cache(ours)
+    assert "_lens_prefix_kv" not in ours.__dict__
+
+
 def test_batch_rows_equal_single_runs(lm):
     _, _, ours = lm
     a, b = _prompt(2), _prompt(3)
@@ -309,8 +349,14 @@ def test_enhance_on_golden_encoder(golden_encoder, pipeline_dir):
     a = E.enhance(te, tok, "a red cube", seed=1, max_new_tokens=12)
     b = E.enhance(te, tok, "a red cube", seed=1, max_new_tokens=12)
     assert isinstance(a, str) and a == b
-    raw = E.generate(te, E.enhance_ids(tok, "a red cube", 12, 131072), 12, 0.7, 1, pad_token_id=tok.pad_id)
+    # enhance() prefills the template head (system prompt) on its own and keeps it for the next rewrite
+    eids, head = E._enhance_ids(tok, "a red cube", 12, 131072, None)
+    assert torch.equal(eids, E.enhance_ids(tok, "a red cube", 12, 131072))
+    assert te.__dict__["_lens_prefix_kv"][0][0] == tuple(eids[0, :head].tolist())
+    raw = E.generate(te, eids, 12, 0.7, 1, pad_token_id=tok.pad_id, prefix_len=head)
     assert a == (E.clean_output(tok.tokenizer.decode(raw[0].tolist(), skip_special_tokens=False)) or "a red cube")
+    E.clear_prefix_cache(te)
+    assert E.enhance(te, tok, "a red cube", seed=1, max_new_tokens=12) == a      # computed again: the same
     with torch.no_grad():
         after = te(ids, mask)
     assert all(torch.equal(x, y) for x, y in zip(before, after))
