@@ -177,9 +177,10 @@ def generate(encoder, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, t
     earlier than others are filled with ``pad_token_id``). ``temperature == 0`` is greedy; otherwise sampling
     with ``top_k`` and a CPU generator seeded with ``seed`` (None = a random seed).
 
-    ``callback(done, total)`` runs after every new token (progress; it may raise to interrupt: the encoder is not
-    modified by a run, so it stays usable). ``output_logits=True`` also returns the fp32 logits ``[B, V]`` each
-    step was chosen from. The encoder must have its generation weights (:func:`load_generation_weights`).
+    ``callback(done, total)`` runs after every new token (progress; it may raise to interrupt: the encoder's
+    weights are not modified by a run, so it stays usable). ``output_logits=True`` also returns the fp32 logits
+    ``[B, V]`` each step was chosen from. The encoder must have its generation weights
+    (:func:`load_generation_weights`).
 
     ``prefix_len > 0`` (one row only): the first ``prefix_len`` tokens are prefilled as a pass of their own, and
     their keys/values are kept on the encoder; the next call with the same prefix (same ids, dtype, device)
@@ -251,10 +252,10 @@ def generate(encoder, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, t
 
 def _prefill_prefix(encoder, prefix, cache):
     """Fill ``cache`` with the keys/values of ``prefix [1, P]``: copied from the encoder's kept prefix when it
-    is the same (ids, dtype, device), otherwise computed by one prefill pass and kept (a CPU copy, ≈ 32 MB for
-    GPT-OSS-20B's 650-token system prompt in bf16)."""
+    is the same (ids, dtype, device, weights), otherwise computed by one prefill pass and kept (a CPU copy,
+    ≈ 32 MB for GPT-OSS-20B's 650-token system prompt in bf16)."""
     p = prefix.shape[1]
-    key = (tuple(prefix[0].tolist()), cache.dtype, str(prefix.device))
+    key = (tuple(prefix[0].tolist()), cache.dtype, str(prefix.device), _weights_stamp(encoder))
     kept = encoder.__dict__.get("_lens_prefix_kv")
     if kept is not None and kept[0] == key:
         for i, (k, v) in enumerate(zip(*kept[1:])):
@@ -267,6 +268,14 @@ def _prefill_prefix(encoder, prefix, cache):
     # kept in CPU memory (a host's offloading of the encoder cannot see it; copying it back costs little)
     encoder.__dict__["_lens_prefix_kv"] = (key, [k[:, :, :p].to("cpu", copy=True) for k in cache.k],
                                            [v[:, :, :p].to("cpu", copy=True) for v in cache.v])
+
+
+def _weights_stamp(encoder):
+    """Identity and in-place version of a few weights: a kept prefix is not reused after they were replaced or
+    overwritten (e.g. ``load_state_dict``)."""
+    layers = encoder.model.layers
+    ts = [layers[0].self_attn.q_proj.weight, layers[-1].self_attn.q_proj.weight, layers[-1].mlp.router.weight]
+    return tuple((id(t), t._version, str(t.device)) for t in ts)
 
 
 def clear_prefix_cache(encoder):

@@ -164,11 +164,12 @@ _COMPILED_SHAPES_MAX = 6
 class _CompiledMatvec:
     """The compiled form of :func:`_mxfp4_matvec_fused`, used by :func:`mxfp4_matvec` on the CPU when
     torch.compile works here (inductor needs a C++ compiler). It reads the packed bytes once and decodes them
-    in vector registers: 3–4× faster than the product-table kernel and about as fast as a dense fp32 matvec
-    that reads 8× the bytes (BENCHMARKS.md, prompt enhancer). Each new matrix shape compiles once (a few seconds; torch keeps the result in its
-    on-disk cache) and is checked once against the table kernel; any failure (no compiler, a compile error,
-    a result off by more than fp32 rounding) switches it off for the process with one warning, and the table
-    kernel is used. ``LENS_COMPILED_KERNELS=0`` (or :func:`set_compiled_kernels`) turns it off."""
+    in vector registers: 3–5× faster than the product-table kernel and faster than a dense fp32 matvec,
+    which reads 8× the bytes (BENCHMARKS.md, prompt enhancer, Run 3). Each new matrix shape compiles once (a
+    few seconds; torch keeps the result in its on-disk cache) and is checked once against the table kernel;
+    any failure (no compiler, a compile error, dynamo's recompile limit, a result off by more than fp32
+    rounding) switches it off for the process with one warning, and the table kernel is used.
+    ``LENS_COMPILED_KERNELS=0`` (or :func:`set_compiled_kernels`) turns it off."""
 
     def __init__(self):
         self.fn = None

@@ -185,6 +185,11 @@ def test_prefix_kept_and_reused_exactly(lm, monkeypatch):
     again, again_logits = E.generate(ours, a, 10, eos_token_ids=(), output_logits=True, prefix_len=9)
     assert seen == [PROMPT_LEN - 9]                               # the prefix copied
     assert torch.equal(again, first) and all(torch.equal(x, y) for x, y in zip(again_logits, first_logits))
+    with torch.no_grad():
+        ours.model.layers[-1].self_attn.q_proj.weight.mul_(1.0)    # overwritten in place: not reused
+    seen.clear()
+    E.generate(ours, a, 2, eos_token_ids=(), prefix_len=9)
+    assert seen == [9, PROMPT_LEN - 9]
     other = E.generate(ours, b, 10, eos_token_ids=(), prefix_len=9)
     E.clear_prefix_cache(ours)
     seen.clear()
