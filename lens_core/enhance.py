@@ -271,11 +271,18 @@ def _prefill_prefix(encoder, prefix, cache):
 
 
 def _weights_stamp(encoder):
-    """Identity and in-place version of a few weights: a kept prefix is not reused after they were replaced or
-    overwritten (e.g. ``load_state_dict``)."""
+    """Identity, storage and in-place version of a few weights: a kept prefix is not reused after they were
+    replaced or overwritten (e.g. ``load_state_dict``; inference tensors: replaced only)."""
     layers = encoder.model.layers
     ts = [layers[0].self_attn.q_proj.weight, layers[-1].self_attn.q_proj.weight, layers[-1].mlp.router.weight]
-    return tuple((id(t), t._version, str(t.device)) for t in ts)
+    return tuple((id(t), t.data_ptr(), _version(t), str(t.device)) for t in ts)
+
+
+def _version(t):
+    """In-place version counter; inference tensors (loaded under a host's ``torch.inference_mode``) have none."""
+    if t.is_inference():
+        return None
+    return t._version
 
 
 def clear_prefix_cache(encoder):

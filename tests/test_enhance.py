@@ -206,6 +206,18 @@ def test_prefix_kept_and_reused_exactly(lm, monkeypatch):
         E.generate(ours, torch.cat([a, a]), 2, eos_token_ids=(), prefix_len=3)
     E.clear_prefix_cache(ours)
     assert "_lens_prefix_kv" not in ours.__dict__
+    import copy
+
+    with torch.inference_mode():            # weights loaded under a host's inference mode (no version counter)
+        inf = copy.deepcopy(ours)
+        assert inf.model.layers[0].self_attn.q_proj.weight.is_inference()
+        inf.__dict__.pop("logits_step")     # (the copy took this test's wrapper around ours)
+        real_inf = inf.logits_step
+        monkeypatch.setattr(inf, "logits_step", lambda ids, cache: seen.append(ids.shape[1]) or real_inf(ids, cache))
+        seen.clear()
+        assert torch.equal(E.generate(inf, a, 4, eos_token_ids=(), prefix_len=9), first[:, :4])
+        assert torch.equal(E.generate(inf, a, 4, eos_token_ids=(), prefix_len=9), first[:, :4])
+        assert seen == [9, PROMPT_LEN - 9, PROMPT_LEN - 9]
 
 
 def test_batch_rows_equal_single_runs(lm):
