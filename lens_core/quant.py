@@ -191,13 +191,12 @@ class _CompiledMatvec:
 
     def __call__(self, blocks, scales, experts, x):
         """``[k, rows]`` fp32, or None when the compiled kernel is not usable (the caller falls back)."""
-        groups = blocks.shape[2]
-        xv = x.float().reshape(x.shape[0], 1, groups, 16, 2)
-        args = (blocks, scales, experts, xv[..., 0].contiguous(), xv[..., 1].contiguous(),
-                _e8m0_table(torch.float32, str(blocks.device)))
         key = (tuple(blocks.shape), len(experts), x.shape[0])
         if key not in self.checked and len(self.checked) >= _COMPILED_SHAPES_MAX:
             return None     # past dynamo's recompile limit the expression would run eagerly (big temporaries)
+        xv = x.float().reshape(x.shape[0], 1, blocks.shape[2], 16, 2)
+        args = (blocks, scales, experts, xv[..., 0].contiguous(), xv[..., 1].contiguous(),
+                _e8m0_table(torch.float32, str(blocks.device)))
         try:
             if self.fn is None:
                 self.fn = torch.compile(_mxfp4_matvec_fused, dynamic=False, fullgraph=True)
@@ -245,7 +244,7 @@ def mxfp4_matvec(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
     dense matvec reads 32."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() != 4 or blocks.shape[-1] != 16 \
             or tuple(blocks.shape[:-1]) != tuple(scales.shape):
-        raise ValueError(f"mxfp4_matvec: expected uint8 blocks [k, rows, G, 16] and scales [k, rows, G], found "
+        raise ValueError(f"mxfp4_matvec: expected uint8 blocks [E, rows, G, 16] and scales [E, rows, G], found "
                          f"{blocks.dtype} {tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
     if experts is None:
         experts = torch.arange(blocks.shape[0], device=blocks.device)
@@ -578,7 +577,7 @@ class PackedExperts(nn.Module):
         if self.fmt == "mxfp4" and x.device.type == "cpu" and \
                 len(experts) * blocks[0].numel() >= _MATVEC_MIN_BYTES:
             if blocks.device == x.device:   # the bank read in place
-                y = mxfp4_matvec(blocks, getattr(self, f"{proj}_scales"), x, experts.to(x.device))
+                y = mxfp4_matvec(blocks, getattr(self, f"{proj}_scales"), x, experts)
             else:                           # offloaded: copy only the routed experts
                 y = mxfp4_matvec(self._selected(f"{proj}_blocks", experts, x.device),
                                  self._selected(f"{proj}_scales", experts, x.device), x)

@@ -204,7 +204,7 @@ def test_mxfp4_matvec_equals_dequantized_matrix_times_x(shared, matvec_kernel):
     assert ((whole.double() - ref).abs() <= bound).all()
     with pytest.raises(ValueError, match=r"x \[1 or 3, 192\]"):
         Q.mxfp4_matvec(blocks, scales, torch.zeros(2, 192), experts)
-    with pytest.raises(ValueError, match="blocks \\[k, rows, G, 16\\]"):
+    with pytest.raises(ValueError, match="blocks \\[E, rows, G, 16\\]"):
         Q.mxfp4_matvec(blocks[0], scales[0], x)
     with pytest.raises(ValueError, match="int64 experts"):
         Q.mxfp4_matvec(blocks, scales, x, experts.int())
