@@ -26,6 +26,7 @@ import uuid
 
 import pytest
 
+from conftest import comfyui_dir_or_skip
 from test_workflows import check_workflow, ui_to_api
 
 pytestmark = pytest.mark.comfyui
@@ -257,9 +258,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
-        pytest.skip("COMFYUI_DIR not set (real-ComfyUI integration tests)")
+    comfy_dir = comfyui_dir_or_skip()
     pipeline_dir = request.getfixturevalue("pipeline_dir")
     tmp = tmp_path_factory.mktemp("comfyui")
     (tmp / "base" / "custom_nodes").mkdir(parents=True)
