@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from . import comfy_bridge as bridge
+from . import bridge
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                  "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None)}

@@ -31,7 +31,7 @@ spec = importlib.util.spec_from_file_location("lens_nodes_lora", repo + "/__init
                                               submodule_search_locations=[repo])
 pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_lora"] = pack; spec.loader.exec_module(pack)
 from lens_nodes_lora.lens_core import lora as lo
-from lens_nodes_lora.nodes import comfy_bridge as bridge
+from lens_nodes_lora.nodes import bridge
 N = pack.NODE_CLASS_MAPPINGS
 L = N["LensLoraLoader"]()
 model, te, vae = N["LensCheckpointLoader"]().load("Lens-tiny")

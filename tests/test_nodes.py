@@ -453,7 +453,7 @@ def test_patcher_choice_for_dynamic_vram_at_real_size(pack):
     from lens_core.config import REAL_DIT_CONFIG
     from lens_core.dit import LensTransformer
 
-    bridge = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge"]
+    bridge = sys.modules[f"{PACK_NAME}.nodes.bridge"]
     ops = bridge.operations()
     dit = LensTransformer(REAL_DIT_CONFIG, operations=ops, device="meta", dtype=torch.bfloat16)
     fp8 = LensTransformer(REAL_DIT_CONFIG, operations=ops, device="meta", dtype=torch.bfloat16)
