@@ -25,7 +25,7 @@ function setup(node, buckets) {
       }
       width.label = size ? `width (${aspect.value} preset)` : "width";
       height.label = size ? `height (${aspect.value} preset)` : "height";
-      base.label = size ? "base_resolution" : "base_resolution (unused: custom)";
+      base.label = size ? "base_resolution" : "base_resolution (unused)";
     } finally {
       syncing = false;
     }
