@@ -246,7 +246,8 @@ def build_sigmas(schedule, steps: int, image_seq_len: int, denoise: float = 1.0,
     shift = spec_shift if shift is None else shift
     entry = SCHEDULES[key]
     if shift is not None and not entry.takes_shift:
-        raise ValueError(f"{name}: the {key} schedule takes no shift, found shift {shift!r}")
+        raise ValueError(f"{name}: the {key} schedule takes no shift, found shift {shift!r}; fix: no shift (0 = "
+                         f"auto in LensSigmas), or a schedule that takes one ({[k for k, v in SCHEDULES.items() if v.takes_shift]})")
     full = entry.sigmas(steps, image_seq_len, shift) if entry.takes_shift else entry.sigmas(steps, image_seq_len)
     return check_sigmas(full, f"{key} schedule ({steps} steps, {image_seq_len} image tokens)")[
         start_index(steps, denoise):]
@@ -259,8 +260,9 @@ def build_sigmas(schedule, steps: int, image_seq_len: int, denoise: float = 1.0,
 def run_steps(steps: int, denoise: float) -> int:
     """Steps an img2img run with ``denoise`` walks: round(steps·denoise), at least 1 (a denoise too small for one
     step runs the schedule's last step, the smallest change the schedule can make), at most ``steps``."""
-    if not (0.0 < float(denoise) <= 1.0):
-        raise ValueError(f"denoise must be in (0, 1], got {denoise!r}")
+    if isinstance(denoise, bool) or not isinstance(denoise, numbers.Real) or not 0.0 < float(denoise) <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise!r}; fix: 1 = text-to-image, less keeps more of "
+                         f"the input image (e.g. 0.35)")
     return max(1, min(steps, int(round(steps * float(denoise)))))
 
 
