@@ -164,7 +164,7 @@ def test_lens_sampler_sigmas_input_is_checked():
 
 def test_denoise_too_small_for_one_step_runs_one_step():
     """Decision (README "What the pack refuses"): round(steps·denoise) steps, at least one. 0.01 × 20 runs the
-    schedule's last step (σ 0.18 → 0 at 24 tokens), the smallest change the schedule can make."""
+    schedule's last step (σ 0.25 → 0 at 24 tokens), the smallest change the schedule can make."""
     assert SC.run_steps(20, 0.01) == 1 and SC.start_index(20, 0.01) == 19
     assert SC.run_steps(20, 0.35) == 7 and SC.run_steps(20, 1.0) == 20 and SC.run_steps(1, 0.01) == 1
     full = SC.sigma_schedule(20, 24)
