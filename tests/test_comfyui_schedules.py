@@ -12,36 +12,18 @@ On a ComfyUI without native Lens (0.3.64) only the pack-side checks run (no nati
 """
 from __future__ import annotations
 
-import json
-import pathlib
-import subprocess
-
 import pytest
 
-from conftest import comfyui_dir_or_skip
+from comfyui_run import run_script
 
 pytestmark = pytest.mark.comfyui
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TOOL = (REPO.parent / "shared" / "tools" / "comfyui_headless.sh").resolve()
-
 SCRIPT = r'''
-import importlib.util, json, os, sys, torch
-repo, golden, tmp = sys.argv[1], sys.argv[2], sys.argv[3]
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import comfy.model_base, folder_paths
-spec = importlib.util.spec_from_file_location("lens_nodes_sched", repo + "/__init__.py",
-                                              submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_sched"] = pack; spec.loader.exec_module(pack)
-N = pack.NODE_CLASS_MAPPINGS
-from lens_nodes_sched.lens_core import schedules as SC
+from safetensors.torch import load_file
+from lens_nodes_test.lens_core import schedules as SC
 import nodes as core_nodes
 from comfy_extras import nodes_custom_sampler as ncs, nodes_model_advanced as nma
 from comfy_execution.validation import validate_node_input
-
-def out(r):
-    return r.result if hasattr(r, "result") else r
 
 res = {"native": hasattr(comfy.model_base, "Lens")}
 res["sigmas_input_type"] = N["LensSampler"].INPUT_TYPES()["optional"]["sigmas"][0]
@@ -51,8 +33,7 @@ os.makedirs(f"{tmp}/diffusion_models", exist_ok=True)
 folder_paths.add_model_folder_path("diffusion_models", f"{tmp}/diffusion_models", is_default=True)
 os.symlink(tdir, f"{tmp}/diffusion_models/tiny")
 (ours,) = N["LensModelLoader"]().load("tiny", "fp32", "lens")
-d = __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-    f"{golden}/pipeline_tiny/cases/b_cfg5_6steps_emptyneg.fp32.safetensors")
+d = load_file(f"{golden}/pipeline_tiny/cases/b_cfg5_6steps_emptyneg.fp32.safetensors")
 pos = [[torch.cat([d[f"prompt_embeds_{i}"] for i in range(4)], -1),
         {"attention_mask": d["prompt_mask"].long(), "num_layers_stacked": 4}]]
 neg = [[torch.zeros(1, 0, 256), {"attention_mask": torch.zeros(1, 0, dtype=torch.long), "num_layers_stacked": 4}]]
@@ -97,14 +78,7 @@ print(json.dumps(res))
 
 @pytest.fixture(scope="module")
 def result(golden_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("schedules")
-    (tmp / "schedules.py").write_text(SCRIPT)
-    r = subprocess.run(["bash", str(TOOL), "python", comfyui_dir_or_skip(), str(tmp / "schedules.py"), str(REPO),
-                        str(golden_dir), str(tmp / "models")], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    print(json.dumps(res, indent=1))
-    return res
+    return run_script(SCRIPT, tmp_path_factory.mktemp("schedules"), golden_dir)
 
 
 @pytest.fixture(scope="module")

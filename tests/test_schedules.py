@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from lens_core import sampling as S
 from lens_core import schedules as SC
-from lens_core.config import LensDiTConfig
-from lens_core.dit import LensTransformer
 from lens_core.prompt import DEFAULT_TEMPLATE_DATE
+from test_sampling import pipe_dit  # noqa: F401  (fixture re-exported)
 
 # ComfyUI 0.33.0, recorded with: ModelSamplingFlux + CONST model_sampling, set_parameters(shift=SHIFT),
 # comfy.samplers.calculate_sigmas(ms, "simple", STEPS) (float32 values, printed as Python floats)
@@ -108,20 +107,12 @@ def test_no_schedule_within_the_limits_is_degenerate():
 # --- the sampler pieces ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pipe_dit(golden_dir):
-    root = golden_dir / "pipeline_tiny" / "transformer"
-    model = LensTransformer(LensDiTConfig.from_json(root / "config.json"))
-    model.load_state_dict(load_file(str(root / "diffusion_pytorch_model.safetensors")))
-    return model.eval()
-
-
 def golden(golden_dir, name):
     return load_file(str(golden_dir / "pipeline_tiny" / "cases" / f"{name}.fp32.safetensors"))
 
 
 @pytest.mark.parametrize("name,steps,cfg", [("a_cfg1_4steps", 4, 1.0), ("b_cfg5_6steps_emptyneg", 6, 5.0)])
-def test_sample_with_sigmas_equals_sample_with_steps(golden_dir, pipe_dit, name, steps, cfg):
+def test_sample_with_sigmas_equals_sample_with_steps(golden_dir, pipe_dit, name, steps, cfg):  # noqa: F811
     d = golden(golden_dir, name)
     feats = [d[f"prompt_embeds_{i}"] for i in range(4)]
     a = S.sample(pipe_dit, d["noise"], feats, d["prompt_mask"], grid=(4, 6), steps=steps, cfg=cfg)
