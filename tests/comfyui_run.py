@@ -12,6 +12,8 @@ import json
 import pathlib
 import subprocess
 
+import pytest
+
 from conftest import comfyui_dir_or_skip
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -43,3 +45,10 @@ def run_script(body: str, tmp: pathlib.Path, golden_dir, timeout: int = 900) -> 
     res = json.loads(r.stdout.strip().splitlines()[-1])
     print(json.dumps(res, indent=1))
     return res
+
+
+def native_or_skip(result: dict) -> dict:
+    """``result`` when the script's ComfyUI has the native Lens model (``result["native"]``), else skip."""
+    if not result["native"]:
+        pytest.skip("this ComfyUI has no native Lens model (comfy.model_base.Lens arrived in ComfyUI 0.33)")
+    return result

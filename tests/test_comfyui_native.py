@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 
-from comfyui_run import run_script
+from comfyui_run import native_or_skip, run_script
 
 pytestmark = pytest.mark.comfyui
 
@@ -183,9 +183,7 @@ def result(golden_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def native(result):
-    if not result["native"]:
-        pytest.skip("this ComfyUI has no native Lens model (comfy.model_base.Lens arrived in ComfyUI 0.33)")
-    return result
+    return native_or_skip(result)
 
 
 def test_pack_loads_and_union_type_validates(result):
