@@ -82,7 +82,10 @@ def add_batch_parser(sub, generate) -> argparse.ArgumentParser:
         description="Generate one image per line of JOBS (JSON objects keyed by generate's long option names, "
                     "plus an optional \"name\"); generate options given here are defaults for every job. Re-running "
                     "the same command skips jobs whose output exists and matches. See README 'Batch and "
-                    "clusters'.")
+                    "clusters'.",
+        epilog="exit status: 0 every job done or skipped; 2 nothing ran (bad JOBS line or option); 3 a package is "
+               "missing (PyTorch, or Ray for --ray); 130 interrupted (run again to resume); 100+k: k jobs failed "
+               "or were invalid (125 = 25 or more). Put JOBS before --ray (--ray takes an optional ADDRESS).")
     b.add_argument("jobs", metavar="JOBS", help="JSONL file, one job per line ('-' = standard input; blank lines "
                                                 "and lines starting with # are ignored)")
     b.add_argument("--out", required=True, metavar="DIR",
@@ -342,29 +345,12 @@ class JobList:
                 msg += " (give it on the batch command line or as a key of the job)"
             raise JobError(f"{where}{msg}") from None
         del ns.command
-        _absolute(ns)
-        check = argparse.Namespace(**vars(ns))
-        if self.remote and check.device == "cuda":
-            check.device = "cpu"        # the driver may have no GPU: the workers check the device
-        from .__main__ import validate_generate
-
         try:
-            plan = validate_generate(check, check_out=False)
+            key, name, ckey = self._check(ns, name)
+        except JobError:
+            raise
         except (ValueError, OSError) as exc:
             raise JobError(f"{where}{exc}") from None
-        if ns.prompt_file is not None:  # the text travels with the job (workers need not see the file)
-            ns.prompt, ns.prompt_file = plan["prompt"], None
-        params = {k: v for k, v in vars(ns).items() if k != "out"}
-        name = name or "job-" + _digest(params)[:16]
-        ns.out = os.path.join(self.out_dir, name + ".png")
-        config = {k: params[k] for k in MODEL_KEYS}
-        ckey = _digest(config)
-        if ckey not in self._model_prints:
-            self._model_prints[ckey] = _fingerprint(plan["paths"].values())
-        files = [p for p in (ns.image, ns.mask) if p is not None] + [lp for lp, _ in plan["loras"]]
-        cpu = ns.device == "cpu" or (ns.device == "auto" and plan["device"].type == "cpu")
-        key = _digest({"params": params, "model": self._model_prints[ckey],
-                       "files": {p: _stat(p) for p in files}, "threads": self.threads if cpu else None})
         if name in self.names:
             other = self.names[name]
             what = "the same job as" if other.key == key else "the name of"
@@ -373,6 +359,29 @@ class JobList:
         j = Job(line, name, vars(ns), key=key, config=ckey, loras=_digest(sorted(ns.lora)))
         self.names[name] = j
         self.jobs.append(j)
+
+    def _check(self, ns, name):
+        """Validate like ``generate`` (no weights read), make the job self-contained; (key, name, config)."""
+        from .__main__ import validate_generate
+
+        _absolute(ns)
+        check = argparse.Namespace(**vars(ns))
+        if self.remote and check.device == "cuda":
+            check.device = "cpu"        # the driver may have no GPU: the workers check the device
+        plan = validate_generate(check, check_out=False)
+        if ns.prompt_file is not None:  # the text travels with the job (workers need not see the file)
+            ns.prompt, ns.prompt_file = plan["prompt"], None
+        params = {k: v for k, v in vars(ns).items() if k != "out"}
+        name = name or "job-" + _digest(params)[:16]
+        ns.out = os.path.join(self.out_dir, name + ".png")
+        ckey = _digest({k: params[k] for k in MODEL_KEYS})
+        if ckey not in self._model_prints:
+            self._model_prints[ckey] = _fingerprint(plan["paths"].values())
+        files = [p for p in (ns.image, ns.mask) if p is not None] + [lp for lp, _ in plan["loras"]]
+        cpu = ns.device == "cpu" or (ns.device == "auto" and plan["device"].type == "cpu")
+        key = _digest({"params": params, "model": self._model_prints[ckey],
+                       "files": {p: _stat(p) for p in files}, "threads": self.threads if cpu else None})
+        return key, name, ckey
 
     def read(self, path: str, skip_invalid: bool) -> None:
         for line, text in _read_lines(path):
@@ -685,6 +694,7 @@ class Stats:
         self.done = self.skipped = self.failed = 0
         self.loads = self.lora_switches = 0
         self.image_s = 0.0
+        self.slots = 1                     # workers running at once (for the per-image overhead)
         self.workers: set = set()
 
 
@@ -789,14 +799,14 @@ def _run(args, jobs: JobList, out_dir: str, threads: int, ray_mod) -> int:
     left = len(jobs.jobs) - stats.done - stats.skipped - stats.failed
     bad = stats.failed + len(jobs.invalid)
     rate = stats.done / elapsed if elapsed > 0 and stats.done else 0.0
-    overhead = (elapsed / stats.done - stats.image_s / stats.done) if stats.done else 0.0
+    overhead = (stats.slots * elapsed - stats.image_s) / stats.done if stats.done else 0.0
     line = (f"batch: {len(jobs.jobs) + len(jobs.invalid)} job(s): {stats.done} done, {stats.skipped} skipped, "
             f"{stats.failed} failed, {len(jobs.invalid)} invalid" + (f", {left} not run" if left else "") +
             f"; {stats.loads} model load(s), {stats.lora_switches} LoRA switch(es), "
             f"{len(stats.workers - {None})} worker(s); {elapsed:.1f} s")
     if stats.done:
-        line += (f", {rate:.3g} images/s ({stats.image_s / stats.done:.3g} s model time + {overhead:.3g} s other "
-                 f"per image per worker-slot)")
+        line += (f", {rate:.3g} images/s; per image {stats.image_s / stats.done:.3g} s in the model, {overhead:.3g} "
+                 f"s of worker time outside it (loads, files, scheduling)")
     print(line, file=sys.stderr)
     print(f"manifest: {manifest.path}", file=sys.stderr)
     if interrupted:

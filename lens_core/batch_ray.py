@@ -119,6 +119,7 @@ def run_on_ray(ray, args, queue, out_dir: str, threads: int, finished, stop, sta
     actors = []
     try:
         n, opts = plan_workers(ray, args, threads, write)
+        stats.slots = n
         cls = ray.remote(BatchActor)
         actors = [cls.options(max_restarts=MAX_RESTARTS, max_task_retries=0, runtime_env=_package_env(),
                               **opts).remote(threads) for _ in range(n)]
