@@ -158,6 +158,17 @@ def _read_prompt_file(path: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
+def probe_folder(folder: str, what: str) -> None:
+    """Create ``folder`` if missing and check that a file can be written there (a temporary file, removed)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lens-write-test-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"{what}: cannot write in {folder} ({exc.strerror or exc}); fix: choose a writable "
+                              f"folder") from None
+
+
 def check_outputs(paths: list[str]) -> None:
     """Each output must be a .png path in a folder that exists (or can be created) and is writable; checked by
     creating (and removing) a temporary file there, before anything is loaded."""
@@ -175,13 +186,7 @@ def check_outputs(paths: list[str]) -> None:
         if not os.path.isdir(probe):
             raise NotADirectoryError(f"--out {path}: {probe} is a file, not a folder; fix: choose an output path in a "
                                      f"folder")
-        try:
-            os.makedirs(parent, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=parent, prefix=".lens-write-test-"):
-                pass
-        except OSError as exc:
-            raise PermissionError(f"--out {path}: cannot write in {parent} ({exc.strerror or exc}); fix: choose a "
-                                  f"writable folder") from None
+        probe_folder(parent, f"--out {path}")
         if os.path.exists(path) and not os.access(path, os.W_OK):
             raise PermissionError(f"--out {path}: the existing file is not writable; fix: choose another name")
 

@@ -206,26 +206,19 @@ def _no_constants(name):
     raise JobError(f"{name} is not a number JSON allows; fix: use a finite number")
 
 
-def _no_duplicates(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise JobError(f"the key {k!r} appears twice; fix: keep one")
-        seen[k] = v
-    return seen
-
-
 def parse_job(text: str, actions: dict, where: str) -> dict:
     """One JSON line → {dest: value} (keys checked, '-' → '_'); ``name`` kept as is."""
+    from .checkpoints.safetensors import _dup_checked
+
     try:
-        obj = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+        obj = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_dup_checked)
     except json.JSONDecodeError as exc:
         raise JobError(f"{where}invalid JSON ({exc.msg} at column {exc.colno}); fix: one JSON object per line, "
                        f"e.g. {{\"prompt\": \"a cat\", \"seed\": 1}}") from None
     except RecursionError:
         raise JobError(f"{where}JSON nested too deeply") from None
-    except JobError as exc:
-        raise JobError(f"{where}{exc}") from None
+    except ValueError as exc:             # JobError (NaN) or a key given twice
+        raise JobError(f"{where}{exc}; fix: keep one" if "twice" in str(exc) else f"{where}{exc}") from None
     if not isinstance(obj, dict):
         raise JobError(f"{where}expected a JSON object ({{\"prompt\": …}}), found {type(obj).__name__}")
     job = {}
@@ -607,6 +600,7 @@ def record(job: Job, res: dict) -> dict:
         rec["output"] = job.output
     rec.update({k: v for k, v in res.items() if k != "png"})
     rec["attempts"] = max(job.attempts, 1)
+    rec["finished"] = round(time.time(), 3)          # when this process recorded it (Unix time)
     return rec
 
 
@@ -668,17 +662,11 @@ def _lock(out_dir: str):
 
 
 def _check_out_dir(out_dir: str) -> None:
+    from .__main__ import probe_folder
+
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"--out {out_dir}: is a file; fix: name a folder (created if missing)")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        import tempfile
-
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".lens-write-test-"):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"--out {out_dir}: cannot write there ({exc.strerror or exc}); fix: choose a writable "
-                              f"folder") from None
+    probe_folder(out_dir, f"--out {out_dir}")
 
 
 def _check_positive(value, flag: str):

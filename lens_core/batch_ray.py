@@ -27,6 +27,8 @@ MAX_RESTARTS = 3
 MAX_ATTEMPTS = 3
 #: object store of a local cluster started by --ray (jobs are small JSON, results at most a PNG each)
 LOCAL_OBJECT_STORE_BYTES = 256 << 20
+#: pings of a restarting actor that answer "unavailable" before it counts as gone
+MAX_REPINGS = 100
 #: how long the first worker may take to start (model load included) before the run gives up
 START_TIMEOUT_S = 600.0
 
@@ -138,12 +140,13 @@ def run_on_ray(ray, args, queue, out_dir: str, threads: int, finished, stop, sta
 
 
 def _drive(ray, actors, queue, write_dir, gather, finished, stop, stats, write, out_dir, write_atomic):
-    from ray.exceptions import RayActorError
+    from ray.exceptions import ActorUnavailableError, RayError, RayTaskError
 
     inflight = {}                        # ref → (actor index, job)
     pings = {a.ping.remote(): i for i, a in enumerate(actors)}   # actors not (yet / again) known alive
     alive = set()
     count = [0] * len(actors)
+    repings = [0] * len(actors)
     holds = [None] * len(actors)         # (config, loras) of the last job sent to each actor
     loads = {}                           # worker name → (model loads, LoRA switches) so far
     t_start = time.monotonic()
@@ -165,7 +168,7 @@ def _drive(ray, actors, queue, write_dir, gather, finished, stop, stats, write, 
                                                                 "than its restarts allow)"})
                 break
             if not alive and not inflight and time.monotonic() - t_start > START_TIMEOUT_S:
-                raise RuntimeError(f"--ray: no worker started within {START_TIMEOUT_S:.0f} s (cluster resources "
+                raise TimeoutError(f"--ray: no worker started within {START_TIMEOUT_S:.0f} s (cluster resources "
                                    f"{ray.cluster_resources()}); fix: check the cluster (ray status) or lower "
                                    f"--workers / --cpus-per-worker")
             fill()
@@ -176,14 +179,21 @@ def _drive(ray, actors, queue, write_dir, gather, finished, stop, stats, write, 
                     try:
                         ray.get(ref)
                         alive.add(i)
-                    except RayActorError:
+                    except ActorUnavailableError:     # still restarting: ask again
+                        repings[i] += 1
+                        if repings[i] <= MAX_REPINGS:
+                            pings[actors[i].ping.remote()] = i
+                    except RayError:
                         write(f"ray: worker {i} is gone for good (restarts used up)")
                     continue
                 i, job = inflight.pop(ref)
                 count[i] -= 1
                 try:
                     res = ray.get(ref)
-                except RayActorError as exc:
+                except RayTaskError as exc:       # raised by the job's code itself (run_safe lets none through)
+                    finished(job, {"status": "failed", "error": str(exc).strip()[-500:]})
+                    continue
+                except RayError as exc:           # the worker is gone: process killed, node lost, out of memory
                     holds[i] = None
                     if i in alive:
                         alive.discard(i)

@@ -5,10 +5,12 @@
 "local" = in-process (one worker), "ray N" = a local Ray cluster with N one-CPU workers (``--ray
 --cpus-per-worker 1 --threads 1``; skipped without Ray); "resume" = the in-process command run again (every job
 skipped). Columns: ``command_s`` the whole command (Python start, validation, cluster start), ``run_s`` the
-run itself as its summary prints it (model loads included), ``img_per_s`` = jobs / run_s, ``model_s`` the
-median time in the pipeline per image, ``worker_other_s`` the median per-image time a worker spends outside the
-pipeline (validation, PNG encoding, the atomic write), ``overhead_s`` = workers × run_s / jobs − model_s (all
-worker time not spent rendering: loads, scheduling, idle at the end).
+run itself as its summary prints it (worker start and model loads included), ``img_per_s`` = jobs / run_s,
+``steady_img_per_s`` the rate once every worker has its model loaded (from the manifest's ``finished`` times),
+``model_s`` the median time in the pipeline per image, ``worker_other_s`` the median per-image time a worker
+spends outside the pipeline (validation, PNG encoding, the atomic write), ``steady_overhead_s`` = workers /
+steady_img_per_s − model_s: per image, the worker time not spent in the model (worker_other_s plus scheduling
+and waiting).
 """
 from __future__ import annotations
 
@@ -48,9 +50,12 @@ def _row(label, workers, out, n, command_s, run_s):
     model = statistics.median(r["timings"]["image_s"] for r in recs)
     other = statistics.median(r["timings"]["total_s"] - r["timings"]["image_s"] - r["timings"].get("load_s", 0)
                               for r in recs)
+    ends = sorted(r["finished"] for r in recs)
+    # steady state: from the moment every worker has finished its first image (its load) to the last image
+    steady = (n - workers) / (ends[-1] - ends[workers - 1]) if n > workers and ends[-1] > ends[workers - 1] else 0
     return {"run": label, "workers": workers, "jobs": n, "command_s": command_s, "run_s": run_s,
-            "img_per_s": n / run_s, "model_s": model, "worker_other_s": other,
-            "overhead_s": workers * run_s / n - model}
+            "img_per_s": n / run_s, "steady_img_per_s": steady, "model_s": model, "worker_other_s": other,
+            "steady_overhead_s": workers / steady - model if steady else float("nan")}
 
 
 def run(args):
