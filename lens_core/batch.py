@@ -190,8 +190,11 @@ def _read_lines(path: str):
             if n > MAX_JOBS:
                 raise ValueError(f"JOBS {label}: more than {MAX_JOBS} lines; fix: split the job list")
             if len(raw) > MAX_LINE_BYTES:
-                raise ValueError(f"JOBS {label} line {n}: longer than {MAX_LINE_BYTES} bytes; fix: one job per "
-                                 f"line (a prompt is cut at 512 tokens anyway)")
+                while raw and not raw.endswith(b"\n"):          # skip the rest of the line
+                    raw = f.readline(MAX_LINE_BYTES)
+                yield n, JobError(f"longer than {MAX_LINE_BYTES} bytes; fix: one job per line (a prompt is cut "
+                                  f"at 512 tokens anyway)")
+                continue
             try:
                 yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as exc:
