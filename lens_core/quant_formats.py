@@ -160,6 +160,10 @@ class QuantFormat:
     activation = "float"         # what ComfyUI does with activations on the CPU: "float", "int8" or "int4"
     bits = 8                     # bits per weight (for descriptions)
 
+    def require_kitchen(self):
+        """QuantFormatError (naming ``pip install comfy-kitchen``) when this format cannot run here."""
+        _kitchen(self.name)
+
     # -- options ---------------------------------------------------------------------------------------
     def options(self, marker: dict, layer: str, in_features: int | None = None) -> dict:
         """Validated options of this format from a marker dict (top-level keys win over ``params``)."""
@@ -312,6 +316,9 @@ class _Float8(QuantFormat):
 
 class _MXFP8(QuantFormat):
     name, layout = "mxfp8", "TensorCoreMXFP8Layout"
+
+    def require_kitchen(self):
+        pass    # the pack's own torch MXFP8 code runs without comfy-kitchen
 
     def tensor_specs(self, out_f, in_f, options):
         rows, cols = _ceil_to(out_f, 32), _ceil_to(in_f, 32)

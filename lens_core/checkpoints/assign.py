@@ -252,6 +252,7 @@ def quant_plan(source: TensorSource, name: str, marker: dict, out_f: int, in_f: 
     Linear whose weight reader dequantizes, in ``dtype``)."""
     try:
         fmt, options = qf.parse_marker(marker, name, in_f)
+        fmt.require_kitchen()
         keys = {s: k for s, k in tensors.get(name, {}).items() if s not in ("bias", "comfy_quant")}
         found = {s: (source.dtype(k), tuple(source.shape(k))) for s, k in keys.items()}
         layout = fmt.layout_of(out_f, in_f, options, name, found)

@@ -154,7 +154,8 @@ def quant_layers(source: TensorSource, component: str, prefix: str = "") -> dict
             e = source.entry(k)
             if e.dtype not in ("U8", "I8") or len(e.shape) != 1 or e.nbytes > MAX_MARKER_BYTES:
                 raise CheckpointError(f"{source.file_of(k)}: tensor {k!r} expected a 1-D U8 JSON quantization "
-                                      f"marker of at most {MAX_MARKER_BYTES} bytes, found {e.dtype}{list(e.shape)}")
+                                      f"marker (a small JSON object) of at most {MAX_MARKER_BYTES} bytes, found "
+                                      f"{e.dtype}{list(e.shape)}; the file is corrupt or crafted")
             layers[k[: -len(".comfy_quant")]] = source.read(k).view(torch.uint8).numpy().tobytes()
     allowed = QUANT_FORMATS.get(component, ())
     out = {}

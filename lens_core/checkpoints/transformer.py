@@ -34,8 +34,9 @@ def dit_config_from_shapes(source: TensorSource) -> dict:
     return cfg
 
 
-def check_dit_config(source: TensorSource, cfg) -> None:
-    """The config against the tensors present, before anything is built (sizes, depth, widths)."""
+def check_dit_config(source: TensorSource, cfg, quantized=()) -> None:
+    """The config against the tensors present, before anything is built (sizes, depth, widths). The weights of
+    ``quantized`` layers (packed / padded storage) are checked against the built layers instead (quant_plan)."""
     desc = (f"num_layers={cfg.num_layers}, width={cfg.num_attention_heads}x{cfg.attention_head_dim}, "
             f"enc_hidden_dim={cfg.enc_hidden_dim}")
     found = block_count(source, r"transformer_blocks\.(\d+)\.")
@@ -43,13 +44,14 @@ def check_dit_config(source: TensorSource, cfg) -> None:
         raise CheckpointError(f"{source.origin}: {source.config_path or 'the config'} says num_layers="
                               f"{cfg.num_layers}, the file holds {found} transformer_blocks; the config does not "
                               f"belong to these weights. Fix: use this checkpoint's own config.json (or none)")
-    expect_shapes(source, {
+    wanted = {
         "img_in.weight": (cfg.width, cfg.in_channels),
         "proj_out.weight": (cfg.out_features, cfg.width),
         "txt_norm.0.weight": (cfg.enc_hidden_dim,),
         "transformer_blocks.0.attn.norm_q.weight": (cfg.attention_head_dim,),
         "transformer_blocks.0.img_mlp.w1.weight": (cfg.mlp_hidden, cfg.width),
-    }, desc)
+    }
+    expect_shapes(source, {k: v for k, v in wanted.items() if k[: -len(".weight")] not in quantized}, desc)
 
 
 def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, config=None,
@@ -85,13 +87,13 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
     else:
         cfg_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     cfg = checked_config(lambda: LensDiTConfig.from_dict(cfg_dict), source, "transformer")
-    check_dit_config(source, cfg)
-    var, var_src = detect_variant(path, source, variant)
     # Comfy-Org MXFP8 files without markers: an F8_E4M3 weight with a weight_scale sibling is an mxfp8 layer
     for k in source.keys():
-        if k.endswith(".weight_scale") and source.dtype(k[: -len("_scale")]) == "F8_E4M3" \
-                and k[: -len(".weight_scale")] not in qlayers:
+        if k.endswith(".weight_scale") and k[: -len("_scale")] in source \
+                and source.dtype(k[: -len("_scale")]) == "F8_E4M3" and k[: -len(".weight_scale")] not in qlayers:
             qlayers[k[: -len(".weight_scale")]] = {"format": "mxfp8"}
+    check_dit_config(source, cfg, qlayers)
+    var, var_src = detect_variant(path, source, variant)
 
     special, consumed, counts = {}, set(), {}
     tensors = layer_tensors(source)
