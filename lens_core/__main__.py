@@ -35,7 +35,7 @@ FLAG_NAMES = {"path": "--model", "transformer": "--model", "text_encoder": "--te
               "tokenizer": "--tokenizer", "prompt": "--prompt", "negative_prompt": "--negative",
               "height": "--height", "width": "--width", "aspect": "--aspect", "base": "--base", "steps": "--steps",
               "cfg": "--cfg", "seed": "--seed", "num_images": "--num-images", "image": "--image",
-              "denoise": "--denoise", "batch_index": "--batch-index", "mask": "--mask"}
+              "denoise": "--denoise", "batch_index": "--batch-index", "mask": "--mask", "schedule": "--schedule"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, help="image width (with --height; multiples of 16)")
     g.add_argument("--steps", type=int, help="default: the variant's (Lens 20, Turbo 4, Base 50)")
     g.add_argument("--cfg", type=float, help="default: the variant's (Lens 5, Turbo 1, Base 5)")
+    g.add_argument("--schedule", default="official", metavar="NAME[:SHIFT]",
+                   help="sigma schedule: official (default, the Lens pipeline's), simple (ComfyUI's native Lens "
+                        "template: ModelSamplingFlux 1.15/0.5 + the simple scheduler) or simple:SHIFT (e.g. "
+                        "simple:1.829, a native Lens model without ModelSamplingFlux)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", type=int, default=1,
                    help="images to generate, one after another (writes out_0.png, out_1.png, ...)")
@@ -102,6 +106,8 @@ def _png_info(params: dict):
                f"Steps: {params['steps']}, CFG scale: {params['cfg']}, Seed: {params['seed']}{index}, "
                f"Size: {params['width']}x{params['height']}, Model: {VARIANT_NAMES.get(params['variant'], params['variant'])}, "
                f"Denoise: {params['denoise']}, Dtype: {params['dtype']}, Template date: {params['template_date']}")
+    if params.get("schedule", "official") != "official":
+        summary += f", Schedule: {params['schedule']}"
     if params.get("loras"):
         summary += ", Lora: " + " ".join(f"{d['file']}:{d['strength']:g}" for d in params["loras"])
     if params.get("original_prompt") is not None:
@@ -201,7 +207,7 @@ def validate_generate(args) -> dict:
     request = check_request(prompt, args.negative, height=height, width=width, aspect=aspect, base=base,
                             steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=1, image=args.image,
                             denoise=args.denoise, mask=args.mask, template_date=args.date,
-                            batch_index=first + n - 1, names=names)
+                            batch_index=first + n - 1, schedule=args.schedule, names=names)
     note = None
     if args.image is not None and args.denoise is None and args.mask is None:
         note = (f"note: --image without --denoise: img2img at --denoise {request['denoise']} (keeps the image's "
@@ -240,6 +246,8 @@ def _command(args, plan, params: dict) -> str:
         cmd += ["--negative", params["negative_prompt"]]
     cmd += ["--height", str(params["height"]), "--width", str(params["width"]), "--steps", str(params["steps"]),
             "--cfg", repr(params["cfg"]), "--seed", str(params["seed"]), "--batch-index", str(params["batch_index"])]
+    if params.get("schedule", "official") != "official":
+        cmd += ["--schedule", params["schedule"]]
     if args.image is not None:
         cmd += ["--image", os.path.abspath(args.image), "--denoise", repr(params["denoise"])]
     if args.mask is not None:
@@ -274,7 +282,7 @@ def run_generate(args, plan: dict) -> int:
         out = pipe(plan["prompt"], negative_prompt=args.negative, height=req["height"], width=req["width"],
                    steps=req["steps"], cfg=req["cfg"], seed=req["seed"], num_images=1,
                    batch_index=plan["first"] + k, image=image, denoise=req["denoise"], mask=req["mask"],
-                   template_date=req["template_date"])
+                   template_date=req["template_date"], schedule=req["schedule"])
         params = dict(out.image_parameters[0], model=os.path.abspath(args.model),
                       init_image=None if args.image is None else os.path.abspath(args.image),
                       mask=None if args.mask is None else os.path.abspath(args.mask), device=plan["device"].type)
