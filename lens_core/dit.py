@@ -407,6 +407,8 @@ class LensTransformer(nn.Module):
                     txt, img = block(img, txt, temb, rope, attn_mask, exact)
         return self.proj_out(self.norm_out(img, temb, exact))  # 8.
 
+    velocity = forward      # the token-layout forward under a name a subclass's host convention leaves alone
+
     def run_blocks(self, img, txt, temb, rope, attn_mask, exact, options, control=None, patch_input=None):
         """Step 7 with a host's patch points (the keys ComfyUI's native Lens model honours), returns (txt, img).
 

@@ -116,11 +116,13 @@ def test_input_and_return_types_valid(pack, name):
 
 def test_custom_types_chain(pack):
     m = pack.NODE_CLASS_MAPPINGS
-    assert m["LensModelLoader"].RETURN_TYPES == ("LENS_MODEL",)
-    assert m["LensCheckpointLoader"].RETURN_TYPES == ("LENS_MODEL", "LENS_TEXT_ENCODER", "LENS_VAE")
+    # the DiT is a native MODEL (issue 24); LENS_MODEL, its type before, stays accepted for links saved with it
+    assert m["LensModelLoader"].RETURN_TYPES == ("MODEL",)
+    assert m["LensCheckpointLoader"].RETURN_TYPES == ("MODEL", "LENS_TEXT_ENCODER", "LENS_VAE")
+    assert m["LensLoraLoader"].RETURN_TYPES == ("MODEL",)
     assert m["LensTextEncode"].RETURN_TYPES == ("CONDITIONING",)
-    # a comma union: the pack's LENS_MODEL (what the three workflows connect) or a native Lens MODEL
-    assert m["LensSampler"].INPUT_TYPES()["required"]["model"][0].split(",") == ["LENS_MODEL", "MODEL"]
+    for node in ("LensSampler", "LensLoraLoader"):
+        assert m[node].INPUT_TYPES()["required"]["model"][0].split(",") == ["LENS_MODEL", "MODEL"]
     assert m["LensVAEDecode"].RETURN_TYPES == ("IMAGE",)
     assert m["LensVAEEncode"].RETURN_TYPES == ("LATENT",)
 
@@ -227,7 +229,7 @@ def test_every_use_loads_through_comfy(pack, loaded, stub_only):
     import comfy.ops
 
     for key in ("model", "te", "vae"):
-        patcher = loaded[key].patcher
+        patcher = loaded[key] if key == "model" else loaded[key].patcher        # the DiT is a MODEL (a patcher)
         assert isinstance(patcher, comfy.model_patcher.ModelPatcher)
         linears = [m for m in patcher.model.modules() if isinstance(m, torch.nn.Linear)]
         assert linears and all(isinstance(m, comfy.ops.manual_cast.Linear) for m in linears), key
@@ -235,7 +237,7 @@ def test_every_use_loads_through_comfy(pack, loaded, stub_only):
     graph(pack, loaded, steps=2, cfg=5.0, encode=True)
     order = [(calls[0].model, mem) for calls, mem, _ in mm.LOAD_CALLS]
     roles = [type(m).__name__ for m, _ in order]
-    assert roles == ["LensTextEncoder", "LensTransformer", "LensVAE"], roles   # empty negative: no encode
+    assert roles == ["LensTextEncoder", "LensPackModel", "LensVAE"], roles   # empty negative: no encode
     assert all(mem > 0 for _, mem in order)
     assert all(len(calls) == 1 for calls, _, _ in mm.LOAD_CALLS)
 
@@ -329,7 +331,7 @@ def test_noise_mask_inpaints_only_the_masked_area(pack, loaded):
 
 def test_single_file_loaders_and_wrong_files(pack, loaded, models_dir):
     (model,) = run(pack, "LensModelLoader", model_name="Lens-tiny", weight_dtype="default", variant="turbo")
-    assert model.variant == "turbo"
+    assert model.model.lens.variant == "turbo"
     # a lone VAE file has no config.json: the loader derives the widths from the shapes (the tiny VAE's 8
     # norm groups cannot be, so only the folder-loaded VAE decodes like the golden pipeline)
     (vae_file,) = run(pack, "LensVAELoader", vae_name="tiny-flux2-vae.safetensors")
@@ -430,7 +432,8 @@ def test_one_forward_per_step_and_tiled_decode(pack, loaded):
     """CFG 1: one DiT forward per step on the positive only; CFG > 1: one batched [pos; neg] forward per step.
     Tiled decode (forced on) matches the untiled one for an image that fits one tile."""
     calls = []
-    handle = loaded["model"].module.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
+    dit = loaded["model"].model.diffusion_model           # img_in runs once per DiT forward
+    handle = dit.img_in.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
     try:
         _, _, out, image = graph(pack, loaded, steps=3, cfg=1.0)
         assert calls == [1, 1, 1]

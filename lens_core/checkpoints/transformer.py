@@ -60,7 +60,8 @@ def _mxfp8_scale_reader(rows, cols):
 
 
 def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, config=None,
-                     variant: str | None = None, fp8: bool = False, mxfp8_dequantize: bool = False):
+                     variant: str | None = None, fp8: bool = False, mxfp8_dequantize: bool = False,
+                     dit_class=None):
     """A ``LensTransformer`` from any DiT family (diffusers folder/shards, Comfy bf16 or mxfp8 file, GGUF file of
     the stable-diffusion.cpp layout: Comfy/diffusers names, quantized Linears kept quantized).
 
@@ -68,10 +69,13 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
     ``fp8=True`` stores eligible Linears (not img_mod/txt_mod, not norms) as float8_e4m3fn + row scale.
     MXFP8 layers stay MXFP8 (dequantized per call) unless ``mxfp8_dequantize=True``.
     ``config`` (dict or LensDiTConfig) overrides config.json / shape-derived values.
+    ``dit_class``: the module class to build (a ``LensTransformer`` subclass a host adds its call convention to).
     """
     from ..config import LensDiTConfig
     from ..dit import LensTransformer
 
+    if dit_class is not None and not (isinstance(dit_class, type) and issubclass(dit_class, LensTransformer)):
+        raise TypeError(f"dit_class: expected a LensTransformer subclass, got {dit_class!r}")
     source = open_source(path, "transformer")
     det = _expect(source, "transformer")
     source = strip_prefix(source, det.prefix)
@@ -93,7 +97,7 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
         raise CheckpointError(f"{source.origin}: layer(s) {missing_scale[:3]} are marked mxfp8 but have no "
                               f"F8_E4M3 weight + weight_scale pair")
     with init_empty_weights():
-        model = LensTransformer(cfg, operations=operations, device=None, dtype=dtype)
+        model = (dit_class or LensTransformer)(cfg, operations=operations, device=None, dtype=dtype)
     # GGUF: quantized Linears stay in their GGML type (GGUFLinear); F16/F32 tensors are cast like safetensors
     special, consumed = keep_gguf_linears(model, source, dtype), set()
     for name, mod in list(model.named_modules()):
