@@ -473,7 +473,7 @@ class LensTransformer(nn.Module):
         else:
             mask = attention_mask.reshape(b, -1).to(device=x.device) != 0
         t = model_timestep(torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b), x.dtype)
-        out = self.forward(pack_latents(x), context, mask, t, grid=(h, w), exact=exact,
+        out = self.velocity(pack_latents(x), context, mask, t, grid=(h, w), exact=exact,
                            transformer_options=transformer_options, control=control, patch_input=x)
         return unpack_latents(out, h, w)
 

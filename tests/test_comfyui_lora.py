@@ -20,7 +20,7 @@ from test_comfyui_integration import REPO, TOOL
 pytestmark = pytest.mark.comfyui
 
 SCRIPT = r'''
-import copy, dataclasses, importlib.util, json, sys, torch
+import copy, importlib.util, json, sys, torch
 repo, models, loras = sys.argv[1], sys.argv[2], sys.argv[3]
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
@@ -31,7 +31,7 @@ spec = importlib.util.spec_from_file_location("lens_nodes_lora", repo + "/__init
                                               submodule_search_locations=[repo])
 pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_lora"] = pack; spec.loader.exec_module(pack)
 from lens_nodes_lora.lens_core import lora as lo
-from lens_nodes_lora.nodes import comfy_bridge as bridge
+from lens_nodes_lora.nodes import native_model
 N = pack.NODE_CLASS_MAPPINGS
 L = N["LensLoraLoader"]()
 model, te, vae = N["LensCheckpointLoader"]().load("Lens-tiny")
@@ -51,10 +51,11 @@ def rel(a, b):
 def reference(m, items):
     """lens_core's own merge on a private copy of the (unpatched) DiT, run through the same sampler node."""
     mm.unload_all_models()
-    mod = copy.deepcopy(m.module)
+    mod = copy.deepcopy(m.model.diffusion_model)
     for name, s in items:
         lo.apply_lora(mod, loras + "/" + name, s)
-    return run(dataclasses.replace(m, patcher=bridge.make_patcher(mod, "diffusion"), loras=()))
+    info = m.model.lens
+    return run(native_model.build(mod, info.variant, info.dtype, info.path))
 
 out = {}
 base_img = image(model)
@@ -76,8 +77,8 @@ out["stacked_vs_lens_core"] = rel(rab, reference(model, [("a.safetensors", 1.0),
 out["base_weights_untouched"] = bool(torch.equal(run(model), base))
 # partial (lowvram) load of the LoRA'd model: ComfyUI patches the layers it leaves offloaded per call
 mm.unload_all_models()
-a.patcher.load(a.patcher.load_device, lowvram_model_memory=1)
-out["lowvram_patched_layers"] = sum(1 for mod in a.patcher.model.modules() if getattr(mod, "weight_function", None))
+a.load(a.load_device, lowvram_model_memory=1)
+out["lowvram_patched_layers"] = sum(1 for mod in a.model.modules() if getattr(mod, "weight_function", None))
 low = N["LensSampler"]().sample(a, pos, neg, lat, 3, 4, 5.0, 1.0)[0]["samples"]
 out["lowvram_vs_full"] = rel(low, ra)
 out["lowvram_bit_equal"] = bool(torch.equal(low, ra))
