@@ -171,7 +171,7 @@ out["timesteps_official"] = [round(1000.0 * float(t), 2) for t in official_t][:5
 out["timesteps_native"] = [float(t) for t in (sig.to(torch.bfloat16) * 1000.0).float()][:5]
 blk = native.model.diffusion_model.transformer_blocks[0]
 out["qk_norm_eps"] = {"native": float(blk.attn.norm_q.eps),
-                      "ours": float(model.module.transformer_blocks[0].attn.norm_q.eps)}
+                      "ours": float(model.model.diffusion_model.transformer_blocks[0].attn.norm_q.eps)}
 print(json.dumps(out))
 '''
 
