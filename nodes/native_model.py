@@ -146,7 +146,7 @@ class LensPackModel(comfy.model_base.BaseModel):
         """Activation bytes of one forward on ``input_shape`` [B, 128, h, w] (the pack's DiT estimate, as
         LensSampler uses)."""
         b, h, w = int(input_shape[0]), int(input_shape[-2]), int(input_shape[-1])
-        return bridge.dit_memory(self.lens.config, b, h * w, TEXT_TOKENS_ESTIMATE, self.get_dtype_inference())
+        return bridge.dit_memory(self.lens.config, b, h * w, TEXT_TOKENS_ESTIMATE, self.lens.dtype)
 
 
 def build(dit: LensDiffusionModel, variant: str, compute_dtype: torch.dtype, path: str):

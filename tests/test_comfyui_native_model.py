@@ -85,7 +85,7 @@ res["kind"] = {"patcher": type(model).__name__, "model": type(inner).__name__,
                "sampling": [c.__name__ for c in type(inner.model_sampling).__mro__],
                "shift": float(inner.model_sampling.shift), "official_shift": S.empirical_mu(8100, 20),
                "cfg_official": model.model_options.get("sampler_cfg_function") is NM.official_cfg,
-               "dtype": str(inner.get_dtype_inference()),
+               "dtype": str(inner.manual_cast_dtype or inner.get_dtype()),   # what apply_model casts x to
                "keys": sorted(k for k in inner.state_dict() if k.startswith("diffusion_model.img_in."))}
 
 forwards = []                          # one entry (rows) per DiT forward
