@@ -436,8 +436,9 @@ def _build_target(name: str, kind: str, parts: dict, keys: dict, alpha, meta: _M
             scale = a / rank
     if not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
         a = alpha if alpha is not None else _pattern_alpha(meta, name)
-        raise LoraError(f"{path}: target {name} ({first}): scale {scale:.3g} (alpha {a!r} / rank {rank}); expected at most {MAX_SCALE:g} (trainers write alpha between 1 and a "
-                        f"few times the rank). Fix: correct the alpha (.alpha tensors or metadata) or re-export")
+        raise LoraError(f"{path}: target {name} ({first}): scale {scale:.3g} (alpha {a!r} / rank {rank}); expected "
+                        f"at most {MAX_SCALE:g} (trainers write alpha between 1 and a few times the rank). Fix: "
+                        f"correct the alpha (.alpha tensors or metadata) or re-export")
     f = {k: v.float().contiguous() for k, v in f.items()}
     return LoraTarget(kind, f, float(scale), first)
 
