@@ -19,6 +19,7 @@ import torch
 from . import checkpoints as ck
 from . import config as cf
 from .config import aspect_buckets, pack_latents, unpack_latents, variant_defaults, variant_name
+from .checks import link_problem
 from .hardware import choose_dtype, resolve_device
 from .images import open_image, to_rgb, to_tensor
 from .prompt import DEFAULT_TEMPLATE_DATE, check_text, encode_prompts, resolve_date
@@ -576,6 +577,8 @@ def check_headers(paths: dict) -> None:
 
 def _check_exists(p: str, label: str):
     if not os.path.exists(p):
+        if link_problem(p, label):
+            raise link_problem(p, label)
         parent = os.path.dirname(os.path.abspath(p))
         hint = (f"; {parent} holds {sorted(os.listdir(parent))[:12]}" if os.path.isdir(parent) else
                 f"; its folder {parent} does not exist either")
