@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="img2img strength in (0, 1] (default 0.6 with --image alone, 1 with --mask or without "
                         "--image)")
     g.add_argument("--mask", help="inpainting mask image for --image: white = regenerate, black = keep "
-                                  "(masked denoising; works with any --denoise)")
+                                  "(masked denoising; works with any --denoise); a mask with transparency is read "
+                                  "as ComfyUI's LoadImage does: transparent = regenerate")
     g.add_argument("--enhance", action="store_true",
                    help="rewrite the prompt first with the official Lens reasoner (GPT-OSS, needs the diffusers "
                         "text_encoder/ with lm_head); prints it and stores both prompts in the PNG")
@@ -85,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8", action="store_true", help="store the DiT block Linears as fp8 e4m3fn")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LoRA/LoHa/LoKr file for the DiT, strength default 1.0 (repeatable: adapters stack)")
-    g.add_argument("--out", required=True, help="output PNG (several images: out_0.png, out_1.png, ...)")
+    g.add_argument("--out", required=True, help="output PNG (several images: out_0.png, out_1.png, ...); an "
+                   "existing file is never replaced unless --overwrite")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     i = sub.add_parser("inspect", help="describe a checkpoint file or folder")
     i.add_argument("path")
@@ -149,10 +152,14 @@ def _read_prompt_file(path: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-def check_outputs(paths: list[str]) -> None:
+def check_outputs(paths: list[str], overwrite: bool = False) -> None:
     """Each output must be a .png path in a folder that exists (or can be created) and is writable; checked by
-    creating (and removing) a temporary file there, before anything is loaded."""
+    creating (and removing) a temporary file there, before anything is loaded. An existing file is an error
+    unless ``overwrite`` (``--overwrite``)."""
     for path in paths:
+        if os.path.lexists(path) and not os.path.isdir(path) and not overwrite:
+            raise FileExistsError(f"--out {path}: the file exists ({_describe_existing(path)}); it is never replaced "
+                                  f"silently; fix: --overwrite to replace it, or choose another --out name")
         if os.path.splitext(path)[1].lower() != ".png":
             raise ValueError(f"--out {path}: expected a .png file name, found "
                              f"{os.path.splitext(path)[1] or 'no extension'}; fix: e.g. --out "
@@ -175,6 +182,13 @@ def check_outputs(paths: list[str]) -> None:
                                   f"writable folder") from None
         if os.path.exists(path) and not os.access(path, os.W_OK):
             raise PermissionError(f"--out {path}: the existing file is not writable; fix: choose another name")
+
+
+def _describe_existing(path: str) -> str:
+    try:
+        return f"{os.path.getsize(path)} bytes" if not os.path.islink(path) else f"a link to {os.readlink(path)}"
+    except OSError:
+        return "unreadable"
 
 
 def validate_generate(args) -> dict:
@@ -207,7 +221,7 @@ def validate_generate(args) -> dict:
         note = (f"note: --image without --denoise: img2img at --denoise {request['denoise']} (keeps the image's "
                 f"layout and colours; lower keeps more, 1.0 uses the image only for its size)")
     outputs = out_paths(args.out, n, first)
-    check_outputs(outputs)
+    check_outputs(outputs, getattr(args, "overwrite", False))
     paths = resolve_paths(args.model, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
                           names=FLAG_NAMES)
     from .lora import parse_lora_arg
@@ -281,7 +295,8 @@ def run_generate(args, plan: dict) -> int:
         if plan["enhance"]:
             print(f"enhanced prompt: {params['prompt']}")
         params["command"] = _command(args, plan, params)
-        out.images[0].save(path, pnginfo=_png_info(params))
+        with open(path, "wb" if args.overwrite else "xb") as f:   # "x": never replace a file made meanwhile
+            out.images[0].save(f, format="PNG", pnginfo=_png_info(params))
         print(path)
     return 0
 

@@ -36,6 +36,14 @@ DEFAULT_MAX_NEW_TOKENS = 4096      # official PromptReasoner default
 DEFAULT_TEMPERATURE = 0.7          # official PromptReasoner default
 DEFAULT_TOP_K = 50                 # transformers' generate default (the official call sets none)
 DEFAULT_EOS_IDS = (200002, 199999, 200012)   # openai/gpt-oss-20b generation_config.json: <|return|> <|endoftext|> <|call|>
+#: Token budget of the prompt to rewrite (the official code has none). Lens reads at most 512 tokens of any
+#: prompt (template included), so a longer input is not a prompt to rewrite; the cut keeps prefill time bounded
+#: (a 100 000-character prompt would otherwise be prefilled whole: minutes on a CPU). Longer prompts are cut at
+#: the end with a warning; ``max_prompt_tokens`` changes it.
+MAX_PROMPT_TOKENS = 1024
+#: Characters read before tokenizing (cut first, with the same warning): 64 per budget token, far more than any
+#: tokenizer needs, so the first ``MAX_PROMPT_TOKENS`` tokens are the same; bounds the tokenizer's time too.
+CHARS_PER_TOKEN_BOUND = 64
 REASONING = "low"
 DATA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "lens_reasoner_prompt.json")
 ASSISTANT_OPEN = "<|end|><|start|>assistant"
@@ -363,41 +371,55 @@ def clean_output(text: str) -> str:
 # the enhancer
 
 
-def enhance_ids(tokenizer, text: str, max_new_tokens: int, context: int, date=None) -> torch.Tensor:
-    """Token ids ``[1, T]`` of the rendered enhancer conversation. The prompt's own tokens are cut on the right
-    (with a warning giving the count) so that template + prompt + ``max_new_tokens`` fit in ``context``."""
-    return _enhance_ids(tokenizer, text, max_new_tokens, context, date)[0]
+def enhance_ids(tokenizer, text: str, max_new_tokens: int, context: int, date=None,
+                max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> torch.Tensor:
+    """Token ids ``[1, T]`` of the rendered enhancer conversation. The prompt's own tokens are cut at the end
+    (with a warning giving the counts) to ``max_prompt_tokens`` and so that template + prompt +
+    ``max_new_tokens`` fit in ``context``."""
+    return _enhance_ids(tokenizer, text, max_new_tokens, context, date, max_prompt_tokens)[0]
 
 
-def _enhance_ids(tokenizer, text, max_new_tokens, context, date):
+def _enhance_ids(tokenizer, text, max_new_tokens, context, date, max_prompt_tokens=MAX_PROMPT_TOKENS):
     """(:func:`enhance_ids`, the number of template tokens before the prompt: the same for every prompt)."""
+    text = lens_prompt.check_text(text, "prompt")
+    _check_number("max_prompt_tokens", max_prompt_tokens, 1, integer=True)
     head, tail = render_parts(date)
-    head_ids, prompt_ids, tail_ids = tokenizer.encode([head, text, tail])
+    chars = max_prompt_tokens * CHARS_PER_TOKEN_BOUND
+    cut_chars = len(text) > chars
+    head_ids, prompt_ids, tail_ids = tokenizer.encode([head, text[:chars], tail])
     room = context - max_new_tokens - len(head_ids) - len(tail_ids)
     if room < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: the enhancer template takes "
                          f"{len(head_ids) + len(tail_ids)} tokens, so at most "
                          f"{context - len(head_ids) - len(tail_ids) - 1} new tokens fit in the {context}-token "
                          f"context; lower max_new_tokens")
-    if len(prompt_ids) > room:
-        warnings.warn(f"prompt enhancer: the prompt is {len(prompt_ids)} tokens; truncated to {room} tokens so that "
-                      f"the template and {max_new_tokens} new tokens fit in the {context}-token context "
-                      f"({len(prompt_ids) - room} tokens dropped from the end)", stacklevel=3)
-        prompt_ids = prompt_ids[:room]
+    keep = min(room, max_prompt_tokens)
+    if len(prompt_ids) > keep or cut_chars:
+        found = (f"{len(text)} characters (more than {len(prompt_ids)} tokens)" if cut_chars else
+                 f"{len(prompt_ids)} tokens")
+        why = (f"the enhancer's prompt budget (max_prompt_tokens={max_prompt_tokens}; Lens itself reads at most 512 "
+               f"tokens of a prompt)" if keep == max_prompt_tokens else
+               f"what fits with the template and {max_new_tokens} new tokens in the {context}-token context")
+        dropped = f"{len(prompt_ids) - keep} tokens" if not cut_chars else f"{len(text) - chars} characters and more"
+        warnings.warn(f"prompt enhancer: the prompt is {found}; truncated to {min(keep, len(prompt_ids))} tokens, "
+                      f"{why} ({dropped} dropped from the end)", UserWarning, stacklevel=3)
+        prompt_ids = prompt_ids[:keep]
     return torch.tensor([head_ids + prompt_ids + tail_ids], dtype=torch.long), len(head_ids)
 
 
 def enhance(encoder, tokenizer, prompt: str, *, seed=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K, date=None, context=None,
-            callback=None, device=None, load_weights: bool = True) -> str:
+            callback=None, device=None, load_weights: bool = True,
+            max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> str:
     """Rewrite ``prompt`` into a long, dense Lens caption with the official reasoner (see the module doc).
 
     An empty (or whitespace-only) prompt is returned unchanged without running the model; an output with no
     usable final answer (e.g. cut off by ``max_new_tokens`` during its analysis) gives the original prompt.
     ``context``: token budget of template + prompt + new tokens (default: the model's
-    ``max_position_embeddings``). ``load_weights``: load the generation weights on demand."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt: expected a string, found {type(prompt).__name__}")
+    ``max_position_embeddings``). ``max_prompt_tokens``: the prompt's own budget (:data:`MAX_PROMPT_TOKENS`;
+    a longer prompt is cut at the end with a warning). ``load_weights``: load the generation weights on demand.
+    ``prompt`` must be a string of valid UTF-8 (None, or a lone surrogate from undecodable bytes: ValueError)."""
+    prompt = lens_prompt.check_text(prompt, "prompt")       # a string, valid UTF-8 (no lone surrogates)
     if not prompt.strip():
         return prompt
     if not isinstance(tokenizer, lens_prompt.LensTokenizer):
@@ -408,7 +430,7 @@ def enhance(encoder, tokenizer, prompt: str, *, seed=None, max_new_tokens: int =
     _check_number("context", context, 2, encoder.config.max_position_embeddings, integer=True)
     if load_weights:
         load_generation_weights(encoder)
-    ids, head = _enhance_ids(tokenizer, prompt, max_new_tokens, context, date)
+    ids, head = _enhance_ids(tokenizer, prompt, max_new_tokens, context, date, max_prompt_tokens)
     # the template's head (system prompt) is prefilled on its own and kept: the next rewrite starts from it
     new = generate(encoder, ids, max_new_tokens, temperature, seed, top_k=top_k, pad_token_id=tokenizer.pad_id,
                    callback=callback, device=device, prefix_len=head if 0 < head < ids.shape[1] else 0)

@@ -21,7 +21,7 @@ from . import config as cf
 from .config import aspect_buckets, pack_latents, unpack_latents, variant_defaults, variant_name
 from .checks import link_problem
 from .hardware import choose_dtype, resolve_device
-from .images import open_image, to_rgb, to_tensor
+from .images import check_image_range, mask_values, open_image, to_rgb, to_tensor
 from .prompt import DEFAULT_TEMPLATE_DATE, check_text, encode_prompts, resolve_date
 from .sampling import make_noise, prepare_mask, sample
 
@@ -427,6 +427,8 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"{n['prompt']}: expected a string or a non-empty list of strings, found {prompt!r:.80}")
     prompts = [check_text(p, f"prompt[{i}]") for i, p in enumerate(prompts)]
+    if negative_prompt is None:         # documented: None = no negative prompt (the official empty one)
+        negative_prompt = ""
     if isinstance(negative_prompt, str):
         negatives = [check_text(negative_prompt, n["negative_prompt"])] * len(prompts)
     else:
@@ -455,7 +457,9 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
                              f"{tuple(image.shape)}")
         cf.check_pixels(image.shape[2], image.shape[3], "image", cf.MAX_INIT_IMAGE_PIXELS)
         cf.check_finite_tensor(image, "image")
-        image = image.float()
+        image = check_image_range(image.float(), "image (a tensor init image)", -1.0, 1.0,
+                                  "scale it to [-1, 1] (x / 127.5 - 1 for 0 … 255, 2x - 1 for 0 … 1), or pass a "
+                                  "PIL image")
     elif image is not None:
         from PIL import Image
 
@@ -624,8 +628,9 @@ def _check_tokenizer_path(p: str, label: str):
 
 
 def load_mask(mask, label: str = "mask") -> torch.Tensor:
-    """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (8-bit or
-    16-bit grayscale, palette, RGB(A): its luminance; a float image must already be in [0, 1]) or a tensor."""
+    """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (brightness, or
+    1 − alpha for a mask with transparency as ComfyUI's LoadImage reads it: :func:`lens_core.images.mask_values`)
+    or a tensor."""
     if isinstance(mask, torch.Tensor):
         return mask
     from PIL import Image
@@ -642,16 +647,7 @@ def load_mask(mask, label: str = "mask") -> torch.Tensor:
     if not isinstance(mask, Image.Image):
         raise ValueError(f"{name}: expected a PIL image, a path or a tensor [H, W] in [0, 1], got "
                          f"{type(mask).__name__}")
-    if mask.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(mask, dtype=np.float32) / 65535.0
-    elif mask.mode == "I":
-        arr = np.asarray(mask, dtype=np.float64)
-        arr = (arr / (65535.0 if arr.max(initial=0) > 255 else 255.0)).astype(np.float32)
-    elif mask.mode == "F":
-        arr = np.asarray(mask, dtype=np.float32)
-    else:
-        arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(np.ascontiguousarray(mask_values(mask, name)))
     if not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
         raise ValueError(f"{name}: a float ('F' mode) mask must hold values in [0, 1], found "
                          f"[{float(t.nan_to_num().min()):g}, {float(t.nan_to_num().max()):g}] or NaN")

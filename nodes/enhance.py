@@ -42,7 +42,9 @@ class LensPromptEnhance:
 
     def enhance(self, text_encoder, text, seed, max_new_tokens=4096, temperature=0.7):
         from ..lens_core import enhance as core_enhance
+        from ..lens_core.prompt import check_text
 
+        text = check_text(text, "LensPromptEnhance: text")     # a string of valid UTF-8 (not None, no surrogates)
         if not text.strip():
             return (text,)
         te = text_encoder

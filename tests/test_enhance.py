@@ -384,7 +384,7 @@ def test_long_prompt_truncated_with_warning(golden_encoder):
     head, tail = (len(x) for x in tok.encode(list(E.render_parts())))
     text = " ".join(["word"] * 300)
     n = len(tok.encode([text])[0])
-    with pytest.warns(UserWarning, match=r"truncated to 50 tokens .*\(%d tokens dropped" % (n - 50)):
+    with pytest.warns(UserWarning, match=r"truncated to 50 tokens, .*\(%d tokens dropped" % (n - 50)):
         ids = E.enhance_ids(tok, text, 10, head + tail + 50 + 10)
     assert ids.shape == (1, head + tail + 50)
     with pytest.warns(UserWarning, match="truncated"):
