@@ -246,7 +246,7 @@ class LensPipeline:
             opts["temperature"] = temperature
         if not isinstance(prompt, str) or not prompt.strip():
             return enh.enhance(self.text_encoder, self.tokenizer, prompt, load_weights=False)
-        enh.load_generation_weights(self.text_encoder, device="cpu" if self.offload else self.device)
+        gen = enh.load_generation_weights(self.text_encoder, device="cpu" if self.offload else self.device)
         bar = _progress(self.progress, opts.get("max_new_tokens", enh.DEFAULT_MAX_NEW_TOKENS), "enhance")
         user_callback = opts.pop("callback", None)
 
@@ -257,8 +257,8 @@ class LensPipeline:
                 user_callback(done, total)
 
         try:
-            with self._on_device(self.text_encoder) as te:
-                return enh.enhance(te, self.tokenizer, prompt, seed=seed, date=template_date, device=self.device,
+            with self._on_device(self.text_encoder), self._on_device(gen):     # the generator's own weights too
+                return enh.enhance(gen, self.tokenizer, prompt, seed=seed, date=template_date, device=self.device,
                                    callback=on_token, **opts)
         finally:
             if bar is not None:

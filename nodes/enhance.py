@@ -48,17 +48,33 @@ class LensPromptEnhance:
         if not text.strip():
             return (text,)
         te = text_encoder
-        module = te.module
-        if not module.can_generate:
-            bridge.unload(te.patcher)      # the module grows: ComfyUI must move and count the new tensors too
-            core_enhance.load_generation_weights(module, device=te.patcher.offload_device)
+        gen, gen_patcher = generator_of(te)
         tokens = 1024 + int(max_new_tokens)
-        bridge.load(te.patcher, memory_required=bridge.enhancer_memory(module.config, tokens, te.dtype))
+        bridge.load(te.patcher)
+        bridge.load(gen_patcher, memory_required=bridge.enhancer_memory(gen.config, tokens, te.dtype))
         reporter = bridge.TokenReporter(int(max_new_tokens))
         with torch.inference_mode():
-            out = core_enhance.enhance(module, te.tokenizer, text, seed=int(seed), max_new_tokens=int(max_new_tokens),
+            out = core_enhance.enhance(gen, te.tokenizer, text, seed=int(seed), max_new_tokens=int(max_new_tokens),
                                        temperature=float(temperature), callback=reporter,
                                        device=te.patcher.load_device, load_weights=False)
         reporter.finish()
         bridge.soft_empty_cache()
         return (out,)
+
+
+def generator_of(te):
+    """(TextGenerator, its ModelPatcher) for a LENS_TEXT_ENCODER: the generator references the encoder's layers
+    and owns the later layers, final norm and lm_head (loaded on first use onto the encoder's offload device);
+    it has a ModelPatcher of its own (the same load/offload devices as the encoder's), so ComfyUI moves and
+    counts its weights while the encoder's patcher and module stay exactly as loaded. Both are kept with the
+    generator (one per encoder module: lens_core.enhance.generator_for)."""
+    from ..lens_core import enhance as core_enhance
+
+    gen = core_enhance.generator_for(te.module)
+    patcher = gen.__dict__.get("_comfy_patcher")
+    if patcher is None:
+        gen.load_weights(device=te.patcher.offload_device)
+        patcher = bridge.make_patcher(gen, "text_encoder", devices=(te.patcher.load_device,
+                                                                    te.patcher.offload_device))
+        gen.__dict__["_comfy_patcher"] = patcher
+    return gen, patcher
