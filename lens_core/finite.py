@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import torch
 
@@ -24,6 +25,10 @@ from .checkpoints.errors import CheckpointError
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FIX = ("the file is corrupt (or was written from a model that had diverged); download it again, or use another "
        "copy / quantization of this model")
+
+
+#: time and bytes spent in :func:`check_loaded` in this process (for the load benchmark's cost figure)
+STATS = {"seconds": 0.0, "bytes": 0, "tensors": 0}
 
 
 def enabled() -> bool:
@@ -49,7 +54,14 @@ def describe_bad(t: torch.Tensor) -> str:
 
 def check_loaded(t: torch.Tensor, name: str, origin: str) -> torch.Tensor:
     """CheckpointError naming ``origin`` (the file) and tensor ``name`` if the float tensor ``t`` is not finite."""
-    if t.dtype in FLOAT_DTYPES and enabled() and not is_finite(t):
+    if t.dtype not in FLOAT_DTYPES or not enabled():
+        return t
+    t0 = time.perf_counter()
+    ok = is_finite(t)
+    STATS["seconds"] += time.perf_counter() - t0
+    STATS["bytes"] += t.numel() * t.element_size()
+    STATS["tensors"] += 1
+    if not ok:
         raise CheckpointError(f"{origin}: tensor {name!r} holds {describe_bad(t)}; every image would come out "
                               f"black. Fix: {FIX}")
     return t

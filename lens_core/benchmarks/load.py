@@ -170,7 +170,9 @@ if device.startswith("cuda"):
     torch.cuda.synchronize()
 dt = time.perf_counter() - t0
 resident = sum(p.numel() * p.element_size() for p in model.parameters())
+from lens_core import finite
 print(json.dumps(dict(load_s=dt, resident=resident, tensors=len(model.state_dict()), baseline=base,
+                      check_s=finite.STATS["seconds"], checked_GB=finite.STATS["bytes"] / 1e9,
                       after=rss(), peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       readahead=readahead.mode() if helper else "off")))
 """
@@ -224,6 +226,8 @@ def run_memory(args):
                         r = load_in_fresh_process(path, files, True, args.device, check=check, warm=warm)
                         rows.append({"layout": layout, "file_GB": size / 1e9, "cache": "warm" if warm else "cold",
                                      "finite_check": check, "load_s": r["load_s"],
+                                     "check_s (inside load_s)": r["check_s"], "checked_GB": r["checked_GB"],
+                                     "check/load": r["check_s"] / r["load_s"],
                                      "resident_GB": r["resident"] / 1e9})
             if not args.keep:
                 for f in files:
