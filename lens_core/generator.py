@@ -119,7 +119,8 @@ class TextGenerator(nn.Module):
             w = enc.model.embed_tokens.weight
             device = w.device if w.device.type != "meta" else torch.device("cpu")
         self.clear_prefix_cache()
-        ck.load_text_encoder_parts(self, path, device=device, dtype=enc.model.embed_tokens.weight.dtype)
+        ck.load_text_encoder_parts(self, path, device=device, dtype=enc.model.embed_tokens.weight.dtype,
+                                   ops=enc._build.get("ops"))
         self.loaded_from = path
         self._loaded = True
         bump_weights_version(self)

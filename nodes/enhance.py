@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import comfy_bridge as bridge
+from . import bridge
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -48,10 +48,12 @@ class LensPromptEnhance:
         if not text.strip():
             return (text,)
         te = text_encoder
-        gen, gen_patcher = generator_of(te)
+        gen = core_enhance.generator_for(te.module)   # references the encoder's layers; owns lm_head, norm, …
+        gen.load_weights(device=te.patcher.offload_device)        # first use only (≈1.2 GB at real size)
+        gen_patcher = bridge.generator_patcher(gen, te.patcher)
         tokens = 1024 + int(max_new_tokens)
-        bridge.load(te.patcher)
-        bridge.load(gen_patcher, memory_required=bridge.enhancer_memory(gen.config, tokens, te.dtype))
+        bridge.load_together([te.patcher, gen_patcher],
+                             memory_required=bridge.enhancer_memory(gen.config, tokens, te.dtype))
         reporter = bridge.TokenReporter(int(max_new_tokens))
         with torch.inference_mode():
             out = core_enhance.enhance(gen, te.tokenizer, text, seed=int(seed), max_new_tokens=int(max_new_tokens),
@@ -60,21 +62,3 @@ class LensPromptEnhance:
         reporter.finish()
         bridge.soft_empty_cache()
         return (out,)
-
-
-def generator_of(te):
-    """(TextGenerator, its ModelPatcher) for a LENS_TEXT_ENCODER: the generator references the encoder's layers
-    and owns the later layers, final norm and lm_head (loaded on first use onto the encoder's offload device);
-    it has a ModelPatcher of its own (the same load/offload devices as the encoder's), so ComfyUI moves and
-    counts its weights while the encoder's patcher and module stay exactly as loaded. Both are kept with the
-    generator (one per encoder module: lens_core.enhance.generator_for)."""
-    from ..lens_core import enhance as core_enhance
-
-    gen = core_enhance.generator_for(te.module)
-    patcher = gen.__dict__.get("_comfy_patcher")
-    if patcher is None:
-        gen.load_weights(device=te.patcher.offload_device)
-        patcher = bridge.make_patcher(gen, "text_encoder", devices=(te.patcher.load_device,
-                                                                    te.patcher.offload_device))
-        gen.__dict__["_comfy_patcher"] = patcher
-    return gen, patcher
