@@ -9,11 +9,15 @@ import os
 
 import torch
 
-from . import comfy_bridge as bridge
+from . import bridge
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                  "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None)}
 VARIANT_CHOICES = ["auto", "lens", "turbo", "base"]
+WEIGHT_DTYPE_TOOLTIP = ("Storage dtype of the DiT's float weights. 'default' = the dtype ComfyUI computes in on "
+                        "this device (bf16 on GPUs that support it, else fp32), whatever the file stores; "
+                        "quantized layers (GGUF, MXFP8) stay as stored. fp8_e4m3fn stores the large layers in 8 "
+                        "bits (about half of bf16); computation still runs in bf16/fp32.")
 TE_FOLDERS = ("text_encoders",)
 TE_DIR_FOLDERS = ("diffusion_models",)
 VAE_FOLDERS = ("vae",)
@@ -41,11 +45,10 @@ def _wrong_file(path, role, exc):
 
 
 def load_model(path: str, weight_dtype: str = "default", variant: str = "auto"):
-    """The DiT with comfy.ops layers on the offload device, as a native ComfyUI MODEL (nodes/native_model.py).
+    """The DiT with comfy.ops layers on the offload device, as a native ComfyUI MODEL (bridge/pack_model.py).
     Weights are stored in ``weight_dtype`` ("default": ComfyUI's compute dtype for this device; fp8 stores
     eligible Linears as float8 + scale); activations run in ComfyUI's compute dtype (bf16 or fp32; never fp16,
     which gives NaNs with Lens)."""
-    from . import native_model
 
     ck = _checkpoints()
     load_device, offload_device = bridge.devices("diffusion")
@@ -56,13 +59,13 @@ def load_model(path: str, weight_dtype: str = "default", variant: str = "auto"):
     try:
         module = ck.load_transformer(src, dtype=store, device=offload_device, operations=bridge.operations(),
                                      variant=override, fp8=weight_dtype == "fp8_e4m3fn",
-                                     dit_class=native_model.LensDiffusionModel)
+                                     dit_class=bridge.LensDiffusionModel)
         # the variant from the file's own evidence (metadata/config) before its path, as the loader decided it
         var = module.lens_checkpoint.variant
     except (ValueError, KeyError) as exc:
         raise _wrong_file(src, "diffusion", exc) from exc
     module.eval()
-    return native_model.build(module, var, cdt, path)
+    return bridge.build_pack_model(module, var, cdt, path)
 
 
 def load_text_encoder(path: str, device: str = "default", experts: str = "packed") -> bridge.LensTextEncoder:
@@ -125,12 +128,12 @@ class LensModelLoader:
                            "there."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "default",
-                "tooltip": "Storage dtype of the weights; 'default' keeps the file's dtype. fp8 halves memory "
-                           "(computation still runs in bf16/fp32)."}),
+                "tooltip": WEIGHT_DTYPE_TOOLTIP}),
             "variant": (VARIANT_CHOICES, {
                 "default": "auto",
-                "tooltip": "Which Lens model this is; sets the sampler's 'auto' steps/CFG (Lens 20/5, Turbo 4/1, "
-                           "Base 50/5). 'auto' reads it from the file's metadata/config, then its name."}),
+                "tooltip": "Which Lens model this is: LensSampler's steps/cfg set to 0 (auto) use its official "
+                           "settings (Lens 20/5, Turbo 4/1, Base 50/5). 'auto' reads it from the file's "
+                           "metadata/config, then its name."}),
         }}
 
     def load(self, model_name, weight_dtype="default", variant="auto"):
@@ -204,7 +207,7 @@ class LensCheckpointLoader:
                 "tooltip": "A diffusers Lens folder (model_index.json, transformer/, text_encoder/, tokenizer/, "
                            "vae/) placed in models/diffusion_models."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {
-                "default": "default", "tooltip": "Storage dtype of the DiT weights ('default' = as stored)."}),
+                "default": "default", "tooltip": WEIGHT_DTYPE_TOOLTIP}),
             "variant": (VARIANT_CHOICES, {
                 "default": "auto", "tooltip": "Lens, Turbo or Base; 'auto' reads the config, then the folder name."}),
             "text_encoder_device": (["default", "cpu"], {

@@ -6,8 +6,7 @@ place and a strength change does not reload the model.
 """
 from __future__ import annotations
 
-from . import comfy_bridge as bridge
-from . import native_model
+from . import bridge
 from .sampling import MODEL_TYPES
 
 
@@ -32,10 +31,10 @@ class LensLoraLoader:
         }}
 
     def apply(self, model, lora_name, strength=1.0):
-        if not native_model.is_pack_model(model):
+        if not bridge.is_pack_model(model):
             inner = getattr(model, "model", model)
             raise ValueError(f"LensLoraLoader: the model input is a {type(inner).__name__} model, expected the Lens "
                              f"DiT of LensModelLoader / LensCheckpointLoader. Fix: load the model with "
                              f"LensModelLoader, or use ComfyUI's LoraLoaderModelOnly for a native model")
         path = bridge.resolve_lora(lora_name)
-        return (native_model.with_lora(model, path, float(strength)),)
+        return (bridge.with_lora(model, path, float(strength)),)

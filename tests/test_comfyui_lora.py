@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -31,7 +32,7 @@ spec = importlib.util.spec_from_file_location("lens_nodes_lora", repo + "/__init
                                               submodule_search_locations=[repo])
 pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_lora"] = pack; spec.loader.exec_module(pack)
 from lens_nodes_lora.lens_core import lora as lo
-from lens_nodes_lora.nodes import native_model
+from lens_nodes_lora.nodes import bridge
 N = pack.NODE_CLASS_MAPPINGS
 L = N["LensLoraLoader"]()
 model, te, vae = N["LensCheckpointLoader"]().load("Lens-tiny")
@@ -55,7 +56,7 @@ def reference(m, items):
     for name, s in items:
         lo.apply_lora(mod, loras + "/" + name, s)
     info = m.model.lens
-    return run(native_model.build(mod, info.variant, info.dtype, info.path))
+    return run(bridge.build_pack_model(mod, info.variant, info.dtype, info.path))
 
 out = {}
 base_img = image(model)
@@ -177,3 +178,48 @@ def test_lora_graph_over_http(server, object_info, golden_dir):   # noqa: F811
     (a, _), (b, ran_b), (c, ran_c) = results
     assert ran_b and ran_c
     assert a != b and a == c
+
+
+def test_lora_list_survives_symlink_loops_over_http(server):   # noqa: F811
+    """A symlink loop in models/loras (a LoRA collection linked into itself) must not hang the node list: the
+    pack lists LoRA files loop-safely (ComfyUI's own recursive listing follows each loop to the OS's limit)."""
+    loras = server.base / "models" / "loras"
+    loopy = loras / "collection"
+    (loopy / "sub").mkdir(parents=True, exist_ok=True)
+    (loopy / "sub" / "looped_style.safetensors").write_bytes(b"x")
+    links = [(loopy / "again", loras), (loopy / "sub" / "up", loopy), (loopy / "sub" / "root", loras),
+             (loras / "self", loras)]
+    for link, target in links:
+        os.symlink(target, link)
+    try:
+        t0 = time.monotonic()
+        info = server.get("/object_info/LensLoraLoader")
+        names = info["LensLoraLoader"]["input"]["required"]["lora_name"][0]
+        assert "collection/sub/looped_style.safetensors" in names
+        assert not [n for n in names if "/again/" in n or "/up/" in n or n.startswith("self/")], names
+        assert time.monotonic() - t0 < 30
+    finally:
+        for link, _ in links:
+            link.unlink()
+
+
+def test_lora_error_reaches_the_ui_as_one_readable_line(server, object_info):   # noqa: F811
+    """A LoRA of another model family: the execution error names the file and the problem with a builtin
+    exception type (the UI shows ``ValueError: …``, not ``custom_nodes.lens-nodes.lens_core.lora.LoraError``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from test_comfyui_integration import _expect_error
+
+    loras = server.base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(8, 4)},
+              str(loras / "flux_style.safetensors"))
+    prompt = _workflow_prompt("lens_turbo_t2i", object_info, LensSampler={"seed": 778})
+    loader, sampler = _node_id(prompt, "LensModelLoader"), _node_id(prompt, "LensSampler")
+    prompt["991"] = {"class_type": "LensLoraLoader",
+                     "inputs": {"model": [loader, 0], "lora_name": "flux_style.safetensors", "strength": 1.0}}
+    prompt[sampler]["inputs"]["model"] = ["991", 0]
+    err = _expect_error(server, prompt, "flux_style.safetensors", "FLUX")
+    assert err["node_type"] == "LensLoraLoader" and err["exception_type"] == "ValueError"

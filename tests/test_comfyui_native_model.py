@@ -43,7 +43,7 @@ spec = importlib.util.spec_from_file_location("lens_nodes_nm", repo + "/__init__
                                               submodule_search_locations=[repo])
 pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_nm"] = pack; spec.loader.exec_module(pack)
 N = pack.NODE_CLASS_MAPPINGS
-NM = sys.modules["lens_nodes_nm.nodes.native_model"]
+NM = sys.modules["lens_nodes_nm.nodes.bridge"]
 from lens_nodes_nm.lens_core import sampling as S, config as C
 import comfyui_version
 res = {"version": comfyui_version.__version__, "seconds": {}}
@@ -170,7 +170,7 @@ e["rel_vs_uncached"] = rel(cached, full)
 forwards.clear()
 via = N["LensSampler"]().sample(cached_model, pos_b, neg, lat16, 5, 20, 5.0, 1.0)[0]["samples"]
 e["lens_sampler_forwards"], e["lens_sampler_vs_graph"] = len(forwards), rel(via, cached)
-e["lens_sampler_routes"] = NM.model_patches(cached_model)
+e["lens_sampler_routes"] = NM.pack_model_patches(cached_model)
 if hasattr(comfy.model_base, "Lens"):
     os.symlink(golden + "/pipeline_tiny/transformer/diffusion_pytorch_model.safetensors",
                f"{tmp}/diffusion_models/lens_tiny_fp32.safetensors")

@@ -1,4 +1,4 @@
-"""nodes/native_model.py without ComfyUI (stand-in comfy, or the real one when importable): the pack's DiT as a
+"""nodes/bridge/pack_model.py without ComfyUI (stand-in comfy, or the real one when importable): the pack's DiT as a
 MODEL, its ComfyUI call convention, the official CFG function, which patches make LensSampler go through
 ComfyUI's sampling, and workflows saved before issue 24 (model links typed LENS_MODEL). The numbers inside a
 real ComfyUI: tests/test_comfyui_native_model.py (marked comfyui)."""
@@ -16,7 +16,7 @@ from test_workflows import WORKFLOWS, object_info_of, types_match
 
 @pytest.fixture(scope="module")
 def nm(pack):   # noqa: F811
-    return sys.modules[f"{PACK_NAME}.nodes.native_model"]
+    return sys.modules[f"{PACK_NAME}.nodes.bridge"]
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +69,23 @@ def test_official_cfg_is_the_lens_core_rescale(nm):
 
 
 def test_model_patches_decide_the_sampling_route(nm, model):
-    assert nm.model_patches(model) == []                       # loader defaults: lens_core's own sampler
+    assert nm.pack_model_patches(model) == []                       # loader defaults: lens_core's own sampler
     m = model.clone()
     m.model_options.setdefault("transformer_options", {})["patches_replace"] = {"dit": {("double_block", 0): print}}
-    assert nm.model_patches(m) == ["transformer_options.patches_replace"]
+    assert nm.pack_model_patches(m) == ["transformer_options.patches_replace"]
     m = model.clone()
     m.set_model_sampler_cfg_function(lambda args: args["cond"])
-    assert nm.model_patches(m) == ["sampler_cfg_function"]
+    assert nm.pack_model_patches(m) == ["sampler_cfg_function"]
     m = model.clone()
     m.model_options["transformer_options"]["wrappers"] = {"diffusion_model": {"easycache": [print]}}
     m.model_options["transformer_options"]["easycache"] = object()
-    assert nm.model_patches(m) == ["transformer_options.wrappers", "transformer_options.easycache"]
+    assert nm.pack_model_patches(m) == ["transformer_options.wrappers", "transformer_options.easycache"]
     m = model.clone()
     m.add_object_patch("diffusion_model.img_in.lens_lora_deltas", ())
     m.model_options[nm.LORA_KEY] = (("x.safetensors", 1.0),)
-    assert nm.model_patches(m) == []                           # LoRA deltas and names are the pack's own
+    assert nm.pack_model_patches(m) == []                           # LoRA deltas and names are the pack's own
     m.add_object_patch("model_sampling", object())
-    assert nm.model_patches(m) == ["model_sampling"]
+    assert nm.pack_model_patches(m) == ["model_sampling"]
 
 
 def test_lens_lora_loader_refuses_a_foreign_model(pack):   # noqa: F811

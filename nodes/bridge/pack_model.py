@@ -36,16 +36,18 @@ import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.supported_models_base
 
-from . import comfy_bridge as bridge
-from ..lens_core import sampling as core_sampling
-from ..lens_core.dit import LensTransformer
+from ...lens_core import sampling as core_sampling
+from ...lens_core.dit import LensTransformer
+from .handles import LensModel
+from .lora import LORA_KEY
+from .patchers import dit_memory, make_patcher
+from .progress import FLUX2_RGB_BIAS, FLUX2_RGB_FACTORS
 
 # The official shift for every image of more than 4300 tokens is FLUX.2's line a2·S + b2; the Lens default
 # 1440² (S = 8100) gives 1.8278 (ComfyUI's native Lens config rounds it to 1.829). Below 4300 tokens the official
 # mu also depends on the step count: LensSigmas gives those schedules exactly.
 DEFAULT_TOKENS = (1440 // 16) ** 2
 OFFICIAL_SHIFT = core_sampling.empirical_mu(DEFAULT_TOKENS, 20)
-LORA_KEY = "lens_loras"                 # model_options entry: ((LoRA file name, strength), ...) applied in order
 TEXT_TOKENS_ESTIMATE = 512              # text positions assumed by the activation-memory estimate
 
 
@@ -63,21 +65,14 @@ class LensModelSampling(comfy.model_sampling.ModelSamplingFlux, comfy.model_samp
     losing that."""
 
 
-def _flux2_latent_format():
-    lf = comfy.latent_formats
-    if hasattr(lf, "Flux2"):
-        return lf.Flux2
-    return _BundledFlux2
-
-
 class _BundledFlux2(comfy.latent_formats.LatentFormat):
     """FLUX.2 latent format for a ComfyUI without ``latent_formats.Flux2`` (0.3.64): 128 channels at 1/16.
     Its previewer cannot unpatchify, so the 32 RGB factors are spread over the 4 sub-pixel channels of each
     (index c·4 + p1·2 + p2): the preview is the 2×2 average at latent resolution."""
     latent_channels = 128
     spacial_downscale_ratio = 16
-    latent_rgb_factors = [[v / 4 for v in row] for row in bridge.FLUX2_RGB_FACTORS for _ in range(4)]
-    latent_rgb_factors_bias = bridge.FLUX2_RGB_BIAS
+    latent_rgb_factors = [[v / 4 for v in row] for row in FLUX2_RGB_FACTORS for _ in range(4)]
+    latent_rgb_factors_bias = FLUX2_RGB_BIAS
 
 
 class LensPackConfig(comfy.supported_models_base.BASE):
@@ -85,7 +80,7 @@ class LensPackConfig(comfy.supported_models_base.BASE):
     unet_config = {"disable_unet_model_creation": True}
     unet_extra_config = {}
     sampling_settings = {"shift": OFFICIAL_SHIFT}
-    latent_format = _flux2_latent_format()
+    latent_format = getattr(comfy.latent_formats, "Flux2", _BundledFlux2)
     memory_usage_factor = 4.0
     supported_inference_dtypes = [torch.bfloat16, torch.float32]      # fp16 gives NaNs with Lens
 
@@ -146,45 +141,33 @@ class LensPackModel(comfy.model_base.BaseModel):
         """Activation bytes of one forward on ``input_shape`` [B, 128, h, w] (the pack's DiT estimate, as
         LensSampler uses)."""
         b, h, w = int(input_shape[0]), int(input_shape[-2]), int(input_shape[-1])
-        return bridge.dit_memory(self.lens.config, b, h * w, TEXT_TOKENS_ESTIMATE, self.lens.dtype)
+        return dit_memory(self.lens.config, b, h * w, TEXT_TOKENS_ESTIMATE, self.lens.dtype)
 
 
-def build(dit: LensDiffusionModel, variant: str, compute_dtype: torch.dtype, path: str):
-    """The MODEL (a ModelPatcher of ComfyUI's choice, see comfy_bridge.patcher_class) of a loaded DiT."""
+def build_pack_model(dit: LensDiffusionModel, variant: str, compute_dtype: torch.dtype, path: str):
+    """The MODEL (a ModelPatcher of ComfyUI's choice, see patchers.patcher_class) of a loaded DiT."""
     config = LensPackConfig({"disable_unet_model_creation": True})
     weight_dtype = next((p.dtype for p in dit.parameters() if p.dtype.is_floating_point), compute_dtype)
     config.set_inference_dtype(weight_dtype, compute_dtype)
     model = LensPackModel(config, dit, LensModelInfo(dit.config, variant, compute_dtype, path))
     model.eval()
-    patcher = bridge.make_patcher(model, "diffusion")
+    patcher = make_patcher(model, "diffusion")
     patcher.set_model_sampler_cfg_function(official_cfg)
     return patcher
-
-
-# ---------------------------------------------------------------------------------------------------------
-# recognising the pack's MODEL; its LENS_MODEL-like view for LensSampler
 
 
 def is_pack_model(model) -> bool:
     return isinstance(getattr(model, "model", None), LensPackModel)
 
 
-@dataclasses.dataclass
-class PackModelView(bridge.LensModel):
-    """LensSampler's view of the pack's MODEL: ``module`` is the DiT."""
-
-    @property
-    def module(self):
-        return self.patcher.model.diffusion_model
-
-
-def view(patcher) -> PackModelView:
+def pack_view(patcher) -> LensModel:
+    """LensSampler's view of the pack's MODEL (``module`` = the DiT, ``loras`` = the applied files)."""
     info = patcher.model.lens
-    return PackModelView(patcher=patcher, config=info.config, variant=info.variant, dtype=info.dtype,
-                         path=info.path, loras=tuple(patcher.model_options.get(LORA_KEY, ())))
+    return LensModel(patcher=patcher, config=info.config, variant=info.variant, dtype=info.dtype, path=info.path,
+                     loras=tuple(patcher.model_options.get(LORA_KEY, ())))
 
 
-def model_patches(patcher) -> list[str]:
+def pack_model_patches(patcher) -> list[str]:
     """Model-level patches on ``patcher`` that only ComfyUI's own sampling applies (wrappers, callbacks,
     transformer_options patches, CFG functions other than the official one, object patches other than the
     LoRA deltas, hooks); weight patches (LoRA) are not listed: ComfyUI applies them when it loads the model."""
@@ -201,9 +184,7 @@ def model_patches(patcher) -> list[str]:
                 found.append(f"transformer_options.{key}")
         elif value is not None:
             found.append(f"transformer_options.{key}")
-    for attr in ("wrappers", "callbacks"):
-        if _non_empty(getattr(patcher, attr, None)):
-            found.append(attr)
+    found += [attr for attr in ("wrappers", "callbacks") if _non_empty(getattr(patcher, attr, None))]
     found += [k for k in patcher.object_patches if not k.endswith(".lens_lora_deltas")]
     if getattr(patcher, "hook_patches", None) or getattr(patcher, "forced_hooks", None):
         found.append("hooks")
@@ -216,26 +197,3 @@ def _non_empty(value) -> bool:
     if isinstance(value, (list, tuple, set)):
         return len(value) > 0
     return value is not None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# LoRA through the patcher (lens_core.lora computes factors, scales and deltas)
-
-
-def with_lora(patcher, path: str, strength: float):
-    """A clone of the pack's MODEL with the adapter added: float layers as ComfyUI weight patches (merged when
-    ComfyUI loads the weights, from its backup), 8-bit layers as per-call deltas set by object patches."""
-    from ..lens_core import lora as core_lora
-
-    adapter = bridge.load_lora_file(path)
-    dit = patcher.model.diffusion_model
-    patches, deltas = core_lora.host_patches(dit, adapter, strength)
-    out = patcher.clone()
-    for p in patches:
-        out.add_patches({"diffusion_model." + p.key: bridge._comfy_weight_adapter(p)}, p.strength)
-    for name, delta in deltas.items():
-        core_lora.install_delta_hook(dit.get_submodule(name))
-        key = f"diffusion_model.{name}.lens_lora_deltas"
-        out.add_object_patch(key, tuple(out.object_patches.get(key, ())) + (delta,))
-    out.model_options[LORA_KEY] = tuple(out.model_options.get(LORA_KEY, ())) + ((adapter.name, float(strength)),)
-    return out
