@@ -88,6 +88,15 @@ res["kind"] = {"patcher": type(model).__name__, "model": type(inner).__name__,
                "dtype": str(inner.manual_cast_dtype or inner.get_dtype()),   # what apply_model casts x to
                "keys": sorted(k for k in inner.state_dict() if k.startswith("diffusion_model.img_in."))}
 
+# ComfyUI's own previewer for the MODEL's latent format (what KSampler shows per step): Flux2's 2x2 reshape
+# (0.33) or the bundled 128-channel factors (0.3.64)
+import latent_preview
+comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.Latent2RGB
+previewer = latent_preview.get_previewer(model.load_device, inner.latent_format)
+shot = previewer.decode_latent_to_preview_image("JPEG", torch.randn(1, 128, 4, 6))
+res["preview_size"] = list(shot[1].size)
+comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.NoPreviews
+
 forwards = []                          # one entry (rows) per DiT forward
 dit.img_in.register_forward_hook(lambda m, a, o: forwards.append(o.shape[0]))
 
@@ -241,6 +250,7 @@ casting = sum(1 for m in inner.modules() if getattr(m, "prev_comfy_cast_weights"
 low = graph(model, pos_b, 5.0, sig6, noise)
 res["lowvram"] = {"casting_layers": casting, "equal": bool(torch.equal(low, base_graph["b_cfg5_6steps_emptyneg"]))}
 lap("lora_lowvram")
+res["loader_model_after_all_runs"] = NM.pack_model_patches(model)   # sampling left no model-level patch on it
 print(json.dumps(res))
 '''
 
@@ -279,6 +289,8 @@ def test_the_pack_model_is_a_native_model(result):
     assert {"ModelSamplingFlux", "CONST"} <= set(k["sampling"]) and k["shift"] == k["official_shift"]
     assert k["cfg_official"] and k["dtype"] == "torch.float32"
     assert k["keys"] == ["diffusion_model.img_in.bias", "diffusion_model.img_in.weight"]
+    # previews: 2x2-unpatchified by ComfyUI's Flux2 format, latent resolution with the bundled one (0.3.64)
+    assert result["preview_size"] == ([12, 8] if k["latent_format"] == "Flux2" else [6, 4])
 
 
 CASES = ("a_cfg1_4steps", "b_cfg5_6steps_emptyneg")
@@ -331,6 +343,12 @@ def test_dit_block_replace_is_called_for_every_block(result):
     p = result["patches"]
     assert p["double_block"] == list(range(r["blocks"])) * p["forwards"] and p["post_input"] == p["forwards"]
     assert p["equal_unpatched"] and p["skip_block_changes"] > 1e-3
+
+
+def test_sampling_leaves_the_model_unpatched(result):
+    """After KSampler, SamplerCustomAdvanced, EasyCache / patched clones and LensSampler ran on it, the loader's
+    MODEL still has no model-level patch (LensSampler keeps sampling it with the pack's own sampler)."""
+    assert result["loader_model_after_all_runs"] == []
 
 
 def test_lora_and_lowvram_through_the_native_graph(result):
