@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import comfy_bridge as bridge
+from . import bridge
 from .conditioning import conditioning_to_features, match_batch
 from .latents import LATENT_CHANNELS, check_lens_latent
 from ..lens_core import config as core_config

@@ -71,7 +71,7 @@ if res["native"]:
     os.symlink(golden + "/pipeline_tiny/vae", f"{tmp}/vae/tiny")
     (native,) = core_nodes.UNETLoader().load_unet("lens_tiny_fp32.safetensors", "default")
     res["native_class"] = type(native.model).__name__
-    res["native_dtype"] = str(pack.nodes.comfy_bridge.native_compute_dtype(native))
+    res["native_dtype"] = str(pack.nodes.bridge.native_compute_dtype(native))
     (ours,) = N["LensModelLoader"]().load("tiny", "fp32", "lens")
     res["ours_dtype"] = str(ours.dtype)
     sampler = out(ncs.KSamplerSelect.execute("euler"))[0]
@@ -173,13 +173,13 @@ if res["native"]:
     import comfy.sd
     native16 = comfy.sd.load_diffusion_model_state_dict(load_file(tdir + "/diffusion_pytorch_model.safetensors"),
                                                         model_options={"dtype": torch.bfloat16})
-    res["bf16_cpu_dtype"] = str(pack.nodes.comfy_bridge.native_compute_dtype(native16))   # CPU: manual cast
+    res["bf16_cpu_dtype"] = str(pack.nodes.bridge.native_compute_dtype(native16))   # CPU: manual cast
     res["bf16"] = {}
     for gpu_like in (False, True):
         # ComfyUI computes a bf16 model in fp32 on the CPU (manual cast); clearing manual_cast_dtype gives the
         # bf16 arithmetic a GPU runs
         native16.model.manual_cast_dtype = None if gpu_like else torch.float32
-        res["bf16_gpu_like_dtype"] = str(pack.nodes.comfy_bridge.native_compute_dtype(native16))
+        res["bf16_gpu_like_dtype"] = str(pack.nodes.bridge.native_compute_dtype(native16))
         for name, (steps, cfg) in cases.items():
             d = load_file(f"{golden}/pipeline_tiny/cases/{name}.bf16.safetensors")
             ref, pos = unpack(d["final_latents"]), conds(d)
