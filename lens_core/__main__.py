@@ -17,6 +17,7 @@ in a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -30,16 +31,20 @@ TORCH_FIX = ("pip install -r requirements-cli.txt (PyTorch from PyPI: the CUDA b
              "on CPU), or for a smaller CPU-only PyTorch: pip install torch --index-url "
              "https://download.pytorch.org/whl/cpu (CUDA 12.8: .../whl/cu128)")
 MAX_PROMPT_FILE_BYTES = 1 << 20
+#: suffix of the temporary files of :func:`write_atomic` (a killed run may leave one; ``batch`` removes them)
+TMP_SUFFIX = ".lens-tmp"
 #: CLI flag of each pipeline argument, for messages.
 FLAG_NAMES = {"path": "--model", "transformer": "--model", "text_encoder": "--text-encoder", "vae": "--vae",
               "tokenizer": "--tokenizer", "prompt": "--prompt", "negative_prompt": "--negative",
               "height": "--height", "width": "--width", "aspect": "--aspect", "base": "--base", "steps": "--steps",
               "cfg": "--cfg", "seed": "--seed", "num_images": "--num-images", "image": "--image",
-              "denoise": "--denoise", "batch_index": "--batch-index", "mask": "--mask"}
+              "denoise": "--denoise", "batch_index": "--batch-index", "mask": "--mask", "schedule": "--schedule"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lens_core", description="Microsoft Lens text-to-image, no ComfyUI")
+def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The CLI; ``parser_class``: the ArgumentParser (sub)class used for every parser (``batch`` parses its job
+    lines with one that raises instead of exiting)."""
+    p = parser_class(prog="python -m lens_core", description="Microsoft Lens text-to-image, no ComfyUI")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate image(s) from a prompt")
@@ -57,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, help="image width (with --height; multiples of 16)")
     g.add_argument("--steps", type=int, help="default: the variant's (Lens 20, Turbo 4, Base 50)")
     g.add_argument("--cfg", type=float, help="default: the variant's (Lens 5, Turbo 1, Base 5)")
+    g.add_argument("--schedule", default="official", metavar="NAME[:SHIFT]",
+                   help="sigma schedule: official (default, the Lens pipeline's), simple (ComfyUI's native Lens "
+                        "template: ModelSamplingFlux 1.15/0.5 + the simple scheduler) or simple:SHIFT (e.g. "
+                        "simple:1.829, a native Lens model without ModelSamplingFlux)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", type=int, default=1,
                    help="images to generate, one after another (writes out_0.png, out_1.png, ...)")
@@ -67,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="img2img strength in (0, 1] (default 0.6 with --image alone, 1 with --mask or without "
                         "--image)")
     g.add_argument("--mask", help="inpainting mask image for --image: white = regenerate, black = keep "
-                                  "(masked denoising; works with any --denoise)")
+                                  "(masked denoising; works with any --denoise); a mask with transparency is read "
+                                  "as ComfyUI's LoadImage does: transparent = regenerate")
     g.add_argument("--enhance", action="store_true",
                    help="rewrite the prompt first with the official Lens reasoner (GPT-OSS, needs the diffusers "
                         "text_encoder/ with lm_head); prints it and stores both prompts in the PNG")
@@ -85,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8", action="store_true", help="store the DiT block Linears as fp8 e4m3fn")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LoRA/LoHa/LoKr file for the DiT, strength default 1.0 (repeatable: adapters stack)")
-    g.add_argument("--out", required=True, help="output PNG (several images: out_0.png, out_1.png, ...)")
+    g.add_argument("--out", required=True, help="output PNG (several images: out_0.png, out_1.png, ...); an "
+                   "existing file is never replaced unless --overwrite")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    from .batch import add_batch_parser
+
+    add_batch_parser(sub, g)
 
     i = sub.add_parser("inspect", help="describe a checkpoint file or folder")
     i.add_argument("path")
@@ -104,6 +120,8 @@ def _png_info(params: dict):
                f"Steps: {params['steps']}, CFG scale: {params['cfg']}, Seed: {params['seed']}{index}, "
                f"Size: {params['width']}x{params['height']}, Model: {VARIANT_NAMES.get(params['variant'], params['variant'])}, "
                f"Denoise: {params['denoise']}, Dtype: {params['dtype']}, Template date: {params['template_date']}")
+    if params.get("schedule", "official") != "official":
+        summary += f", Schedule: {params['schedule']}"
     if params.get("loras"):
         summary += ", Lora: " + " ".join(f"{d['file']}:{d['strength']:g}" for d in params["loras"])
     if params.get("original_prompt") is not None:
@@ -151,10 +169,25 @@ def _read_prompt_file(path: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-def check_outputs(paths: list[str]) -> None:
+def probe_folder(folder: str, what: str) -> None:
+    """Create ``folder`` if missing and check that a file can be written there (a temporary file, removed)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lens-write-test-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"{what}: cannot write in {folder} ({exc.strerror or exc}); fix: choose a writable "
+                              f"folder") from None
+
+
+def check_outputs(paths: list[str], overwrite: bool = False) -> None:
     """Each output must be a .png path in a folder that exists (or can be created) and is writable; checked by
-    creating (and removing) a temporary file there, before anything is loaded."""
+    creating (and removing) a temporary file there, before anything is loaded. An existing file is an error
+    unless ``overwrite`` (``--overwrite``)."""
     for path in paths:
+        if os.path.lexists(path) and not os.path.isdir(path) and not overwrite:
+            raise FileExistsError(f"--out {path}: the file exists ({_describe_existing(path)}); it is never replaced "
+                                  f"silently; fix: --overwrite to replace it, or choose another --out name")
         if os.path.splitext(path)[1].lower() != ".png":
             raise ValueError(f"--out {path}: expected a .png file name, found "
                              f"{os.path.splitext(path)[1] or 'no extension'}; fix: e.g. --out "
@@ -168,20 +201,22 @@ def check_outputs(paths: list[str]) -> None:
         if not os.path.isdir(probe):
             raise NotADirectoryError(f"--out {path}: {probe} is a file, not a folder; fix: choose an output path in a "
                                      f"folder")
-        try:
-            os.makedirs(parent, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=parent, prefix=".lens-write-test-"):
-                pass
-        except OSError as exc:
-            raise PermissionError(f"--out {path}: cannot write in {parent} ({exc.strerror or exc}); fix: choose a "
-                                  f"writable folder") from None
+        probe_folder(parent, f"--out {path}")
         if os.path.exists(path) and not os.access(path, os.W_OK):
             raise PermissionError(f"--out {path}: the existing file is not writable; fix: choose another name")
 
 
-def validate_generate(args) -> dict:
+def _describe_existing(path: str) -> str:
+    try:
+        return f"{os.path.getsize(path)} bytes" if not os.path.islink(path) else f"a link to {os.readlink(path)}"
+    except OSError:
+        return "unreadable"
+
+
+def validate_generate(args, check_out: bool = True) -> dict:
     """Every check that needs no weights, in one place, run before loading (the plan for :func:`run_generate`).
 
+    ``check_out=False``: the output paths are not probed (``batch`` checks its output folder once).
     Returns ``{"prompt", "paths", "request", "outputs", "device", "dtype", "dtype_reason", "denoise_note"}``.
     Raises ValueError / OSError whose message names the flag, the expected and found values and the fix.
     """
@@ -203,13 +238,14 @@ def validate_generate(args) -> dict:
     request = check_request(prompt, args.negative, height=height, width=width, aspect=aspect, base=base,
                             steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=1, image=args.image,
                             denoise=args.denoise, mask=args.mask, template_date=args.date,
-                            batch_index=first + n - 1, names=names)
+                            batch_index=first + n - 1, schedule=args.schedule, names=names)
     note = None
     if args.image is not None and args.denoise is None and args.mask is None:
         note = (f"note: --image without --denoise: img2img at --denoise {request['denoise']} (keeps the image's "
                 f"layout and colours; lower keeps more, 1.0 uses the image only for its size)")
     outputs = out_paths(args.out, n, first)
-    check_outputs(outputs)
+    if check_out:
+        check_outputs(outputs, getattr(args, "overwrite", False))
     paths = resolve_paths(args.model, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
                           names=FLAG_NAMES)
     from .lora import parse_lora_arg
@@ -242,6 +278,8 @@ def _command(args, plan, params: dict) -> str:
         cmd += ["--negative", params["negative_prompt"]]
     cmd += ["--height", str(params["height"]), "--width", str(params["width"]), "--steps", str(params["steps"]),
             "--cfg", repr(params["cfg"]), "--seed", str(params["seed"]), "--batch-index", str(params["batch_index"])]
+    if params.get("schedule", "official") != "official":
+        cmd += ["--schedule", params["schedule"]]
     if args.image is not None:
         cmd += ["--image", os.path.abspath(args.image), "--denoise", repr(params["denoise"])]
     if args.mask is not None:
@@ -270,22 +308,73 @@ def run_generate(args, plan: dict) -> int:
                                         dtype=plan["dtype"], device=plan["device"], offload=args.offload,
                                         variant=args.variant, fp8=args.fp8, progress=True,
                                         loras=plan["loras"], enhance=plan["enhance"])
-    req = plan["request"]
-    image = req["image"]
     for k, path in enumerate(plan["outputs"]):
-        out = pipe(plan["prompt"], negative_prompt=args.negative, height=req["height"], width=req["width"],
-                   steps=req["steps"], cfg=req["cfg"], seed=req["seed"], num_images=1,
-                   batch_index=plan["first"] + k, image=image, denoise=req["denoise"], mask=req["mask"],
-                   template_date=req["template_date"])
-        params = dict(out.image_parameters[0], model=os.path.abspath(args.model),
-                      init_image=None if args.image is None else os.path.abspath(args.image),
-                      mask=None if args.mask is None else os.path.abspath(args.mask), device=plan["device"].type)
+        image, params = render_image(pipe, args, plan, k)
         if plan["enhance"]:
             print(f"enhanced prompt: {params['prompt']}")
-        params["command"] = _command(args, plan, params)
-        out.images[0].save(path, pnginfo=_png_info(params))
+        write_atomic(path, png_bytes(image, params), replace=getattr(args, "overwrite", False))
         print(path)
     return 0
+
+
+def render_image(pipe, args, plan: dict, k: int = 0):
+    """Image ``k`` of a validated plan on a loaded pipeline → (PIL image, the parameters stored in its PNG,
+    including the ``command`` that regenerates it). Shared by ``generate`` and ``batch``."""
+    req = plan["request"]
+    out = pipe(plan["prompt"], negative_prompt=args.negative, height=req["height"], width=req["width"],
+               steps=req["steps"], cfg=req["cfg"], seed=req["seed"], num_images=1,
+               batch_index=plan["first"] + k, image=req["image"], denoise=req["denoise"], mask=req["mask"],
+               template_date=req["template_date"], schedule=req["schedule"])
+    params = dict(out.image_parameters[0], model=os.path.abspath(args.model),
+                  init_image=None if args.image is None else os.path.abspath(args.image),
+                  mask=None if args.mask is None else os.path.abspath(args.mask), device=plan["device"].type)
+    params["command"] = _command(args, plan, params)
+    return out.images[0], params
+
+
+def png_bytes(image, params: dict) -> bytes:
+    """The PNG file of an image with its parameters as text chunks (``parameters`` and ``lens``)."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_png_info(params))
+    return buf.getvalue()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str, data: bytes, replace: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: a reader (or a run
+    killed half-way) sees the old file or the whole new one, never a partial PNG. ``replace=False``: an existing
+    ``path`` (also one made since the arguments were checked) is a FileExistsError and stays untouched."""
+    folder, base = os.path.split(os.path.abspath(path))
+    if not replace:     # claim the name exclusively first (fails if it exists), then rename onto our own file
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=TMP_SUFFIX)
+    except BaseException:
+        if not replace:
+            with contextlib.suppress(OSError):
+                os.unlink(path)           # our own empty placeholder
+        raise
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())          # mkstemp makes 0600; a plain open() would give 0666 - umask
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if not replace:
+            with contextlib.suppress(OSError):
+                os.unlink(path)           # our own empty placeholder
+        raise
 
 
 def cmd_inspect(args) -> int:
@@ -309,6 +398,10 @@ def main(argv=None) -> int:
         if args.command == "quantize":
             from .convert import run as run_quantize
             return run_quantize(args)
+        if args.command == "batch":
+            from .batch import run_batch
+
+            return run_batch(args)
         return cmd_inspect(args)
     except ImportError as exc:
         fix = "" if "fix:" in str(exc) else "; fix: pip install -r requirements.txt"

@@ -19,10 +19,12 @@ import torch
 from . import checkpoints as ck
 from . import config as cf
 from .config import aspect_buckets, pack_latents, unpack_latents, variant_defaults, variant_name
+from .checks import link_problem
 from .hardware import choose_dtype, resolve_device
-from .images import open_image, to_rgb, to_tensor
+from .images import check_image_range, mask_values, open_image, to_rgb, to_tensor
 from .prompt import DEFAULT_TEMPLATE_DATE, check_text, encode_prompts, resolve_date
 from .sampling import make_noise, prepare_mask, sample
+from .schedules import build_sigmas, format_schedule, parse_schedule
 
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 #: img2img strength used when an init image is given without ``denoise``.
@@ -245,7 +247,7 @@ class LensPipeline:
             opts["temperature"] = temperature
         if not isinstance(prompt, str) or not prompt.strip():
             return enh.enhance(self.text_encoder, self.tokenizer, prompt, load_weights=False)
-        enh.load_generation_weights(self.text_encoder, device="cpu" if self.offload else self.device)
+        gen = enh.load_generation_weights(self.text_encoder, device="cpu" if self.offload else self.device)
         bar = _progress(self.progress, opts.get("max_new_tokens", enh.DEFAULT_MAX_NEW_TOKENS), "enhance")
         user_callback = opts.pop("callback", None)
 
@@ -256,8 +258,8 @@ class LensPipeline:
                 user_callback(done, total)
 
         try:
-            with self._on_device(self.text_encoder) as te:
-                return enh.enhance(te, self.tokenizer, prompt, seed=seed, date=template_date, device=self.device,
+            with self._on_device(self.text_encoder), self._on_device(gen):     # the generator's own weights too
+                return enh.enhance(gen, self.tokenizer, prompt, seed=seed, date=template_date, device=self.device,
                                    callback=on_token, **opts)
         finally:
             if bar is not None:
@@ -267,7 +269,8 @@ class LensPipeline:
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", height=None, width=None, aspect=None, base=None, steps=None,
                  cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=None, mask=None,
-                 template_date=DEFAULT_TEMPLATE_DATE, callback=None, batch_index=0) -> LensOutput:
+                 template_date=DEFAULT_TEMPLATE_DATE, callback=None, batch_index=0,
+                 schedule="official") -> LensOutput:
         """Generate images. ``steps``/``cfg`` default to the variant's (lens 20/5, turbo 4/1, base 50/5).
 
         Every argument is checked (:func:`check_request`: sizes within :data:`lens_core.config.MAX_PIXELS` and
@@ -282,13 +285,17 @@ class LensPipeline:
         x0)``. ``mask`` (with ``image``): inpainting by masked denoising, 1 (white) = generate anew, 0 (black) =
         keep the image; a PIL image, a path, or a tensor [H, W] / [B, H, W] in [0, 1] at any resolution (resized
         to the latent grid like ComfyUI does). Works at any ``denoise`` (1 = the masked area from pure noise).
+        ``schedule``: a :mod:`lens_core.schedules` name — ``"official"`` (default), ``"simple"`` (ComfyUI's native
+        Lens template: ModelSamplingFlux + "simple") or ``"simple:SHIFT"`` (e.g. ``"simple:1.829"``, a native Lens
+        MODEL without ModelSamplingFlux).
         """
         from PIL import Image
         from .vae import to_uint8
 
         req = check_request(prompt, negative_prompt, height=height, width=width, aspect=aspect, base=base,
                             steps=steps, cfg=cfg, seed=seed, num_images=num_images, latents=latents, image=image,
-                            denoise=denoise, mask=mask, template_date=template_date, batch_index=batch_index)
+                            denoise=denoise, mask=mask, template_date=template_date, batch_index=batch_index,
+                            schedule=schedule)
         d_steps, d_cfg = variant_defaults(self.variant)
         steps = d_steps if req["steps"] is None else req["steps"]
         cfg = d_cfg if req["cfg"] is None else req["cfg"]
@@ -324,8 +331,9 @@ class LensPipeline:
         try:
             with self._on_device(self.transformer) as dit:
                 final = sample(dit, noise, feats, mask, None if neg is None else neg[0],
-                               None if neg is None else neg[1], grid=(gh, gw), steps=steps, cfg=cfg,
-                               denoise=denoise, init_latents=init, callback=on_step, exact=self.exact,
+                               None if neg is None else neg[1], grid=(gh, gw), cfg=cfg,
+                               sigmas=build_sigmas(req["schedule"], steps, gh * gw, denoise),
+                               init_latents=init, callback=on_step, exact=self.exact,
                                dtype=self.dtype, device=self.device, mask=packed_mask)
         finally:
             if bar is not None:
@@ -342,7 +350,8 @@ class LensPipeline:
         params = {"prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
                   "original_prompt": None, "steps": steps, "cfg": cfg, "seed": req["seed"] if seeded else None,
                   "num_images": req["num_images"], "batch_index": req["batch_index"] if seeded else None,
-                  "denoise": denoise, "inpaint": packed_mask is not None, "template_date": req["template_date"],
+                  "denoise": denoise, "schedule": req["schedule"], "inpaint": packed_mask is not None,
+                  "template_date": req["template_date"],
                   "variant": self.variant,
                   "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact,
                   "loras": [{"file": n, "strength": s} for n, s in self.loras]}
@@ -409,23 +418,27 @@ def resolve_size(height=None, width=None, aspect=None, base=None, image=None, na
 
 def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect=None, base=None, steps=None,
                   cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=None, mask=None,
-                  template_date=DEFAULT_TEMPLATE_DATE, batch_index=0, names: dict | None = None) -> dict:
+                  template_date=DEFAULT_TEMPLATE_DATE, batch_index=0, schedule="official",
+                  names: dict | None = None) -> dict:
     """Validate a generation request without any model (the pipeline calls it first; the CLI before loading).
 
     Returns the normalised request: ``prompts`` / ``negatives`` (lists), ``height``, ``width``, ``grid``,
     ``steps`` / ``cfg`` (None = the variant's default), ``seed``, ``num_images``, ``batch`` (prompts ×
     num_images), ``batch_index``, ``latents`` (packed, checked), ``image`` (an RGB PIL image or a checked tensor,
-    None without one), ``mask`` (a float tensor in [0, 1] or None), ``denoise``, ``template_date``. Raises
+    None without one), ``mask`` (a float tensor in [0, 1] or None), ``denoise``, ``template_date``, ``schedule``
+    (the canonical spec, e.g. ``"official"`` or ``"simple:1.829"``). Raises
     ValueError / OSError naming the argument, the expected and the found value, and the fix (``names``: how to
     call each argument, e.g. the CLI's flags).
     """
     n = {k: k for k in ("prompt", "negative_prompt", "height", "width", "aspect", "base", "steps", "cfg", "seed",
-                        "num_images", "latents", "image", "denoise", "batch_index", "mask")}
+                        "num_images", "latents", "image", "denoise", "batch_index", "mask", "schedule")}
     n.update(names or {})
     prompts = [check_text(prompt, n["prompt"])] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"{n['prompt']}: expected a string or a non-empty list of strings, found {prompt!r:.80}")
     prompts = [check_text(p, f"prompt[{i}]") for i, p in enumerate(prompts)]
+    if negative_prompt is None:         # documented: None = no negative prompt (the official empty one)
+        negative_prompt = ""
     if isinstance(negative_prompt, str):
         negatives = [check_text(negative_prompt, n["negative_prompt"])] * len(prompts)
     else:
@@ -442,6 +455,7 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
                                f"the index of the first image within a batch of at most {cf.MAX_BATCH}")
     seed = cf.check_seed(seed, n["seed"])
     steps = None if steps is None else cf.check_steps(steps, n["steps"])
+    schedule = format_schedule(*parse_schedule(schedule, n["schedule"]))
     cfg = None if cfg is None else cf.check_number(cfg, n["cfg"], 0.0, 100.0, "Lens uses 5, Turbo 1")
     template_date = resolve_date(template_date)
     if image is not None and isinstance(image, (str, os.PathLike)):
@@ -454,7 +468,9 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
                              f"{tuple(image.shape)}")
         cf.check_pixels(image.shape[2], image.shape[3], "image", cf.MAX_INIT_IMAGE_PIXELS)
         cf.check_finite_tensor(image, "image")
-        image = image.float()
+        image = check_image_range(image.float(), "image (a tensor init image)", -1.0, 1.0,
+                                  "scale it to [-1, 1] (x / 127.5 - 1 for 0 … 255, 2x - 1 for 0 … 1), or pass a "
+                                  "PIL image")
     elif image is not None:
         from PIL import Image
 
@@ -496,7 +512,7 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
     return {"prompts": prompts, "negatives": negatives, "height": height, "width": width, "grid": grid,
             "steps": steps, "cfg": cfg, "seed": seed, "num_images": num_images, "batch": batch,
             "batch_index": batch_index, "latents": latents, "image": image, "mask": mask, "denoise": denoise,
-            "template_date": template_date}
+            "template_date": template_date, "schedule": schedule}
 
 
 def resolve_paths(path=None, *, transformer=None, text_encoder=None, vae=None, tokenizer=None,
@@ -577,6 +593,8 @@ def check_headers(paths: dict) -> None:
 
 def _check_exists(p: str, label: str):
     if not os.path.exists(p):
+        if link_problem(p, label):
+            raise link_problem(p, label)
         parent = os.path.dirname(os.path.abspath(p))
         hint = (f"; {parent} holds {sorted(os.listdir(parent))[:12]}" if os.path.isdir(parent) else
                 f"; its folder {parent} does not exist either")
@@ -584,8 +602,9 @@ def _check_exists(p: str, label: str):
 
 
 def load_mask(mask, label: str = "mask") -> torch.Tensor:
-    """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (8-bit or
-    16-bit grayscale, palette, RGB(A): its luminance; a float image must already be in [0, 1]) or a tensor."""
+    """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (brightness, or
+    1 − alpha for a mask with transparency as ComfyUI's LoadImage reads it: :func:`lens_core.images.mask_values`)
+    or a tensor."""
     if isinstance(mask, torch.Tensor):
         return mask
     from PIL import Image
@@ -602,16 +621,7 @@ def load_mask(mask, label: str = "mask") -> torch.Tensor:
     if not isinstance(mask, Image.Image):
         raise ValueError(f"{name}: expected a PIL image, a path or a tensor [H, W] in [0, 1], got "
                          f"{type(mask).__name__}")
-    if mask.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(mask, dtype=np.float32) / 65535.0
-    elif mask.mode == "I":
-        arr = np.asarray(mask, dtype=np.float64)
-        arr = (arr / (65535.0 if arr.max(initial=0) > 255 else 255.0)).astype(np.float32)
-    elif mask.mode == "F":
-        arr = np.asarray(mask, dtype=np.float32)
-    else:
-        arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(np.ascontiguousarray(mask_values(mask, name)))
     if not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
         raise ValueError(f"{name}: a float ('F' mode) mask must hold values in [0, 1], found "
                          f"[{float(t.nan_to_num().min()):g}, {float(t.nan_to_num().max()):g}] or NaN")

@@ -23,6 +23,7 @@ import struct
 
 import torch
 
+from .. import checks as chk
 from .. import ggml
 from .errors import CheckpointError
 from .weightfile import TensorEntry, WeightFile
@@ -222,7 +223,7 @@ class GGUFFile(WeightFile):
     def __init__(self, path):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: no such file")
+            raise chk.link_problem(self.path) or FileNotFoundError(f"{self.path}: no such file")
         with open(self.path, "rb") as f:
             self._opened(os.fstat(f.fileno()))
             if self.size < 24:

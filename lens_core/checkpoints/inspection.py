@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 
+from .. import checks as chk
 from ..jsonfile import read_json_object
 from .detect import describe, detect, detect_variant, dit_family, quant_layers, strip_prefix, te_family
 from .errors import CheckpointError
@@ -19,7 +20,7 @@ def inspect(path, variant: str | None = None) -> dict:
     """
     p = os.fspath(path)
     if not os.path.exists(p):
-        raise FileNotFoundError(f"{p}: no such file or folder")
+        raise chk.missing_path(p)
     if is_diffusers_root(p):
         comps = {}
         for c in ("transformer", "text_encoder", "vae"):
@@ -64,22 +65,51 @@ def _inspect_source(p: str, variant) -> dict:
         src = strip_prefix(source, det.prefix)
         info["prefix"] = det.prefix
         if det.component == "transformer":
-            q = quant_layers(src, "transformer")
+            q = quant_layers(src, "transformer", det.prefix)
             info["family"] = dit_family(src, q)
             info["quantized_layers"] = len(q)
+            info["quantization"] = layer_groups(src, q)
             cfg = src.config or dit_config_from_shapes(src)
             info["layers"] = cfg.get("num_layers")
             info["variant"], info["variant_source"] = detect_variant(p, src, variant)
         elif det.component == "text_encoder":
             info["family"] = te_family(src)
             info["embedded_tokenizer"] = "tokenizer_json" in src
-            info["quantized_layers"] = len(quant_layers(src, "text_encoder"))
+            q = quant_layers(src, "text_encoder", det.prefix)
+            info["quantized_layers"] = len(q)
+            if q:
+                info["quantization"] = layer_groups(src, q)
         else:
             info["family"] = ("diffusers-vae" if src.config is not None else "vae-diffusers") \
                 if det.scheme == "diffusers" else "vae-bfl"
         return info
     finally:
         source.close()
+
+
+_BLOCK_RE = re.compile(r"^(?:model\.)?(?:transformer_blocks|layers|blk)\.\d+\.")
+
+
+def layer_groups(source: TensorSource, qlayers: dict) -> dict:
+    """``{layer group: {storage: count}}`` for the 2-D weights of a file: a group is a layer name without its block
+    index (``attn.img_qkv`` for every ``transformer_blocks.N.attn.img_qkv``), the storage its ``.comfy_quant``
+    format (``int8_tensorwise+convrot``), its GGUF type or its dtype (``BF16``)."""
+    groups = {}
+    for k in source.keys():
+        if not k.endswith(".weight") or len(source.shape(k)) < 2:
+            continue
+        layer = k[: -len(".weight")]
+        m = qlayers.get(layer)
+        if m is not None:
+            kind = m.get("format", "?") + ("+convrot" if m.get("convrot") or m.get("params", {}).get("convrot")
+                                            else "")
+        else:
+            qt = source.quant_type(k) if hasattr(source, "quant_type") and k in source.keymap else None
+            kind = qt or source.dtype(k)
+        group = _BLOCK_RE.sub("", layer)
+        groups.setdefault(group, {})
+        groups[group][kind] = groups[group].get(kind, 0) + 1
+    return dict(sorted(groups.items()))
 
 
 _SHARD_RE = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
@@ -161,6 +191,10 @@ def format_inspect(info: dict, indent: str = "") -> str:
             for name, sub in v.items():
                 lines.append(f"{indent}  {name}:")
                 lines.append(format_inspect(sub, indent + "    "))
+        elif k == "quantization":
+            lines.append(f"{indent}quantization (layer group: storage x count):")
+            for group, kinds in v.items():
+                lines.append(f"{indent}  {group}: " + ", ".join(f"{kind} x{n}" for kind, n in kinds.items()))
         elif k in ("size_bytes", "shard_size_bytes"):
             lines.append(f"{indent}{k.replace('_bytes', '')}: {v / 1e9:.3f} GB ({v} bytes)")
         else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from .. import checks as chk
 from .errors import CheckpointError
 from .safetensors import PICKLE_SUFFIXES, SafetensorsFile
 from .weightfile import WeightFile
@@ -109,6 +110,9 @@ def _where(path: str, label: str | None) -> str:
 
 def _exists(path: str, label: str | None):
     if not os.path.exists(path):
+        link = chk.link_problem(path, label or "")          # a symlink loop / broken link says so
+        if link is not None:
+            raise link
         parent = os.path.dirname(os.path.abspath(path))
         hint = (f"; {parent} holds {_listdir(parent)[:12]}" if os.path.isdir(parent) else
                 f"; its folder {parent} does not exist either")

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from .. import checks as chk
 from .. import readahead
 from ..jsonfile import read_json_object
 from .errors import CheckpointError

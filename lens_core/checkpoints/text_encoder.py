@@ -10,8 +10,9 @@ from torch import nn
 
 from .. import checks as chk
 from .. import ggml
-from .assign import (CheckpointInfo, assign_weights, block_count, checked_config, expect_shapes, init_empty_weights,
-                     keep_gguf_linears, tensor_dims)
+from ..ops import build_planned
+from .assign import (CheckpointInfo, assign_weights, block_count, checked_config, expect_shapes, gguf_plan,
+                     init_empty_weights, keep_gguf_linears, layer_tensors, quant_plan, read_stored_bytes, tensor_dims)
 from .detect import _expect, quant_layers, strip_prefix, te_family
 from .errors import CheckpointError
 from .source import TensorSource, _dtype_summary, _read_json, open_source
@@ -105,7 +106,7 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
     det = _expect(source, "text_encoder")
     source = strip_prefix(source, det.prefix)
     family = te_family(source)
-    quant_layers(source, "text_encoder")
+    qlayers = quant_layers(source, "text_encoder", det.prefix)
     special = {}
     if det.scheme == "gguf":
         source, special, gguf_consumed = gguf_te_source(source, dtype)
@@ -130,15 +131,55 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
                   experts=experts)
     if family == "comfy-te-nvfp4":
         kwargs["expert_format"] = "nvfp4"
+    # ComfyUI quantized Linears / token table (fp8 attention, int8 ConvRot embedding …), under the encoder's names;
+    # the expert banks' own nvfp4 markers are the packed banks (lens_core.quant.PackedExperts)
+    for n, m in qlayers.items():
+        if re.search(r"\.mlp\.experts\.(gate_up|down)_proj$", n) and m.get("format") != "nvfp4":
+            raise CheckpointError(f"{source.origin}: expert bank {n!r} is marked {m.get('format')!r}; expert banks "
+                                  f"load as NVFP4 (Comfy-Org gpt_oss_20b_nvfp4), MXFP4 (diffusers) or GGUF MXFP4")
+    if det.scheme != "gguf":
+        qlayers = {_to_hf_te_name(n + ".weight")[: -len(".weight")]: m for n, m in qlayers.items()
+                   if not re.search(r"\.mlp\.experts\.(gate_up|down)_proj$", n)}
+    consumed = set(gguf_consumed)
+    tensors = layer_tensors(source)
+
+    def plan(probe):
+        layers = {}
+        for name, mod in probe.named_modules():
+            if name in qlayers:
+                if isinstance(mod, nn.Linear):
+                    out_f, in_f, kind = mod.out_features, mod.in_features, "Linear"
+                elif isinstance(mod, nn.Embedding):
+                    out_f, in_f, kind = mod.num_embeddings, mod.embedding_dim, "Embedding"
+                else:
+                    raise CheckpointError(f"{source.origin}: layer {name!r} is marked quantized, but the text "
+                                          f"encoder has no Linear or Embedding there")
+                if probe.is_unused_key(name + ".weight"):
+                    continue
+                entry = quant_plan(source, name, qlayers[name], out_f, in_f, dtype, False, special, consumed,
+                                   tensors, kind)[1]
+                layers[name] = entry
+            elif det.scheme == "gguf" and not probe.is_unused_key(name + ".weight"):
+                g = gguf_plan(source, name, mod)
+                if g is not None:
+                    layers[name] = g
+                    special[name + ".weight"] = read_stored_bytes
+        missing = sorted(set(qlayers) - {n for n, _ in probe.named_modules()})
+        if missing:
+            raise CheckpointError(f"{source.origin}: quantization markers name {len(missing)} layer(s) the text "
+                                  f"encoder does not have, e.g. {missing[:3]}; the file is not this model")
+        return layers
+
     with init_empty_weights():
-        model = te_mod.LensTextEncoder(cfg, **kwargs)
+        model = build_planned(lambda ops: te_mod.LensTextEncoder(cfg, **dict(kwargs, operations=ops)), operations,
+                              plan)
     # layers after the last selected one, lm_head and the final norm are never used for features
-    consumed = {k for k in source.keys() if model.is_unused_key(k)} | gguf_consumed
+    consumed |= {k for k in source.keys() if model.is_unused_key(k)}
     special.update({k: _nvfp4_scale_reader for k in source.keys()
                     if family == "comfy-te-nvfp4" and k.endswith("_proj_scales") and k not in consumed})
-    special.update(keep_gguf_linears(model, source, dtype))
     assign_weights(model, source, device, "text_encoder", special, consumed)
     model.eval()
+    te_mod.bump_weights_version(model)       # new weights: what was kept for the old ones is not reused
     model.lens_checkpoint = CheckpointInfo(source.origin, "text_encoder", family, None, "", cfg_dict,
                                            {"dtypes": _dtype_summary(source),
                                             "selected_layers": list(selected_layers),
@@ -152,12 +193,18 @@ GENERATION_FIX = ("load the text encoder from the diffusers text_encoder/ folder
                   "enhancer; the feature encoder itself works with this file")
 
 
-def load_text_encoder_parts(model, path, names, device="cpu"):
-    """Load the tensors ``names`` (state-dict keys of ``model``, a ``LensTextEncoder``, whose modules were just
-    built on ``meta`` — e.g. by ``add_generation_modules_``) from the text-encoder checkpoint ``path``, cast to
-    their dtype, onto ``device``. Nothing else of ``model`` is read or replaced. A checkpoint without them (the
-    Comfy-Org NVFP4 file has no ``lm_head`` / final norm) raises CheckpointError naming the file to use."""
-    names = list(names)
+def load_text_encoder_parts(holder: nn.Module, path, device="cpu", dtype=None, ops=None):
+    """Load every tensor of ``holder`` — a module whose state-dict keys are text-encoder checkpoint names
+    (``model.layers.N.*``, ``model.norm.*``, ``lm_head.*``: a :class:`lens_core.generator.TextGenerator`), built
+    on ``meta`` — from the text-encoder checkpoint ``path``, cast to their dtype, onto ``device``. ``dtype``: what
+    a GGUF's dequantized tensors become (default: the holder's first float parameter's). A Linear a GGUF stores
+    quantized (``output.weight`` = lm_head) is replaced in ``holder`` by a GGUFLinear (built with ``ops``, the
+    encoder's layer operations). A checkpoint without these
+    tensors (the Comfy-Org NVFP4 file has no ``lm_head`` / final norm) raises CheckpointError naming the file to
+    use; nothing outside ``holder`` is read or changed."""
+    names = list(holder.state_dict())
+    if dtype is None:
+        dtype = next((p.dtype for p in holder.parameters() if p.is_floating_point()), torch.float32)
     source = open_source(path, "text_encoder")
     try:
         det = _expect(source, "text_encoder")
@@ -167,7 +214,6 @@ def load_text_encoder_parts(model, path, names, device="cpu"):
                                k[len(outer):] if k.startswith(outer + "lm_head.") else None)
         family = te_family(source)
         quant_layers(source, "text_encoder")
-        dtype = model.model.embed_tokens.weight.dtype
         gguf_special, gguf_consumed = {}, set()
         if det.scheme == "gguf":     # llama.cpp names (output.weight = lm_head), MXFP4 banks read as stored
             source, gguf_special, gguf_consumed = gguf_te_source(source, dtype)
@@ -181,23 +227,6 @@ def load_text_encoder_parts(model, path, names, device="cpu"):
                                   f"tensor(s) this {family} checkpoint does not have, e.g. {missing[:3]}"
                                   + ("; the Comfy-Org gpt_oss_20b_nvfp4.safetensors carries no lm_head"
                                      if family == "comfy-te-nvfp4" else "") + f". Fix: {GENERATION_FIX}")
-        holder, layers = nn.Module(), nn.ModuleDict()
-        holder.model = nn.Module()
-        for n in names:
-            if n.startswith("model.layers."):
-                i = n.split(".")[2]
-                layers[i] = model.model.layers[int(i)]
-            elif n.startswith("model.norm."):
-                holder.model.norm = model.model.norm
-            elif n.startswith("lm_head."):
-                holder.lm_head = model.lm_head
-            else:
-                raise ValueError(f"load_text_encoder_parts: {n!r} is not a generation-module key")
-        if len(layers):
-            holder.model.layers = layers
-        if set(holder.state_dict()) != set(names):
-            raise ValueError(f"load_text_encoder_parts: {sorted(set(holder.state_dict()) ^ set(names))[:4]} do not "
-                             f"match whole modules of the encoder")
         special = {n: _nvfp4_scale_reader for n in names if family == "comfy-te-nvfp4" and n.endswith("_proj_scales")}
         blocks = {n[: -len("_scales")] + "_blocks" for n in special}
         special.update({n: r for n, r in gguf_special.items() if n in names})
@@ -205,13 +234,11 @@ def load_text_encoder_parts(model, path, names, device="cpu"):
         wanted = set(names) | extra
         part = source.rename(lambda k: k if k in wanted else None)
         if det.scheme == "gguf":     # Linears stored quantized stay quantized (GGUFLinear), as in the encoder
-            special.update(keep_gguf_linears(holder, part, dtype))
-            if getattr(holder, "lm_head", None) is not None:
-                model.lm_head = holder.lm_head
+            special.update(keep_gguf_linears(holder, part, dtype, ops))
         assign_weights(holder, part, device, "text_encoder", special, extra - set(names))
     finally:
         source.close()
-    return model
+    return holder
 
 
 def _selected_layers_near(path) -> list | None:
