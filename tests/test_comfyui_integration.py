@@ -377,6 +377,15 @@ def test_pack_loads_and_lists_every_node(server, object_info):
     print("ComfyUI version:", stats["system"]["comfyui_version"])
 
 
+def test_ui_helper_is_served(server, object_info):
+    assert "/extensions/lens-nodes/lens_nodes.js" in server.get("/extensions")
+    with urllib.request.urlopen(server.url("/extensions/lens-nodes/lens_nodes.js"), timeout=60) as r:
+        js = r.read().decode()
+    assert js == (REPO / "web" / "lens_nodes.js").read_text()
+    spec = object_info["LensEmptyLatent"]["input"]["required"]["aspect_ratio"]
+    assert spec[1]["lens_buckets"]["1024"]["16:9"] == [1376, 768]
+
+
 def test_workflows_validate_against_live_object_info(object_info):
     native_lens = "pre_cfg" in object_info.get("CFGNorm", {}).get("input", {}).get("optional", {})
     for path in sorted((REPO / "workflows").glob("*.json")):
