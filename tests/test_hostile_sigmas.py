@@ -137,7 +137,7 @@ def test_degenerate_schedules_are_refused(name):
 
 
 def _lens_model():
-    bridge = import_pack().NODE_CLASS_MAPPINGS["LensSampler"].sample.__globals__["bridge"]
+    bridge = import_pack().nodes.bridge
     return bridge.LensModel(patcher=None, config=None, variant="lens", dtype=torch.float32, path="")
 
 
