@@ -106,6 +106,8 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     i = sub.add_parser("inspect", help="describe a checkpoint file or folder")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
+    from .convert import add_parser as add_quantize   # torch-free at import (torch is imported by commands)
+    add_quantize(sub)
     return p
 
 
@@ -393,13 +395,17 @@ def main(argv=None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args, validate_generate(args))
+        if args.command == "quantize":
+            from .convert import run as run_quantize
+            return run_quantize(args)
         if args.command == "batch":
             from .batch import run_batch
 
             return run_batch(args)
         return cmd_inspect(args)
     except ImportError as exc:
-        print(f"error: a required package is missing ({exc}); fix: pip install -r requirements.txt", file=sys.stderr)
+        fix = "" if "fix:" in str(exc) else "; fix: pip install -r requirements.txt"
+        print(f"error: a required package is missing ({exc}){fix}", file=sys.stderr)
         return 3
     except (ValueError, OSError) as exc:      # CheckpointError is a ValueError; PIL's errors are OSErrors
         print(f"error: {exc}", file=sys.stderr)

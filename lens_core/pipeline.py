@@ -521,9 +521,11 @@ def resolve_paths(path=None, *, transformer=None, text_encoder=None, vae=None, t
 
     ``path``: a diffusers Lens folder, a DiT file/folder, or a dict ``{component: path}``; keyword paths
     override. Checks: every path exists; a diffusers folder has the subfolders it must provide; a DiT alone
-    comes with a text encoder and a VAE; a folder holds .safetensors weights; no pickle; the tokenizer (given,
-    or found beside the models) is a tokenizer.json, a folder with one, or a .safetensors text-encoder file
-    (embedded tokenizer, read first at load). ``names``: how to call each argument in messages (the CLI passes
+    comes with a text encoder and a VAE; a folder holds .safetensors weights; no pickle (all through
+    :func:`lens_core.checkpoints.locate`); the tokenizer (given, or found for the text encoder) is a
+    tokenizer.json, a folder with one, the side-car ``<stem>.tokenizer.json`` of an encoder file (or the
+    tokenizer.json beside a GGUF encoder), or a .safetensors text-encoder file (embedded tokenizer, read first at
+    load); ``paths["tokenizer"]`` is that tokenizer.json or encoder file. ``names``: how to call each argument in messages (the CLI passes
     its flags, e.g. ``{"path": "--model"}``).
     """
     label = {"path": "path", "transformer": "transformer", "text_encoder": "text_encoder", "vae": "vae",
@@ -548,9 +550,8 @@ def resolve_paths(path=None, *, transformer=None, text_encoder=None, vae=None, t
         if value is not None:
             given[name] = (name, os.fspath(value))
     for name, (arg, p) in given.items():
-        _check_exists(p, label[arg])
         if name != "tokenizer":
-            _check_weights_path(p, label[arg], name)
+            ck.locate(p, name, label[arg])              # exists, no pickle, finds the weights (nothing read)
         paths[name] = p
     if root is not None:
         for c in COMPONENTS:
@@ -568,10 +569,10 @@ def resolve_paths(path=None, *, transformer=None, text_encoder=None, vae=None, t
         raise ValueError(f"{what}: expected paths for the transformer, text encoder and VAE too; missing "
                          f"{', '.join(label[c] for c in missing)}; fix: pass "
                          f"{' and '.join(label[c] for c in missing)} (or a whole diffusers Lens folder)")
-    if "tokenizer" not in paths:
-        paths["tokenizer"] = _tokenizer_path(paths["text_encoder"], root)
-    _check_tokenizer_path(paths["tokenizer"], label["tokenizer"] if "tokenizer" in given else
-                          f"{label['tokenizer']} (found beside {paths['text_encoder']})")
+    # the tokenizer: given, or found for the text encoder / diffusers root (side-car, embedded, tokenizer/ …)
+    tok_label = (label["tokenizer"] if "tokenizer" in given else
+                 f"{label['tokenizer']} (found beside {paths['text_encoder']})")
+    paths["tokenizer"] = ck.locate(paths.get("tokenizer", paths["text_encoder"]), "tokenizer", tok_label).path
     return paths
 
 
@@ -600,44 +601,6 @@ def _check_exists(p: str, label: str):
         raise FileNotFoundError(f"{label} {p}: no such file or folder{hint}; fix: check the path")
 
 
-def _check_weights_path(p: str, label: str, component: str):
-    """A weights path must be a .safetensors file, a shard index .json, or a folder holding one (a diffusers
-    folder or component folder); pickles are refused here, by name, before anything is read."""
-    if os.path.isdir(p):
-        if ck.is_diffusers_root(p):
-            if not os.path.isdir(os.path.join(p, component)):
-                raise ck.CheckpointError(f"{label} {p}: a diffusers Lens folder without its '{component}/' "
-                                         f"subfolder (found {sorted(os.listdir(p))})")
-            return
-        names = os.listdir(p)
-        if os.path.isdir(os.path.join(p, component)) or any(n.endswith((".safetensors", ".safetensors.index.json"))
-                                                            for n in names):
-            return
-        pickles = sorted(n for n in names if n.lower().endswith(ck.PICKLE_SUFFIXES))
-        raise ck.CheckpointError(f"{label} {p}: expected a diffusers Lens folder (model_index.json) or a folder "
-                                 f"with .safetensors weights, found {sorted(names)[:12]}"
-                                 f"{'; pickle files are refused (safetensors only)' if pickles else ''}")
-    low = p.lower()
-    if low.endswith(ck.PICKLE_SUFFIXES):
-        raise ck.CheckpointError(f"{label} {p}: a pickle file ({os.path.splitext(p)[1]}); pickles are refused "
-                                 f"(safetensors only); fix: use the .safetensors release of this model")
-
-
-def _check_tokenizer_path(p: str, label: str):
-    """The tokenizer source must be findable without reading any weights (see :func:`resolve_paths`)."""
-    if os.path.isdir(p):
-        if any(os.path.isfile(os.path.join(p, *rel)) for rel in (("tokenizer.json",), ("tokenizer", "tokenizer.json"))):
-            return
-        sub = os.path.join(p, "tokenizer")
-        listing = sorted(os.listdir(sub)) if os.path.isdir(sub) else sorted(os.listdir(p))
-        raise ck.CheckpointError(f"{label} {p}: a folder without tokenizer: expected tokenizer/tokenizer.json (or "
-                                 f"tokenizer.json), found {listing[:12]}; fix: copy the o200k_harmony tokenizer.json "
-                                 f"of Lens / gpt-oss into it, pass --tokenizer, or use the NVFP4 text-encoder file "
-                                 f"that embeds it")
-    if not os.path.isfile(p):
-        _check_exists(p, label)
-
-
 def load_mask(mask, label: str = "mask") -> torch.Tensor:
     """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (brightness, or
     1 − alpha for a mask with transparency as ComfyUI's LoadImage reads it: :func:`lens_core.images.mask_values`)
@@ -663,20 +626,3 @@ def load_mask(mask, label: str = "mask") -> torch.Tensor:
         raise ValueError(f"{name}: a float ('F' mode) mask must hold values in [0, 1], found "
                          f"[{float(t.nan_to_num().min()):g}, {float(t.nan_to_num().max()):g}] or NaN")
     return t
-
-
-def _tokenizer_path(text_encoder_path, root):
-    """Where the tokenizer is when none is given: the diffusers root, the NVFP4 file's embedded tokenizer,
-    or the ``tokenizer/`` folder beside a ``text_encoder/`` folder."""
-    if root is not None:
-        return root
-    p = os.path.abspath(os.fspath(text_encoder_path))
-    if os.path.isfile(p) and p.endswith(".safetensors"):
-        return p
-    folder = p if os.path.isdir(p) else os.path.dirname(p)
-    if ck.is_diffusers_root(folder):
-        return folder
-    parent = os.path.dirname(folder)
-    if os.path.isdir(os.path.join(parent, "tokenizer")):
-        return parent
-    return folder

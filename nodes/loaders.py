@@ -80,9 +80,9 @@ def load_text_encoder(path: str, device: str = "default", experts: str = "packed
                                       experts=experts)
     except (ValueError, KeyError) as exc:
         raise _wrong_file(src, "text_encoder", exc) from exc
-    tok_src = bridge.component_path(path, "tokenizer") if os.path.isdir(path) and \
-        os.path.isfile(os.path.join(path, bridge.DIFFUSERS_MARKER)) else src
-    tokenizer = ck.load_tokenizer(tok_src)
+    # lens_core's locate(): a diffusers folder's tokenizer/, the side-car <stem>.tokenizer.json, the tokenizer.json
+    # beside a GGUF encoder, or the one the NVFP4 file embeds
+    tokenizer = ck.load_tokenizer(path)
     module.eval()
     module.compute_dtype = cdt
     patcher = bridge.make_patcher(module, "text_encoder", devices=(load_device, offload_device))

@@ -529,3 +529,38 @@ def test_prompt_enhance_node(pack, loaded, pipeline_dir):
     assert isinstance(out, str) and out == ref
     after, = run(pack, "LensTextEncode", text_encoder=te, text=PROMPT)
     assert torch.equal(before[0][0], after[0][0])
+
+
+def test_gguf_encoder_with_sidecar_tokenizer_listed_and_loaded(pack, loaded, models_dir, golden_dir, tokenizer_json,
+                                                             monkeypatch):
+    """The listing and the loaders go through lens_core's locate(): a GPT-OSS GGUF in models/text_encoders with
+    its side-car ``<stem>.tokenizer.json`` is listed (the side-car is not) and the loader node takes that
+    tokenizer. (The tiny 6-layer encoder cannot be loaded alone: Lens selects layers 5/11/17/23, which only the
+    DiT config of the tiny pipeline renumbers; so the encoder module is the diffusers one here, the tokenizer the
+    side-car's.)"""
+    import shutil
+
+    import fixtures as fx
+
+    te_dir = models_dir / "text_encoders"
+    fx.write_gguf_te(te_dir / "gpt-oss-tiny-Q4_K_M.gguf", golden_dir)
+    shutil.copy(tokenizer_json, te_dir / "gpt-oss-tiny-Q4_K_M.tokenizer.json")
+    sharded = te_dir / "te-sharded"                    # an index without config.json is one model too
+    sharded.mkdir()
+    for f in (golden_dir / "pipeline_tiny" / "text_encoder").glob("model*"):
+        os.symlink(f, sharded / f.name)
+    opts = pack.NODE_CLASS_MAPPINGS["LensTextEncoderLoader"].INPUT_TYPES()["required"]["text_encoder_name"][0]
+    assert "gpt-oss-tiny-Q4_K_M.gguf" in opts and "te-sharded" in opts
+    assert not [o for o in opts if o.endswith(".json") or o.startswith("te-sharded/")]
+    ck = pack.nodes.loaders._checkpoints()
+    seen = []
+    monkeypatch.setattr(ck, "load_text_encoder", lambda path, **kw: (seen.append(path), loaded["te"].module)[1])
+    real = ck.load_tokenizer
+    monkeypatch.setattr(ck, "load_tokenizer", lambda path: (seen.append(ck.locate(path, "tokenizer")), real(path))[1])
+    (te,) = run(pack, "LensTextEncoderLoader", text_encoder_name="gpt-oss-tiny-Q4_K_M.gguf", device="cpu",
+                experts="packed")
+    assert seen[0] == str(te_dir / "gpt-oss-tiny-Q4_K_M.gguf")
+    assert (seen[1].kind, seen[1].path) == ("sidecar", str(te_dir / "gpt-oss-tiny-Q4_K_M.tokenizer.json"))
+    (a,) = run(pack, "LensTextEncode", text_encoder=te, text=PROMPT)
+    (b,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text=PROMPT)
+    assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][1]["attention_mask"], b[0][1]["attention_mask"])
