@@ -1,16 +1,23 @@
 """Finite checks of weights: a NaN or inf in a checkpoint (or produced by a patch) would reach every image as an
 all-black PNG, so it is reported as an error naming the file and the tensor instead.
 
-- **Float tensors at load** (F32 / F16 / BF16 / F64, whatever the file stores them in): each one right after it
-  is read, while it is still in the CPU cache, by one ``torch.aminmax`` pass (NaN propagates through min/max,
-  ±inf shows as an extreme). Measured cost: BENCHMARKS.md "Finite check at load" (a few per cent of a load).
-- **Quantized storage** (GGUF blocks, fp8 / MXFP8 Linears: anything with a ``dequantized_weight`` method):
-  checking at load would mean dequantizing the whole model once more, so each such layer checks its dequantized
-  weight at its **first use** (a forward pre-hook that removes itself after a successful check). The NaN of a
-  corrupt block scale is then reported before the first step's output exists.
+- **The DiT: at its first forward.** Checking 8 GB of float weights while loading was measured at 26–28 % of the
+  load time (BENCHMARKS.md "Finite check of the weights"; the issue's budget is 10 %), so the loaded DiT gets a
+  one-time check of all its float parameters when it is first run (a forward pre-hook on the model, which then
+  does nothing): the same error, before the first step's output exists, at a cost that is small next to that
+  forward (and none at all for a DiT that is loaded but never run).
+- **Text encoder, VAE and the enhancer's generator: at load.** Their float tensors are a small part of the
+  bytes read (the encoder's are mostly packed 4-bit experts), so each float tensor (F32 / F16 / BF16 / F64) is
+  checked right after it is read, while it is in the CPU cache, by one ``torch.aminmax`` pass (NaN propagates
+  through min/max, ±inf shows as an extreme).
+- **Quantized storage** (GGUF blocks, fp8 / MXFP8 / ``.comfy_quant`` Linears: anything with a
+  ``dequantized_weight`` method): each such layer checks its dequantized weight at its **first use** (checking at
+  load would mean dequantizing the whole model once more). The NaN of a corrupt block scale is then reported
+  before the first step's output exists.
 - Merged LoRA weights are checked by :mod:`lens_core.lora` (bounds before merging, and the merged result).
 
-``LENS_CHECK_WEIGHTS=0`` switches the load-time and first-use checks off (only for measuring their cost).
+``LENS_CHECK_WEIGHTS=0`` switches these checks off, ``LENS_CHECK_WEIGHTS=load`` checks the DiT at load too (both
+only for measuring the cost).
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ import torch
 from .checkpoints.errors import CheckpointError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: components whose float weights are checked at their first forward instead of at load (see the docstring)
+FIRST_USE_COMPONENTS = ("transformer",)
 FIX = ("the file is corrupt (or was written from a model that had diverged); download it again, or use another "
        "copy / quantization of this model")
 
@@ -33,6 +42,12 @@ STATS = {"seconds": 0.0, "bytes": 0, "tensors": 0}
 
 def enabled() -> bool:
     return os.environ.get("LENS_CHECK_WEIGHTS", "").strip() not in ("0", "false", "no", "off")
+
+
+def checked_at_load(component: str) -> bool:
+    """Whether ``component``'s float tensors are checked as they are read (else: the model's first forward).
+    ``LENS_CHECK_WEIGHTS=load`` checks every component at load (to measure that alternative)."""
+    return component not in FIRST_USE_COMPONENTS or os.environ.get("LENS_CHECK_WEIGHTS", "").strip() == "load"
 
 
 def is_finite(t: torch.Tensor) -> bool:
@@ -81,13 +96,32 @@ def _first_use_hook(origin: str, name: str):
     return hook
 
 
-def check_at_first_use(model: torch.nn.Module, origin: str) -> int:
+def _root_hook(origin: str):
+    def hook(module, args):
+        if module.__dict__.get("_lens_finite_checked", True):
+            return
+        t0 = time.perf_counter()
+        for name, p in module.named_parameters():
+            if p.dtype in FLOAT_DTYPES and p.device.type != "meta" and not is_finite(p):
+                raise CheckpointError(f"{origin}: tensor {name!r} holds {describe_bad(p)}; every image would come "
+                                      f"out black. Fix: {FIX}")
+        STATS["first_use_seconds"] = STATS.get("first_use_seconds", 0.0) + time.perf_counter() - t0
+        module.__dict__["_lens_finite_checked"] = True
+    return hook
+
+
+def check_at_first_use(model: torch.nn.Module, origin: str, floats: bool = False) -> int:
     """Give every layer of ``model`` with quantized storage (a ``dequantized_weight`` method) a one-time finite
-    check of its dequantized weight at its first forward (afterwards the hook returns at once). Returns how many
-    layers got one."""
+    check of its dequantized weight at its first forward, and with ``floats`` the model itself a one-time check
+    of all its float parameters at its first forward (afterwards the hooks return at once). Returns how many
+    hooks were added."""
     if not enabled():
         return 0
     n = 0
+    if floats and "_lens_finite_checked" not in model.__dict__:
+        model.__dict__["_lens_finite_checked"] = False
+        model.register_forward_pre_hook(_root_hook(origin))
+        n += 1
     for name, mod in model.named_modules():
         if callable(getattr(mod, "dequantized_weight", None)) and "_lens_finite_checked" not in mod.__dict__:
             mod.__dict__["_lens_finite_checked"] = False

@@ -268,6 +268,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
+    # --cache-classic: ComfyUI 0.33's default cache drops node outputs when the machine's free RAM falls below
+    # 10 % of its RAM (other processes' load), which would make the cache test depend on the machine; classic
+    # caching (0.3.64's default) keeps them.
     comfy_dir = comfyui_dir_or_skip()
     pipeline_dir = request.getfixturevalue("pipeline_dir")
     tmp = tmp_path_factory.mktemp("comfyui")
@@ -291,7 +294,8 @@ def server(request, tmp_path_factory):
         port = _free_port(exclude=tried)
         tried.append(port)
         out = subprocess.run(["bash", str(TOOL), "start", comfy_dir, str(port), "--base-directory",
-                              str(tmp / "base"), "--extra-model-paths-config", str(yaml), "--preview-method", "auto"],
+                              str(tmp / "base"), "--extra-model-paths-config", str(yaml), "--preview-method", "auto",
+                              "--cache-classic"],
                              capture_output=True, text=True, timeout=200)
         log = pathlib.Path(comfy_dir) / f"server-{port}.log"
         if out.returncode != 0:

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import types
 
 import pytest
@@ -16,12 +13,10 @@ from safetensors.torch import load_file
 
 from lens_core.config import REAL_DIT_CONFIG, LensDiTConfig
 from lens_core.dit import LensTransformer, rope_tables
+# Reference-exact child process and the capability check (re-exported for modules importing them from here)
+from exactness import EXACT_ENV, cpu_has_avx512_bf16, require_reference_kernels, run_exact  # noqa: F401
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-# Reference-exact child process and the capability check: tests/exactness.py (re-exported here for the other
-# test modules that import them from test_dit).
-from exactness import EXACT_ENV, cpu_has_avx512_bf16, require_reference_kernels, run_exact  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------------------

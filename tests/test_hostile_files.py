@@ -36,18 +36,22 @@ def run_tiny(model, golden_dir):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_dit_safetensors_with_non_finite_weights(tmp_path, golden_dir, bad):
+    """The DiT's float weights are checked once, at its first forward (a full pass at load costs more than the
+    10 % budget: BENCHMARKS.md), naming the file, the tensor and the first bad index — before any output."""
     sd = bf16_dit(golden_dir)
     sd["transformer_blocks.1.img_mlp.w2.weight"][3, 5] = bad
     save_file(sd, str(tmp_path / "lens_nan.safetensors"))
-    with pytest.raises(ck.CheckpointError, match=r"lens_nan\.safetensors: tensor 'transformer_blocks\.1\.img_mlp\.w2"
-                                                 r"\.weight' holds .*first at index \[3, 5\].*black.*Fix: .*download"):
-        ck.load_transformer(tmp_path / "lens_nan.safetensors", dtype=torch.float32)
-    # the ComfyUI loader node reads through the same loader (it raises the same error as a node error)
-    # a clean file loads, and nothing is left to check at first use (no quantized storage)
+    m = ck.load_transformer(tmp_path / "lens_nan.safetensors", dtype=torch.float32)
+    assert finite.pending_first_use(m) == [""]           # the model itself, at its first forward
+    for _ in range(2):                                   # and again: a failed check stays pending
+        with pytest.raises(ck.CheckpointError, match=r"lens_nan\.safetensors: tensor 'transformer_blocks\.1\.img_mlp"
+                                                     r"\.w2\.weight' holds .*first at index \[3, 5\].*black.*Fix: .*download"):
+            run_tiny(m, golden_dir)
+    # a clean file: checked at its first forward, then nothing more to do
     sd["transformer_blocks.1.img_mlp.w2.weight"][3, 5] = 0.0
     save_file(sd, str(tmp_path / "lens_ok.safetensors"))
     m = ck.load_transformer(tmp_path / "lens_ok.safetensors", dtype=torch.float32)
-    assert finite.pending_first_use(m) == []
+    assert torch.isfinite(run_tiny(m, golden_dir)).all() and finite.pending_first_use(m) == []
 
 
 def test_check_can_be_switched_off_for_measuring(tmp_path, golden_dir, monkeypatch):
@@ -55,7 +59,28 @@ def test_check_can_be_switched_off_for_measuring(tmp_path, golden_dir, monkeypat
     sd["img_in.bias"][0] = float("nan")
     save_file(sd, str(tmp_path / "nan.safetensors"))
     monkeypatch.setenv("LENS_CHECK_WEIGHTS", "0")
-    assert ck.load_transformer(tmp_path / "nan.safetensors", dtype=torch.float32).img_in.bias.isnan().any()
+    m = ck.load_transformer(tmp_path / "nan.safetensors", dtype=torch.float32)
+    assert finite.pending_first_use(m) == [] and run_tiny(m, golden_dir).isnan().any()
+
+
+def test_vae_and_text_encoder_weights_checked_at_load(tmp_path, golden_dir, tokenizer_json):
+    """VAE and text-encoder float tensors are a small part of what they read: checked as they are read."""
+    from safetensors.torch import load_file
+
+    path = fx.write_vae(tmp_path / "flux2-vae.safetensors", golden_dir)
+    sd = load_file(str(path))
+    key = next(k for k in sorted(sd) if k.endswith("conv_in.weight"))
+    sd[key].view(-1)[11] = float("inf")
+    save_file(sd, str(path))
+    with pytest.raises(ck.CheckpointError, match=rf"flux2-vae\.safetensors: tensor '.*conv_in\.weight' holds 0 NaN "
+                                                 rf"and 1 ±inf"):
+        ck.load_vae(path, config=fx.vae_config(golden_dir))
+    te = fx.write_comfy_te_nvfp4(tmp_path / "te.safetensors", golden_dir, tokenizer_json)
+    sd = load_file(str(te))
+    sd["embed_tokens.weight"][5, 3] = float("nan")
+    save_file(sd, str(te))
+    with pytest.raises(ck.CheckpointError, match=r"te\.safetensors: tensor 'model\.embed_tokens\.weight' holds 1 NaN"):
+        ck.load_text_encoder(te, dtype=torch.float32, config=fx.te_config(golden_dir), selected_layers=(1, 3, 4, 5))
 
 
 def _gguf_with(path, golden_dir, qtype, corrupt):
@@ -78,8 +103,9 @@ def test_gguf_dit_float_tensor_with_nan(tmp_path, golden_dir):
         return data
 
     path = _gguf_with(tmp_path / "lens-F16.gguf", golden_dir, "F16", corrupt)
+    m = ck.load_transformer(path, dtype=torch.float32)
     with pytest.raises(ck.CheckpointError, match=r"lens-F16\.gguf: tensor 'txt_in\.weight' holds 1 NaN"):
-        ck.load_transformer(path, dtype=torch.float32)
+        run_tiny(m, golden_dir)
 
 
 def test_gguf_dit_quantized_block_with_nan_scale(tmp_path, golden_dir):
@@ -97,7 +123,7 @@ def test_gguf_dit_quantized_block_with_nan_scale(tmp_path, golden_dir):
     path = _gguf_with(tmp_path / "lens-Q8_0.gguf", golden_dir, "Q8_0", corrupt)
     m = ck.load_transformer(path, dtype=torch.float32)
     pending = finite.pending_first_use(m)
-    assert "transformer_blocks.0.attn.img_qkv" in pending and len(pending) > 10
+    assert "transformer_blocks.0.attn.img_qkv" in pending and "" in pending and len(pending) > 10
     with pytest.raises(ck.CheckpointError, match=r"lens-Q8_0\.gguf: the weight of transformer_blocks\.0\.attn\."
                                                  r"img_qkv \(Q8_0 storage\) dequantizes to 32 NaN.*Fix"):
         run_tiny(m, golden_dir)

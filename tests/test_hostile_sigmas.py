@@ -138,7 +138,7 @@ def test_degenerate_schedules_are_refused(name):
 
 
 def _lens_model():
-    bridge = sys.modules[import_pack().NODE_CLASS_MAPPINGS["LensSampler"].__module__].bridge
+    bridge = import_pack().nodes.bridge
     return bridge.LensModel(patcher=None, config=None, variant="lens", dtype=torch.float32, path="")
 
 
