@@ -9,8 +9,9 @@ Output: one safetensors file in the layout ComfyUI 0.33 writes and its ``UNETLoa
 (``comfy/ops.py`` ``_quantized_weight_state_dict``; QUANTIZATION.md): bare diffusers key names (like the Comfy-Org
 files); per quantized Linear ``L``: ``L.weight`` in the format's storage dtype, its scales (``L.weight_scale`` …,
 comfy-kitchen's ``state_dict_tensors`` names) and ``L.comfy_quant`` (the UTF-8 JSON marker as uint8); every other
-tensor in bf16 (``--dtype fp32`` keeps fp32). The quantized tensors are comfy-kitchen's own
-(``QuantizedTensor.from_float`` with the layout ComfyUI maps the format to), so the file holds exactly what
+tensor in bf16 (``--dtype fp32`` keeps fp32). The quantized tensors and markers come from the pack's format
+registry :mod:`lens_core.quant_formats` (the one the loaders read with), i.e. comfy-kitchen's own
+``QuantizedTensor.from_float`` with the layout ComfyUI maps the format to, so the file holds exactly what
 ComfyUI would produce; E8M0 block scales are stored as U8 bytes, as in the Comfy-Org MXFP8 files.
 
 Layer selection (what ComfyUI's quantized Lens files keep, checkpoint_formats.md §2.6): the block Linears
@@ -44,13 +45,13 @@ ALIGN = 8                       # the data section starts at a multiple of this 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """One converter format: the ComfyUI marker ``format`` it writes, the comfy-kitchen layout and its options,
-    and what the layout needs of a layer's shape (``in_multiple``/``out_multiple``: no padding; ``convrot``:
-    a power-of-4 rotation group must divide the input width)."""
+    """One converter format: the ``.comfy_quant`` format of :mod:`lens_core.quant_formats` it writes (the format
+    registry: comfy-kitchen's quantizer, the marker ComfyUI reads) with its options, and what the layout needs of
+    a layer's shape (``in_multiple``/``out_multiple``: no padding; ``convrot``: a power-of-4 rotation group must
+    divide the input width)."""
     name: str
     comfy_format: str
-    layout: str
-    kwargs: tuple = ()
+    options: tuple = ()
     convrot: bool = False
     in_multiple: int = 1
     out_multiple: int = 1
@@ -58,19 +59,17 @@ class Recipe:
 
 
 RECIPES = {r.name: r for r in (
-    Recipe("int8_convrot", "int8_tensorwise", "TensorWiseINT8Layout", (("per_channel", True), ("convrot", True)),
-           convrot=True, help="int8 weights, per-row scale, ConvRot (Hadamard) rotation; W8A8 in ComfyUI"),
-    Recipe("int8", "int8_tensorwise", "TensorWiseINT8Layout", (("per_channel", True),),
+    Recipe("int8_convrot", "int8_tensorwise", (("convrot", True),), convrot=True,
+           help="int8 weights, per-row scale, ConvRot (Hadamard) rotation; W8A8 in ComfyUI"),
+    Recipe("int8", "int8_tensorwise", (("convrot", False),),
            help="int8 weights, per-row scale, no rotation; W8A8 in ComfyUI"),
-    Recipe("convrot_w4a4", "convrot_w4a4", "TensorCoreConvRotW4A4Layout", convrot=True, in_multiple=64,
+    Recipe("convrot_w4a4", "convrot_w4a4", (("linear_dtype", "int4"),), convrot=True, in_multiple=64,
            help="int4 weights (group 64) with ConvRot rotation; W4A4 in ComfyUI"),
-    Recipe("fp8_scaled", "float8_e4m3fn", "TensorCoreFP8Layout", (("dtype", "float8_e4m3fn"),),
-           help="float8 e4m3fn weights, one scale per tensor"),
-    Recipe("fp8_e5m2_scaled", "float8_e5m2", "TensorCoreFP8Layout", (("dtype", "float8_e5m2"),),
-           help="float8 e5m2 weights, one scale per tensor"),
-    Recipe("mxfp8", "mxfp8", "TensorCoreMXFP8Layout", in_multiple=32, out_multiple=32,
+    Recipe("fp8_scaled", "float8_e4m3fn", help="float8 e4m3fn weights, one scale per tensor"),
+    Recipe("fp8_e5m2_scaled", "float8_e5m2", help="float8 e5m2 weights, one scale per tensor"),
+    Recipe("mxfp8", "mxfp8", in_multiple=32, out_multiple=32,
            help="float8 e4m3fn weights, E8M0 scale per 32 inputs (the Comfy-Org lens_mxfp8 format)"),
-    Recipe("nvfp4", "nvfp4", "TensorCoreNVFP4Layout", in_multiple=16, out_multiple=16,
+    Recipe("nvfp4", "nvfp4", in_multiple=16, out_multiple=16,
            help="fp4 e2m1 weights, e4m3 scale per 16 inputs + a global scale"),
 )}
 OUT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -123,33 +122,30 @@ def _convrot_group(width: int, wanted: int) -> int | None:
 
 
 def layer_options(recipe: Recipe, out_f: int, in_f: int, groupsize: int) -> tuple[dict | None, str]:
-    """(comfy-kitchen quantize kwargs, "") for a layer this recipe can store, or (None, why not)."""
-    import torch
-
+    """(options of the recipe's format for this layer, "") for a layer the recipe can store, or (None, why not)."""
     if in_f % recipe.in_multiple or out_f % recipe.out_multiple:
         return None, (f"[{out_f}, {in_f}] is not a multiple of [{recipe.out_multiple}, {recipe.in_multiple}] "
                       f"(would need padding)")
-    kw = {k: getattr(torch, v) if k == "dtype" else v for k, v in recipe.kwargs}
+    options = dict(recipe.options)
     if recipe.convrot:
         g = _convrot_group(in_f, groupsize)
-        if g is None or in_f % recipe.in_multiple:
+        if g is None:
             return None, f"no ConvRot group (a power of 4, 16..{groupsize}) divides its {in_f} inputs"
-        kw["convrot_groupsize"] = g
-    return kw, ""
+        options["convrot_groupsize"] = g
+    return options, ""
 
 
-def marker(recipe: Recipe, kw: dict) -> dict:
-    """The ``comfy_quant`` JSON object ComfyUI reads for a layer (``comfy/ops.py`` ``_load_quantized_module``)."""
-    m = {"format": recipe.comfy_format}
-    if recipe.comfy_format == "int8_tensorwise" and kw.get("convrot"):
-        m.update(convrot=True, convrot_groupsize=kw["convrot_groupsize"])
-    elif recipe.comfy_format == "convrot_w4a4":
-        m["convrot_groupsize"] = kw["convrot_groupsize"]
-    return m
+def _format(recipe: Recipe):
+    from . import quant_formats as qf
+
+    return qf.get(recipe.comfy_format)
 
 
 def marker_bytes(m: dict) -> bytes:
-    return json.dumps(m).encode("utf-8")
+    """The ``.comfy_quant`` bytes of a marker (:func:`lens_core.quant_formats.marker_tensor`'s, as bytes)."""
+    from .quant_formats import marker_tensor
+
+    return marker_tensor(m).numpy().tobytes()
 
 
 def _stored(t):
@@ -161,18 +157,19 @@ def _stored(t):
     return t
 
 
-def quantize_weight(recipe: Recipe, w, kw: dict) -> dict:
-    """{suffix: tensor} of comfy-kitchen's quantization of ``w`` (suffixes of ``state_dict_tensors``, ``""`` =
-    the weight itself); works on ``meta`` tensors too (the plan)."""
-    qt = kitchen().QuantizedTensor.from_float(w, recipe.layout, **kw)
-    return {k: _stored(v) for k, v in qt.state_dict("").items()}
+def quantize_weight(recipe: Recipe, w, options: dict) -> tuple[dict, dict]:
+    """({suffix: tensor} as stored — ``weight``, ``weight_scale`` … —, marker dict) of ``w`` in the recipe's
+    format (:meth:`lens_core.quant_formats.QuantFormat.quantize`: comfy-kitchen's quantizer); works on ``meta``
+    tensors too (the plan)."""
+    tensors, m = _format(recipe).quantize(w, options)
+    return {k: _stored(v) for k, v in tensors.items()}, m
 
 
 @dataclasses.dataclass
 class Plan:
     recipe: Recipe
     tensors: list            # [Planned] in file order
-    layers: dict             # {layer: (kw, marker dict)} of the quantized Linears
+    layers: dict             # {layer: (format options, marker dict)} of the quantized Linears
     kept: dict               # {layer: why} of eligible Linears kept in the float dtype
     metadata: dict
     header: bytes
@@ -193,16 +190,15 @@ def plan(source, recipe: Recipe, out_dtype, groupsize: int, metadata: dict) -> P
         shape = tuple(source.shape(key))
         layer = key[: -len(".weight")] if key.endswith(".weight") else None
         if layer is not None and len(shape) == 2 and fp8_eligible(layer):
-            kw, why = layer_options(recipe, shape[0], shape[1], groupsize)
-            if kw is None:
+            options, why = layer_options(recipe, shape[0], shape[1], groupsize)
+            if options is None:
                 kept[layer] = why
             else:
-                m = marker(recipe, kw)
-                layers[layer] = (kw, m)
                 with torch.device("meta"):
-                    parts = quantize_weight(recipe, torch.empty(shape, dtype=torch.float32), kw)
+                    parts, m = quantize_weight(recipe, torch.empty(shape, dtype=torch.float32), options)
+                layers[layer] = (options, m)
                 for suffix, t in parts.items():
-                    out.append(Planned(f"{key}{suffix}", t.dtype, tuple(t.shape), key))
+                    out.append(Planned(f"{layer}.{suffix}", t.dtype, tuple(t.shape), key))
                 out.append(Planned(f"{layer}.comfy_quant", torch.uint8, (len(marker_bytes(m)),), key))
                 continue
         out.append(Planned(key, out_dtype, shape, key))
@@ -415,8 +411,9 @@ def _convert_tensor(source, key: str, planned: list, p: Plan, out_dtype, fd: int
                            f"would be garbage. Fix: download the source again")
     layer = key[: -len(".weight")] if key.endswith(".weight") else None
     if layer in p.layers:
-        kw, m = p.layers[layer]
-        parts = {f"{key}{suffix}": t for suffix, t in quantize_weight(p.recipe, w, kw).items()}
+        options, m = p.layers[layer]
+        tensors, _ = quantize_weight(p.recipe, w, options)
+        parts = {f"{layer}.{suffix}": t for suffix, t in tensors.items()}
         parts[f"{layer}.comfy_quant"] = torch.frombuffer(bytearray(marker_bytes(m)), dtype=torch.uint8)
     else:
         parts = {key: w.to(out_dtype)}
