@@ -693,7 +693,7 @@ repo = sys.argv[1]
 sys.path[:0] = [repo, repo + "/tests"]
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
-import comfy.memory_management, comfy.model_patcher as mp
+import comfy.model_patcher as mp
 spec = importlib.util.spec_from_file_location("lens_nodes_inproc", repo + "/__init__.py",
                                               submodule_search_locations=[repo])
 pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_inproc"] = pack; spec.loader.exec_module(pack)
@@ -701,6 +701,7 @@ from test_nodes import real_size_patcher_plans
 ops = sys.modules["lens_nodes_inproc.nodes.bridge"].operations()
 out = {"classic": real_size_patcher_plans(ops)}
 if hasattr(mp, "ModelPatcherDynamic"):      # what ComfyUI 0.33's main.py switches on with comfy-aimdo (NVIDIA)
+    import comfy.memory_management
     mp.CoreModelPatcher = mp.ModelPatcherDynamic
     comfy.memory_management.aimdo_enabled = True
     out["dynamic"] = real_size_patcher_plans(ops)
