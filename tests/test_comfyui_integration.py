@@ -609,8 +609,8 @@ def test_in_process_eviction_and_lowvram_load_keep_numbers(server, tmp_path):
     assert result["lowvram_layers"] > 0
     assert result["lowvram_equal"] and result["te_equal"]
     assert result["banks"] > 0 and result["bank_bytes_counted"] and result["banks_cast_per_call"]
-    assert result["before_unload"] == ["LensTextEncoder", "LensTransformer", "LensVAE"]
-    assert result["after_unload"] == ["LensTransformer", "LensVAE"] and result["te_size_reset"]
+    assert result["before_unload"] == ["LensPackModel", "LensTextEncoder", "LensVAE"]
+    assert result["after_unload"] == ["LensPackModel", "LensVAE"] and result["te_size_reset"]
     assert result["te_after_unload_equal"]
 
 
