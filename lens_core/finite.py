@@ -1,7 +1,7 @@
 """Finite checks of weights: a NaN or inf in a checkpoint (or produced by a patch) would reach every image as an
 all-black PNG, so it is reported as an error naming the file and the tensor instead.
 
-- **The DiT: at its first forward.** Checking 8 GB of float weights while loading was measured at 26–28 % of the
+- **The DiT: at its first forward.** Checking 8 GB of float weights while loading was measured at 24–28 % of the
   load time (BENCHMARKS.md "Finite check of the weights"; the issue's budget is 10 %), so the loaded DiT gets a
   one-time check of all its float parameters when it is first run (a forward pre-hook on the model, which then
   does nothing): the same error, before the first step's output exists, at a cost that is small next to that
