@@ -53,7 +53,9 @@ EXIT_FAILED_CAP = 25
 #: generate options that are not job keys (one image per job: ``--num-images`` → several jobs / ``batch-index``)
 NOT_JOB_KEYS = {"out": "the output is DIR/<name>.png: use \"name\"",
                 "num_images": "one job is one image: write one job per image (\"batch-index\" picks image k of "
-                              "a seed's batch)"}
+                              "a seed's batch)",
+                "overwrite": "--overwrite is an option of the whole batch command (replace files in DIR that no "
+                             "batch run wrote)"}
 PATH_KEYS = ("model", "text_encoder", "vae", "tokenizer", "image", "mask", "prompt_file")
 #: options that decide what is loaded: jobs sharing them share a loaded pipeline
 MODEL_KEYS = ("model", "text_encoder", "vae", "tokenizer", "dtype", "device", "offload", "fp8", "variant")
@@ -93,6 +95,9 @@ def add_batch_parser(sub, generate) -> argparse.ArgumentParser:
     b.add_argument("--skip-invalid", action="store_true",
                    help="record invalid job lines in the manifest and run the others (default: stop before "
                         "loading anything)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace files in DIR that no batch run wrote (default: such a file fails its job and stays "
+                        "as it is; outputs recorded in DIR/manifest.jsonl are replaced when their job changed)")
     b.add_argument("--threads", type=int, default=None,
                    help="PyTorch CPU threads of every worker (default: this machine's PyTorch default); on CPU the "
                         "images are bit-identical between runs with the same --threads")
@@ -131,6 +136,7 @@ class Job:
     config: str = ""          # model configuration (grouping)
     loras: str = ""           # LoRA set (grouping within a configuration)
     attempts: int = 0
+    replace: bool = False     # its output may replace an existing file (one a batch run recorded, or --overwrite)
 
     @property
     def output(self) -> str:
@@ -470,7 +476,7 @@ class Worker:
     def run(self, job: Job, write_dir: str | None, keep_png: bool = False) -> dict:
         """Render ``job``; write ``write_dir/<name>.png`` (None: not written) and return its manifest fields
         (``png``: the file's bytes when ``keep_png``). Errors propagate (see :meth:`run_safe`)."""
-        from .__main__ import png_bytes, render_image, validate_generate, write_atomic
+        from .__main__ import png_bytes, render_image, validate_generate
 
         t0 = time.perf_counter()
         ns = argparse.Namespace(**job.args)
@@ -501,7 +507,7 @@ class Worker:
         timings["png_s"] = time.perf_counter() - t
         if write_dir is not None:
             t = time.perf_counter()
-            write_atomic(os.path.join(write_dir, job.output), data)
+            write_output(os.path.join(write_dir, job.output), data, job.replace)
             timings["write_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
         rec = {"status": "ok", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
@@ -527,6 +533,27 @@ class Worker:
         except Exception as exc:          # noqa: BLE001 - any job error is recorded, the run goes on
             return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "worker": self.name,
                     "timings": {"total_s": round(time.perf_counter() - t0, 4)}}
+
+
+def write_output(path: str, data: bytes, replace: bool) -> None:
+    """Write a job's PNG atomically. Without ``replace`` an existing file is kept: it is fine when it already
+    holds exactly these bytes (a run killed between the rename and its manifest record), else the job fails."""
+    from .__main__ import write_atomic
+
+    try:
+        write_atomic(path, data, replace=replace)
+    except FileExistsError:
+        try:
+            with open(path, "rb") as f:
+                old = f.read(len(data) + 1)
+        except OSError:
+            old = None
+        if old == b"" and os.path.isfile(path):   # the empty placeholder of a write killed half-way
+            write_atomic(path, data)
+        elif old != data:
+            raise FileExistsError(f"{path}: a file of that name exists and no batch run into this folder wrote it "
+                                  f"(no manifest record); kept as it is; fix: move it away, give the job another "
+                                  f"\"name\", or pass --overwrite") from None
 
 
 # ---- manifest, resume ------------------------------------------------------------------------------------
@@ -736,6 +763,7 @@ def _run(args, jobs: JobList, out_dir: str, threads: int, ray_mod) -> int:
     stats = Stats()
     todo = []
     for j in jobs.jobs:
+        j.replace = bool(getattr(args, "overwrite", False)) or j.name in manifest.previous
         rec = manifest.done(j, out_dir)
         if rec is not None:
             manifest.records[j.name] = dict(rec, line=j.line)

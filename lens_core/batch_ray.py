@@ -115,8 +115,6 @@ def plan_workers(ray, args, threads: int, write) -> tuple[int, dict]:
 
 def run_on_ray(ray, args, queue, out_dir: str, threads: int, finished, stop, stats, write) -> None:
     """Run every job of ``queue`` on Ray actors; ``finished(job, result)`` records each one (on this process)."""
-    from .__main__ import write_atomic
-
     started = connect(ray, args.ray, write)
     actors = []
     try:
@@ -128,7 +126,7 @@ def run_on_ray(ray, args, queue, out_dir: str, threads: int, finished, stop, sta
         write(f"ray: {n} worker(s) {opts}, {DEPTH} job(s) in flight each, outputs "
               f"{'gathered here' if args.gather else 'written by the workers into ' + out_dir}")
         _drive(ray, actors, queue, None if args.gather else out_dir, args.gather, finished, stop, stats, write,
-               out_dir, write_atomic)
+               out_dir)
     finally:
         for a in actors:
             try:
@@ -139,7 +137,8 @@ def run_on_ray(ray, args, queue, out_dir: str, threads: int, finished, stop, sta
             ray.shutdown()
 
 
-def _drive(ray, actors, queue, write_dir, gather, finished, stop, stats, write, out_dir, write_atomic):
+def _drive(ray, actors, queue, write_dir, gather, finished, stop, stats, write, out_dir):
+    from .batch import write_output
     from ray.exceptions import ActorUnavailableError, RayError, RayTaskError
 
     inflight = {}                        # ref → (actor index, job)
@@ -208,7 +207,10 @@ def _drive(ray, actors, queue, write_dir, gather, finished, stop, stats, write, 
                         queue.put_back(job)
                     continue
                 if res.get("status") == "ok" and gather:
-                    write_atomic(os.path.join(out_dir, job.output), res["png"])
+                    try:
+                        write_output(os.path.join(out_dir, job.output), res["png"], job.replace)
+                    except OSError as exc:
+                        res = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "worker": res["worker"]}
                 loads[res.get("worker")] = (res.pop("worker_loads", 0), res.pop("worker_lora_switches", 0))
                 res["worker_index"] = i
                 finished(job, res)

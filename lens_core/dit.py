@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LensDiTConfig, check_grid
+from .config import LensDiTConfig, check_grid, pack_latents, unpack_latents
 from .ops import RMSNorm, cast_to, linear, resolve_operations
+from .sampling import model_timestep
 
 ROPE_THETA = 10000.0
 ROPE_MAX_POSITIONS = 4096  # the official tables cover positions -4096..4095
@@ -340,11 +341,18 @@ class LensTransformer(nn.Module):
         return feats
 
     # -- forward --------------------------------------------------------------------------------------------
-    def forward(self, hidden_states, text_features, text_mask, timestep, grid, exact=None):
+    def forward(self, hidden_states, text_features, text_mask, timestep, grid, exact=None,
+                transformer_options=None, control=None, patch_input=None):
         """Velocity [B, S_img, 128] for image tokens [B, S_img, 128] at σ = ``timestep`` [B] (spec §3).
 
         Text features and the timestep are brought to ``hidden_states``' dtype/device (the official pipeline
         casts them to the model dtype before the call, so this is the same thing). ``grid`` = (H′, W′).
+
+        ``transformer_options`` (a dict, as a host such as ComfyUI passes it; see :func:`run_blocks`) adds the
+        host's patch points: ``patches["post_input"]``, ``patches_replace["dit"][("double_block", i)]``,
+        ``patches["double_block"]``; ``control`` = {"input": [per-block additions to the image tokens]};
+        ``patch_input`` is what patches see as ``"x"`` (default ``hidden_states``). Without them the
+        computation is unchanged.
         """
         exact = self.exact if exact is None else exact
         cfg = self.config
@@ -381,14 +389,93 @@ class LensTransformer(nn.Module):
         t = timestep.to(img.dtype)  # 3.
         txt = torch.cat([_rms(norm, cast_to(f, dtype, device)) for norm, f in zip(self.txt_norm, feats)], dim=-1)
         txt = self.txt_in(txt)  # 4.
+        options = dict(transformer_options) if transformer_options else {}
+        patches = options.get("patches", {})
+        for patch in patches.get("post_input", ()):
+            out = patch({"img": img, "txt": txt, "transformer_options": options})
+            img, txt = out["img"], out["txt"]
         temb = self.time_text_embed.timestep_embedder(timestep_projection(t).to(img.dtype))  # 5.
+        if options or control is not None:
+            txt, img = self.run_blocks(img, txt, temb, rope, attn_mask, exact, options, control,
+                                       hidden_states if patch_input is None else patch_input)
+        else:
+            compiled = self._compiled_block if not exact else None
+            for block in self.transformer_blocks:  # 7.
+                if compiled is not None:
+                    txt, img = compiled(block, img, txt, temb, rope, attn_mask)
+                else:
+                    txt, img = block(img, txt, temb, rope, attn_mask, exact)
+        return self.proj_out(self.norm_out(img, temb, exact))  # 8.
+
+    velocity = forward      # the token-layout forward under a name a subclass's host convention leaves alone
+
+    def run_blocks(self, img, txt, temb, rope, attn_mask, exact, options, control=None, patch_input=None):
+        """Step 7 with a host's patch points (the keys ComfyUI's native Lens model honours), returns (txt, img).
+
+        ``options`` (a dict the caller owns; ``total_blocks``, ``block_type`` = "double" and ``block_index``
+        are written into it) may hold ``patches_replace["dit"][("double_block", i)]``: a callable
+        ``replace(args, {"original_block": fn})`` returning {"img", "txt"}, where ``args`` = {"img", "txt",
+        "vec" (the timestep embedding), "pe" (this model's RoPE tables), "attn_mask", "transformer_options"}
+        and ``fn(args)`` runs the block itself; and ``patches["double_block"]``: callables run after each block
+        on {"img", "txt", "x" (``patch_input``), "block_index", "transformer_options"} returning {"img", "txt"}.
+        ``control["input"][i]`` is added to the first image tokens after block i.
+        """
+        replace = options.get("patches_replace", {}).get("dit", {})
+        after = options.get("patches", {}).get("double_block", ())
+        added = (control or {}).get("input") or ()
         compiled = self._compiled_block if not exact else None
-        for block in self.transformer_blocks:  # 7.
-            if compiled is not None:
+        options["total_blocks"] = len(self.transformer_blocks)
+        options["block_type"] = "double"
+        for i, block in enumerate(self.transformer_blocks):
+            options["block_index"] = i
+            if ("double_block", i) in replace:
+                def original(args, block=block):
+                    t_out, i_out = block(args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"),
+                                         exact)
+                    return {"txt": t_out, "img": i_out}
+                out = replace[("double_block", i)](
+                    {"img": img, "txt": txt, "vec": temb, "pe": rope, "attn_mask": attn_mask,
+                     "transformer_options": options}, {"original_block": original})
+                txt, img = out["txt"], out["img"]
+            elif compiled is not None:
                 txt, img = compiled(block, img, txt, temb, rope, attn_mask)
             else:
                 txt, img = block(img, txt, temb, rope, attn_mask, exact)
-        return self.proj_out(self.norm_out(img, temb, exact))  # 8.
+            for patch in after:
+                out = patch({"img": img, "txt": txt, "x": patch_input, "block_index": i,
+                             "transformer_options": options})
+                img, txt = out["img"], out["txt"]
+            if i < len(added) and added[i] is not None:
+                img = img.clone()
+                img[:, :added[i].shape[1]] += added[i].to(img.dtype)
+        return txt, img
+
+    def forward_latents(self, x, timestep, context, attention_mask=None, transformer_options=None, control=None,
+                        exact=None):
+        """The forward in a host's latent layout: ``x`` [B, 128, H′, W′] (the ComfyUI LATENT layout), σ
+        ``timestep`` [B], ``context`` the stacked text features [B, S, 4·D] with ``attention_mask`` [B, S]
+        (any dtype, nonzero = valid; None = all valid) → velocity [B, 128, H′, W′].
+
+        The DiT receives the official model timestep (σ·1000 rounded to the compute dtype, then /1000:
+        ``lens_core.sampling.model_timestep``), so any host schedule that hands over σ, as ComfyUI's flow
+        samplers do, drives it the official way. Patch points: :meth:`forward`; the patches' ``"x"`` is ``x``.
+        """
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"x: expected a latent [B, {self.config.in_channels}, H', W'], got shape "
+                             f"{tuple(x.shape)}")
+        b, _, h, w = x.shape
+        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != b:
+            raise ValueError(f"context: expected stacked text features [B={b}, S, "
+                             f"{self.config.num_text_layers * self.config.enc_hidden_dim}], got "
+                             f"{getattr(context, 'shape', type(context).__name__)}")
+        if attention_mask is None:
+            mask = torch.ones(context.shape[:2], dtype=torch.bool, device=x.device)
+        else:
+            mask = attention_mask.reshape(b, -1).to(device=x.device) != 0
+        t = model_timestep(torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b), x.dtype)
+        out = self.velocity(pack_latents(x), context, mask, t, grid=(h, w), exact=exact,
+                           transformer_options=transformer_options, control=control, patch_input=x)
+        return unpack_latents(out, h, w)
 
     def enable_compile(self, enabled: bool = True, **compile_kwargs):
         """Run the fast path's blocks (``exact=False``) through ``torch.compile`` (regional compilation).

@@ -19,8 +19,9 @@ import torch
 from . import checkpoints as ck
 from . import config as cf
 from .config import aspect_buckets, pack_latents, unpack_latents, variant_defaults, variant_name
+from .checks import link_problem
 from .hardware import choose_dtype, resolve_device
-from .images import open_image, to_rgb, to_tensor
+from .images import check_image_range, mask_values, open_image, to_rgb, to_tensor
 from .prompt import DEFAULT_TEMPLATE_DATE, check_text, encode_prompts, resolve_date
 from .sampling import make_noise, prepare_mask, sample
 from .schedules import build_sigmas, format_schedule, parse_schedule
@@ -246,7 +247,7 @@ class LensPipeline:
             opts["temperature"] = temperature
         if not isinstance(prompt, str) or not prompt.strip():
             return enh.enhance(self.text_encoder, self.tokenizer, prompt, load_weights=False)
-        enh.load_generation_weights(self.text_encoder, device="cpu" if self.offload else self.device)
+        gen = enh.load_generation_weights(self.text_encoder, device="cpu" if self.offload else self.device)
         bar = _progress(self.progress, opts.get("max_new_tokens", enh.DEFAULT_MAX_NEW_TOKENS), "enhance")
         user_callback = opts.pop("callback", None)
 
@@ -257,8 +258,8 @@ class LensPipeline:
                 user_callback(done, total)
 
         try:
-            with self._on_device(self.text_encoder) as te:
-                return enh.enhance(te, self.tokenizer, prompt, seed=seed, date=template_date, device=self.device,
+            with self._on_device(self.text_encoder), self._on_device(gen):     # the generator's own weights too
+                return enh.enhance(gen, self.tokenizer, prompt, seed=seed, date=template_date, device=self.device,
                                    callback=on_token, **opts)
         finally:
             if bar is not None:
@@ -436,6 +437,8 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"{n['prompt']}: expected a string or a non-empty list of strings, found {prompt!r:.80}")
     prompts = [check_text(p, f"prompt[{i}]") for i, p in enumerate(prompts)]
+    if negative_prompt is None:         # documented: None = no negative prompt (the official empty one)
+        negative_prompt = ""
     if isinstance(negative_prompt, str):
         negatives = [check_text(negative_prompt, n["negative_prompt"])] * len(prompts)
     else:
@@ -465,7 +468,9 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
                              f"{tuple(image.shape)}")
         cf.check_pixels(image.shape[2], image.shape[3], "image", cf.MAX_INIT_IMAGE_PIXELS)
         cf.check_finite_tensor(image, "image")
-        image = image.float()
+        image = check_image_range(image.float(), "image (a tensor init image)", -1.0, 1.0,
+                                  "scale it to [-1, 1] (x / 127.5 - 1 for 0 … 255, 2x - 1 for 0 … 1), or pass a "
+                                  "PIL image")
     elif image is not None:
         from PIL import Image
 
@@ -516,9 +521,11 @@ def resolve_paths(path=None, *, transformer=None, text_encoder=None, vae=None, t
 
     ``path``: a diffusers Lens folder, a DiT file/folder, or a dict ``{component: path}``; keyword paths
     override. Checks: every path exists; a diffusers folder has the subfolders it must provide; a DiT alone
-    comes with a text encoder and a VAE; a folder holds .safetensors weights; no pickle; the tokenizer (given,
-    or found beside the models) is a tokenizer.json, a folder with one, or a .safetensors text-encoder file
-    (embedded tokenizer, read first at load). ``names``: how to call each argument in messages (the CLI passes
+    comes with a text encoder and a VAE; a folder holds .safetensors weights; no pickle (all through
+    :func:`lens_core.checkpoints.locate`); the tokenizer (given, or found for the text encoder) is a
+    tokenizer.json, a folder with one, the side-car ``<stem>.tokenizer.json`` of an encoder file (or the
+    tokenizer.json beside a GGUF encoder), or a .safetensors text-encoder file (embedded tokenizer, read first at
+    load); ``paths["tokenizer"]`` is that tokenizer.json or encoder file. ``names``: how to call each argument in messages (the CLI passes
     its flags, e.g. ``{"path": "--model"}``).
     """
     label = {"path": "path", "transformer": "transformer", "text_encoder": "text_encoder", "vae": "vae",
@@ -543,9 +550,8 @@ def resolve_paths(path=None, *, transformer=None, text_encoder=None, vae=None, t
         if value is not None:
             given[name] = (name, os.fspath(value))
     for name, (arg, p) in given.items():
-        _check_exists(p, label[arg])
         if name != "tokenizer":
-            _check_weights_path(p, label[arg], name)
+            ck.locate(p, name, label[arg])              # exists, no pickle, finds the weights (nothing read)
         paths[name] = p
     if root is not None:
         for c in COMPONENTS:
@@ -563,10 +569,10 @@ def resolve_paths(path=None, *, transformer=None, text_encoder=None, vae=None, t
         raise ValueError(f"{what}: expected paths for the transformer, text encoder and VAE too; missing "
                          f"{', '.join(label[c] for c in missing)}; fix: pass "
                          f"{' and '.join(label[c] for c in missing)} (or a whole diffusers Lens folder)")
-    if "tokenizer" not in paths:
-        paths["tokenizer"] = _tokenizer_path(paths["text_encoder"], root)
-    _check_tokenizer_path(paths["tokenizer"], label["tokenizer"] if "tokenizer" in given else
-                          f"{label['tokenizer']} (found beside {paths['text_encoder']})")
+    # the tokenizer: given, or found for the text encoder / diffusers root (side-car, embedded, tokenizer/ …)
+    tok_label = (label["tokenizer"] if "tokenizer" in given else
+                 f"{label['tokenizer']} (found beside {paths['text_encoder']})")
+    paths["tokenizer"] = ck.locate(paths.get("tokenizer", paths["text_encoder"]), "tokenizer", tok_label).path
     return paths
 
 
@@ -587,53 +593,18 @@ def check_headers(paths: dict) -> None:
 
 def _check_exists(p: str, label: str):
     if not os.path.exists(p):
+        if link_problem(p, label):
+            raise link_problem(p, label)
         parent = os.path.dirname(os.path.abspath(p))
         hint = (f"; {parent} holds {sorted(os.listdir(parent))[:12]}" if os.path.isdir(parent) else
                 f"; its folder {parent} does not exist either")
         raise FileNotFoundError(f"{label} {p}: no such file or folder{hint}; fix: check the path")
 
 
-def _check_weights_path(p: str, label: str, component: str):
-    """A weights path must be a .safetensors file, a shard index .json, or a folder holding one (a diffusers
-    folder or component folder); pickles are refused here, by name, before anything is read."""
-    if os.path.isdir(p):
-        if ck.is_diffusers_root(p):
-            if not os.path.isdir(os.path.join(p, component)):
-                raise ck.CheckpointError(f"{label} {p}: a diffusers Lens folder without its '{component}/' "
-                                         f"subfolder (found {sorted(os.listdir(p))})")
-            return
-        names = os.listdir(p)
-        if os.path.isdir(os.path.join(p, component)) or any(n.endswith((".safetensors", ".safetensors.index.json"))
-                                                            for n in names):
-            return
-        pickles = sorted(n for n in names if n.lower().endswith(ck.PICKLE_SUFFIXES))
-        raise ck.CheckpointError(f"{label} {p}: expected a diffusers Lens folder (model_index.json) or a folder "
-                                 f"with .safetensors weights, found {sorted(names)[:12]}"
-                                 f"{'; pickle files are refused (safetensors only)' if pickles else ''}")
-    low = p.lower()
-    if low.endswith(ck.PICKLE_SUFFIXES):
-        raise ck.CheckpointError(f"{label} {p}: a pickle file ({os.path.splitext(p)[1]}); pickles are refused "
-                                 f"(safetensors only); fix: use the .safetensors release of this model")
-
-
-def _check_tokenizer_path(p: str, label: str):
-    """The tokenizer source must be findable without reading any weights (see :func:`resolve_paths`)."""
-    if os.path.isdir(p):
-        if any(os.path.isfile(os.path.join(p, *rel)) for rel in (("tokenizer.json",), ("tokenizer", "tokenizer.json"))):
-            return
-        sub = os.path.join(p, "tokenizer")
-        listing = sorted(os.listdir(sub)) if os.path.isdir(sub) else sorted(os.listdir(p))
-        raise ck.CheckpointError(f"{label} {p}: a folder without tokenizer: expected tokenizer/tokenizer.json (or "
-                                 f"tokenizer.json), found {listing[:12]}; fix: copy the o200k_harmony tokenizer.json "
-                                 f"of Lens / gpt-oss into it, pass --tokenizer, or use the NVFP4 text-encoder file "
-                                 f"that embeds it")
-    if not os.path.isfile(p):
-        _check_exists(p, label)
-
-
 def load_mask(mask, label: str = "mask") -> torch.Tensor:
-    """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (8-bit or
-    16-bit grayscale, palette, RGB(A): its luminance; a float image must already be in [0, 1]) or a tensor."""
+    """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (brightness, or
+    1 − alpha for a mask with transparency as ComfyUI's LoadImage reads it: :func:`lens_core.images.mask_values`)
+    or a tensor."""
     if isinstance(mask, torch.Tensor):
         return mask
     from PIL import Image
@@ -650,34 +621,8 @@ def load_mask(mask, label: str = "mask") -> torch.Tensor:
     if not isinstance(mask, Image.Image):
         raise ValueError(f"{name}: expected a PIL image, a path or a tensor [H, W] in [0, 1], got "
                          f"{type(mask).__name__}")
-    if mask.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(mask, dtype=np.float32) / 65535.0
-    elif mask.mode == "I":
-        arr = np.asarray(mask, dtype=np.float64)
-        arr = (arr / (65535.0 if arr.max(initial=0) > 255 else 255.0)).astype(np.float32)
-    elif mask.mode == "F":
-        arr = np.asarray(mask, dtype=np.float32)
-    else:
-        arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(np.ascontiguousarray(mask_values(mask, name)))
     if not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
         raise ValueError(f"{name}: a float ('F' mode) mask must hold values in [0, 1], found "
                          f"[{float(t.nan_to_num().min()):g}, {float(t.nan_to_num().max()):g}] or NaN")
     return t
-
-
-def _tokenizer_path(text_encoder_path, root):
-    """Where the tokenizer is when none is given: the diffusers root, the NVFP4 file's embedded tokenizer,
-    or the ``tokenizer/`` folder beside a ``text_encoder/`` folder."""
-    if root is not None:
-        return root
-    p = os.path.abspath(os.fspath(text_encoder_path))
-    if os.path.isfile(p) and p.endswith(".safetensors"):
-        return p
-    folder = p if os.path.isdir(p) else os.path.dirname(p)
-    if ck.is_diffusers_root(folder):
-        return folder
-    parent = os.path.dirname(folder)
-    if os.path.isdir(os.path.join(parent, "tokenizer")):
-        return parent
-    return folder

@@ -8,6 +8,7 @@ import torch
 from . import bridge
 from ..lens_core import checks as chk
 from ..lens_core import config as core_config
+from ..lens_core.images import check_image_range
 
 LATENT_CHANNELS = 128
 CUSTOM = "custom"
@@ -148,6 +149,9 @@ class LensVAEEncode:
             raise ValueError(f"LensVAEEncode: expected an IMAGE [B,H,W,3], found "
                              f"{list(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__}")
         chk.finite_tensor(pixels, "LensVAEEncode: pixels", UPSTREAM_FIX)
+        pixels = check_image_range(pixels, "LensVAEEncode: pixels (an IMAGE)", 0.0, 1.0,
+                                   "ComfyUI IMAGEs hold 0 … 1; the node that produced it gave another range (divide "
+                                   "0 … 255 values by 255, or put a clamp / normalize node in between)")
         b, hh, ww = pixels.shape[0], pixels.shape[1], pixels.shape[2]
         h, w = hh // 16 * 16, ww // 16 * 16
         if h == 0 or w == 0:

@@ -44,10 +44,12 @@ def _wrong_file(path, role, exc):
                       f"diffusers Lens folder in this loader ({others}).")
 
 
-def load_model(path: str, weight_dtype: str = "default", variant: str = "auto") -> bridge.LensModel:
-    """The DiT with comfy.ops layers on the offload device. Weights are stored in ``weight_dtype`` ("default":
-    ComfyUI's compute dtype for this device; fp8 stores eligible Linears as float8 + scale); activations run in
-    ComfyUI's compute dtype (bf16 or fp32; never fp16, which gives NaNs with Lens)."""
+def load_model(path: str, weight_dtype: str = "default", variant: str = "auto"):
+    """The DiT with comfy.ops layers on the offload device, as a native ComfyUI MODEL (bridge/pack_model.py).
+    Weights are stored in ``weight_dtype`` ("default": ComfyUI's compute dtype for this device; fp8 stores
+    eligible Linears as float8 + scale); activations run in ComfyUI's compute dtype (bf16 or fp32; never fp16,
+    which gives NaNs with Lens)."""
+
     ck = _checkpoints()
     load_device, offload_device = bridge.devices("diffusion")
     cdt = bridge.compute_dtype("diffusion", load_device)
@@ -56,14 +58,14 @@ def load_model(path: str, weight_dtype: str = "default", variant: str = "auto") 
     store = {"default": cdt, "fp8_e4m3fn": cdt}.get(weight_dtype, WEIGHT_DTYPES[weight_dtype])
     try:
         module = ck.load_transformer(src, dtype=store, device=offload_device, operations=bridge.operations(),
-                                     variant=override, fp8=weight_dtype == "fp8_e4m3fn")
+                                     variant=override, fp8=weight_dtype == "fp8_e4m3fn",
+                                     dit_class=bridge.LensDiffusionModel)
         # the variant from the file's own evidence (metadata/config) before its path, as the loader decided it
         var = module.lens_checkpoint.variant
     except (ValueError, KeyError) as exc:
         raise _wrong_file(src, "diffusion", exc) from exc
     module.eval()
-    patcher = bridge.make_patcher(module, "diffusion")
-    return bridge.LensModel(patcher=patcher, config=module.config, variant=var, dtype=cdt, path=path)
+    return bridge.build_pack_model(module, var, cdt, path)
 
 
 def load_text_encoder(path: str, device: str = "default", experts: str = "packed") -> bridge.LensTextEncoder:
@@ -78,9 +80,9 @@ def load_text_encoder(path: str, device: str = "default", experts: str = "packed
                                       experts=experts)
     except (ValueError, KeyError) as exc:
         raise _wrong_file(src, "text_encoder", exc) from exc
-    tok_src = bridge.component_path(path, "tokenizer") if os.path.isdir(path) and \
-        os.path.isfile(os.path.join(path, bridge.DIFFUSERS_MARKER)) else src
-    tokenizer = ck.load_tokenizer(tok_src)
+    # lens_core's locate(): a diffusers folder's tokenizer/, the side-car <stem>.tokenizer.json, the tokenizer.json
+    # beside a GGUF encoder, or the one the NVFP4 file embeds
+    tokenizer = ck.load_tokenizer(path)
     module.eval()
     module.compute_dtype = cdt
     patcher = bridge.make_patcher(module, "text_encoder", devices=(load_device, offload_device))
@@ -110,9 +112,11 @@ def load_vae(path: str) -> bridge.LensVAE:
 class LensModelLoader:
     DESCRIPTION = "Load the Lens / Lens-Turbo / Lens-Base diffusion transformer (MMDiT)."
     CATEGORY = "Lens/loaders"
-    RETURN_TYPES = ("LENS_MODEL",)
+    RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The Lens DiT, managed by ComfyUI (loaded on demand, offloaded when memory is short).",)
+    OUTPUT_TOOLTIPS = ("The Lens DiT as a native MODEL, managed by ComfyUI (loaded on demand, offloaded when memory "
+                       "is short): LensSampler, KSampler, SamplerCustom(Advanced) and model patches such as "
+                       "EasyCache take it.",)
     FUNCTION = "load"
 
     @classmethod
@@ -191,9 +195,9 @@ class LensVAELoader:
 class LensCheckpointLoader:
     DESCRIPTION = "Load all three Lens components from one diffusers folder (microsoft/Lens layout)."
     CATEGORY = "Lens/loaders"
-    RETURN_TYPES = ("LENS_MODEL", "LENS_TEXT_ENCODER", "LENS_VAE")
+    RETURN_TYPES = ("MODEL", "LENS_TEXT_ENCODER", "LENS_VAE")
     RETURN_NAMES = ("model", "text_encoder", "vae")
-    OUTPUT_TOOLTIPS = ("The DiT.", "The text encoder with its tokenizer.", "The FLUX.2 VAE.")
+    OUTPUT_TOOLTIPS = ("The DiT as a native MODEL.", "The text encoder with its tokenizer.", "The FLUX.2 VAE.")
     FUNCTION = "load"
 
     @classmethod

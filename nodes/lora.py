@@ -1,4 +1,4 @@
-"""LensLoraLoader: LENS_MODEL + a LoRA / LoHa / LoKr file from ComfyUI's ``loras`` folder + strength → LENS_MODEL.
+"""LensLoraLoader: the pack's MODEL + a LoRA / LoHa / LoKr file from ComfyUI's ``loras`` folder + strength → MODEL.
 
 Chainable; every trainer's Lens key format is read by lens_core.lora; the adapter is applied through the
 ModelPatcher's own patches (clone + add_patches / object patches), so the base weights are never changed in
@@ -7,13 +7,14 @@ place and a strength change does not reload the model.
 from __future__ import annotations
 
 from . import bridge
+from .sampling import MODEL_TYPES
 
 
 class LensLoraLoader:
     DESCRIPTION = ("Apply a LoRA / LoHa / LoKr to the Lens DiT (kohya/musubi, VideoX-Fun, OneTrainer, diffusers/PEFT "
                    "and SceneWorks files). Chain several to stack them.")
     CATEGORY = "Lens/loaders"
-    RETURN_TYPES = ("LENS_MODEL",)
+    RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The Lens DiT with the adapter patched in (the input model is unchanged).",)
     FUNCTION = "apply"
@@ -21,7 +22,7 @@ class LensLoraLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("LENS_MODEL", {"tooltip": "The Lens DiT (from LensModelLoader or another LensLoraLoader)."}),
+            "model": (MODEL_TYPES, {"tooltip": "The Lens DiT (from LensModelLoader or another LensLoraLoader)."}),
             "lora_name": (bridge.lora_choices(), {
                 "tooltip": "A Lens LoRA / LoHa / LoKr .safetensors file in models/loras."}),
             "strength": ("FLOAT", {
@@ -30,5 +31,10 @@ class LensLoraLoader:
         }}
 
     def apply(self, model, lora_name, strength=1.0):
+        if not bridge.is_pack_model(model):
+            inner = getattr(model, "model", model)
+            raise ValueError(f"LensLoraLoader: the model input is a {type(inner).__name__} model, expected the Lens "
+                             f"DiT of LensModelLoader / LensCheckpointLoader. Fix: load the model with "
+                             f"LensModelLoader, or use ComfyUI's LoraLoaderModelOnly for a native model")
         path = bridge.resolve_lora(lora_name)
         return (bridge.with_lora(model, path, float(strength)),)

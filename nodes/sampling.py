@@ -9,7 +9,8 @@ from .latents import LATENT_CHANNELS, check_lens_latent
 from ..lens_core import config as core_config
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-# a comma union (validated by ComfyUI 0.3.64 and 0.33 alike): the pack's LENS_MODEL or a native Lens MODEL
+# a comma union (validated by ComfyUI 0.3.64 and 0.33 alike): MODEL (the pack's loaders, or native Lens) or
+# LENS_MODEL, the type the pack's loaders had before issue 24 (links saved with it in old workflows still validate)
 MODEL_TYPES = "LENS_MODEL,MODEL"
 # a fresh LensSampler shows Lens's official settings (valid for every model kind; Turbo: 4 / 1)
 DEFAULT_STEPS, DEFAULT_CFG = 20, 5.0
@@ -60,10 +61,11 @@ class LensSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (MODEL_TYPES, {"tooltip": "From LensModelLoader or LensCheckpointLoader, or ComfyUI's native "
-                                               "Lens MODEL (UNETLoader, LoRA and model patches included; ComfyUI "
-                                               "0.33+), which is then sampled the official way through ComfyUI's "
-                                               "own sampling code."}),
+            "model": (MODEL_TYPES, {"tooltip": "From LensModelLoader / LensCheckpointLoader / LensLoraLoader (sampled "
+                                               "by the pack's official sampler; with model patches such as "
+                                               "EasyCache, through ComfyUI's sampling on the official schedule), or "
+                                               "ComfyUI's native Lens MODEL (UNETLoader; ComfyUI 0.33+), sampled "
+                                               "the official way through ComfyUI's own sampling code."}),
             "positive": ("CONDITIONING", {"tooltip": "The prompt, from LensTextEncode (or native Lens text "
                                                      "encoding)."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt; encode an empty text for the official "
@@ -124,7 +126,12 @@ class LensSampler:
                sigmas=None):
         from ..lens_core import sampling as core_sampling
 
-        if not isinstance(model, bridge.LensModel):
+        if bridge.is_pack_model(model):
+            if bridge.pack_model_patches(model):       # EasyCache, block patches, CFG nodes, hooks, ...
+                return self.sample_pack_native(model, positive, negative, latent_image, seed, steps, cfg, denoise,
+                                               unique_id, sigmas)
+            model = bridge.pack_view(model)
+        elif not isinstance(model, bridge.LensModel):
             return self.sample_native(model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id,
                                       sigmas)
         d_steps, d_cfg = core_config.variant_defaults(model.variant)
@@ -169,8 +176,9 @@ class LensSampler:
         with torch.inference_mode():
             # cfg 1: one forward per step on the positive only (the sampler's fast path); otherwise the
             # reference computation ([pos; neg] in one batch), which equals the official pipeline bit for bit
+            dit = model.module                  # the token-layout forward of the pack's DiT
             out = core_sampling.sample(
-                model.module, noise, pos, pos_mask, neg, neg_mask, grid=(h, w), sigmas=sigmas, cfg=cfg,
+                getattr(dit, "velocity", dit), noise, pos, pos_mask, neg, neg_mask, grid=(h, w), sigmas=sigmas, cfg=cfg,
                 init_latents=init, callback=reporter, exact=cfg != 1.0,
                 dtype=dtype, device=device, mask=mask)
             result = bridge.to_intermediate(core_config.unpack_latents(out.float(), h, w))
@@ -183,7 +191,7 @@ class LensSampler:
     def sample_native(self, model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id=None,
                       sigmas=None):
         """A native Lens MODEL: the official schedule, model timestep and CFG rescale (lens_core) through
-        ComfyUI's own sampling path; same seed = same noise as with a LENS_MODEL."""
+        ComfyUI's own sampling path; same seed = same noise as with the pack's model."""
         from ..lens_core import sampling as core_sampling
 
         patcher = bridge.native_lens_patcher(model, "LensSampler")
@@ -191,12 +199,33 @@ class LensSampler:
             raise ValueError(f"LensSampler: steps = {steps} / cfg = {cfg}: 0 means 'the variant's default', but a "
                              f"native MODEL does not say whether it is Lens, Turbo or Base. Fix: set steps and cfg "
                              f"(Lens 20 / 5, Turbo 4 / 1, Base 50 / 5)")
+        dtype = bridge.native_compute_dtype(patcher)
+        official = bridge.official_native_patcher(
+            patcher, lambda sigma: core_sampling.model_timestep(sigma, dtype),
+            None if float(cfg) == 1.0 else (lambda c, u, g: core_sampling.cfg_combine(c, u, g, dim=1)))
+        return self._through_comfy(official, bridge.native_text_width(patcher), positive, negative, latent_image,
+                                   seed, steps, cfg, denoise, unique_id, sigmas)
+
+    def sample_pack_native(self, model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id=None,
+                           sigmas=None):
+        """The pack's MODEL with model-level patches (EasyCache, block patches, CFG nodes, hooks): sampled by
+        ComfyUI's own sampling path, which applies them, on the official sigmas (or the connected ones) with the
+        pipeline's noise (the DiT itself rounds σ to the official timestep; the CFG is the MODEL's, official
+        unless a node replaced it). 0 = auto steps / CFG follow the variant the loader detected."""
+        info = bridge.pack_view(model)
+        d_steps, d_cfg = core_config.variant_defaults(info.variant)
+        return self._through_comfy(model, info.text_width, positive, negative, latent_image, seed,
+                                   int(steps) or d_steps, float(cfg) or d_cfg, denoise, unique_id, sigmas)
+
+    def _through_comfy(self, patcher, width, positive, negative, latent_image, seed, steps, cfg, denoise,
+                       unique_id=None, sigmas=None):
+        from ..lens_core import sampling as core_sampling
+
         cfg = float(cfg)
         if sigmas is None:
             steps = core_config.check_steps(int(steps), "LensSampler steps")
         samples = lens_latent(latent_image)
         batch, _, h, w = samples.shape
-        width = bridge.native_text_width(patcher)
         for name, cond in (("positive", positive), ("negative", negative)):
             check_native_conditioning(cond, width, name)
         sigmas, _ = self.schedule(steps, denoise, h, w, samples, sigmas)
@@ -204,12 +233,8 @@ class LensSampler:
         if noise_mask is not None:          # inpainting: checked here, applied by ComfyUI's own sampler
             core_sampling.prepare_mask(noise_mask, batch, h, w)
         noise = core_config.unpack_latents(seeded_noise(int(seed), batch, h, w, latent_image.get("batch_index")), h, w)
-        dtype = bridge.native_compute_dtype(patcher)
-        official = bridge.official_native_patcher(
-            patcher, lambda sigma: core_sampling.model_timestep(sigma, dtype),
-            None if cfg == 1.0 else (lambda c, u, g: core_sampling.cfg_combine(c, u, g, dim=1)))
         reporter = bridge.StepReporter(len(sigmas) - 1, patcher.load_device, lambda x0: x0[:1].float(), node_id=unique_id)
-        out = bridge.sample_native(official, noise, sigmas, positive, negative, cfg, samples.float(), seed,
+        out = bridge.sample_native(patcher, noise, sigmas, positive, negative, cfg, samples.float(), seed,
                                    callback=lambda i, x0, x, total: reporter(i, total, x, x0), noise_mask=noise_mask)
         latent = dict(latent_image)
         latent.pop("downscale_ratio_spacial", None)

@@ -156,6 +156,7 @@ def test_rerun_skips_every_job_without_loading(single_run, pipeline_dir, monkeyp
     ('{"negative": "x"}', "JOBS line 3: one of the arguments --prompt --prompt-file is required"),
     ('{"prompt": "x", "variant": "turbo2"}', "JOBS line 3: argument --variant: invalid choice: 'turbo2'"),
     ('{"prompt": "x", "num-images": 4}', "JOBS line 3: 'num-images' is not a job key: one job is one image"),
+    ('{"prompt": "x", "overwrite": true}', "JOBS line 3: 'overwrite' is not a job key: --overwrite is an option"),
     ('{"prompt": "x", "name": "../escape"}', "JOBS line 3: name '../escape': expected a plain file name"),
     ('{"prompt": "x", "name": "a"}', "JOBS line 3: output a.png is already the name of line 1"),
     ('{"prompt": "x", "lora": "/nonexistent/style.safetensors"}', "JOBS line 3: --lora: no such file"),
@@ -229,20 +230,26 @@ def test_failures_and_invalid_lines_recorded_rest_go_on(single_run, inputs, pipe
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "small-s1.png").write_bytes(b"someone else's picture")     # not written by a batch run: kept
     rc = main(["batch", str(jobs), "--out", str(out), "--skip-invalid", *defaults(pipeline_dir)])
     err = capsys.readouterr().err
-    assert rc == 102, err
-    assert "6 done, 0 skipped, 1 failed, 1 invalid" in err
+    assert rc == 103, err
+    assert "5 done, 0 skipped, 2 failed, 1 invalid" in err
     recs = {r.get("name", r["line"]): r for r in manifest(out)}
     assert recs[3]["status"] == "invalid" and "JOBS line 3: --steps: expected an integer in [1, 1000]" in \
         recs[3]["error"]
     assert recs["boom"]["status"] == "failed" and "the sampler exploded" in recs["boom"]["error"]
+    assert recs["small-s1"]["status"] == "failed" and "no batch run into this folder wrote it" in \
+        recs["small-s1"]["error"] and "--overwrite" in recs["small-s1"]["error"]
+    assert (out / "small-s1.png").read_bytes() == b"someone else's picture"
     assert not (out / "boom.png").exists()
-    assert outputs(out) == single_run.png
-    # a re-run retries only the failed job (now fixed)
+    # a re-run with --overwrite retries only the two failed jobs (the sampler now fixed)
     monkeypatch.setattr(cli, "render_image", real)
-    assert main(["batch", str(jobs), "--out", str(out), "--skip-invalid", *defaults(pipeline_dir)]) == 101
-    assert "1 done, 6 skipped, 0 failed, 1 invalid" in capsys.readouterr().err
+    assert main(["batch", str(jobs), "--out", str(out), "--skip-invalid", "--overwrite",
+                 *defaults(pipeline_dir)]) == 101
+    assert "2 done, 5 skipped, 0 failed, 1 invalid" in capsys.readouterr().err
+    assert outputs(out) == single_run.png
 
 
 def test_ctrl_c_finishes_the_current_image_then_resumes(inputs, single_run, pipeline_dir, tmp_path, monkeypatch,

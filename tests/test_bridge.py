@@ -104,10 +104,10 @@ def test_default_weight_dtype_is_the_compute_dtype_not_the_files(pack, models_di
                    variant="auto")
     cdt = bridge.compute_dtype("diffusion", bridge.devices("diffusion")[0])
     assert cdt != torch.bfloat16
-    assert {p.dtype for p in model.module.parameters()} == {cdt}
+    assert {p.dtype for p in model.model.diffusion_model.parameters()} == {cdt}
     (model16,) = run(pack, "LensModelLoader", model_name="tooltip_bf16.safetensors", weight_dtype="bf16",
                      variant="auto")
-    assert {p.dtype for p in model16.module.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model16.model.diffusion_model.parameters()} == {torch.bfloat16}
     for name in ("LensModelLoader", "LensCheckpointLoader"):
         tip = pack.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["required"]["weight_dtype"][1]["tooltip"]
         assert "file's dtype" not in tip and "as stored)" not in tip

@@ -563,13 +563,13 @@ after_unload, te_size_reset = loaded_names(), te.patcher.size == 0
 (pos_after_unload,) = enc.encode(te, "a red cube on a wooden table")
 report = {}
 for name, h in (("model", model), ("text_encoder", te), ("vae", vae)):
-    params = [m for m in h.patcher.model.modules() if any(True for _ in m.parameters(recurse=False))]
+    params = [m for m in getattr(h, "patcher", h).model.modules() if any(True for _ in m.parameters(recurse=False))]
     report[name] = sorted({type(m).__name__ for m in params if not hasattr(m, "comfy_cast_weights")})
 # ComfyUI's partial (lowvram) load: a tiny budget leaves every comfy.ops layer on the offload device in
 # cast-per-call mode; the forward must still work and give the same numbers
 mm.unload_all_models()
-model.patcher.load(model.patcher.load_device, lowvram_model_memory=1)
-casting = sum(1 for m in model.patcher.model.modules() if getattr(m, "prev_comfy_cast_weights", None) is not None)
+model.load(model.load_device, lowvram_model_memory=1)          # the DiT is a MODEL: a ModelPatcher itself
+casting = sum(1 for m in model.model.modules() if getattr(m, "prev_comfy_cast_weights", None) is not None)
 low = N["LensSampler"]().sample(model, pos, neg, lat, 3, 4, 5.0, 1.0)[0]["samples"]
 # the packed expert banks: ComfyUI's own load list counts their packed bytes (entries are (size, name, module,
 # params) in 0.3.64 and (offload cost, size, name, module, params) in 0.33), and a partial load leaves them in
@@ -604,13 +604,13 @@ def test_in_process_eviction_and_lowvram_load_keep_numbers(server, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(result)
-    assert result["registered"] == ["LensTextEncoder", "LensTransformer", "LensVAE"]
+    assert result["registered"] == ["LensPackModel", "LensTextEncoder", "LensVAE"]
     assert result["left_after_evict"] == 0 and result["reload_equal"]
     assert result["lowvram_layers"] > 0
     assert result["lowvram_equal"] and result["te_equal"]
     assert result["banks"] > 0 and result["bank_bytes_counted"] and result["banks_cast_per_call"]
-    assert result["before_unload"] == ["LensTextEncoder", "LensTransformer", "LensVAE"]
-    assert result["after_unload"] == ["LensTransformer", "LensVAE"] and result["te_size_reset"]
+    assert result["before_unload"] == ["LensPackModel", "LensTextEncoder", "LensVAE"]
+    assert result["after_unload"] == ["LensPackModel", "LensVAE"] and result["te_size_reset"]
     assert result["te_after_unload_equal"]
 
 
@@ -659,7 +659,7 @@ class Collect(logging.Handler):
         logs.append(record.getMessage())
 logging.getLogger().addHandler(Collect()); logging.getLogger().setLevel(logging.INFO)
 handles, dynamic = run()
-print(json.dumps({"dynamic": [h.patcher.is_dynamic() for h in handles],
+print(json.dumps({"dynamic": [getattr(h, "patcher", h).is_dynamic() for h in handles],
                   "equal": [bool(torch.equal(a, b)) for a, b in zip(classic, dynamic)],
                   "prepared": [m for m in logs if "prepared for dynamic VRAM loading" in m]}))
 '''
@@ -1011,8 +1011,8 @@ enc = N["LensTextEncode"]()
 run = lambda: N["LensSampler"]().sample(model, pos, neg, lat, 3, 2, 5.0, 1.0)[0]["samples"]
 full = run()
 mm.unload_all_models()
-model.patcher.load(model.patcher.load_device, lowvram_model_memory=1)
-gguf = [m for m in model.patcher.model.modules() if type(m).__name__ == "GGUFLinear"]
+model.load(model.load_device, lowvram_model_memory=1)
+gguf = [m for m in model.model.modules() if type(m).__name__ == "GGUFLinear"]
 casting = sum(1 for m in gguf if getattr(m, "prev_comfy_cast_weights", None) is not None)
 low = run()
 te.patcher.load(te.patcher.load_device, lowvram_model_memory=1)

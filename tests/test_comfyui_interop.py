@@ -171,7 +171,7 @@ out["timesteps_official"] = [round(1000.0 * float(t), 2) for t in official_t][:5
 out["timesteps_native"] = [float(t) for t in (sig.to(torch.bfloat16) * 1000.0).float()][:5]
 blk = native.model.diffusion_model.transformer_blocks[0]
 out["qk_norm_eps"] = {"native": float(blk.attn.norm_q.eps),
-                      "ours": float(model.module.transformer_blocks[0].attn.norm_q.eps)}
+                      "ours": float(model.model.diffusion_model.transformer_blocks[0].attn.norm_q.eps)}
 print(json.dumps(out))
 '''
 
@@ -204,7 +204,7 @@ def test_native_lens_interop(golden_dir, tokenizer_json, pipeline_dir, tmp_path)
     assert r["ksampler_cond_rel_diff"] < 5e-2
     assert r["vae_shapes"][0] == r["vae_shapes"][1] == [1, 32, 48, 3]
     assert r["vae_max_abs_diff"] < 1e-3
-    assert r["custom_types"] == ["LENS_MODEL", "LENS_TEXT_ENCODER", "LENS_VAE"]
+    assert r["custom_types"] == ["LENS_TEXT_ENCODER", "LENS_VAE"]     # the DiT is a native MODEL (issue 24)
     assert r["id_clashes"] == [] and r["type_clashes"] == [] and r["template_clashes"] == []
     assert r["standard_types_not_native"] == []          # LATENT, IMAGE, CONDITIONING, SIGMAS, NOISE: native types
     s = r["schedule_1440_vs_1024"]

@@ -21,7 +21,7 @@ from test_comfyui_integration import REPO, TOOL
 pytestmark = pytest.mark.comfyui
 
 SCRIPT = r'''
-import copy, dataclasses, importlib.util, json, sys, torch
+import copy, importlib.util, json, sys, torch
 repo, models, loras = sys.argv[1], sys.argv[2], sys.argv[3]
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
@@ -52,10 +52,11 @@ def rel(a, b):
 def reference(m, items):
     """lens_core's own merge on a private copy of the (unpatched) DiT, run through the same sampler node."""
     mm.unload_all_models()
-    mod = copy.deepcopy(m.module)
+    mod = copy.deepcopy(m.model.diffusion_model)
     for name, s in items:
         lo.apply_lora(mod, loras + "/" + name, s)
-    return run(dataclasses.replace(m, patcher=bridge.make_patcher(mod, "diffusion"), loras=()))
+    info = m.model.lens
+    return run(bridge.build_pack_model(mod, info.variant, info.dtype, info.path))
 
 out = {}
 base_img = image(model)
@@ -77,8 +78,8 @@ out["stacked_vs_lens_core"] = rel(rab, reference(model, [("a.safetensors", 1.0),
 out["base_weights_untouched"] = bool(torch.equal(run(model), base))
 # partial (lowvram) load of the LoRA'd model: ComfyUI patches the layers it leaves offloaded per call
 mm.unload_all_models()
-a.patcher.load(a.patcher.load_device, lowvram_model_memory=1)
-out["lowvram_patched_layers"] = sum(1 for mod in a.patcher.model.modules() if getattr(mod, "weight_function", None))
+a.load(a.load_device, lowvram_model_memory=1)
+out["lowvram_patched_layers"] = sum(1 for mod in a.model.modules() if getattr(mod, "weight_function", None))
 low = N["LensSampler"]().sample(a, pos, neg, lat, 3, 4, 5.0, 1.0)[0]["samples"]
 out["lowvram_vs_full"] = rel(low, ra)
 out["lowvram_bit_equal"] = bool(torch.equal(low, ra))

@@ -56,7 +56,7 @@ if res["native"]:
     res["native_class"] = type(native.model).__name__
     res["native_dtype"] = str(pack.nodes.bridge.native_compute_dtype(native))
     (ours,) = N["LensModelLoader"]().load("tiny", "fp32", "lens")
-    res["ours_dtype"] = str(ours.dtype)
+    res["ours_dtype"] = str(ours.model.lens.dtype)
     sampler = out(ncs.KSamplerSelect.execute("euler"))[0]
     cases = {"a_cfg1_4steps": (4, 1.0), "b_cfg5_6steps_emptyneg": (6, 5.0)}
     lat = {"samples": torch.zeros(1, 128, 4, 6)}

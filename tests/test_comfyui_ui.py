@@ -38,7 +38,7 @@ print(json.dumps(res))
 
 
 def test_fresh_sampler_defaults_run_on_both_model_kinds(golden_dir, tmp_path):
-    """LensSampler with its fresh-node steps/cfg (Lens 20 / 5) on the pack's LENS_MODEL and on ComfyUI's native
+    """LensSampler with its fresh-node steps/cfg (Lens 20 / 5) on the pack's MODEL and on ComfyUI's native
     Lens MODEL (UNETLoader; 0.33+): both run, and give the same latents."""
     res = run_script(DEFAULTS, tmp_path, golden_dir)
     assert res["defaults"] == [20, 5.0] and res["ours_finite"]

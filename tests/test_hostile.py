@@ -366,7 +366,7 @@ def test_variant_comes_from_the_file_before_its_folder(tmp_path, golden_dir, mon
     # the ComfyUI loader node uses the same decision (its sampler defaults follow it)
     from test_nodes import import_pack
     loaders = sys.modules[import_pack().__name__ + ".nodes.loaders"]
-    assert loaders.load_model(str(folder / "lens_bf16.safetensors")).variant == "base"
+    assert loaders.load_model(str(folder / "lens_bf16.safetensors")).model.lens.variant == "base"
 
 
 def test_vae_with_nan_bn_statistics(tmp_path, golden_dir):

@@ -10,6 +10,7 @@ unbounded cases run in a child process under a 2 GiB address-space limit (test_h
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -191,7 +192,8 @@ def test_lens_sampler_at_the_denoise_minimum_changes_the_latent(pack, loaded):  
     (cond,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text="a cube")
     image = {"samples": torch.randn(1, 128, 4, 6, generator=torch.Generator().manual_seed(0))}
     forwards = []
-    handle = model.module.register_forward_hook(lambda m, args, out: forwards.append(out.shape[0]))
+    dit = model.model.diffusion_model              # the MODEL's DiT; img_in runs once per forward
+    handle = dit.img_in.register_forward_hook(lambda m, args, out: forwards.append(out.shape[0]))
     try:
         (out,) = run(pack, "LensSampler", model=model, positive=cond, negative=cond, latent_image=image, seed=1,
                      steps=20, cfg=1.0, denoise=0.01)

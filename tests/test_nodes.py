@@ -116,11 +116,13 @@ def test_input_and_return_types_valid(pack, name):
 
 def test_custom_types_chain(pack):
     m = pack.NODE_CLASS_MAPPINGS
-    assert m["LensModelLoader"].RETURN_TYPES == ("LENS_MODEL",)
-    assert m["LensCheckpointLoader"].RETURN_TYPES == ("LENS_MODEL", "LENS_TEXT_ENCODER", "LENS_VAE")
+    # the DiT is a native MODEL (issue 24); LENS_MODEL, its type before, stays accepted for links saved with it
+    assert m["LensModelLoader"].RETURN_TYPES == ("MODEL",)
+    assert m["LensCheckpointLoader"].RETURN_TYPES == ("MODEL", "LENS_TEXT_ENCODER", "LENS_VAE")
+    assert m["LensLoraLoader"].RETURN_TYPES == ("MODEL",)
     assert m["LensTextEncode"].RETURN_TYPES == ("CONDITIONING",)
-    # a comma union: the pack's LENS_MODEL (what the three workflows connect) or a native Lens MODEL
-    assert m["LensSampler"].INPUT_TYPES()["required"]["model"][0].split(",") == ["LENS_MODEL", "MODEL"]
+    for node in ("LensSampler", "LensLoraLoader"):
+        assert m[node].INPUT_TYPES()["required"]["model"][0].split(",") == ["LENS_MODEL", "MODEL"]
     assert m["LensVAEDecode"].RETURN_TYPES == ("IMAGE",)
     assert m["LensVAEEncode"].RETURN_TYPES == ("LATENT",)
 
@@ -227,7 +229,7 @@ def test_every_use_loads_through_comfy(pack, loaded, stub_only):
     import comfy.ops
 
     for key in ("model", "te", "vae"):
-        patcher = loaded[key].patcher
+        patcher = loaded[key] if key == "model" else loaded[key].patcher        # the DiT is a MODEL (a patcher)
         assert isinstance(patcher, comfy.model_patcher.ModelPatcher)
         linears = [m for m in patcher.model.modules() if isinstance(m, torch.nn.Linear)]
         assert linears and all(isinstance(m, comfy.ops.manual_cast.Linear) for m in linears), key
@@ -235,7 +237,7 @@ def test_every_use_loads_through_comfy(pack, loaded, stub_only):
     graph(pack, loaded, steps=2, cfg=5.0, encode=True)
     order = [(calls[0].model, mem) for calls, mem, _ in mm.LOAD_CALLS]
     roles = [type(m).__name__ for m, _ in order]
-    assert roles == ["LensTextEncoder", "LensTransformer", "LensVAE"], roles   # empty negative: no encode
+    assert roles == ["LensTextEncoder", "LensPackModel", "LensVAE"], roles   # empty negative: no encode
     assert all(mem > 0 for _, mem in order)
     assert all(len(calls) == 1 for calls, _, _ in mm.LOAD_CALLS)
 
@@ -329,7 +331,7 @@ def test_noise_mask_inpaints_only_the_masked_area(pack, loaded):
 
 def test_single_file_loaders_and_wrong_files(pack, loaded, models_dir):
     (model,) = run(pack, "LensModelLoader", model_name="Lens-tiny", weight_dtype="default", variant="turbo")
-    assert model.variant == "turbo"
+    assert model.model.lens.variant == "turbo"
     # a lone VAE file has no config.json: the loader derives the widths from the shapes (the tiny VAE's 8
     # norm groups cannot be, so only the folder-loaded VAE decodes like the golden pipeline)
     (vae_file,) = run(pack, "LensVAELoader", vae_name="tiny-flux2-vae.safetensors")
@@ -430,7 +432,8 @@ def test_one_forward_per_step_and_tiled_decode(pack, loaded):
     """CFG 1: one DiT forward per step on the positive only; CFG > 1: one batched [pos; neg] forward per step.
     Tiled decode (forced on) matches the untiled one for an image that fits one tile."""
     calls = []
-    handle = loaded["model"].module.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
+    dit = loaded["model"].model.diffusion_model           # img_in runs once per DiT forward
+    handle = dit.img_in.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
     try:
         _, _, out, image = graph(pack, loaded, steps=3, cfg=1.0)
         assert calls == [1, 1, 1]
@@ -492,14 +495,15 @@ def test_patcher_choice_for_dynamic_vram_at_real_size(pack):
 
 def test_prompt_enhance_node(pack, loaded, pipeline_dir):
     """LensPromptEnhance on the tiny golden encoder: the same text as lens_core.enhance for the same seed,
-    loaded through ComfyUI (lm_head/final norm added on first use), progress per token batch, interruptible,
-    and the encoder keeps encoding identically afterwards."""
+    loaded through ComfyUI (the generator's lm_head/final norm loaded on first use, in a ModelPatcher of its
+    own), progress per token batch, interruptible, and the encoder keeps encoding identically afterwards."""
     import comfy.model_management as mm
     import comfy.utils
     from lens_core import checkpoints as ck
     from lens_core import enhance as core_enhance
 
     te = loaded["te"]
+    encoder_size = mm.module_size(te.module)
     before, = run(pack, "LensTextEncode", text_encoder=te, text=PROMPT)
     assert run(pack, "LensPromptEnhance", text_encoder=te, text="  ", seed=1) == ("  ",)
     events = []
@@ -507,7 +511,10 @@ def test_prompt_enhance_node(pack, loaded, pipeline_dir):
     try:
         out, = run(pack, "LensPromptEnhance", text_encoder=te, text=PROMPT, seed=7, max_new_tokens=20,
                    temperature=0.7)
-        assert te.module.can_generate and te.patcher.model_size() == mm.module_size(te.module)
+        gen = sys.modules[f"{PACK_NAME}.lens_core.enhance"].generator_for(te.module)     # the pack's own copy
+        gen_patcher = gen.__dict__["_comfy_patcher"]
+        assert gen.ready and gen_patcher.model is gen and gen_patcher.model_size() == mm.module_size(gen)
+        assert te.patcher.model_size() == mm.module_size(te.module) == encoder_size   # the encoder did not grow
         assert events and events[-1] == (20, 20) and all(t == 20 for _, t in events)
         mm.interrupt_current_processing(True)
         with pytest.raises(mm.InterruptProcessingException):
@@ -522,3 +529,38 @@ def test_prompt_enhance_node(pack, loaded, pipeline_dir):
     assert isinstance(out, str) and out == ref
     after, = run(pack, "LensTextEncode", text_encoder=te, text=PROMPT)
     assert torch.equal(before[0][0], after[0][0])
+
+
+def test_gguf_encoder_with_sidecar_tokenizer_listed_and_loaded(pack, loaded, models_dir, golden_dir, tokenizer_json,
+                                                             monkeypatch):
+    """The listing and the loaders go through lens_core's locate(): a GPT-OSS GGUF in models/text_encoders with
+    its side-car ``<stem>.tokenizer.json`` is listed (the side-car is not) and the loader node takes that
+    tokenizer. (The tiny 6-layer encoder cannot be loaded alone: Lens selects layers 5/11/17/23, which only the
+    DiT config of the tiny pipeline renumbers; so the encoder module is the diffusers one here, the tokenizer the
+    side-car's.)"""
+    import shutil
+
+    import fixtures as fx
+
+    te_dir = models_dir / "text_encoders"
+    fx.write_gguf_te(te_dir / "gpt-oss-tiny-Q4_K_M.gguf", golden_dir)
+    shutil.copy(tokenizer_json, te_dir / "gpt-oss-tiny-Q4_K_M.tokenizer.json")
+    sharded = te_dir / "te-sharded"                    # an index without config.json is one model too
+    sharded.mkdir()
+    for f in (golden_dir / "pipeline_tiny" / "text_encoder").glob("model*"):
+        os.symlink(f, sharded / f.name)
+    opts = pack.NODE_CLASS_MAPPINGS["LensTextEncoderLoader"].INPUT_TYPES()["required"]["text_encoder_name"][0]
+    assert "gpt-oss-tiny-Q4_K_M.gguf" in opts and "te-sharded" in opts
+    assert not [o for o in opts if o.endswith(".json") or o.startswith("te-sharded/")]
+    ck = pack.nodes.loaders._checkpoints()
+    seen = []
+    monkeypatch.setattr(ck, "load_text_encoder", lambda path, **kw: (seen.append(path), loaded["te"].module)[1])
+    real = ck.load_tokenizer
+    monkeypatch.setattr(ck, "load_tokenizer", lambda path: (seen.append(ck.locate(path, "tokenizer")), real(path))[1])
+    (te,) = run(pack, "LensTextEncoderLoader", text_encoder_name="gpt-oss-tiny-Q4_K_M.gguf", device="cpu",
+                experts="packed")
+    assert seen[0] == str(te_dir / "gpt-oss-tiny-Q4_K_M.gguf")
+    assert (seen[1].kind, seen[1].path) == ("sidecar", str(te_dir / "gpt-oss-tiny-Q4_K_M.tokenizer.json"))
+    (a,) = run(pack, "LensTextEncode", text_encoder=te, text=PROMPT)
+    (b,) = run(pack, "LensTextEncode", text_encoder=loaded["te"], text=PROMPT)
+    assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][1]["attention_mask"], b[0][1]["attention_mask"])

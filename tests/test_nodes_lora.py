@@ -1,5 +1,6 @@
-"""LensLoraLoader without ComfyUI (stand-in comfy, or the real one when importable): the node clones the
-patcher and registers ComfyUI weight-adapter patches / per-call object patches; nothing is modified in place.
+"""LensLoraLoader without ComfyUI (stand-in comfy, or the real one when importable): the node clones the MODEL
+(a ModelPatcher whose diffusion_model is the pack's DiT, so every key carries ComfyUI's ``diffusion_model.``
+prefix) and registers ComfyUI weight-adapter patches / per-call object patches; nothing is modified in place.
 (Numbers through ComfyUI's own patching: tests/test_comfyui_lora.py, marked comfyui.)"""
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def lora_dir(models_dir):   # noqa: F811
 
 def test_lora_loader_patches_a_clone(pack, lora_dir):   # noqa: F811
     (model,) = run(pack, "LensModelLoader", model_name="Lens-tiny", weight_dtype="fp32", variant="auto")
-    dit = model.module
+    dit = model.model.diffusion_model
     names = lf.target_names(dit)
     fa = lf.random_factors(dit, names, rank=4, alpha=2.0, seed=1)
     fb = lf.random_factors(dit, names[:3], kind="loha", rank=2, alpha=1.0, seed=2)
@@ -35,37 +36,38 @@ def test_lora_loader_patches_a_clone(pack, lora_dir):   # noqa: F811
 
     (m1,) = run(pack, "LensLoraLoader", model=model, lora_name="style.safetensors", strength=0.5)
     (m2,) = run(pack, "LensLoraLoader", model=m1, lora_name="loha.safetensors", strength=-1.0)
-    assert m1.patcher is not model.patcher and m1.patcher.model is dit and m2.patcher.model is dit
-    assert not model.patcher.patches
-    assert m2.loras == (("style.safetensors", 0.5), ("loha.safetensors", -1.0))
-    key = "transformer_blocks.0.attn.img_qkv.weight"
-    (p1,) = m1.patcher.patches[key]
+    assert m1 is not model and m1.model.diffusion_model is dit and m2.model.diffusion_model is dit
+    assert not model.patches
+    assert m2.model_options["lens_loras"] == (("style.safetensors", 0.5), ("loha.safetensors", -1.0))
+    assert "lens_loras" not in model.model_options and len(m1.model_options["lens_loras"]) == 1
+    key = "diffusion_model.transformer_blocks.0.attn.img_qkv.weight"
+    (p1,) = m1.patches[key]
     strength, adapter = p1[0], p1[1]
     assert strength == pytest.approx(0.5 * 2.0 / 4) and type(adapter).__name__ == "LoRAAdapter"
     up, down, alpha = adapter.weights[:3]
     assert alpha is None and torch.equal(up, fa["transformer_blocks.0.attn.img_qkv"].t["up"])
     assert torch.equal(down, fa["transformer_blocks.0.attn.img_qkv"].t["down"])
-    assert len(m2.patcher.patches[key]) == 2 and type(m2.patcher.patches[key][1][1]).__name__ == "LoHaAdapter"
-    assert len(m2.patcher.patches) == len(names) and len(m1.patcher.patches[key]) == 1
+    assert len(m2.patches[key]) == 2 and type(m2.patches[key][1][1]).__name__ == "LoHaAdapter"
+    assert len(m2.patches) == len(names) and len(m1.patches[key]) == 1
     assert all(torch.equal(v, dit.state_dict()[k]) for k, v in before.items())
     (m0,) = run(pack, "LensLoraLoader", model=model, lora_name="style.safetensors", strength=0.0)
-    assert not m0.patcher.patches
+    assert not m0.patches
 
 
 def test_lora_loader_on_fp8_model_uses_per_call_object_patches(pack, lora_dir):   # noqa: F811
     (model,) = run(pack, "LensModelLoader", model_name="Lens-tiny", weight_dtype="fp8_e4m3fn", variant="auto")
-    dit = model.module
+    dit = model.model.diffusion_model
     names = lf.target_names(dit)
     lf.write(lora_dir / "fp8style.safetensors", "kohya", lf.random_factors(dit, names, rank=4, alpha=4.0, seed=3))
     (m1,) = run(pack, "LensLoraLoader", model=model, lora_name="fp8style.safetensors", strength=1.0)
     (m2,) = run(pack, "LensLoraLoader", model=m1, lora_name="fp8style.safetensors", strength=0.25)
-    obj = "transformer_blocks.0.attn.img_qkv.lens_lora_deltas"
-    assert [d.coef for d in m2.patcher.object_patches[obj]] == [1.0, 0.25]
-    assert len(m1.patcher.object_patches[obj]) == 1 and obj not in model.patcher.object_patches
+    obj = "diffusion_model.transformer_blocks.0.attn.img_qkv.lens_lora_deltas"
+    assert [d.coef for d in m2.object_patches[obj]] == [1.0, 0.25]
+    assert len(m1.object_patches[obj]) == 1 and obj not in model.object_patches
     assert dit.get_submodule("transformer_blocks.0.attn.img_qkv").lens_lora_deltas == ()   # base untouched
     # the modulation Linears stay in the run dtype: ordinary weight patches
-    assert "transformer_blocks.0.img_mod.1.weight" in m1.patcher.patches
-    assert "transformer_blocks.0.attn.img_qkv.weight" not in m1.patcher.patches
+    assert "diffusion_model.transformer_blocks.0.img_mod.1.weight" in m1.patches
+    assert "diffusion_model.transformer_blocks.0.attn.img_qkv.weight" not in m1.patches
 
 
 def test_lora_loader_errors(pack, lora_dir, models_dir):   # noqa: F811

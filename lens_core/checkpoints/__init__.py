@@ -1,8 +1,11 @@
 """Checkpoint families: detection, key mapping, cast-on-read loading, ``inspect``.
 
 Layout of this package (the public names are re-exported here, so ``from lens_core.checkpoints import …``
-is the interface): ``errors`` (:class:`CheckpointError`), one module per file format (``safetensors``),
-``source`` (a file / shard index / folder as one renamed tensor set), ``detect`` (component, family,
+is the interface): ``errors`` (:class:`CheckpointError`), ``weightfile`` (:class:`WeightFile`, the interface of
+one weight file) with one sibling per container (``safetensors``: :class:`SafetensorsFile`, ``gguf``:
+:class:`GGUFFile`), ``locate`` (:func:`locate`: where a component / its tokenizer is, for every path a user
+can give, and :func:`open_weight_file`, which picks the container by content), ``source`` (a located file or
+shard index as one renamed tensor set), ``detect`` (component, family,
 quantization markers, variant), ``assign`` (meta construction + per-tensor assignment), one loader module per
 component (``transformer``, ``text_encoder``, ``vae``, ``tokenizer``) and ``inspection``.
 
@@ -33,9 +36,12 @@ CPU work (BENCHMARKS.md "Loading", run 9 for the positioned reads; runs 5-8 were
 from __future__ import annotations
 
 from .errors import CheckpointError
-from .safetensors import PICKLE_SUFFIXES, ST_DTYPES, ST_NAMES, SafetensorsFile, TensorEntry
-from .source import (COMPONENT_DIRS, DictSource, TensorSource, is_diffusers_root, open_component_folder,
-                     open_source)
+from .weightfile import ST_DTYPES, ST_NAMES, TensorEntry, WeightFile
+from .safetensors import PICKLE_SUFFIXES, SafetensorsFile
+from .gguf import GGUFFile
+from .locate import (COMPONENT_DIRS, Location, folder_kind, is_diffusers_root, is_weight_file_name, locate,
+                     open_weight_file)
+from .source import DictSource, TensorSource, open_component_folder, open_location, open_source
 from .detect import (COMPONENT_NAMES, DIT_SIGNATURE, FOREIGN, NVFP4_TE_SUFFIX, QUANT_FORMATS, TE_SIGNATURE,
                      VAE_BFL_SIGNATURE, VAE_DIFFUSERS_SIGNATURE, Detection, detect, detect_variant, dit_family,
                      quant_layers, strip_prefix, te_family)
@@ -48,8 +54,9 @@ from .tokenizer import load_tokenizer
 from .inspection import format_inspect, inspect
 
 __all__ = [
-    "CheckpointError", "PICKLE_SUFFIXES", "ST_DTYPES", "ST_NAMES", "SafetensorsFile", "TensorEntry",
-    "COMPONENT_DIRS", "DictSource", "TensorSource", "is_diffusers_root", "open_component_folder", "open_source",
+    "CheckpointError", "PICKLE_SUFFIXES", "ST_DTYPES", "ST_NAMES", "SafetensorsFile", "GGUFFile", "TensorEntry",
+    "WeightFile", "COMPONENT_DIRS", "Location", "folder_kind", "is_diffusers_root", "is_weight_file_name", "locate",
+    "open_weight_file", "DictSource", "TensorSource", "open_component_folder", "open_location", "open_source",
     "COMPONENT_NAMES", "DIT_SIGNATURE", "FOREIGN", "NVFP4_TE_SUFFIX", "QUANT_FORMATS", "TE_SIGNATURE",
     "VAE_BFL_SIGNATURE", "VAE_DIFFUSERS_SIGNATURE", "Detection", "detect", "detect_variant", "dit_family",
     "quant_layers", "strip_prefix", "te_family", "IGNORED_KEYS", "CheckpointInfo", "assign_weights",

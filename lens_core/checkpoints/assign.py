@@ -7,6 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .. import finite
 from .. import quant_formats as qf
 from .. import readahead
 from .detect import COMPONENT_NAMES
@@ -81,6 +82,7 @@ def assign_weights(model: nn.Module, source: TensorSource, device, component: st
     if unexpected:
         raise CheckpointError(f"{source.origin}: {len(unexpected)} tensor(s) do not belong to the "
                               f"{COMPONENT_NAMES[component]} built from its config, e.g. {unexpected[:4]}")
+    at_load = finite.checked_at_load(component)     # finite check of float tensors as they are read (else 1st use)
     order = sorted(expected, key=source.location)  # file order: sequential reads
     # a helper thread keeps the next bytes of the mapping populated, so disk I/O overlaps the copy/cast
     spans = [source.span(n) or readahead.Span(0, -1, 0, 0) for n in order]
@@ -116,7 +118,11 @@ def assign_weights(model: nn.Module, source: TensorSource, device, component: st
                 raise CheckpointError(f"{source.file_of(n) if n in source else source.origin}: tensor {n!r} has "
                                       f"shape {list(t.shape)}, the model built from its config expects "
                                       f"{list(ref.shape)}")
+            if at_load:
+                finite.check_loaded(t, n, source.file_of(n) if n in source else source.origin)
             _set_tensor(model, n, t, is_param)
+    # quantized storage (and the DiT's float weights): checked once, at first use (lens_core.finite)
+    finite.check_at_first_use(model, source.origin, floats=not at_load)
     for n, b in model.named_buffers():  # non-persistent buffers computed at construction
         if b.device.type != torch.device(device).type:
             _set_tensor(model, n, b.to(device), False)

@@ -23,9 +23,10 @@ import struct
 
 import torch
 
+from .. import checks as chk
 from .. import ggml
 from .errors import CheckpointError
-from .safetensors import SafetensorsFile, TensorEntry
+from .weightfile import TensorEntry, WeightFile
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -210,21 +211,21 @@ def _check_structure(path, f, size):
     return version, metadata, infos, data_start
 
 
-class GGUFFile(SafetensorsFile):
-    """One GGUF file with the :class:`SafetensorsFile` interface (entries, read, span, prefetch, close).
+class GGUFFile(WeightFile):
+    """One GGUF file (:class:`WeightFile`: entries, read, span, prefetch, close; a sibling of SafetensorsFile).
 
     ``entries[name].dtype`` is the GGML type name (``F16``, ``Q4_K``, ``MXFP4`` …) and ``.shape`` the logical
     (PyTorch-order) shape; :meth:`read` returns values (dequantized in torch when quantized), :meth:`read_bytes`
     the stored bytes ``[*shape[:-1], row bytes]`` for layers that stay quantized."""
 
+    format = "gguf"
+
     def __init__(self, path):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: no such file")
+            raise chk.link_problem(self.path) or FileNotFoundError(f"{self.path}: no such file")
         with open(self.path, "rb") as f:
-            st = os.fstat(f.fileno())
-            self.size = st.st_size
-            self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            self._opened(os.fstat(f.fileno()))
             if self.size < 24:
                 raise CheckpointError(f"{self.path}: expected a GGUF file, found a {self.size}-byte file")
             self.version, walked_md, infos, self.data_start = _check_structure(self.path, f, self.size)
@@ -243,8 +244,6 @@ class GGUFFile(SafetensorsFile):
         if self.architecture is not None and not isinstance(self.architecture, str):
             raise CheckpointError(f"{self.path}: general.architecture must be a string, found "
                                   f"{self.architecture!r}")
-        self._file = None
-        self._staging = None
 
     def is_quantized(self, name: str) -> bool:
         return self.entries[name].dtype not in ggml.FLOAT_TYPES
@@ -255,9 +254,7 @@ class GGUFFile(SafetensorsFile):
         rows = ggml.row_bytes(e.dtype, e.shape[-1])
         data = torch.empty(*e.shape[:-1], rows, dtype=torch.uint8)
         self._read_into(data.data_ptr(), e.start, e.nbytes)
-        st = os.fstat(self._file.fileno())
-        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
-            self._changed(f" (after reading tensor {name!r})")
+        self._check_unchanged(name)
         return data if device is None or torch.device(device).type == "cpu" else data.to(device)
 
     def read(self, name: str, dtype=None, device=None) -> torch.Tensor:

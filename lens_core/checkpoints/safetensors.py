@@ -1,43 +1,15 @@
 """safetensors reading: a header validated as strictly as the reference library, tensor-by-tensor positioned reads."""
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import dataclasses
 import json
 import math
 import os
 
-import torch
-
-from .. import readahead
+from .. import checks as chk
 from .errors import CheckpointError
-
-
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
-if hasattr(torch, "float8_e8m0fnu"):
-    ST_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+from .weightfile import ST_DTYPES, ST_NAMES, TensorEntry, WeightFile, itemsize as _itemsize  # noqa: F401 (re-exported)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-
-
-@dataclasses.dataclass
-class TensorEntry:
-    name: str           # key as stored in the file
-    dtype: str          # safetensors dtype name
-    shape: tuple
-    start: int          # absolute byte offsets in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
 
 
 _SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
@@ -57,8 +29,6 @@ def _describe_foreign_file(path: str, head: bytes) -> str:
 
 
 MAX_HEADER_BYTES = 100_000_000   # the reference library's limit (safetensors' MAX_HEADER_SIZE)
-_READ_CHUNK = 1 << 30            # bytes per read call (Linux reads at most ~2 GiB at once)
-_STAGING_BYTES = 16 << 20        # staging buffer for reads that cast or go to another device
 
 
 def _dup_checked(pairs):
@@ -73,10 +43,6 @@ def _dup_checked(pairs):
 
 def _is_uint(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=ST_DTYPES[dtype]).element_size()
 
 
 def parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict, dict[str, tuple]]:
@@ -143,27 +109,27 @@ def parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict, dict[str,
     return metadata, entries
 
 
-class SafetensorsFile:
-    """One safetensors file: parsed and validated header, tensor-by-tensor positioned reads.
+class SafetensorsFile(WeightFile):
+    """One safetensors file: parsed and validated header, tensor-by-tensor positioned reads (:class:`WeightFile`).
 
     Tensor bytes are read with plain reads (no memory map): a file that shrinks or is rewritten while it is read
     (a download still running, a full disk, a file replaced in place) gives a :class:`CheckpointError` naming it,
     never a SIGBUS that kills the process (which is what touching a vanished page of a memory map does).
     """
 
+    format = "safetensors"
+
     def __init__(self, path):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: no such file")
+            raise chk.link_problem(self.path) or FileNotFoundError(f"{self.path}: no such file")
         low = self.path.lower()
         if low.endswith(PICKLE_SUFFIXES):
             raise CheckpointError(f"{self.path}: a pickle checkpoint ({os.path.splitext(low)[1]}) is refused "
                                   f"(safetensors only: pickles can run code); convert it or download the "
                                   f".safetensors version")
         with open(self.path, "rb") as f:
-            st = os.fstat(f.fileno())
-            self.size = st.st_size
-            self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            self._opened(os.fstat(f.fileno()))
             head = f.read(16)
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: expected a safetensors file, found a {self.size}-byte file "
@@ -171,8 +137,10 @@ class SafetensorsFile:
             n = int.from_bytes(head[:8], "little")
             length_ok = 1 < n <= MAX_HEADER_BYTES and 8 + n <= self.size
             # A real header length can begin with any byte (0x80, "PK", ...), so the foreign-format
-            # signatures are only consulted when the bytes do not read as a safetensors header.
-            if not (length_ok and head[8:9] == b"{") and (head[:4] == b"GGUF" or head[:2] == b"PK" or head[:1] == b"\x80"):
+            # signatures are only consulted when the bytes do not read as a safetensors header: a JSON header
+            # start at byte 8 means safetensors (maybe cut short), whatever the length's first byte is.
+            pickle_like = head[:2] == b"PK" or head[:1] == b"\x80"
+            if (head[:4] == b"GGUF" and not length_ok) or (pickle_like and head[8:9] != b"{"):
                 raise CheckpointError(f"{self.path}: expected a safetensors file, found "
                                       f"{_describe_foreign_file(self.path, head)}; only safetensors is loaded")
             if not length_ok and head[8:9] != b"{":
@@ -195,81 +163,3 @@ class SafetensorsFile:
         self.entries: dict[str, TensorEntry] = {
             name: TensorEntry(name, dtype, shape, self.data_start + a, self.data_start + b)
             for name, (dtype, shape, a, b) in parsed.items()}
-        self._file = None
-        self._staging = None
-
-    # -- data access -------------------------------------------------------------------------------
-    def _changed(self, detail: str = ""):
-        try:
-            now = os.stat(self.path).st_size
-            found = f"; it had {self._identity[2]} bytes when opened and has {now} now"
-        except OSError:
-            found = "; it is gone now"
-        raise CheckpointError(f"{self.path}: the file changed while it was being read{detail}{found}. It is still "
-                              f"being written (download in progress, full disk) or was replaced. Fix: wait until "
-                              f"it is complete (or download it again) and load it again")
-
-    def _fd(self) -> int:
-        if self._file is None:
-            self._file = open(self.path, "rb", buffering=0)
-            st = os.fstat(self._file.fileno())
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
-                self._changed()
-        return self._file.fileno()
-
-    def _read_into(self, address: int, offset: int, length: int):
-        """Read ``length`` file bytes at ``offset`` into memory at ``address``; a short read (the file shrank)
-        raises CheckpointError."""
-        self._fd()
-        done = 0
-        while done < length:
-            n = min(_READ_CHUNK, length - done)
-            view = (ctypes.c_char * n).from_address(address + done)
-            self._file.seek(offset + done)
-            got = self._file.readinto(view)
-            if not got:
-                self._changed(f" (reading {length} bytes at offset {offset} hit the end of the file)")
-            done += got
-
-    def span(self, name: str) -> readahead.Span:
-        """Where ``name``'s bytes lie in the file, for the background read-ahead helper (page-cache hints)."""
-        e = self.entries[name]
-        return readahead.Span(0, self._fd(), e.start, e.nbytes)
-
-    def prefetch(self, name: str):
-        """Ask the kernel to read ``name``'s bytes ahead asynchronously (used when no helper thread runs)."""
-        if hasattr(os, "posix_fadvise"):
-            e = self.entries[name]
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._fd(), e.start, e.nbytes, os.POSIX_FADV_WILLNEED)
-
-    def read(self, name: str, dtype=None, device=None) -> torch.Tensor:
-        """An owned copy of ``name`` in ``dtype`` on ``device``: same-dtype CPU reads go straight into the
-        result, others through a small staging buffer (cast / device copy per chunk)."""
-        e = self.entries[name]
-        src = ST_DTYPES[e.dtype]
-        dst = torch.empty(e.shape, dtype=dtype or src, device=device or "cpu")
-        if e.nbytes == 0:
-            return dst
-        if dst.dtype == src and dst.device.type == "cpu":
-            self._read_into(dst.data_ptr(), e.start, e.nbytes)
-        else:
-            if self._staging is None:
-                self._staging = torch.empty(_STAGING_BYTES, dtype=torch.uint8)
-            item = _itemsize(e.dtype)
-            per = _STAGING_BYTES // item
-            flat = dst.view(-1)
-            for i in range(0, flat.numel(), per):
-                k = min(per, flat.numel() - i)
-                self._read_into(self._staging.data_ptr(), e.start + i * item, k * item)
-                flat[i:i + k].copy_(self._staging[:k * item].view(src))
-        st = os.fstat(self._file.fileno())
-        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
-            self._changed(f" (after reading tensor {name!r})")
-        return dst
-
-    def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._staging = None

@@ -1,22 +1,24 @@
 """Tensor sources: a file, a shard index or a component folder (or already-read tensors), with key renaming."""
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Callable
 
 import torch
 
+from .. import checks as chk
 from .. import readahead
 from ..jsonfile import read_json_object
 from .errors import CheckpointError
-from .safetensors import PICKLE_SUFFIXES, ST_NAMES, SafetensorsFile, TensorEntry
+from .locate import COMPONENT_DIRS, Location, has_weights as _has_weights, is_diffusers_root, locate, open_weight_file
+from .safetensors import ST_NAMES, SafetensorsFile
+from .weightfile import TensorEntry, WeightFile
 
 
 class TensorSource:
     """The tensors of one component, possibly over several shards, under canonical (renamed) keys."""
 
-    def __init__(self, files: list[SafetensorsFile], keymap: dict[str, tuple[SafetensorsFile, str]],
+    def __init__(self, files: list[WeightFile], keymap: dict[str, tuple[WeightFile, str]],
                  origin: str, config: dict | None = None, config_path: str | None = None):
         self.files = files
         self.keymap = keymap
@@ -86,7 +88,7 @@ class TensorSource:
     def quant_type(self, key) -> str | None:
         """The GGML block type of ``key`` when it is stored quantized in a GGUF file, else None."""
         f, k = self.keymap[key]
-        return f.entries[k].dtype if getattr(f, "is_quantized", None) and f.is_quantized(k) else None
+        return f.quant_type(k)
 
     def read_bytes(self, key, device=None) -> torch.Tensor:
         """The stored GGML bytes of a quantized GGUF tensor (``[*shape[:-1], row bytes]`` uint8)."""
@@ -96,15 +98,11 @@ class TensorSource:
     @property
     def architecture(self) -> str | None:
         """``general.architecture`` of a GGUF source (None otherwise, and for sd.cpp files, which omit it)."""
-        return next((f.architecture for f in self.files if getattr(f, "architecture", None)), None)
+        return next((f.architecture for f in self.files if f.format == "gguf" and f.architecture), None)
 
     def close(self):
         for f in self.files:
             f.close()
-
-
-COMPONENT_DIRS = {"transformer": "transformer", "text_encoder": "text_encoder", "vae": "vae",
-                  "tokenizer": "tokenizer"}
 
 
 def _read_json(path: str) -> dict:
@@ -169,82 +167,34 @@ def _open_index(index_path: str) -> tuple[list[SafetensorsFile], dict]:
     return list(files.values()), keymap
 
 
-def _refuse_pickles_in(folder: str):
-    names = os.listdir(folder)
-    pick = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
-    if pick:
-        raise CheckpointError(f"{folder}: expected .safetensors weights, found only pickle file(s) {sorted(pick)}; "
-                              f"pickles are refused (safetensors only)")
-
-
 def open_component_folder(folder: str) -> TensorSource:
-    """A folder holding one model: ``*.safetensors.index.json`` + shards, or one ``*.safetensors`` file."""
-    names = sorted(os.listdir(folder))
-    cfg_path = os.path.join(folder, "config.json")
-    config = _read_json(cfg_path) if os.path.isfile(cfg_path) else None
-    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
-    if indexes:
-        files, keymap = _open_index(os.path.join(folder, indexes[0]))
-        origin = os.path.join(folder, indexes[0])
-    else:
-        st = [n for n in names if n.endswith(".safetensors")]
-        if not st:
-            _refuse_pickles_in(folder)
-            raise CheckpointError(f"{folder}: expected .safetensors weights (or a shard index), found {names}")
-        if len(st) > 1:
-            raise CheckpointError(f"{folder}: found several .safetensors files {st} but no "
-                                  f"*.safetensors.index.json shard index; pass one file explicitly")
-        f = SafetensorsFile(os.path.join(folder, st[0]))
-        files, keymap, origin = [f], {k: (f, k) for k in f.entries}, f.path
-    return TensorSource(files, keymap, origin, config, cfg_path if config is not None else None)
-
-
-def is_diffusers_root(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json"))
+    """A folder holding one model: ``*.safetensors.index.json`` + shards, or one weight file."""
+    return open_location(locate(folder))
 
 
 def open_source(path, component: str | None = None) -> TensorSource:
-    """The raw tensors behind ``path`` for ``component`` (``transformer``/``text_encoder``/``vae``)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    if os.path.isdir(path):
-        if component and is_diffusers_root(path) or (component and os.path.isdir(os.path.join(path, component))
-                                                     and not _has_weights(path)):
-            sub = os.path.join(path, COMPONENT_DIRS[component])
-            if not os.path.isdir(sub):
-                raise CheckpointError(f"{path}: a diffusers Lens folder without a '{component}/' subfolder "
-                                      f"(found {sorted(os.listdir(path))})")
-            return open_component_folder(sub)
-        return open_component_folder(path)
-    if path.endswith(".json"):
-        files, keymap = _open_index(path)
-        folder = os.path.dirname(path)
-        cfg_path = os.path.join(folder, "config.json")
-        config = _read_json(cfg_path) if os.path.isfile(cfg_path) else None
-        return TensorSource(files, keymap, path, config, cfg_path if config is not None else None)
-    f = open_file(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    cfg_path = os.path.join(folder, "config.json")
-    config = None
-    # a weight file inside a diffusers component folder (diffusers/transformers file names) uses its config.json;
-    # a single file dropped next to some unrelated config.json does not
-    if os.path.isfile(cfg_path) and os.path.basename(path).startswith(("diffusion_pytorch_model", "model")):
-        with contextlib.suppress(CheckpointError):
-            config = _read_json(cfg_path)
-    return TensorSource([f], {k: (f, k) for k in f.entries}, path, config,
-                        cfg_path if config is not None else None)
+    """The raw tensors behind ``path`` for ``component`` (``transformer``/``text_encoder``/``vae``), found by
+    :func:`~lens_core.checkpoints.locate.locate`."""
+    return open_location(locate(path, component))
 
 
-def open_file(path) -> SafetensorsFile:
-    """One weight file, by content: a GGUF file (magic ``GGUF``) or safetensors."""
-    from .gguf import GGUFFile, is_gguf
+def open_location(loc: Location) -> TensorSource:
+    """The tensors of a located file or shard index, with the config.json that goes with them."""
+    if loc.kind == "index":
+        files, keymap = _open_index(loc.path)
+    else:
+        f = open_weight_file(loc.path)
+        files, keymap = [f], {k: (f, k) for k in f.entries}
+    try:
+        config = _read_json(loc.config_path) if loc.config_path is not None else None
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+    return TensorSource(files, keymap, loc.path, config, loc.config_path)
 
-    return GGUFFile(path) if is_gguf(path) else SafetensorsFile(path)
 
-
-def _has_weights(folder: str) -> bool:
-    return any(n.endswith((".safetensors", ".safetensors.index.json")) for n in os.listdir(folder))
+open_file = open_weight_file
 
 
 class DictSource(TensorSource):

@@ -56,7 +56,7 @@ def check_dit_config(source: TensorSource, cfg, quantized=()) -> None:
 
 def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, config=None,
                      variant: str | None = None, fp8: bool = False, dequantize: bool = False,
-                     mxfp8_dequantize: bool = False):
+                     mxfp8_dequantize: bool = False, dit_class=None):
     """A ``LensTransformer`` from any DiT family: diffusers folder/shards, Comfy bf16 file, a ComfyUI quantized
     file (``.comfy_quant`` formats, mixed per layer, markers as tensors or in the ``_quantization_metadata``
     header, bare or ``model.diffusion_model.`` keys; the Comfy-Org MXFP8 files), a GGUF file of the
@@ -68,11 +68,15 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
     ``dtype`` is the compute/storage dtype of the float weights (fp32 shards are cast tensor by tensor).
     ``fp8=True`` stores the eligible float Linears (not img_mod/txt_mod, not norms) as float8_e4m3fn + row scale.
     ``config`` (dict or LensDiTConfig) overrides config.json / shape-derived values.
+    ``dit_class``: the module class to build (a ``LensTransformer`` subclass a host adds its call convention to).
     """
     from ..config import LensDiTConfig
     from ..dit import LensTransformer
     from ..ops import build_planned
 
+    if dit_class is not None and not (isinstance(dit_class, type) and issubclass(dit_class, LensTransformer)):
+        raise TypeError(f"dit_class: expected a LensTransformer subclass, got {dit_class!r}")
+    dit_class = dit_class or LensTransformer
     dequantize = dequantize or mxfp8_dequantize
     source = open_source(path, "transformer")
     det = _expect(source, "transformer")
@@ -126,7 +130,7 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
         return layers
 
     with init_empty_weights():
-        model = build_planned(lambda ops: LensTransformer(cfg, operations=ops, device=None, dtype=dtype),
+        model = build_planned(lambda ops: dit_class(cfg, operations=ops, device=None, dtype=dtype),
                               operations, plan)
     assign_weights(model, source, device, "transformer", special, consumed)
     model.eval()

@@ -6,9 +6,10 @@ import os
 
 import folder_paths
 
-DIFFUSERS_MARKER = "model_index.json"
+from ...lens_core.checkpoints.locate import DIFFUSERS_MARKER, WEIGHT_SUFFIXES, folder_kind
+
 MAX_LISTING_DEPTH = 12
-MODEL_EXTENSIONS = (".safetensors", ".sft", ".gguf")
+MODEL_EXTENSIONS = WEIGHT_SUFFIXES          # what lens_core's locate() opens (safetensors, GGUF)
 
 
 def folder_roots(folder: str) -> list[str]:
@@ -53,8 +54,9 @@ def walk(root: str):
 def _listing(folder: str, extensions=MODEL_EXTENSIONS, diffusers: bool = True) -> tuple[list[str], list[str]]:
     """(diffusers folders, loose files ending in ``extensions``) below ``folder``'s roots, as relative '/' paths.
 
-    With ``diffusers``, pipeline roots (model_index.json) and stand-alone component folders (config.json next to
-    *.safetensors) are listed as folders and their own shards and sub-components are not listed as files."""
+    With ``diffusers``, the folders lens_core's ``locate()`` opens as one model (``folder_kind``: pipeline roots
+    with model_index.json; component folders: a shard index, or config.json next to weights) are listed as
+    folders and their own shards and sub-components are not listed as files."""
     folders, files = set(), []
     for root in folder_roots(folder):
         if not os.path.isdir(root):
@@ -63,9 +65,7 @@ def _listing(folder: str, extensions=MODEL_EXTENSIONS, diffusers: bool = True) -
         for rel, _dirs, names in walk(root):
             if any(rel == d or rel.startswith(d + "/") for d in inside):
                 continue
-            is_pipeline = DIFFUSERS_MARKER in names
-            is_component = "config.json" in names and any(n.endswith(".safetensors") for n in names)
-            if diffusers and (is_pipeline or is_component) and rel:
+            if diffusers and rel and folder_kind(names) is not None:
                 folders.add(rel)
                 inside.append(rel)
                 continue

@@ -1,5 +1,6 @@
-"""The pack's own model types: LENS_MODEL / LENS_TEXT_ENCODER / LENS_VAE, each a ModelPatcher plus what the
-nodes need to know about the model inside."""
+"""The pack's own model types: LENS_TEXT_ENCODER / LENS_VAE, each a ModelPatcher plus what the nodes need to know
+about the model inside, and LensModel, the sampler's view of the pack's DiT MODEL (the LENS_MODEL type before
+issue 24; see pack_model.pack_view)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,7 +10,8 @@ import torch
 
 @dataclass
 class LensModel:
-    """LENS_MODEL: the Lens DiT in a ModelPatcher plus what the sampler needs to know about it."""
+    """The Lens DiT in a ModelPatcher plus what the sampler needs to know about it (``module``: the DiT, also when
+    the patcher holds the pack's comfy.model_base model around it)."""
     patcher: object
     config: object
     variant: str
@@ -19,7 +21,7 @@ class LensModel:
 
     @property
     def module(self):
-        return self.patcher.model
+        return getattr(self.patcher.model, "diffusion_model", self.patcher.model)
 
     @property
     def text_width(self) -> int:

@@ -2,15 +2,14 @@
 computes factors, scales and deltas; here they become ComfyUI weight adapters and object patches."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import folder_paths
 
 from .folders import folder_roots, model_files
-from .handles import LensModel
 
 LORA_FOLDER = "loras"
+LORA_KEY = "lens_loras"         # model_options entry: ((LoRA file name, strength), ...) applied, in order
 LORA_EXTENSIONS = (".safetensors", ".sft")
 _LORA_CACHE: dict = {}
 _LORA_CACHE_SIZE = 8
@@ -53,18 +52,22 @@ def _comfy_weight_adapter(patch):
     return cls(set(), patch.factors)
 
 
-def with_lora(model: LensModel, path: str, strength: float) -> LensModel:
-    """A new LENS_MODEL whose patcher is a clone of ``model``'s with the adapter added: float layers as weight
-    patches (ComfyUI merges them when it loads the weights, from its backup, and unpatches them), 8-bit layers
-    as per-call deltas set by object patches. The shared base module is never modified in place."""
+def with_lora(model, path: str, strength: float):
+    """A clone of the pack's MODEL (a ModelPatcher whose ``model.diffusion_model`` is the pack's DiT) with the
+    adapter added: float layers as weight patches (ComfyUI merges them when it loads the weights, from its
+    backup, and unpatches them), 8-bit layers as per-call deltas set by object patches; keys carry ComfyUI's
+    ``diffusion_model.`` prefix. The shared base module is never modified in place."""
     lo = _lens_lora()
     adapter = load_lora_file(path)
-    patches, deltas = lo.host_patches(model.module, adapter, strength)
-    patcher = model.patcher.clone()
+    dit = model.model.diffusion_model
+    patches, deltas = lo.host_patches(dit, adapter, strength)
+    patcher = model.clone()
     for p in patches:
-        patcher.add_patches({p.key: _comfy_weight_adapter(p)}, p.strength)
+        patcher.add_patches({"diffusion_model." + p.key: _comfy_weight_adapter(p)}, p.strength)
     for name, delta in deltas.items():
-        lo.install_delta_hook(model.module.get_submodule(name))
-        key = name + ".lens_lora_deltas"
+        lo.install_delta_hook(dit.get_submodule(name))
+        key = f"diffusion_model.{name}.lens_lora_deltas"
         patcher.add_object_patch(key, tuple(patcher.object_patches.get(key, ())) + (delta,))
-    return dataclasses.replace(model, patcher=patcher, loras=tuple(model.loras) + ((adapter.name, float(strength)),))
+    patcher.model_options[LORA_KEY] = tuple(patcher.model_options.get(LORA_KEY, ())) + \
+        ((adapter.name, float(strength)),)
+    return patcher

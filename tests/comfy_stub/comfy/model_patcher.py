@@ -2,6 +2,11 @@
 from . import model_management
 
 
+def _copy_dicts(d):
+    """Nested dicts copied, lists shallow-copied, other values shared (ComfyUI's model_options clone)."""
+    return {k: _copy_dicts(v) if isinstance(v, dict) else v[:] if isinstance(v, list) else v for k, v in d.items()}
+
+
 class ModelPatcher:
     def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
         self.size = size
@@ -35,7 +40,13 @@ class ModelPatcher:
                            weight_inplace_update=self.weight_inplace_update)
         n.patches = {k: v[:] for k, v in self.patches.items()}
         n.object_patches = self.object_patches.copy()
+        n.model_options = _copy_dicts(self.model_options)
         return n
+
+    def set_model_sampler_cfg_function(self, sampler_cfg_function, disable_cfg1_optimization=False):
+        self.model_options["sampler_cfg_function"] = sampler_cfg_function
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
 
     def add_object_patch(self, name, obj):
         self.object_patches[name] = obj
