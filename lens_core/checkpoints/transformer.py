@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .. import quant_linear as ql
+from ..upcast import keep_stored_dtype
 from .assign import (CheckpointInfo, _replace_module, assign_weights, block_count, checked_config, expect_shapes,
                      init_empty_weights, keep_gguf_linears, tensor_dims)
 from .detect import _expect, detect_variant, dit_family, quant_layers, strip_prefix
@@ -60,7 +61,8 @@ def _mxfp8_scale_reader(rows, cols):
 
 
 def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, config=None,
-                     variant: str | None = None, fp8: bool = False, mxfp8_dequantize: bool = False):
+                     variant: str | None = None, fp8: bool = False, mxfp8_dequantize: bool = False,
+                     storage: str = "compute", meta: bool = False):
     """A ``LensTransformer`` from any DiT family (diffusers folder/shards, Comfy bf16 or mxfp8 file, GGUF file of
     the stable-diffusion.cpp layout: Comfy/diffusers names, quantized Linears kept quantized).
 
@@ -68,6 +70,11 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
     ``fp8=True`` stores eligible Linears (not img_mod/txt_mod, not norms) as float8_e4m3fn + row scale.
     MXFP8 layers stay MXFP8 (dequantized per call) unless ``mxfp8_dequantize=True``.
     ``config`` (dict or LensDiTConfig) overrides config.json / shape-derived values.
+    ``storage="stored"`` (with fp32 ``dtype`` and no host ``operations``): float weights stored as bf16/fp16 stay
+    so and are upcast per layer (:mod:`lens_core.upcast`: same numbers, half the memory); ``"compute"`` casts
+    every float weight to ``dtype``. ``meta=True`` returns the model exactly as it would be loaded (layers,
+    dtypes, ``lens_checkpoint``) with its parameters on ``meta``: nothing beyond the headers is read (sizes for
+    :mod:`lens_core.memory`).
     """
     from ..config import LensDiTConfig
     from ..dit import LensTransformer
@@ -118,14 +125,27 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
                                dtype=dtype)
             _replace_module(model, name, new)
             special[name + ".weight"], special[name + ".weight_scale"] = _fp8_readers(name)
-    assign_weights(model, source, device, "transformer", special, consumed)
-    model.eval()
+    _check_storage(storage)
+    if storage == "stored" and operations is None:
+        keep_stored_dtype(model, lambda n: source.dtype(n) if n in source else None, dtype, special)
+        model.compute_dtype = dtype
     model.lens_checkpoint = CheckpointInfo(source.origin, "transformer", family, var, var_src, cfg.to_dict(),
                                            {"dtypes": _dtype_summary(source), "mxfp8_layers": len(mx),
                                             "gguf_layers": sum(isinstance(m, ql.GGUFLinear) for m in model.modules()),
                                             "fp8": fp8})
+    if meta:
+        source.close()
+        return model.eval()
+    assign_weights(model, source, device, "transformer", special, consumed)
+    model.eval()
     source.close()
     return model
+
+
+def _check_storage(storage):
+    if storage not in ("compute", "stored"):
+        raise ValueError(f"storage: expected 'compute' (cast weights to the run dtype) or 'stored' (keep bf16/fp16 "
+                         f"weights, upcast per layer), found {storage!r}")
 
 
 def _mxfp8_dequant_reader(layer, rows, cols, dtype):
