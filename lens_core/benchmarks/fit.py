@@ -154,7 +154,7 @@ def _generate_argv(paths, tokenizer, args, out) -> list:
     argv = [sys.executable, "-m", "lens_core", "generate", "--model", paths["transformer"], "--text-encoder",
             paths["text_encoder"], "--vae", paths["vae"], "--tokenizer", tokenizer, "--prompt",
             "a red cube on a wooden table", "--height", str(args.size), "--width", str(args.size), "--steps",
-            str(args.steps), "--seed", "0", "--dtype", args.dtype, "--out", out, "--overwrite"]
+            str(args.steps), "--seed", "0", "--dtype", args.dtype, "--out", out]
     if args.memory:
         argv += ["--memory", args.memory]
     return argv
@@ -176,6 +176,8 @@ def run(args):
         if args.write_only:
             return [{"dir": args.dir, "write_s": write_s}]
         out = os.path.join(args.dir, "out.png")
+        if os.path.exists(out):
+            os.remove(out)
         argv = _generate_argv(paths, args.tokenizer, args, out)
         dry = subprocess.run(argv + ["--dry-run", "--plan-json"], env=_repo_env(), capture_output=True, text=True)
         if dry.returncode != 0:

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Iterable
 
-import torch
+from ..lazy_torch import torch
 
 from .errors import CheckpointError
 from .source import TensorSource

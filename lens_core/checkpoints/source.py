@@ -5,7 +5,7 @@ import contextlib
 import os
 from typing import Callable
 
-import torch
+from ..lazy_torch import torch
 
 from .. import readahead
 from ..jsonfile import read_json_object
