@@ -32,9 +32,9 @@ import tempfile
 VARIANT_NAMES = {"lens": "Lens", "turbo": "Lens-Turbo", "base": "Lens-Base"}
 DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 #: What to run when PyTorch is missing (one line; README "Set-up commands" says the same).
-TORCH_FIX = ("pip install -r requirements-cli.txt (PyTorch from PyPI: the CUDA build on Linux, which also runs "
-             "on CPU), or for a smaller CPU-only PyTorch: pip install torch --index-url "
-             "https://download.pytorch.org/whl/cpu (CUDA 12.8: .../whl/cu128)")
+TORCH_FIX = ("without an NVIDIA GPU the CPU-only PyTorch (0.19 GB download): pip install torch --index-url "
+             "https://download.pytorch.org/whl/cpu; with one: pip install -r requirements-cli.txt (PyTorch from PyPI: "
+             "the CUDA build on Linux, about 5.5 GB installed; CUDA 12.8: --index-url .../whl/cu128)")
 MAX_PROMPT_FILE_BYTES = 1 << 20
 MEMORY_MODES = ("resident", "sequential", "minimal")     # lens_core.memory.MODES (not imported: no torch here)
 #: CLI flag of each pipeline argument, for messages.

@@ -274,12 +274,13 @@ class LensPipeline:
             var = ck.load_transformer(paths["transformer"], dtype=dtype, variant=variant, storage=storage,
                                       config=configs.get("transformer"), meta=True).lens_checkpoint.variant
         pipe = cls(models["transformer"], models["text_encoder"], tok, models["vae"], variant=var, dtype=dtype,
-                   device=device, offload=offload, exact=exact, loras=loras, enhance=enhance, loaders=loaders,
-                   memory=mode)
+                   device=device, offload=offload, exact=exact, enhance=enhance, loaders=loaders, memory=mode)
         pipe.paths = paths
         pipe.progress = progress
         pipe.dtype_reason = reason
         pipe.memory_plan = plan
+        if loras:
+            pipe.set_loras(loras)
         return pipe
 
     # ---- helpers -----------------------------------------------------------------------------------
