@@ -23,6 +23,7 @@ in a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -36,13 +37,15 @@ TORCH_FIX = ("without an NVIDIA GPU the CPU-only PyTorch (0.19 GB download): pip
              "https://download.pytorch.org/whl/cpu; with one: pip install -r requirements-cli.txt (PyTorch from PyPI: "
              "the CUDA build on Linux, about 5.5 GB installed; CUDA 12.8: --index-url .../whl/cu128)")
 MAX_PROMPT_FILE_BYTES = 1 << 20
+#: suffix of the temporary files of :func:`write_atomic` (a killed run may leave one; ``batch`` removes them)
+TMP_SUFFIX = ".lens-tmp"
 MEMORY_MODES = ("resident", "sequential", "minimal")     # lens_core.memory.MODES (not imported: no torch here)
 #: CLI flag of each pipeline argument, for messages.
 FLAG_NAMES = {"path": "--model", "transformer": "--model", "text_encoder": "--text-encoder", "vae": "--vae",
               "tokenizer": "--tokenizer", "prompt": "--prompt", "negative_prompt": "--negative",
               "height": "--height", "width": "--width", "aspect": "--aspect", "base": "--base", "steps": "--steps",
               "cfg": "--cfg", "seed": "--seed", "num_images": "--num-images", "image": "--image",
-              "denoise": "--denoise", "batch_index": "--batch-index", "mask": "--mask"}
+              "denoise": "--denoise", "batch_index": "--batch-index", "mask": "--mask", "schedule": "--schedule"}
 
 
 def _seed(text: str):
@@ -73,6 +76,10 @@ def add_generate_arguments(sub) -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, help="image width (with --height; multiples of 16)")
     g.add_argument("--steps", type=int, help="default: the variant's (Lens 20, Turbo 4, Base 50)")
     g.add_argument("--cfg", type=float, help="default: the variant's (Lens 5, Turbo 1)")
+    g.add_argument("--schedule", default="official", metavar="NAME[:SHIFT]",
+                   help="sigma schedule: official (default, the Lens pipeline's), simple (ComfyUI's native Lens "
+                        "template: ModelSamplingFlux 1.15/0.5 + the simple scheduler) or simple:SHIFT (e.g. "
+                        "simple:1.829, a native Lens model without ModelSamplingFlux)")
     g.add_argument("--seed", type=_seed, default=0,
                    help="noise seed, 0 … 2^64-1 (default 0, so the same command gives the same image), or 'random' "
                         "(a new seed each run, printed and stored in the PNG)")
@@ -118,6 +125,12 @@ def add_generate_arguments(sub) -> argparse.ArgumentParser:
     return g
 
 
+def add_batch_arguments(sub, generate) -> argparse.ArgumentParser:
+    from .batch import add_batch_parser
+
+    return add_batch_parser(sub, generate)
+
+
 def add_inspect_arguments(sub) -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a checkpoint file or folder (LoRA files included)")
     i.add_argument("path")
@@ -125,11 +138,14 @@ def add_inspect_arguments(sub) -> argparse.ArgumentParser:
     return i
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lens_core", description="Microsoft Lens text-to-image, no ComfyUI")
+def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The CLI; ``parser_class``: the ArgumentParser (sub)class used for every parser (``batch`` parses its job
+    lines with one that raises instead of exiting)."""
+    p = parser_class(prog="python -m lens_core", description="Microsoft Lens text-to-image, no ComfyUI")
     sub = p.add_subparsers(dest="command", required=True)
-    for add, _ in COMMANDS.values():
-        add(sub)
+    made: dict = {}
+    for name, (add, _) in COMMANDS.items():
+        made[name] = add(sub, made)
     return p
 
 
@@ -142,6 +158,8 @@ def _png_info(params: dict):
                f"Steps: {params['steps']}, CFG scale: {params['cfg']}, Seed: {params['seed']}{index}, "
                f"Size: {params['width']}x{params['height']}, Model: {VARIANT_NAMES.get(params['variant'], params['variant'])}, "
                f"Denoise: {params['denoise']}, Dtype: {params['dtype']}, Template date: {params['template_date']}")
+    if params.get("schedule", "official") != "official":
+        summary += f", Schedule: {params['schedule']}"
     if params.get("fp8"):
         summary += ", FP8: on"
     if params.get("inpaint"):
@@ -193,6 +211,17 @@ def _read_prompt_file(path: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
+def probe_folder(folder: str, what: str) -> None:
+    """Create ``folder`` if missing and check that a file can be written there (a temporary file, removed)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lens-write-test-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"{what}: cannot write in {folder} ({exc.strerror or exc}); fix: choose a writable "
+                              f"folder") from None
+
+
 def check_outputs(paths: list[str]) -> None:
     """Each output must be a .png path in a folder that exists (or can be created) and is writable; checked by
     creating (and removing) a temporary file there, before anything is loaded."""
@@ -210,22 +239,17 @@ def check_outputs(paths: list[str]) -> None:
         if not os.path.isdir(probe):
             raise NotADirectoryError(f"--out {path}: {probe} is a file, not a folder; fix: choose an output path in a "
                                      f"folder")
-        try:
-            os.makedirs(parent, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=parent, prefix=".lens-write-test-"):
-                pass
-        except OSError as exc:
-            raise PermissionError(f"--out {path}: cannot write in {parent} ({exc.strerror or exc}); fix: choose a "
-                                  f"writable folder") from None
+        probe_folder(parent, f"--out {path}")
         if os.path.exists(path) and not os.access(path, os.W_OK):
             raise PermissionError(f"--out {path}: the existing file is not writable; fix: choose another name")
 
 
-def validate_generate(args) -> dict:
+def validate_generate(args, check_out: bool = True) -> dict:
     """Every check that needs no weights, in one place, run before loading (the plan for :func:`run_generate`).
 
     Returns ``{"prompt", "paths", "request", "outputs", "device", "dtype", "dtype_reason", "denoise_note"}``.
     Raises ValueError / OSError whose message names the flag, the expected and found values and the fix.
+    ``check_out=False``: the output paths are not probed (``batch`` checks its output folder once).
     """
     import torch
 
@@ -250,13 +274,14 @@ def validate_generate(args) -> dict:
     request = check_request(prompt, args.negative, height=height, width=width, aspect=aspect, base=base,
                             steps=args.steps, cfg=args.cfg, seed=seed, num_images=1, image=args.image,
                             denoise=args.denoise, mask=args.mask, template_date=args.date,
-                            batch_index=first + n - 1, names=names)
+                            batch_index=first + n - 1, schedule=args.schedule, names=names)
     note = None
     if args.image is not None and args.denoise is None and args.mask is None:
         note = (f"note: --image without --denoise: img2img at --denoise {request['denoise']} (keeps the image's "
                 f"layout and colours; lower keeps more, 1.0 uses the image only for its size)")
     outputs = out_paths(args.out, n, first)
-    check_outputs(outputs)
+    if check_out:
+        check_outputs(outputs)
     paths = resolve_paths(args.model, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
                           names=FLAG_NAMES)
     from . import lora as lo
@@ -336,6 +361,8 @@ def _command(args, plan, params: dict, out: str) -> str:
             cmd.append("--no-paste-back")
     if args.variant:
         cmd += ["--variant", args.variant]
+    if params.get("schedule", "official") != "official":
+        cmd += ["--schedule", params["schedule"]]
     cmd += ["--date", params["template_date"], "--dtype", dtype_name(plan["dtype"]), "--device", plan["device"].type]
     if args.fp8:
         cmd.append("--fp8")
@@ -347,7 +374,7 @@ def _command(args, plan, params: dict, out: str) -> str:
 
 def run_generate(args, plan: dict, memory_plan=None) -> int:
     from .hardware import dtype_name
-    from .pipeline import LensPipeline, paste_kept_pixels
+    from .pipeline import LensPipeline
 
     print(f"dtype: {dtype_name(plan['dtype'])} ({'--dtype ' + args.dtype if args.dtype != 'auto' else 'auto: ' + plan['dtype_reason']}), "
           f"device: {plan['device']}", file=sys.stderr)
@@ -370,26 +397,69 @@ def run_generate(args, plan: dict, memory_plan=None) -> int:
         print(f"warning: --negative is not used at CFG 1 ({VARIANT_NAMES.get(pipe.variant, pipe.variant)}'s "
               f"default is CFG {variant_cfg(pipe.variant):g}: one forward per step, no negative pass); fix: "
               f"--cfg above 1 (e.g. 5, with more steps) to use it, or drop --negative", file=sys.stderr)
-    image = req["image"]
     for k, path in enumerate(plan["outputs"]):
-        out = pipe(plan["prompt"], negative_prompt=args.negative, height=req["height"], width=req["width"],
-                   steps=req["steps"], cfg=req["cfg"], seed=req["seed"], num_images=1,
-                   batch_index=plan["first"] + k, image=image, denoise=req["denoise"], mask=req["mask"],
-                   template_date=req["template_date"])
-        params = dict(out.image_parameters[0], model=os.path.abspath(args.model),
-                      init_image=None if args.image is None else os.path.abspath(args.image),
-                      mask=None if args.mask is None else os.path.abspath(args.mask), device=plan["device"].type,
-                      fp8=bool(args.fp8), paste_back=bool(args.mask is not None and args.paste_back),
-                      memory=pipe.memory)
+        image, params = render_image(pipe, args, plan, k)
         if plan["enhance"]:
             print(f"enhanced prompt: {params['prompt']}")
-        result = out.images[0]
-        if args.mask is not None and args.paste_back:
-            result = paste_kept_pixels(result, image, req["mask"])
-        params["command"] = _command(args, plan, params, path)
-        result.save(path, pnginfo=_png_info(params))
+        write_atomic(path, png_bytes(image, params))
         print(path)
     return 0
+
+
+def render_image(pipe, args, plan: dict, k: int = 0, out: str | None = None):
+    """Image ``k`` of a validated plan on a loaded pipeline → (PIL image, the parameters stored in its PNG,
+    including the ``command`` that regenerates it into ``out``, default the plan's k-th output). Inpainting
+    pastes the kept pixels back unless ``--no-paste-back``. Shared by ``generate`` and ``batch``."""
+    from .pipeline import paste_kept_pixels
+
+    req = plan["request"]
+    result = pipe(plan["prompt"], negative_prompt=args.negative, height=req["height"], width=req["width"],
+                  steps=req["steps"], cfg=req["cfg"], seed=req["seed"], num_images=1,
+                  batch_index=plan["first"] + k, image=req["image"], denoise=req["denoise"], mask=req["mask"],
+                  template_date=req["template_date"], schedule=req["schedule"])
+    paste = bool(args.mask is not None and getattr(args, "paste_back", True))
+    params = dict(result.image_parameters[0], model=os.path.abspath(args.model),
+                  init_image=None if args.image is None else os.path.abspath(args.image),
+                  mask=None if args.mask is None else os.path.abspath(args.mask), device=plan["device"].type,
+                  fp8=bool(args.fp8), paste_back=paste, memory=getattr(pipe, "memory", "resident"))
+    image = result.images[0]
+    if paste:
+        image = paste_kept_pixels(image, req["image"], req["mask"])
+    params["command"] = _command(args, plan, params, out if out is not None else plan["outputs"][k])
+    return image, params
+
+
+def png_bytes(image, params: dict) -> bytes:
+    """The PNG file of an image with its parameters as text chunks (``parameters`` and ``lens``)."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_png_info(params))
+    return buf.getvalue()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: a reader (or a run
+    killed half-way) sees the old file or the whole new one, never a partial PNG."""
+    folder, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())          # mkstemp makes 0600; a plain open() would give 0666 - umask
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def variant_cfg(variant) -> float:
@@ -425,11 +495,19 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-#: subcommand → (adds its parser to the subparsers, runs it: args → exit status). New subcommands register here.
+#: subcommand → (adds its parser to the subparsers, runs it: args → exit status). New subcommands register here:
+#: ``add(subparsers, parsers made so far) -> parser``; ``run(args) -> exit status`` (imported lazily where heavy).
 COMMANDS = {
-    "generate": (add_generate_arguments, cmd_generate),
-    "inspect": (add_inspect_arguments, cmd_inspect),
+    "generate": (lambda sub, made: add_generate_arguments(sub), lambda args: cmd_generate(args)),
+    "batch": (lambda sub, made: add_batch_arguments(sub, made["generate"]), lambda args: run_batch(args)),
+    "inspect": (lambda sub, made: add_inspect_arguments(sub), lambda args: cmd_inspect(args)),
 }
+
+
+def run_batch(args) -> int:
+    from .batch import run_batch as run
+
+    return run(args)
 
 
 def _import_torch():

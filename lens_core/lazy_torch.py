@@ -13,7 +13,9 @@ import sys
 import types
 
 
-class _LazyModule(types.ModuleType):
+class LazyModule(types.ModuleType):
+    """A module imported the first time one of its attributes is read."""
+
     def __getattr__(self, attr):
         module = sys.modules.get(self.__name__) or importlib.import_module(self.__name__)
         if module is self:      # pragma: no cover - never registered in sys.modules
@@ -21,4 +23,4 @@ class _LazyModule(types.ModuleType):
         return getattr(module, attr)
 
 
-torch = _LazyModule("torch")
+torch = LazyModule("torch")

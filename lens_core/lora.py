@@ -33,12 +33,12 @@ Scale of one target (how the decision follows the trainer that wrote the file):
 Applying (:func:`apply_lora`): a Linear with an ordinary float weight gets the deltas **merged** into its weight
 (``W = W₀ + Σ strengthᵢ·scaleᵢ·ΔWᵢ``, computed in fp32 from an exact copy of ``W₀`` kept on the CPU and
 rounded once), so a forward costs nothing extra and :func:`remove_loras` restores ``W₀`` bit for bit. A layer
-whose weight is produced at forward time (MXFP8 / fp8 storage in :mod:`lens_core.quant_linear`, or any other
-quantized storage: a non-float weight or a ``dequantized_weight`` method) keeps its storage and gets the
-delta **per call**: a forward hook adds ``strength·scale·ΔW x`` (LoRA as two thin matmuls, LoKr through the
-Kronecker identity, LoHa from the materialised ΔW) to the layer's output. The hook reads the module attribute
-``lens_lora_deltas`` (a tuple of :class:`LoraDelta`), which is also how ComfyUI swaps deltas per ModelPatcher
-(object patches).
+whose weight is produced at forward time (the quantized storage of :mod:`lens_core.quant_linear`) keeps its
+storage and gets the delta **per call**: it adds ``strength·scale·ΔW`` to its dequantized weight before the
+matmul (:meth:`LoraDelta.patch_weight`: the hand merge, also for formats whose own path quantizes activations);
+any other layer with a non-float weight gets a forward hook adding ``strength·scale·ΔW x`` (LoRA as two thin
+matmuls, LoKr through the Kronecker identity, LoHa from the materialised ΔW) to its output. Both read the module
+attribute ``lens_lora_deltas`` (a tuple of :class:`LoraDelta`).
 """
 from __future__ import annotations
 
@@ -568,6 +568,17 @@ class LoraDelta:
                 self._cache[key] = tuple(t.factors[r].to(device, dtype) for r in ("w1a", "w1b", "w2a", "w2b"))
         return self._cache[key]
 
+    def patch_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``w + coef·scale·ΔW`` summed in fp32 and rounded once to ``w``'s dtype: the per-call patch a quantized
+        layer (lens_core.quant_linear) applies to its dequantized weight (= the hand merge of that weight)."""
+        acc = w.to(torch.float32, copy=True)
+        if self.target.kind == "lora":
+            down, up = self._factors(torch.float32, w.device)
+            acc.addmm_(up, down, alpha=self.coef * self.target.scale)
+        else:
+            acc.add_(self.target.delta(torch.float32, w.device), alpha=self.coef)
+        return acc.to(w.dtype)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         t, c = self.target, self.coef * self.target.scale
         f = self._factors(x.dtype, x.device)
@@ -593,9 +604,13 @@ def _delta_hook(module, args, output):
 
 
 def install_delta_hook(module):
-    """Give ``module`` the per-call delta hook (once) and an empty ``lens_lora_deltas``."""
+    """Give ``module`` the per-call delta hook (once) and an empty ``lens_lora_deltas``. The quantized storage
+    classes (lens_core.quant_linear.QuantStorage) apply ``lens_lora_deltas`` to their dequantized weight
+    themselves (:meth:`LoraDelta.patch_weight`) and get no hook."""
     if not hasattr(module, "lens_lora_deltas"):
         module.lens_lora_deltas = ()
+    if hasattr(module, "weight_patches"):
+        return
     if not getattr(module, "_lens_lora_hooked", False):
         module.register_forward_hook(_delta_hook)
         module._lens_lora_hooked = True

@@ -41,13 +41,86 @@ TORCH_OPERATIONS = types.SimpleNamespace(
     RMSNorm=RMSNorm,
 )
 
+#: the quantized-storage classes of the namespace (lens_core.quant_linear / lens_core.quant), one per family;
+#: a host supplies subclasses under the same names
+STORAGE_OPERATIONS = ("QuantLinear", "GGUFLinear", "FP8Linear", "QuantEmbedding", "PackedExperts")
+
+
+def _defaults() -> dict:
+    from . import quant, quant_linear
+    found = dict(vars(TORCH_OPERATIONS))
+    found.update(QuantLinear=quant_linear.QuantLinear, GGUFLinear=quant_linear.GGUFLinear,
+                 FP8Linear=quant_linear.FP8Linear, QuantEmbedding=quant_linear.QuantEmbedding,
+                 PackedExperts=quant.PackedExperts)
+    return found
+
 
 def resolve_operations(operations=None):
-    """The namespace to build layers with: ``operations`` where it defines a class, torch.nn otherwise."""
-    if operations is None:
-        return TORCH_OPERATIONS
-    merged = {k: getattr(operations, k, v) for k, v in vars(TORCH_OPERATIONS).items()}
-    return types.SimpleNamespace(**merged)
+    """The namespace to build layers with: ``operations`` where it defines a class, lens_core's otherwise
+    (torch.nn layers and the quantized storage families of :data:`STORAGE_OPERATIONS`)."""
+    if getattr(operations, "_lens_resolved", False):
+        return operations
+    merged = {k: getattr(operations, k, v) if operations is not None else v for k, v in _defaults().items()}
+    return types.SimpleNamespace(_lens_resolved=True, **merged)
+
+
+def build_planned(make, operations=None, plan=None):
+    """``make(ops)`` (a model constructor building its layers through ``ops``), with the layers named in the
+    storage plan built by other classes of the same namespace: the loaders ask ``operations`` for the storage each
+    quantized layer needs *while* the model is built (on ``meta``), so a host's own storage classes are used.
+
+    ``plan``: ``fn(probe) -> {module name: (operation name, kwargs)}``, where ``probe`` is the model built once
+    with plain layers (on ``meta``: it tells the names and shapes of the layers). The planned module is built by
+    ``getattr(ops, operation name)(*the layer's own constructor arguments, **kwargs)``. Construction order is
+    deterministic, so the n-th ``Linear`` / ``Embedding`` constructed is the n-th of the probe.
+    """
+    ops = resolve_operations(operations)
+    if plan is None:
+        return make(ops)
+    order = []
+
+    def recording(kind):
+        base = getattr(ops, kind)
+
+        class Recording(base):
+            def __init__(self, *args, **kwargs):
+                order.append((kind, self))
+                super().__init__(*args, **kwargs)
+        Recording.__name__ = base.__name__
+        return Recording
+
+    probe = make(types.SimpleNamespace(**dict(vars(ops), Linear=recording("Linear"),
+                                              Embedding=recording("Embedding"))))
+    names = {id(m): n for n, m in probe.named_modules()}
+    layers = plan(probe)
+    seq = [(kind, names.get(id(m))) for kind, m in order]
+    del probe, order
+    unknown = sorted(set(layers) - {n for _, n in seq})
+    if unknown:
+        raise ValueError(f"storage plan: {unknown[:4]} are not Linear/Embedding layers of this model")
+    it = iter(seq)
+    building = [True]       # the model may keep the namespace and build more layers later: plain ones then
+
+    def planned(kind):
+        base = getattr(ops, kind)
+
+        def build(*args, **kwargs):
+            if not building[0]:
+                return base(*args, **kwargs)
+            k, name = next(it, (kind, None))
+            if k != kind:
+                raise RuntimeError(f"storage plan: layer construction order changed ({k} != {kind})")
+            if name in layers:
+                op, extra = layers[name]
+                return getattr(ops, op)(*args, **kwargs, **extra)
+            return base(*args, **kwargs)
+        return build
+
+    model = make(types.SimpleNamespace(**dict(vars(ops), Linear=planned("Linear"), Embedding=planned("Embedding"))))
+    building[0] = False
+    if next(it, None) is not None:
+        raise RuntimeError("storage plan: the model built fewer layers the second time")
+    return model
 
 
 def cast_to(t: torch.Tensor | None, dtype=None, device=None, non_blocking=False):

@@ -23,6 +23,7 @@ from .hardware import choose_dtype, resolve_device
 from .images import open_image, to_rgb, to_tensor
 from .prompt import DEFAULT_TEMPLATE_DATE, check_text, encode_prompts, resolve_date
 from .sampling import make_noise, prepare_mask, sample
+from .schedules import build_sigmas, format_schedule, parse_schedule
 
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 _LABELS = {"transformer": "DiT", "text_encoder": "text encoder", "vae": "VAE"}
@@ -385,7 +386,8 @@ class LensPipeline:
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", height=None, width=None, aspect=None, base=None, steps=None,
                  cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=None, mask=None,
-                 template_date=DEFAULT_TEMPLATE_DATE, callback=None, batch_index=0) -> LensOutput:
+                 template_date=DEFAULT_TEMPLATE_DATE, callback=None, batch_index=0,
+                 schedule="official") -> LensOutput:
         """Generate images. ``steps``/``cfg`` default to the variant's (lens 20/5, turbo 4/1, base 50/5).
 
         Every argument is checked (:func:`check_request`: sizes within :data:`lens_core.config.MAX_PIXELS` and
@@ -400,13 +402,17 @@ class LensPipeline:
         x0)``. ``mask`` (with ``image``): inpainting by masked denoising, 1 (white) = generate anew, 0 (black) =
         keep the image; a PIL image, a path, or a tensor [H, W] / [B, H, W] in [0, 1] at any resolution (resized
         to the latent grid like ComfyUI does). Works at any ``denoise`` (1 = the masked area from pure noise).
+        ``schedule``: a :mod:`lens_core.schedules` name — ``"official"`` (default), ``"simple"`` (ComfyUI's native
+        Lens template: ModelSamplingFlux + "simple") or ``"simple:SHIFT"`` (e.g. ``"simple:1.829"``, a native Lens
+        MODEL without ModelSamplingFlux).
         """
         from PIL import Image
         from .vae import to_uint8
 
         req = check_request(prompt, negative_prompt, height=height, width=width, aspect=aspect, base=base,
                             steps=steps, cfg=cfg, seed=seed, num_images=num_images, latents=latents, image=image,
-                            denoise=denoise, mask=mask, template_date=template_date, batch_index=batch_index)
+                            denoise=denoise, mask=mask, template_date=template_date, batch_index=batch_index,
+                            schedule=schedule)
         d_steps, d_cfg = variant_defaults(self.variant)
         steps = d_steps if req["steps"] is None else req["steps"]
         cfg = d_cfg if req["cfg"] is None else req["cfg"]
@@ -442,8 +448,9 @@ class LensPipeline:
         try:
             with self._on_device(self.transformer) as dit:
                 final = sample(dit, noise, feats, mask, None if neg is None else neg[0],
-                               None if neg is None else neg[1], grid=(gh, gw), steps=steps, cfg=cfg,
-                               denoise=denoise, init_latents=init, callback=on_step, exact=self.exact,
+                               None if neg is None else neg[1], grid=(gh, gw), cfg=cfg,
+                               sigmas=build_sigmas(req["schedule"], steps, gh * gw, denoise),
+                               init_latents=init, callback=on_step, exact=self.exact,
                                dtype=self.dtype, device=self.device, mask=packed_mask)
         finally:
             if bar is not None:
@@ -461,7 +468,8 @@ class LensPipeline:
         params = {"prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
                   "original_prompt": None, "steps": steps, "cfg": cfg, "seed": req["seed"] if seeded else None,
                   "num_images": req["num_images"], "batch_index": req["batch_index"] if seeded else None,
-                  "denoise": denoise, "inpaint": packed_mask is not None, "template_date": req["template_date"],
+                  "denoise": denoise, "schedule": req["schedule"], "inpaint": packed_mask is not None,
+                  "template_date": req["template_date"],
                   "variant": self.variant,
                   "dtype": str(self.dtype).replace("torch.", ""), "exact": self.exact,
                   "loras": [{"file": n, "strength": s} for n, s in self.loras]}
@@ -528,18 +536,20 @@ def resolve_size(height=None, width=None, aspect=None, base=None, image=None, na
 
 def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect=None, base=None, steps=None,
                   cfg=None, seed=0, num_images=1, latents=None, image=None, denoise=None, mask=None,
-                  template_date=DEFAULT_TEMPLATE_DATE, batch_index=0, names: dict | None = None) -> dict:
+                  template_date=DEFAULT_TEMPLATE_DATE, batch_index=0, schedule="official",
+                  names: dict | None = None) -> dict:
     """Validate a generation request without any model (the pipeline calls it first; the CLI before loading).
 
     Returns the normalised request: ``prompts`` / ``negatives`` (lists), ``height``, ``width``, ``grid``,
     ``steps`` / ``cfg`` (None = the variant's default), ``seed``, ``num_images``, ``batch`` (prompts ×
     num_images), ``batch_index``, ``latents`` (packed, checked), ``image`` (an RGB PIL image or a checked tensor,
-    None without one), ``mask`` (a float tensor in [0, 1] or None), ``denoise``, ``template_date``. Raises
+    None without one), ``mask`` (a float tensor in [0, 1] or None), ``denoise``, ``template_date``, ``schedule``
+    (the canonical spec, e.g. ``"official"`` or ``"simple:1.829"``). Raises
     ValueError / OSError naming the argument, the expected and the found value, and the fix (``names``: how to
     call each argument, e.g. the CLI's flags).
     """
     n = {k: k for k in ("prompt", "negative_prompt", "height", "width", "aspect", "base", "steps", "cfg", "seed",
-                        "num_images", "latents", "image", "denoise", "batch_index", "mask")}
+                        "num_images", "latents", "image", "denoise", "batch_index", "mask", "schedule")}
     n.update(names or {})
     prompts = [check_text(prompt, n["prompt"])] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -561,6 +571,7 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
                                f"the index of the first image within a batch of at most {cf.MAX_BATCH}")
     seed = cf.check_seed(seed, n["seed"])
     steps = None if steps is None else cf.check_steps(steps, n["steps"])
+    schedule = format_schedule(*parse_schedule(schedule, n["schedule"]))
     cfg = None if cfg is None else cf.check_number(cfg, n["cfg"], 0.0, 100.0, "Lens uses 5, Turbo 1")
     template_date = resolve_date(template_date)
     if image is not None and isinstance(image, (str, os.PathLike)):
@@ -615,7 +626,7 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
     return {"prompts": prompts, "negatives": negatives, "height": height, "width": width, "grid": grid,
             "steps": steps, "cfg": cfg, "seed": seed, "num_images": num_images, "batch": batch,
             "batch_index": batch_index, "latents": latents, "image": image, "mask": mask, "denoise": denoise,
-            "template_date": template_date}
+            "template_date": template_date, "schedule": schedule}
 
 
 def resolve_paths(path=None, *, transformer=None, text_encoder=None, vae=None, tokenizer=None,

@@ -1,30 +1,31 @@
-"""Quantised weight storage for Linear layers: MXFP8 (Comfy-Org ``lens_*_mxfp8`` files), fp8 e4m3fn and GGUF.
+"""Quantized-weight Linear storage: one class per family, all built through the ``operations`` namespace.
 
-Facts: ../shared/docs/checkpoint_formats.md §2.2-2.6.
+Families (facts: ../shared/docs/checkpoint_formats.md §2.2-2.6; the ``.comfy_quant`` formats:
+:mod:`lens_core.quant_formats`):
 
-* **MXFP8** (§2.3, §2.5): ``weight`` is ``float8_e4m3fn [out, in]``; ``weight_scale`` holds one E8M0 exponent
-  byte per 32 consecutive inputs of a row, stored in the cuBLAS "128×4" tiled order (§2.4).
-  ``W[o, i] = e4m3(weight[o, i]) · 2^(e − 127)`` with ``e = S[o, i // 32]``; ``e = 0`` decodes to 0 (ComfyUI
-  builds the scale by bit-casting ``e << 23``). The tiling is undone once at load; the layer keeps the fp8
-  data + the logical ``[out, in/32]`` exponent matrix and **dequantizes on the fly in forward** (fp32
-  multiply, then cast to the input dtype — ComfyUI's order). This keeps the ≈ 5.5 GB file size resident
-  instead of 8.2 GB of bf16; ``dequantize_at_load=True`` in the loader gives plain bf16 Linears instead
-  (measured in BENCHMARKS.md "Loading").
-* **fp8 storage** for bf16/fp32 checkpoints (:class:`FP8Linear`): ``float8_e4m3fn`` weights with one fp32
-  scale per output row (``amax / 448``), dequantized on the fly. The modulation Linears (``img_mod``/
-  ``txt_mod``) and every norm are never converted (:func:`fp8_eligible`): quantizing modulation causes grid
-  artifacts (checkpoint_formats.md §2.6 [WAVECUT]).
+* :class:`QuantLinear` — ComfyUI's ``.comfy_quant`` formats (fp8 scaled, MXFP8, NVFP4, int8 / ConvRot,
+  ConvRot W4A4, W4A8): the file's tensors kept as stored (``weight``, ``weight_scale`` … under the file's own
+  names), the maths from comfy-kitchen through the format registry. The Comfy-Org ``lens_*_mxfp8`` files are this
+  family with ``fmt="mxfp8"`` (§2.3-2.5).
+* :class:`GGUFLinear` — the GGML block bytes of a GGUF file (``Q8_0``, ``Q4_K`` …, :data:`lens_core.ggml.TYPES`)
+  as a uint8 ``[out, row bytes]`` parameter, dequantized per call by :func:`lens_core.ggml.dequantize`.
+* :class:`FP8Linear` — the pack's own fp8 storage of bf16/fp32 checkpoints (``fp8=True``): ``float8_e4m3fn``
+  with one fp32 scale per output row (``amax / 448``). The modulation Linears (``img_mod``/``txt_mod``) and
+  every norm are never converted (:func:`fp8_eligible`): quantizing modulation causes grid artifacts (§2.6).
 
-* **GGUF** (:class:`GGUFLinear`): the GGML block bytes of a GGUF file (``Q8_0``, ``Q4_K`` …, any type of
-  :data:`lens_core.ggml.TYPES`) kept as a uint8 ``[out, row bytes]`` parameter and dequantized per call by
-  :func:`lens_core.ggml.dequantize` on the input's device. It declares ComfyUI's ``comfy_cast_weights`` protocol
-  (ModelPatcher may leave it on the offload device in lowvram mode and puts LoRA ``LowVramPatch`` functions in
-  ``weight_function`` / ``bias_function``, applied here to the dequantized weight / bias).
+They share :class:`QuantStorage`: ``in_features``, ``out_features``, ``bias``, :meth:`~QuantStorage.stored`
+(the stored tensors on a device), :meth:`~QuantStorage.dequantized_weight` ``(dtype, device)`` (the float weight
+a plain Linear would hold) and ``forward``. Nothing here knows a host: the stored tensors are fetched through
+:meth:`~QuantStorage.fetch` (``cast_to``: weights left on an offload device are copied per call) and the
+functions to apply to the dequantized weight / the bias per call come from :meth:`~QuantStorage.weight_patches`
+/ :meth:`~QuantStorage.bias_patches`. A host subclasses these classes to take part in its own casting and
+patching (nodes/: ComfyUI's ``comfy.ops`` casting, lowvram ``weight_function`` patches, LoRA). Without patches
+a layer runs its format's own path (comfy-kitchen's quantized Linear: int8 W8A8, W4A4 …); with patches it
+dequantizes, applies them and multiplies in the activation dtype (what ComfyUI's quantized Linear does with a
+``weight_function``), so a per-call LoRA equals the hand merge of the dequantized weight.
 
-All layer classes share one interface: ``in_features``, ``out_features``, ``bias`` and
-``dequantized_weight(dtype, device)`` (the float weight a plain Linear would hold): a LoRA adds its delta to that
-weight, or to the output per call (lens_core.lora). All of them cast their stored tensors to the input's
-device/dtype in forward (``cast_to``), so they work with weights left on an offload device.
+The pack's own per-call LoRA (:func:`lens_core.lora.apply_lora` on a quantized layer) is such a patch: the
+``lens_lora_deltas`` the layer carries are added to its dequantized weight.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ggml
+from . import quant_formats as qf
 from .ops import cast_to
 from .quant import untile_block_scales
 
@@ -117,32 +119,6 @@ def quantize_mxfp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return data.view(out, inp), e.to(torch.uint8)
 
 
-class MXFP8Linear(nn.Module):
-    """A Linear whose weight stays MXFP8 (fp8 data + E8M0 exponent per 32 inputs); dequantized per call."""
-
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
-        super().__init__()
-        if in_features % MXFP8_BLOCK:
-            raise ValueError(f"MXFP8 Linear: in_features must be a multiple of 32, found {in_features}")
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device,
-                                               dtype=torch.float8_e4m3fn), requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.empty(out_features, in_features // MXFP8_BLOCK, device=device,
-                                                     dtype=torch.uint8), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-
-    def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
-        return dequantize_mxfp8(cast_to(self.weight, None, device), cast_to(self.weight_scale, None, device),
-                                dtype)
-
-    def forward(self, x):
-        w = self.dequantized_weight(x.dtype, x.device)
-        return F.linear(x, w, cast_to(self.bias, x.dtype, x.device))
-
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, mxfp8"
-
-
 # --------------------------------------------------------------------------------------------------
 # fp8 e4m3fn storage for bf16 / fp32 checkpoints
 # --------------------------------------------------------------------------------------------------
@@ -163,60 +139,215 @@ def quantize_fp8_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (wf / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-class FP8Linear(nn.Module):
-    """A Linear stored as float8_e4m3fn with a per-output-row fp32 scale; dequantized per call."""
 
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device,
-                                               dtype=torch.float8_e4m3fn), requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.empty(out_features, device=device, dtype=torch.float32),
-                                         requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+# --------------------------------------------------------------------------------------------------
+# the storage classes
+# --------------------------------------------------------------------------------------------------
+def _frozen(shape, dtype, device):
+    return nn.Parameter(torch.empty(tuple(shape), device=device, dtype=dtype), requires_grad=False)
+
+
+class QuantStorage(nn.Module):
+    """Base of the quantized Linear families (see the module docstring)."""
+
+    #: names of the parameters that hold the quantized weight (besides ``bias``)
+    stored_names: tuple = ("weight",)
+
+    def _init_linear(self, in_features, out_features, bias, device, dtype):
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if bias:
+            self.bias = _frozen((out_features,), dtype or torch.float32, device)
+        else:
+            self.register_parameter("bias", None)
+
+    # -- host hooks -----------------------------------------------------------------------------------
+    def fetch(self, name: str, device) -> torch.Tensor | None:
+        """The stored tensor ``name`` on ``device`` (as stored: no dtype change)."""
+        return cast_to(getattr(self, name), None, device)
+
+    def weight_patches(self) -> tuple:
+        """Functions ``w -> w'`` applied, in order, to the dequantized weight at each call (per-call LoRA)."""
+        deltas = self.__dict__.get("lens_lora_deltas", ())
+        return tuple(d.patch_weight for d in deltas)
+
+    def bias_patches(self) -> tuple:
+        return ()
+
+    # -- interface ------------------------------------------------------------------------------------
+    def stored(self, device=None) -> dict:
+        """``{name: tensor}`` of the stored (quantized) tensors on ``device``."""
+        return {n: self.fetch(n, device) for n in self.stored_names if getattr(self, n, None) is not None}
 
     def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
-        w = cast_to(self.weight, None, device).to(torch.float32)
-        return (w * cast_to(self.weight_scale, None, device).unsqueeze(-1)).to(dtype)
+        raise NotImplementedError
+
+    def quantized_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The family's own forward (no patches): by default the dequantized weight in the input dtype."""
+        return F.linear(x, self.dequantized_weight(x.dtype, x.device), bias)
 
     def forward(self, x):
-        return F.linear(x, self.dequantized_weight(x.dtype, x.device), cast_to(self.bias, x.dtype, x.device))
+        bias = self.fetch("bias", x.device) if self.bias is not None else None
+        if bias is not None:
+            bias = bias.to(x.dtype)
+            for fn in self.bias_patches():
+                bias = fn(bias)
+        patches = self.weight_patches()
+        if not patches:
+            return self.quantized_linear(x, bias)
+        w = self.dequantized_weight(x.dtype, x.device)
+        for fn in patches:
+            w = fn(w)
+        return F.linear(x, w, bias)
+
+    def storage_name(self) -> str:
+        return type(self).__name__
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3fn rowwise"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.storage_name()}"
 
 
-# --------------------------------------------------------------------------------------------------
-# GGUF block storage
-# --------------------------------------------------------------------------------------------------
-class GGUFLinear(nn.Module):
+class QuantLinear(QuantStorage):
+    """A Linear stored in one of ComfyUI's ``.comfy_quant`` formats (:mod:`lens_core.quant_formats`).
+
+    ``fmt`` names the format, ``options`` its validated options (``parse_marker``), ``layout`` the stored
+    tensors ``{suffix: (dtype, shape)}`` (``QuantFormat.layout_of``; default: the format's required tensors).
+    The parameters carry the file's names (``weight``, ``weight_scale``, ``weight_scale_2``, ``input_scale``,
+    ``weight_s_rel`` …), so the layer's state dict is the file's."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, fmt: str,
+                 options: dict | None = None, layout: dict | None = None):
+        super().__init__()
+        self._init_linear(in_features, out_features, bias, device, dtype)
+        self.format = qf.get(fmt)
+        self.options = dict(self.format.default_options() if options is None else options)
+        if layout is None:
+            layout = self.format.layout_of(self.out_features, self.in_features, self.options, "?")
+        self.stored_names = tuple(layout)
+        for name, (dt, shape) in layout.items():
+            setattr(self, name, _frozen(shape, dt, device))
+
+    @property
+    def shape(self) -> tuple:
+        return (self.out_features, self.in_features)
+
+    def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
+        return self.format.dequantize(self.stored(device), self.options, self.shape, dtype)
+
+    def quantized_linear(self, x, bias):
+        return self.format.linear(x, self.stored(x.device), self.options, self.shape, bias)
+
+    def storage_name(self) -> str:
+        return self.format.describe(self.options)
+
+
+class GGUFLinear(QuantStorage):
     """A Linear whose weight stays in a GGML block type (``qtype``); dequantized per call on the input's device."""
 
     def __init__(self, in_features, out_features, qtype: str, bias=True, device=None, dtype=None):
         super().__init__()
         if qtype not in ggml.TYPES:
             raise ValueError(f"GGUF Linear: GGML type {qtype!r} is not supported; supported: {list(ggml.TYPES)}")
-        self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
-        self.weight = nn.Parameter(torch.empty(out_features, ggml.row_bytes(qtype, in_features), device=device,
-                                               dtype=torch.uint8), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        # ComfyUI ModelPatcher protocol (see the module docstring); per-instance lists
-        self.comfy_cast_weights = True
-        self.weight_function, self.bias_function = [], []
+        self._init_linear(in_features, out_features, bias, device, dtype)
+        self.qtype = qtype
+        self.weight = _frozen((out_features, ggml.row_bytes(qtype, in_features)), torch.uint8, device)
 
     def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
-        return ggml.dequantize(cast_to(self.weight, None, device), self.qtype, (self.out_features, self.in_features),
+        return ggml.dequantize(self.fetch("weight", device), self.qtype, (self.out_features, self.in_features),
                                dtype)
 
-    def forward(self, x):
-        w = self.dequantized_weight(x.dtype, x.device)
-        for fn in self.weight_function:
-            w = fn(w)
-        b = cast_to(self.bias, x.dtype, x.device)
-        if b is not None:
-            for fn in self.bias_function:
-                b = fn(b)
-        return F.linear(x, w, b)
+    def storage_name(self) -> str:
+        return f"gguf {self.qtype}"
+
+
+class FP8Linear(QuantStorage):
+    """A Linear stored as float8_e4m3fn with a per-output-row fp32 scale; dequantized per call."""
+
+    stored_names = ("weight", "weight_scale")
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        super().__init__()
+        self._init_linear(in_features, out_features, bias, device, dtype)
+        self.weight = _frozen((out_features, in_features), torch.float8_e4m3fn, device)
+        self.weight_scale = _frozen((out_features,), torch.float32, device)
+
+    def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
+        w = self.fetch("weight", device).to(torch.float32)
+        return (w * self.fetch("weight_scale", device).unsqueeze(-1)).to(dtype)
+
+    def storage_name(self) -> str:
+        return "fp8_e4m3fn rowwise"
+
+
+def quant_linear_for(out_f: int, in_f: int, fmt: str, options=None, bias=True, device=None, dtype=None,
+                     weight: torch.Tensor | None = None) -> QuantLinear:
+    """A :class:`QuantLinear` of format ``fmt``; with ``weight`` (float ``[out, in]``) filled with its quantization
+    (comfy-kitchen's quantizer; used by tests and benchmarks)."""
+    f = qf.get(fmt)
+    options = f.default_options() if options is None else options
+    if weight is None:
+        return QuantLinear(in_f, out_f, bias, device, dtype, fmt=fmt, options=options)
+    tensors, _ = f.quantize(weight, options)
+    found = {k: (qf.st_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+    layout = f.layout_of(out_f, in_f, options, "?", found)
+    lin = QuantLinear(in_f, out_f, bias, device, dtype, fmt=fmt, options=options, layout=layout)
+    with torch.no_grad():
+        for k, v in tensors.items():
+            getattr(lin, k).copy_(qf.as_kept(v, getattr(lin, k).dtype))
+    return lin
+
+
+class QuantEmbedding(nn.Module):
+    """An Embedding whose table is stored in a ``.comfy_quant`` format (the int8 ConvRot / fp8 token tables of
+    ComfyUI text-encoder files): a lookup gathers the selected rows as stored and dequantizes only those
+    (``int8_tensorwise``: comfy-kitchen's ``dequantize_embedding``, which also undoes the ConvRot rotation;
+    fp8: the rows times the scalar scale), in ``dtype`` — ComfyUI's quantized Embedding."""
+
+    FORMATS = ("int8_tensorwise", "float8_e4m3fn", "float8_e5m2")
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, device=None, dtype=None, *, fmt: str,
+                 options: dict | None = None, layout: dict | None = None, **_ignored):
+        super().__init__()
+        if fmt not in self.FORMATS:
+            raise qf.QuantFormatError(f"a quantized token embedding must be one of {list(self.FORMATS)}, found "
+                                      f"{fmt!r}")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.format = qf.get(fmt)
+        self.options = dict(self.format.default_options() if options is None else options)
+        self.dtype = dtype or torch.float32
+        if layout is None:
+            layout = self.format.layout_of(num_embeddings, embedding_dim, self.options, "?")
+        self.stored_names = tuple(layout)
+        for name, (dt, shape) in layout.items():
+            setattr(self, name, _frozen(shape, dt, device))
+
+    def fetch(self, name: str, device) -> torch.Tensor:
+        return cast_to(getattr(self, name), None, device)
+
+    def weight_patches(self) -> tuple:
+        return ()
+
+    def stored(self, device=None) -> dict:
+        return {n: self.fetch(n, device) for n in self.stored_names}
+
+    def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
+        return self.format.dequantize(self.stored(device), self.options, (self.num_embeddings, self.embedding_dim),
+                                      dtype)
+
+    def forward(self, ids):
+        patches = self.weight_patches()
+        if patches:
+            w = self.dequantized_weight(self.dtype, ids.device)
+            for fn in patches:
+                w = fn(w)
+            return F.embedding(ids, w, self.padding_idx)
+        stored = self.stored(ids.device)
+        if self.format.name == "int8_tensorwise":
+            params = self.format._params(stored, self.options, (self.num_embeddings, self.embedding_dim), self.dtype)
+            return qf._kitchen(self.format.name).TensorWiseINT8Layout.dequantize_embedding(stored["weight"], params,
+                                                                                         ids)
+        x = F.embedding(ids, stored["weight"], self.padding_idx).to(self.dtype)
+        return x * stored["weight_scale"].to(self.dtype)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, gguf {self.qtype}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.format.describe(self.options)}"

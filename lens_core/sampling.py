@@ -1,5 +1,7 @@
-"""Flow-match sampling for Lens: sigma schedule, model-timestep quantisation, Euler steps, CFG with the
-per-token norm rescale, img2img start, seeded noise. Spec: ../shared/docs/lens_dit_spec.md §4 and §8.
+"""Flow-match sampling for Lens, in composable pieces: model-timestep quantisation, the CFG modes
+(:class:`BatchedCFG`, :class:`SplitCFG`, :class:`PositiveOnly`) with the per-token norm rescale, the img2img
+start, inpainting (:class:`Inpainting`), the Euler loop over any sigmas (:func:`euler_sample`) and seeded noise.
+Schedules (which sigmas to walk) live in :mod:`lens_core.schedules`. Spec: ../shared/docs/lens_dit_spec.md §4, §8.
 
 The public entry point is :func:`sample`; the pipeline (``lens_core.pipeline``) and the ComfyUI LensSampler
 node both call it. Everything is in the packed token layout ``[B, S_img, 128]``.
@@ -7,60 +9,23 @@ node both call it. Everything is in the packed token layout ``[B, S_img, 128]``.
 from __future__ import annotations
 
 import inspect
-import math
 
-import numpy as np
 import torch
 
 from .config import check_finite_tensor, check_grid, check_number, check_steps, variant_defaults
+from .schedules import (build_sigmas, check_image_tokens, check_sigmas, denoise_sigmas, empirical_mu, run_steps,
+                        sigma_schedule, start_index)
 
-__all__ = ["empirical_mu", "sigma_schedule", "denoise_sigmas", "scheduler_timesteps", "model_timestep",
-           "model_timesteps", "cfg_combine", "euler_step", "make_noise", "start_index", "prepare_mask", "sample",
-           "variant_defaults"]
+__all__ = ["empirical_mu", "sigma_schedule", "denoise_sigmas", "build_sigmas", "check_sigmas", "run_steps",
+           "start_index", "scheduler_timesteps", "model_timestep", "model_timesteps", "cfg_combine", "euler_step",
+           "make_noise", "prepare_mask", "Guidance", "BatchedCFG", "SplitCFG", "PositiveOnly", "make_guidance",
+           "start_latents", "Inpainting", "euler_sample", "sample", "variant_defaults"]
 
 NUM_TRAIN_TIMESTEPS = 1000
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Schedule
-
-
-def empirical_mu(image_seq_len: int, steps: int) -> float:
-    """FLUX.2's empirical shift mu for N_img image tokens and ``steps`` steps (Python float64, spec §4)."""
-    a1, b1 = 8.73809524e-05, 1.89833333
-    a2, b2 = 0.00016927, 0.45666666
-    m200 = a2 * image_seq_len + b2
-    if image_seq_len > 4300:
-        return float(m200)
-    m10 = a1 * image_seq_len + b1
-    a = (m200 - m10) / 190.0
-    b = m200 - 200.0 * a
-    return float(a * steps + b)
-
-
-def sigma_schedule(steps: int, image_seq_len: int) -> torch.Tensor:
-    """Shifted sigmas [steps + 1] float32 on the CPU, ending with 0 (spec §4 "Schedule").
-
-    Raw sigmas are linspace(1, 1/N, N) in float64 cast to float32; the shift e^mu / (e^mu + (1/σ − 1)) is
-    evaluated in float32 with e^mu rounded to float32 first, exactly as the reference scheduler does.
-    """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if image_seq_len < 1:
-        raise ValueError(f"image_seq_len must be positive, got {image_seq_len!r}")
-    mu = empirical_mu(image_seq_len, steps)
-    raw = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
-    em = np.float32(math.exp(mu))
-    shifted = em / (em + (np.float32(1.0) / raw - np.float32(1.0)))
-    sig = torch.from_numpy(shifted.astype(np.float32))
-    return torch.cat([sig, torch.zeros(1)])
-
-
-def denoise_sigmas(steps: int, image_seq_len: int, denoise: float = 1.0) -> torch.Tensor:
-    """The sigmas a run with ``denoise`` walks: the last round(steps·denoise) steps of the ``steps`` schedule
-    (``[steps − start_index(steps, denoise) + 1]`` values ending with 0; all of them for denoise = 1), i.e. what
-    :func:`sample` uses for img2img. float32 on the CPU."""
-    return sigma_schedule(steps, image_seq_len)[start_index(steps, denoise):]
+# Timesteps (the schedules themselves: lens_core.schedules)
 
 
 def scheduler_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
@@ -77,13 +42,6 @@ def model_timestep(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def model_timesteps(sigmas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """What the DiT receives per step of a schedule (:func:`model_timestep` of every σ but the final 0)."""
     return model_timestep(sigmas[:-1], dtype)
-
-
-def start_index(steps: int, denoise: float) -> int:
-    """First step index for img2img: the last round(steps·denoise) steps of the schedule are run."""
-    if not (0.0 < float(denoise) <= 1.0):
-        raise ValueError(f"denoise must be in (0, 1], got {denoise!r}")
-    return steps - min(steps, int(round(steps * float(denoise))))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,7 +171,7 @@ def _accepts_exact(model) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The sampler
+# CFG modes: how one step's velocity is formed from the model
 
 
 def _check_text(features, mask, b, mask_name, what):
@@ -225,10 +183,174 @@ def _check_text(features, mask, b, mask_name, what):
                          f"{tuple(_first(features).shape)}")
 
 
+def _to_run(features, mask, device, dtype):
+    return _map(features, lambda f: f.to(device=device, dtype=dtype)), mask.to(device)
+
+
+class Guidance:
+    """A CFG mode: the text inputs on the run device / dtype, and how a step's velocity is formed from them.
+
+    ``velocity(model, latents, t, grid, kwargs)``: ``t`` is the step's 0-dim model timestep (expanded here to
+    the rows of each forward), ``kwargs`` extra keywords for the model (``exact``). ``exact``: the DiT mode this
+    guidance runs the model in (passed to models that accept it). ``forwards``: model calls per step.
+    """
+
+    exact: bool = True
+    forwards: int = 1
+
+    def velocity(self, model, latents, t, grid, kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class BatchedCFG(Guidance):
+    """The reference computation: positive and negative as one batch of 2B ([pos; neg], the shorter text
+    zero-padded with mask False to a common length), one forward per step, then :func:`cfg_combine` for every
+    guidance scale (g = 1 included). With ``exact=True`` it reproduces the official pipeline bit for bit."""
+
+    def __init__(self, pos_features, pos_mask, neg_features, neg_mask, guidance: float, *, device, dtype,
+                 exact: bool = True):
+        target = max(pos_mask.shape[1], neg_mask.shape[1])
+        pf, pm = _pad_text(pos_features, pos_mask, target)
+        nf, nm = _pad_text(neg_features, neg_mask, target)
+        feats = _zip(pf, nf, lambda p, n: torch.cat([p, n.to(p.device)], dim=0))
+        self.features, self.mask = _to_run(feats, torch.cat([pm, nm.to(pm.device)], dim=0), device, dtype)
+        self.guidance, self.exact, self.rows = float(guidance), exact, 2 * pos_mask.shape[0]
+
+    def velocity(self, model, latents, t, grid, kwargs):
+        out = model(latents.repeat(2, 1, 1), self.features, self.mask, t.expand(self.rows), grid=grid, **kwargs)
+        cond, uncond = out.chunk(2)
+        return cfg_combine(cond, uncond, self.guidance)
+
+
+class SplitCFG(Guidance):
+    """The fast CFG: two forwards per step (positive, negative), each without the text columns its mask pads in
+    every row (the empty negative runs with no text tokens, an unpadded positive needs no attention mask), then
+    :func:`cfg_combine`. Equal to :class:`BatchedCFG` up to float rounding (fp32 ~1e-7)."""
+
+    forwards = 2
+
+    def __init__(self, pos_features, pos_mask, neg_features, neg_mask, guidance: float, *, device, dtype,
+                 exact: bool = False):
+        self.features, self.mask = _to_run(*_crop_text(pos_features, pos_mask), device, dtype)
+        self.neg_features, self.neg_mask = _to_run(*_crop_text(neg_features, neg_mask), device, dtype)
+        self.guidance, self.exact, self.rows = float(guidance), exact, pos_mask.shape[0]
+
+    def velocity(self, model, latents, t, grid, kwargs):
+        t = t.expand(self.rows)
+        cond = model(latents, self.features, self.mask, t, grid=grid, **kwargs)
+        uncond = model(latents, self.neg_features, self.neg_mask, t, grid=grid, **kwargs)
+        return cfg_combine(cond, uncond, self.guidance)
+
+
+class PositiveOnly(Guidance):
+    """No guidance (CFG 1, fast path): one forward on the positive alone (its all-padding text columns
+    dropped); the velocity is the model's output as it is."""
+
+    def __init__(self, pos_features, pos_mask, *, device, dtype, exact: bool = False):
+        self.features, self.mask = _to_run(*_crop_text(pos_features, pos_mask), device, dtype)
+        self.exact, self.rows = exact, pos_mask.shape[0]
+
+    def velocity(self, model, latents, t, grid, kwargs):
+        return model(latents, self.features, self.mask, t.expand(self.rows), grid=grid, **kwargs)
+
+
+def make_guidance(pos_features, pos_mask, neg_features=None, neg_mask=None, *, cfg: float, exact: bool = True,
+                  device, dtype, batch: int | None = None) -> Guidance:
+    """The CFG mode :func:`sample` uses: ``exact`` → :class:`BatchedCFG` (every cfg); otherwise
+    :class:`PositiveOnly` at cfg == 1 and :class:`SplitCFG` at any other cfg. ``neg_features=None`` = the
+    official empty negative (zero features of the positive's shape, all-False mask). Checks that the features
+    and masks agree with each other and with the batch (``batch``, default the positive mask's)."""
+    b = batch if batch is not None else pos_mask.shape[0] if isinstance(pos_mask, torch.Tensor) else -1
+    _check_text(pos_features, pos_mask, b, "pos_mask", "positive")
+    pos_mask = pos_mask.bool()
+    cfg = float(cfg)
+    if not exact and cfg == 1.0:
+        return PositiveOnly(pos_features, pos_mask, device=device, dtype=dtype)
+    if neg_features is None:
+        neg_features, neg_mask = _map(pos_features, torch.zeros_like), torch.zeros_like(pos_mask)
+    _check_text(neg_features, neg_mask, b, "neg_mask", "negative")
+    mode = BatchedCFG if exact else SplitCFG
+    return mode(pos_features, pos_mask, neg_features, neg_mask.bool(), cfg, device=device, dtype=dtype, exact=exact)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# img2img start and inpainting
+
+
+def start_latents(noise, sigma0, init_latents=None, *, dtype, device) -> torch.Tensor:
+    """The latents a run starts from at σ0 = ``sigma0`` (the schedule's first value): the noise itself at σ0 = 1
+    (text-to-image; ``init_latents`` is not used), else (1 − σ0)·init_latents + σ0·noise computed in fp32 and
+    cast to ``dtype`` (img2img; needs the clean packed latents of the noise's shape)."""
+    sigma0 = torch.as_tensor(sigma0, dtype=torch.float32).to(device)
+    if float(sigma0) >= 1.0:
+        return noise.to(device=device, dtype=dtype)
+    if init_latents is None or tuple(init_latents.shape) != tuple(noise.shape):
+        raise ValueError(f"init_latents: denoise < 1 needs the clean latents of shape {tuple(noise.shape)} (the "
+                         f"schedule starts at sigma {float(sigma0):.6g}, below 1), got "
+                         f"{None if init_latents is None else tuple(init_latents.shape)}")
+    return ((1.0 - sigma0) * init_latents.to(device).float() + sigma0 * noise.to(device).float()).to(dtype)
+
+
+class Inpainting:
+    """Masked denoising (no Lens inpainting model exists): after every step the latents outside ``mask`` are
+    replaced by the input latent at the next step's noise level, (1 − σ)·init + σ·noise with the run's noise,
+    so that region ends equal to ``init_latents`` (bit for bit where the mask is 0) and the model sees a
+    consistent image at every step; the x0 handed to callbacks is the input latent there too.
+
+    ``mask``: the packed [B, S_img, 1] mask of :func:`prepare_mask` (1 = generate anew, 0 = keep);
+    ``init_latents`` / ``noise``: packed [B, S_img, 128]. A mask of ones equals plain img2img."""
+
+    def __init__(self, mask, init_latents, noise, *, device):
+        b, s_img = noise.shape[0], noise.shape[1]
+        if init_latents is None or tuple(init_latents.shape) != tuple(noise.shape):
+            raise ValueError(f"init_latents: a mask needs the input latents of shape {tuple(noise.shape)} to keep "
+                             f"outside it, got {None if init_latents is None else tuple(init_latents.shape)}")
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (b, s_img, 1):
+            raise ValueError(f"mask: expected the packed mask [{b}, {s_img}, 1] (lens_core.sampling.prepare_mask), "
+                             f"got {getattr(mask, 'shape', type(mask).__name__)}")
+        self.mask = mask.to(device=device, dtype=torch.float32)
+        self.init, self.noise = init_latents.to(device).float(), noise.to(device).float()
+
+    def __call__(self, latents, x0, sigma_next):
+        """(latents, x0) after a step that ended at ``sigma_next``, with the kept region put back."""
+        latents = _masked(latents, (1.0 - sigma_next) * self.init + sigma_next * self.noise, self.mask)
+        return latents, torch.lerp(self.init, x0, self.mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Euler loop and the sampler
+
+
+def euler_sample(model, latents, sigmas, guidance: Guidance, *, grid, inpainting=None, callback=None):
+    """Walk ``sigmas`` (checked, see :func:`lens_core.schedules.check_sigmas`) from ``latents`` (already at
+    sigmas[0], in the run dtype on the run device) with Euler steps of the ``guidance`` velocity; returns the
+    final latents. ``inpainting``: an :class:`Inpainting` applied after every step; ``callback(step, total,
+    latents, x0)`` after every step (x0 = latents − σ·v in fp32; it may raise to interrupt; a returned tensor
+    replaces the latents)."""
+    device, dtype = latents.device, latents.dtype
+    sigmas = sigmas.to(device)
+    t_model = model_timesteps(sigmas, dtype)
+    kwargs = {"exact": guidance.exact} if _accepts_exact(model) else {}
+    total = sigmas.shape[0] - 1
+    for i in range(total):
+        v = guidance.velocity(model, latents, t_model[i], grid, kwargs)
+        x0 = latents.float() - sigmas[i] * v.float()
+        latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+        if inpainting is not None:
+            latents, x0 = inpainting(latents, x0, sigmas[i + 1])
+        if callback is not None:
+            replaced = callback(i, total, latents, x0)
+            if isinstance(replaced, torch.Tensor):
+                latents = replaced.to(device=device, dtype=dtype)
+    return latents
+
+
 @torch.no_grad()
-def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=None, *, grid, steps, cfg,
-           denoise=1.0, init_latents=None, callback=None, exact=True, dtype=None, device=None, mask=None):
-    """Denoise ``noise`` [B, S_img, 128] into final latents [B, S_img, 128] (run dtype, on ``device``).
+def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=None, *, grid, cfg, steps=None,
+           denoise=1.0, sigmas=None, init_latents=None, callback=None, exact=True, dtype=None, device=None,
+           mask=None):
+    """Denoise ``noise`` [B, S_img, 128] into final latents [B, S_img, 128] (run dtype, on ``device``): checks
+    every input, then :func:`make_guidance` + :func:`start_latents` + :class:`Inpainting` + :func:`euler_sample`.
 
     Arguments:
         model: a :class:`~lens_core.dit.LensTransformer` or any callable
@@ -240,39 +362,44 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
         neg_features / neg_mask: negative features and mask, or ``None`` for the empty negative prompt,
             which is zero features of the positive's shape with an all-False mask (spec §4). A negative of a
             different length is zero-padded (mask False) to a common length.
-        grid: (H/16, W/16); steps: number of steps of the schedule; cfg: guidance scale (applied for every
-            value with the per-token norm rescale, spec §4).
-        denoise / init_latents: img2img. With ``denoise`` < 1 the full ``steps`` schedule is built and only
-            its last round(steps·denoise) steps are run, starting at σ_s = sigmas[steps − that]; the start
-            latent is x = (1 − σ_s)·init_latents + σ_s·noise (computed in fp32, then cast), where
-            ``init_latents`` is the clean packed latent [B, S_img, 128]. With ``denoise`` = 1,
-            ``init_latents`` is ignored and the run starts from ``noise`` (σ = 1).
+        grid: (H/16, W/16); cfg: guidance scale (applied for every value with the per-token norm rescale,
+            spec §4).
+        steps / denoise: the official schedule (:func:`lens_core.schedules.sigma_schedule`) for ``steps`` steps;
+            with ``denoise`` < 1 only its last round(steps·denoise) steps (at least one) are run (img2img).
+        sigmas: instead of ``steps``/``denoise``, the exact sigmas to walk (any registered schedule,
+            :func:`lens_core.schedules.build_sigmas`, or a ComfyUI SIGMAS): 1-D, strictly decreasing, within
+            [0, 1], ending at 0, at most MAX_STEPS steps. A first sigma below 1 means img2img.
+        init_latents: img2img. When the walked schedule starts at σ_s < 1, the start latent is
+            x = (1 − σ_s)·init_latents + σ_s·noise (computed in fp32, then cast), where ``init_latents`` is the
+            clean packed latent [B, S_img, 128]. From σ = 1, ``init_latents`` is ignored (except with ``mask``).
         callback: ``callback(step, total, latents, x0)`` after every step (step 0-based among the ``total``
             steps run; ``latents`` the new latents, ``x0`` the predicted clean latent x − σ·v, fp32). It may
             raise to interrupt; if it returns a tensor, that tensor replaces the latents.
-        exact: True (default) = the reference computation: CFG always as one batch of 2 ([pos; neg]), the
-            DiT in its reference-exact mode; reproduces the official pipeline bit for bit. False = the fast
-            path: at cfg == 1 a single forward on the positive only (no uncond pass); otherwise two forwards
-            (positive, negative), each without the text columns its mask pads in every row (the empty
-            negative runs with no text tokens at all, and an unpadded positive needs no attention mask);
-            the DiT in its fast mode. Differences are at bf16 rounding level (tests/test_sampling.py measures
-            them; fp32 ~1e-7).
+        exact: True (default) = :class:`BatchedCFG` with the DiT in its reference-exact mode; reproduces the
+            official pipeline bit for bit. False = the fast path: :class:`PositiveOnly` at cfg == 1, otherwise
+            :class:`SplitCFG`; the DiT in its fast mode. Differences are at bf16 rounding level
+            (tests/test_sampling.py measures them; fp32 ~1e-7).
         dtype: run dtype (default: ``model.dtype`` if it exists, else float32). device: default the
             model's parameter device (else ``noise.device``).
-        mask: inpainting (the general masked-denoising method; no Lens inpainting model exists). A packed
-            [B, S_img, 1] mask from :func:`prepare_mask` (1 = generate anew, 0 = keep); needs
-            ``init_latents`` at any ``denoise``. After every step the latents outside the mask are replaced by
-            the input latent at the next step's noise level, (1 − σ)·init + σ·noise with the same noise, so the
-            region outside the mask ends equal to ``init_latents`` (bit for bit where the mask is 0) and the
-            model sees a consistent image at every step. A mask of ones equals plain img2img.
+        mask: inpainting (:class:`Inpainting`): a packed [B, S_img, 1] mask from :func:`prepare_mask`
+            (1 = generate anew, 0 = keep); needs ``init_latents`` at any ``denoise``.
     """
-    region, mask = mask, None           # ``mask`` (the inpainting region) is ``region`` below
     if not isinstance(noise, torch.Tensor) or noise.ndim != 3:
         raise ValueError(f"noise: expected packed latents [B, S_img, 128], got "
                          f"{getattr(noise, 'shape', type(noise).__name__)}")
     b, s_img, _ = noise.shape
     gh, gw = check_grid(grid, s_img)
-    steps = check_steps(steps)
+    if sigmas is None:
+        if steps is None:
+            raise ValueError("sample: expected steps (the official schedule) or sigmas (any schedule), got neither")
+        sigmas = build_sigmas("official", check_steps(steps), check_image_tokens(s_img, "noise (image tokens)"),
+                              denoise)
+    else:
+        if steps is not None or denoise != 1.0:
+            raise ValueError(f"sample: sigmas replace steps and denoise (the sigmas are the steps walked), got steps="
+                             f"{steps!r}, denoise={denoise!r} as well; fix: pass sigmas alone, or steps/denoise alone")
+        check_image_tokens(s_img, "noise (image tokens)")
+        sigmas = check_sigmas(sigmas)
     cfg = check_number(cfg, "cfg", fix="use a finite guidance scale (Lens 5, Turbo 1)")
     check_finite_tensor(noise, "noise")
     for name, feats in (("positive features", pos_features), ("negative features", neg_features)):
@@ -287,77 +414,8 @@ def sample(model, noise, pos_features, pos_mask, neg_features=None, neg_mask=Non
         param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = param.device if param is not None and param.device.type != "meta" else noise.device
     device = torch.device(device)
-    _check_text(pos_features, pos_mask, b, "pos_mask", "positive")
-    pos_mask = pos_mask.bool()
-    guidance = float(cfg)
-    single = (not exact) and guidance == 1.0
-
-    if not single and neg_features is None:
-        neg_features = _map(pos_features, torch.zeros_like)
-        neg_mask = torch.zeros_like(pos_mask)
-    if not single:
-        _check_text(neg_features, neg_mask, b, "neg_mask", "negative")
-        neg_mask = neg_mask.bool()
-    split = (not exact) and not single  # fast CFG: two forwards, each without its masked-out text tail
-    if single or split:
-        feats, mask = _crop_text(pos_features, pos_mask)
-    else:
-        target = max(pos_mask.shape[1], neg_mask.shape[1])
-        pf, pm = _pad_text(pos_features, pos_mask, target)
-        nf, nm = _pad_text(neg_features, neg_mask, target)
-        feats = _zip(pf, nf, lambda p, n: torch.cat([p, n.to(p.device)], dim=0))
-        mask = torch.cat([pm, nm.to(pm.device)], dim=0)
-    feats = _map(feats, lambda f: f.to(device=device, dtype=dtype))
-    mask = mask.to(device)
-    if split:
-        neg_feats, neg_mask = _crop_text(neg_features, neg_mask)
-        neg_feats = _map(neg_feats, lambda f: f.to(device=device, dtype=dtype))
-        neg_mask = neg_mask.to(device)
-
-    sigmas = sigma_schedule(steps, s_img).to(device)
-    t_model = model_timesteps(sigmas, dtype)
-    first = start_index(steps, denoise)
-    latents = noise.to(device=device, dtype=dtype)
-    if first > 0:
-        if init_latents is None or tuple(init_latents.shape) != tuple(noise.shape):
-            raise ValueError(f"init_latents: denoise < 1 needs the clean latents of shape {tuple(noise.shape)}, "
-                             f"got {None if init_latents is None else tuple(init_latents.shape)}")
-        s0 = sigmas[first]
-        latents = ((1.0 - s0) * init_latents.to(device).float() + s0 * noise.to(device).float()).to(dtype)
-
-    keep = None
-    if region is not None:
-        if init_latents is None or tuple(init_latents.shape) != tuple(noise.shape):
-            raise ValueError(f"init_latents: a mask needs the input latents of shape {tuple(noise.shape)} to keep "
-                             f"outside it, got {None if init_latents is None else tuple(init_latents.shape)}")
-        if not isinstance(region, torch.Tensor) or tuple(region.shape) != (b, s_img, 1):
-            raise ValueError(f"mask: expected the packed mask [{b}, {s_img}, 1] (lens_core.sampling.prepare_mask), "
-                             f"got {getattr(region, 'shape', type(region).__name__)}")
-        region = region.to(device=device, dtype=torch.float32)
-        keep = (init_latents.to(device).float(), noise.to(device).float())
-
-    kwargs = {"exact": exact} if _accepts_exact(model) else {}
-    total = steps - first
-    rows = b if single or split else 2 * b
-    for n, i in enumerate(range(first, steps)):
-        t = t_model[i].expand(rows)
-        if split:
-            cond = model(latents, feats, mask, t, grid=(gh, gw), **kwargs)
-            uncond = model(latents, neg_feats, neg_mask, t, grid=(gh, gw), **kwargs)
-            v = cfg_combine(cond, uncond, guidance)
-        elif single:
-            v = model(latents, feats, mask, t, grid=(gh, gw), **kwargs)
-        else:
-            cond, uncond = model(latents.repeat(2, 1, 1), feats, mask, t, grid=(gh, gw), **kwargs).chunk(2)
-            v = cfg_combine(cond, uncond, guidance)
-        x0 = latents.float() - sigmas[i] * v.float()
-        latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
-        if keep is not None:
-            s_next = sigmas[i + 1]
-            latents = _masked(latents, (1.0 - s_next) * keep[0] + s_next * keep[1], region)
-            x0 = torch.lerp(keep[0], x0, region)
-        if callback is not None:
-            replaced = callback(n, total, latents, x0)
-            if isinstance(replaced, torch.Tensor):
-                latents = replaced.to(device=device, dtype=dtype)
-    return latents
+    guidance = make_guidance(pos_features, pos_mask, neg_features, neg_mask, cfg=cfg, exact=exact, device=device,
+                             dtype=dtype, batch=b)
+    latents = start_latents(noise, sigmas[0], init_latents, dtype=dtype, device=device)
+    inpainting = None if mask is None else Inpainting(mask, init_latents, noise, device=device)
+    return euler_sample(model, latents, sigmas, guidance, grid=(gh, gw), inpainting=inpainting, callback=callback)

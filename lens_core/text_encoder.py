@@ -345,9 +345,9 @@ class GptOssMoE(nn.Module):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
         self.router = ops.Linear(cfg.hidden_size, cfg.num_local_experts, bias=True, device=device, dtype=dtype)
-        self.experts = PackedExperts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
-                                     alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, fmt=expert_format,
-                                     mode=experts, device=device, dtype=dtype)
+        self.experts = ops.PackedExperts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
+                                         alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, fmt=expert_format,
+                                         mode=experts, device=device, dtype=dtype)
 
     def forward(self, x):
         b, t, d = x.shape

@@ -1,7 +1,7 @@
 """ComfyUI node layer of lens-nodes (thin: no maths; everything computes in lens_core).
 
 Imported as a subpackage of the pack (``<pack>.nodes``), so lens_core is reached relatively
-(``from ..lens_core import ...``); ``comfy_bridge`` is the only module that imports ComfyUI.
+(``from ..lens_core import ...``); ``bridge`` (nodes/bridge/) is the only package that imports ComfyUI.
 """
 from .conditioning import LensTextEncode
 from .enhance import LensPromptEnhance

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import comfy_bridge as bridge
+from . import bridge
 from ..lens_core import checks as chk
 
 NUM_LAYERS = 4

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import comfy_bridge as bridge
+from . import bridge
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from . import comfy_bridge as bridge
+from . import bridge
 from ..lens_core import checks as chk
 from ..lens_core import config as core_config
 

@@ -9,11 +9,15 @@ import os
 
 import torch
 
-from . import comfy_bridge as bridge
+from . import bridge
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                  "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None)}
 VARIANT_CHOICES = ["auto", "lens", "turbo", "base"]
+WEIGHT_DTYPE_TOOLTIP = ("Storage dtype of the DiT's float weights. 'default' = the dtype ComfyUI computes in on "
+                        "this device (bf16 on GPUs that support it, else fp32), whatever the file stores; "
+                        "quantized layers (GGUF, MXFP8) stay as stored. fp8_e4m3fn stores the large layers in 8 "
+                        "bits (about half of bf16); computation still runs in bf16/fp32.")
 TE_FOLDERS = ("text_encoders",)
 TE_DIR_FOLDERS = ("diffusion_models",)
 VAE_FOLDERS = ("vae",)
@@ -120,8 +124,7 @@ class LensModelLoader:
                            "there."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "default",
-                "tooltip": "Storage dtype of the weights; 'default' keeps the file's dtype. fp8 halves memory "
-                           "(computation still runs in bf16/fp32)."}),
+                "tooltip": WEIGHT_DTYPE_TOOLTIP}),
             "variant": (VARIANT_CHOICES, {
                 "default": "auto",
                 "tooltip": "Which Lens model this is; sets the sampler's 'auto' steps/CFG (Lens 20/5, Turbo 4/1, "
@@ -199,7 +202,7 @@ class LensCheckpointLoader:
                 "tooltip": "A diffusers Lens folder (model_index.json, transformer/, text_encoder/, tokenizer/, "
                            "vae/) placed in models/diffusion_models."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {
-                "default": "default", "tooltip": "Storage dtype of the DiT weights ('default' = as stored)."}),
+                "default": "default", "tooltip": WEIGHT_DTYPE_TOOLTIP}),
             "variant": (VARIANT_CHOICES, {
                 "default": "auto", "tooltip": "Lens, Turbo or Base; 'auto' reads the config, then the folder name."}),
             "text_encoder_device": (["default", "cpu"], {

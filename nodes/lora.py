@@ -6,7 +6,7 @@ place and a strength change does not reload the model.
 """
 from __future__ import annotations
 
-from . import comfy_bridge as bridge
+from . import bridge
 
 
 class LensLoraLoader:

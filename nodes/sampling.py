@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import comfy_bridge as bridge
+from . import bridge
 from .conditioning import conditioning_to_features, match_batch
 from .latents import LATENT_CHANNELS, check_lens_latent
 from ..lens_core import config as core_config
@@ -74,26 +74,63 @@ class LensSampler:
                              "tooltip": "Seed of the initial noise (same seed = same image as the lens_core "
                                         "pipeline)."}),
             "steps": ("INT", {"default": 0, "min": 0, "max": 1000,
-                              "tooltip": "Sampling steps; 0 = the variant's default (Lens 20, Turbo 4, Base 50)."}),
+                              "tooltip": "Sampling steps; 0 = the variant's default (Lens 20, Turbo 4, Base 50). "
+                                         "Not used when sigmas is connected (the sigmas are the steps)."}),
             "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Classifier-free guidance; 0 = the variant's default (Lens 5, Turbo 1, "
                                          "Base 5). 1 disables guidance (one forward per step)."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                   "tooltip": "1 = text-to-image from pure noise; < 1 keeps that much of the input "
-                                             "latent's structure (img2img / hires ≈ 0.35)."}),
+                                             "latent's structure (img2img / hires ≈ 0.35): the last "
+                                             "round(steps·denoise) steps of the schedule are run, at least one. "
+                                             "Must be 1 when sigmas is connected (cut the schedule there)."}),
+        }, "optional": {
+            "sigmas": ("SIGMAS", {"tooltip": "Optional schedule to walk instead of the official one for steps / "
+                                             "denoise: LensSigmas (official or native 'simple'), or a native "
+                                             "scheduler (BasicScheduler on a Lens model …). Flow-match sigmas: "
+                                             "decreasing from 1 (text-to-image) or below 1 (img2img, needs an "
+                                             "image latent) to 0."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id=None):
+    @staticmethod
+    def schedule(steps, denoise, h, w, samples, sigmas=None):
+        """The sigmas this run walks (the SIGMAS input, checked, or the official schedule for steps / denoise)
+        and whether it is img2img (starts below σ = 1: needs an image latent, not an empty one)."""
+        from ..lens_core import schedules
+
+        if sigmas is None:
+            sigmas = schedules.build_sigmas("official", core_config.check_steps(steps, "LensSampler steps"), h * w,
+                                            denoise)
+            where = f"denoise {denoise:g} < 1"
+        else:
+            if denoise != 1.0:
+                raise ValueError(f"LensSampler: denoise {denoise:g} with a sigmas input: the connected sigmas decide "
+                                 f"where the run starts, denoise would be ignored; fix: set denoise to 1 and cut the "
+                                 f"schedule instead (LensSigmas denoise)")
+            sigmas = schedules.check_sigmas(sigmas, "LensSampler sigmas")
+            where = f"the connected sigmas start at {float(sigmas[0]):.4g} < 1, which"
+        img2img = float(sigmas[0]) < 1.0
+        if img2img and not torch.count_nonzero(samples):
+            raise ValueError(f"LensSampler: {where} is img2img and needs an input image latent (LensVAEEncode / "
+                             f"VAEEncode), found an empty latent; fix: set denoise to 1 (a schedule from 1) for "
+                             f"text-to-image, or encode an image")
+        return sigmas, img2img
+
+    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id=None,
+               sigmas=None):
         from ..lens_core import sampling as core_sampling
 
         if not isinstance(model, bridge.LensModel):
-            return self.sample_native(model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id)
+            return self.sample_native(model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id,
+                                      sigmas)
         d_steps, d_cfg = core_config.variant_defaults(model.variant)
-        steps = core_config.check_steps(int(steps) or d_steps, "LensSampler steps")
+        if sigmas is None:
+            steps = core_config.check_steps(int(steps) or d_steps, "LensSampler steps")
         cfg = float(cfg) or d_cfg
         samples = lens_latent(latent_image)
         batch, _, h, w = samples.shape
         core_config.check_pixels(16 * h, 16 * w, "LensSampler latent")
+        sigmas, img2img = self.schedule(steps, denoise, h, w, samples, sigmas)
         pos, pos_mask = match_batch(*conditioning_to_features(positive, model, "positive"), batch, "positive")
         if pos_mask.shape[1] == 0:              # empty positive prompt: one fully masked text position
             pos = [f.new_zeros(batch, 1, f.shape[2]) for f in pos]
@@ -112,10 +149,7 @@ class LensSampler:
         if noise_mask is not None:          # inpainting (Set Latent Noise Mask, VAE Encode for Inpainting)
             mask = core_sampling.prepare_mask(noise_mask, batch, h, w)
             init = core_config.pack_latents(samples.float())
-        if denoise < 1.0:
-            if not torch.count_nonzero(samples):
-                raise ValueError("LensSampler: denoise < 1 needs an input image latent (LensVAEEncode), found an "
-                                 "empty latent; set denoise to 1 for text-to-image")
+        if img2img:
             init = core_config.pack_latents(samples.float())
 
         device, dtype = model.patcher.load_device, model.dtype
@@ -125,16 +159,15 @@ class LensSampler:
                     memory_required=bridge.dit_memory(model.config, rows, h * w, text_tokens, dtype),
                     minimum_memory_required=bridge.dit_memory(model.config, 1, h * w, text_tokens, dtype))
 
-        run_steps = steps - core_sampling.start_index(steps, float(denoise))   # img2img runs the schedule's tail
         reporter = bridge.StepReporter(
-            run_steps, device, lambda x0: core_config.unpack_latents(x0[:1].float(), h, w),
+            len(sigmas) - 1, device, lambda x0: core_config.unpack_latents(x0[:1].float(), h, w),
             node_id=unique_id)
         with torch.inference_mode():
             # cfg 1: one forward per step on the positive only (the sampler's fast path); otherwise the
             # reference computation ([pos; neg] in one batch), which equals the official pipeline bit for bit
             out = core_sampling.sample(
-                model.module, noise, pos, pos_mask, neg, neg_mask, grid=(h, w), steps=steps, cfg=cfg,
-                denoise=float(denoise), init_latents=init, callback=reporter, exact=cfg != 1.0,
+                model.module, noise, pos, pos_mask, neg, neg_mask, grid=(h, w), sigmas=sigmas, cfg=cfg,
+                init_latents=init, callback=reporter, exact=cfg != 1.0,
                 dtype=dtype, device=device, mask=mask)
             result = bridge.to_intermediate(core_config.unpack_latents(out.float(), h, w))
         bridge.soft_empty_cache()
@@ -143,36 +176,35 @@ class LensSampler:
         latent["samples"] = result
         return (latent,)
 
-    def sample_native(self, model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id=None):
+    def sample_native(self, model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id=None,
+                      sigmas=None):
         """A native Lens MODEL: the official schedule, model timestep and CFG rescale (lens_core) through
         ComfyUI's own sampling path; same seed = same noise as with a LENS_MODEL."""
         from ..lens_core import sampling as core_sampling
 
         patcher = bridge.native_lens_patcher(model, "LensSampler")
-        if not steps or not cfg:
+        if (not steps and sigmas is None) or not cfg:
             raise ValueError(f"LensSampler: steps = {steps} / cfg = {cfg}: 0 means 'the variant's default', but a "
                              f"native MODEL does not say whether it is Lens, Turbo or Base. Fix: set steps and cfg "
                              f"(Lens 20 / 5, Turbo 4 / 1, Base 50 / 5)")
-        steps, cfg = core_config.check_steps(int(steps), "LensSampler steps"), float(cfg)
+        cfg = float(cfg)
+        if sigmas is None:
+            steps = core_config.check_steps(int(steps), "LensSampler steps")
         samples = lens_latent(latent_image)
         batch, _, h, w = samples.shape
         width = bridge.native_text_width(patcher)
         for name, cond in (("positive", positive), ("negative", negative)):
             check_native_conditioning(cond, width, name)
-        first = core_sampling.start_index(steps, float(denoise))
-        if first > 0 and not torch.count_nonzero(samples):
-            raise ValueError("LensSampler: denoise < 1 needs an input image latent (LensVAEEncode / VAEEncode), "
-                             "found an empty latent; set denoise to 1 for text-to-image")
+        sigmas, _ = self.schedule(steps, denoise, h, w, samples, sigmas)
         noise_mask = latent_image.get("noise_mask")
         if noise_mask is not None:          # inpainting: checked here, applied by ComfyUI's own sampler
             core_sampling.prepare_mask(noise_mask, batch, h, w)
         noise = core_config.unpack_latents(seeded_noise(int(seed), batch, h, w, latent_image.get("batch_index")), h, w)
-        sigmas = core_sampling.denoise_sigmas(steps, h * w, float(denoise))
         dtype = bridge.native_compute_dtype(patcher)
         official = bridge.official_native_patcher(
             patcher, lambda sigma: core_sampling.model_timestep(sigma, dtype),
             None if cfg == 1.0 else (lambda c, u, g: core_sampling.cfg_combine(c, u, g, dim=1)))
-        reporter = bridge.StepReporter(steps - first, patcher.load_device, lambda x0: x0[:1].float(), node_id=unique_id)
+        reporter = bridge.StepReporter(len(sigmas) - 1, patcher.load_device, lambda x0: x0[:1].float(), node_id=unique_id)
         out = bridge.sample_native(official, noise, sigmas, positive, negative, cfg, samples.float(), seed,
                                    callback=lambda i, x0, x, total: reporter(i, total, x, x0), noise_mask=noise_mask)
         latent = dict(latent_image)

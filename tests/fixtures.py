@@ -173,6 +173,67 @@ def write_comfy_dit_mxfp8(path, golden_dir, which="dit_tiny", marker_format="mxf
     return path, exact
 
 
+def quant_eligible(fmt: str, options: dict, shape) -> bool:
+    """Whether ComfyUI's quantizer stores an ``[out, in]`` weight in ``fmt`` with ``options`` (ConvRot needs the
+    group size to divide the inputs, W4A4 inputs divisible by 64, W4A8 by 16 and its group size)."""
+    out_f, in_f = shape
+    g = options.get("convrot_groupsize")
+    if (fmt == "int8_tensorwise" and options.get("convrot")) or fmt in ("convrot_w4a4", "asym_w4a8_int8"):
+        if in_f % g:
+            return False
+    if fmt == "convrot_w4a4" and in_f % 64:
+        return False
+    if fmt == "asym_w4a8_int8" and (in_f % 16 or in_f % options["group_size"]):
+        return False
+    return True
+
+
+def write_comfy_dit_quant(path, golden_dir, formats, prefix="", header=False, which="dit_tiny",
+                          float_dtype=torch.bfloat16) -> tuple[pathlib.Path, dict]:
+    """A ComfyUI quantized DiT file, written the way ComfyUI writes one (comfy-kitchen's quantizers;
+    ``layer.weight`` + scales + ``layer.comfy_quant``), every other tensor in ``float_dtype``.
+
+    ``formats``: ``{format: options}`` cycled over the block Linears (not img_mod/txt_mod, as ComfyUI's own
+    quantized files keep modulation in bf16) that each format can store; or one ``(format, options)``.
+    ``header=True`` lists the layers in the ``_quantization_metadata`` header entry instead of comfy_quant
+    tensors. Keys get ``prefix`` (e.g. ``model.diffusion_model.``). Returns (path, {layer: (format, options)})."""
+    from lens_core import quant_formats as qf
+
+    if isinstance(formats, tuple):
+        formats = {formats[0]: formats[1]}
+    cycle = list(formats.items())
+    src = dit_state_dict(golden_dir, which)
+    sd, layers, i = {}, {}, 0
+    for k, v in src.items():
+        layer = k[: -len(".weight")] if k.endswith(".weight") else None
+        chosen = None
+        if layer and layer.startswith("transformer_blocks.") and v.ndim == 2 and "_mod." not in layer:
+            for j in range(len(cycle)):
+                fmt, opts = cycle[(i + j) % len(cycle)]
+                if quant_eligible(fmt, opts, tuple(v.shape)):
+                    chosen = (fmt, opts)
+                    i += j + 1
+                    break
+        if chosen is None:
+            sd[prefix + k] = v.to(float_dtype)
+            continue
+        f = qf.get(chosen[0])
+        tensors, marker = f.quantize(v.float(), dict(chosen[1]))
+        for suffix, t in tensors.items():
+            sd[prefix + layer + "." + suffix] = t
+        layers[layer] = (chosen[0], dict(chosen[1]), marker)
+        if not header:
+            sd[prefix + layer + ".comfy_quant"] = qf.marker_tensor(marker)
+    md = None
+    if header:
+        md = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {
+            prefix + n: m for n, (_, _, m) in layers.items()}})}
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.contiguous() for k, t in sd.items()}, str(path), metadata=md)
+    return path, {n: (f, o) for n, (f, o, _) in layers.items()}
+
+
 # --------------------------------------------------------------------------------------------------
 # Comfy-Org NVFP4 text encoder
 # --------------------------------------------------------------------------------------------------

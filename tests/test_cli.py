@@ -157,6 +157,8 @@ def gen_args(model, tmp_path, *extra):
     (["--image", "/nonexistent/init.png"], "--image /nonexistent/init.png: no such file"),
     (["--denoise", "0.5"], "--denoise 0.5 without --image: denoise < 1 is img2img"),
     (["--steps", "0"], "--steps: expected an integer in [1, 1000], found 0"),
+    (["--schedule", "karras"], "--schedule: unknown schedule 'karras'; expected one of ['official', 'simple'"),
+    (["--schedule", "official:2"], "--schedule 'official:2': the official schedule takes no shift"),
 ])
 def test_argument_errors_before_loading(pipeline_dir, tmp_path, capsys, no_weights, extra, message):
     line = run_cli_error(gen_args(pipeline_dir, tmp_path, *extra), capsys)

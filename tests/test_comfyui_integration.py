@@ -26,6 +26,7 @@ import uuid
 
 import pytest
 
+from conftest import comfyui_dir_or_skip
 from test_workflows import check_workflow, ui_to_api
 
 pytestmark = pytest.mark.comfyui
@@ -33,9 +34,19 @@ pytestmark = pytest.mark.comfyui
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = (REPO.parent / "shared" / "tools" / "comfyui_headless.sh").resolve()
 PORTS = range(18188, 18300)
-LENS_NODES = {"LensModelLoader", "LensTextEncoderLoader", "LensVAELoader", "LensCheckpointLoader", "LensTextEncode",
-              "LensEmptyLatent", "LensSampler", "LensVAEDecode", "LensVAEEncode", "LensLoraLoader",
-              "LensPromptEnhance"}
+
+
+def _registered_nodes() -> set:
+    """The node ids nodes/__init__.py registers (read from its NODE_CLASS_MAPPINGS literal)."""
+    import ast
+
+    tree = ast.parse((REPO / "nodes" / "__init__.py").read_text())
+    (mapping,) = [n.value for n in tree.body if isinstance(n, ast.Assign)
+                  and getattr(n.targets[0], "id", "") == "NODE_CLASS_MAPPINGS"]
+    return {k.value for k in mapping.keys}
+
+
+LENS_NODES = _registered_nodes()
 TINY = "Lens-tiny"
 UPSCALER = "tiny-compact-4x.safetensors"
 
@@ -257,9 +268,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
-        pytest.skip("COMFYUI_DIR not set (real-ComfyUI integration tests)")
+    comfy_dir = comfyui_dir_or_skip()
     pipeline_dir = request.getfixturevalue("pipeline_dir")
     tmp = tmp_path_factory.mktemp("comfyui")
     (tmp / "base" / "custom_nodes").mkdir(parents=True)
@@ -527,6 +536,15 @@ registered = sorted(type(lm.model.model).__name__ for lm in mm.current_loaded_mo
 mm.free_memory(1e30, mm.get_torch_device())
 left_after_evict = len(mm.current_loaded_models)
 again = run()
+# the bridge's unload (the prompt enhancer's, before its module grows) takes out that model only
+bridge = sys.modules["lens_nodes_inproc.nodes.bridge"]
+N["LensVAEDecode"]().decode(vae, {"samples": again}, "auto")
+enc.encode(te, "a blue sphere")
+loaded_names = lambda: sorted(type(p.model).__name__ for p in mm.loaded_models())
+before_unload = loaded_names()
+bridge.unload(te.patcher)
+after_unload, te_size_reset = loaded_names(), te.patcher.size == 0
+(pos_after_unload,) = enc.encode(te, "a red cube on a wooden table")
 report = {}
 for name, h in (("model", model), ("text_encoder", te), ("vae", vae)):
     params = [m for m in h.patcher.model.modules() if any(True for _ in m.parameters(recurse=False))]
@@ -550,7 +568,9 @@ print(json.dumps({"registered": registered, "left_after_evict": left_after_evict
                   "reload_equal": bool(torch.equal(full, again)), "non_comfy_param_modules": report, "lowvram_layers": casting,
                   "lowvram_equal": bool(torch.equal(full, low)),
                   "te_equal": bool(torch.equal(pos[0][0], pos2[0][0])), "banks": len(banks),
-                  "bank_bytes_counted": bank_bytes_counted, "banks_cast_per_call": banks_cast_per_call}))
+                  "bank_bytes_counted": bank_bytes_counted, "banks_cast_per_call": banks_cast_per_call,
+                  "before_unload": before_unload, "after_unload": after_unload, "te_size_reset": te_size_reset,
+                  "te_after_unload_equal": bool(torch.equal(pos[0][0], pos_after_unload[0][0]))}))
 '''
 
 
@@ -573,6 +593,9 @@ def test_in_process_eviction_and_lowvram_load_keep_numbers(server, tmp_path):
     assert result["lowvram_layers"] > 0
     assert result["lowvram_equal"] and result["te_equal"]
     assert result["banks"] > 0 and result["bank_bytes_counted"] and result["banks_cast_per_call"]
+    assert result["before_unload"] == ["LensTextEncoder", "LensTransformer", "LensVAE"]
+    assert result["after_unload"] == ["LensTransformer", "LensVAE"] and result["te_size_reset"]
+    assert result["te_after_unload_equal"]
 
 
 DYNAMIC = r'''
@@ -646,6 +669,48 @@ def test_in_process_dynamic_vram_patcher_keeps_numbers(server, tmp_path):
     assert result["dynamic"] == [True, True, True]
     assert result["equal"] == [True, True, True]
     assert len(result["prepared"]) >= 3
+
+
+PLANS = r'''
+import importlib.util, json, sys
+repo = sys.argv[1]
+sys.path[:0] = [repo, repo + "/tests"]
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.memory_management, comfy.model_patcher as mp
+spec = importlib.util.spec_from_file_location("lens_nodes_inproc", repo + "/__init__.py",
+                                              submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_inproc"] = pack; spec.loader.exec_module(pack)
+from test_nodes import real_size_patcher_plans
+ops = sys.modules["lens_nodes_inproc.nodes.bridge"].operations()
+out = {"classic": real_size_patcher_plans(ops)}
+if hasattr(mp, "ModelPatcherDynamic"):      # what ComfyUI 0.33's main.py switches on with comfy-aimdo (NVIDIA)
+    mp.CoreModelPatcher = mp.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    out["dynamic"] = real_size_patcher_plans(ops)
+print(json.dumps(out))
+'''
+
+
+def test_patcher_choice_with_real_comfy_ops(server, tmp_path):
+    """The real-size patcher choice of test_nodes.test_patcher_choice_for_dynamic_vram_at_real_size with the real
+    comfy.ops layers (on ``meta``), with dynamic VRAM off and, where ComfyUI has it, switched on the way its
+    main.py does (lazy comfy.ops layers; CoreModelPatcher = ModelPatcherDynamic): the bf16 DiT and the VAE get
+    the dynamic patcher, the packed text encoder and fp8 DiT the classic one."""
+    from test_nodes import check_real_size_patcher_plans
+
+    script = tmp_path / "plans.py"
+    script.write_text(PLANS)
+    out = subprocess.run(["bash", str(TOOL), "python", os.environ["COMFYUI_DIR"], str(script), str(REPO)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    check_real_size_patcher_plans(result["classic"])
+    assert set(result["classic"]["classes"].values()) == {"ModelPatcher"}
+    if comfyui_version(os.environ["COMFYUI_DIR"]) >= NEWEST:
+        check_real_size_patcher_plans(result["dynamic"])
+        assert result["dynamic"]["classes"] == {"dit": "ModelPatcherDynamic", "dit_fp8": "ModelPatcher",
+                                                "te": "ModelPatcher", "vae": "ModelPatcherDynamic"}
 
 
 SIGNATURES = r'''

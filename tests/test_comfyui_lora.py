@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -31,7 +32,7 @@ spec = importlib.util.spec_from_file_location("lens_nodes_lora", repo + "/__init
                                               submodule_search_locations=[repo])
 pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_lora"] = pack; spec.loader.exec_module(pack)
 from lens_nodes_lora.lens_core import lora as lo
-from lens_nodes_lora.nodes import comfy_bridge as bridge
+from lens_nodes_lora.nodes import bridge
 N = pack.NODE_CLASS_MAPPINGS
 L = N["LensLoraLoader"]()
 model, te, vae = N["LensCheckpointLoader"]().load("Lens-tiny")
@@ -176,3 +177,26 @@ def test_lora_graph_over_http(server, object_info, golden_dir):   # noqa: F811
     (a, _), (b, ran_b), (c, ran_c) = results
     assert ran_b and ran_c
     assert a != b and a == c
+
+
+def test_lora_list_survives_symlink_loops_over_http(server):   # noqa: F811
+    """A symlink loop in models/loras (a LoRA collection linked into itself) must not hang the node list: the
+    pack lists LoRA files loop-safely (ComfyUI's own recursive listing follows each loop to the OS's limit)."""
+    loras = server.base / "models" / "loras"
+    loopy = loras / "collection"
+    (loopy / "sub").mkdir(parents=True, exist_ok=True)
+    (loopy / "sub" / "looped_style.safetensors").write_bytes(b"x")
+    links = [(loopy / "again", loras), (loopy / "sub" / "up", loopy), (loopy / "sub" / "root", loras),
+             (loras / "self", loras)]
+    for link, target in links:
+        os.symlink(target, link)
+    try:
+        t0 = time.monotonic()
+        info = server.get("/object_info/LensLoraLoader")
+        names = info["LensLoraLoader"]["input"]["required"]["lora_name"][0]
+        assert "collection/sub/looped_style.safetensors" in names
+        assert not [n for n in names if "/again/" in n or "/up/" in n or n.startswith("self/")], names
+        assert time.monotonic() - t0 < 30
+    finally:
+        for link, _ in links:
+            link.unlink()

@@ -17,33 +17,16 @@ that the comma-union input type validates; the native tests skip with that reaso
 """
 from __future__ import annotations
 
-import json
-import pathlib
-import subprocess
-
 import pytest
 
-from conftest import comfyui_dir_or_skip
+from comfyui_run import native_or_skip, run_script
 
 pytestmark = pytest.mark.comfyui
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TOOL = (REPO.parent / "shared" / "tools" / "comfyui_headless.sh").resolve()
-
 SCRIPT = r'''
-import importlib.util, json, os, sys, torch
-repo, golden, tmp = sys.argv[1], sys.argv[2], sys.argv[3]
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import comfy.model_management as mm, comfy.utils, folder_paths
 from safetensors.torch import load_file, save_file
-spec = importlib.util.spec_from_file_location("lens_nodes_native", repo + "/__init__.py",
-                                              submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_native"] = pack; spec.loader.exec_module(pack)
-N = pack.NODE_CLASS_MAPPINGS
-from lens_nodes_native.lens_core import sampling as S
+from lens_nodes_test.lens_core import sampling as S
 from comfy_execution.validation import validate_node_input
-import comfy.model_base
 
 res = {"nodes": sorted(N), "native": hasattr(comfy.model_base, "Lens")}
 model_type = N["LensSampler"].INPUT_TYPES()["required"]["model"][0]
@@ -71,7 +54,7 @@ if res["native"]:
     os.symlink(golden + "/pipeline_tiny/vae", f"{tmp}/vae/tiny")
     (native,) = core_nodes.UNETLoader().load_unet("lens_tiny_fp32.safetensors", "default")
     res["native_class"] = type(native.model).__name__
-    res["native_dtype"] = str(pack.nodes.comfy_bridge.native_compute_dtype(native))
+    res["native_dtype"] = str(pack.nodes.bridge.native_compute_dtype(native))
     (ours,) = N["LensModelLoader"]().load("tiny", "fp32", "lens")
     res["ours_dtype"] = str(ours.dtype)
     sampler = out(ncs.KSamplerSelect.execute("euler"))[0]
@@ -173,13 +156,13 @@ if res["native"]:
     import comfy.sd
     native16 = comfy.sd.load_diffusion_model_state_dict(load_file(tdir + "/diffusion_pytorch_model.safetensors"),
                                                         model_options={"dtype": torch.bfloat16})
-    res["bf16_cpu_dtype"] = str(pack.nodes.comfy_bridge.native_compute_dtype(native16))   # CPU: manual cast
+    res["bf16_cpu_dtype"] = str(pack.nodes.bridge.native_compute_dtype(native16))   # CPU: manual cast
     res["bf16"] = {}
     for gpu_like in (False, True):
         # ComfyUI computes a bf16 model in fp32 on the CPU (manual cast); clearing manual_cast_dtype gives the
         # bf16 arithmetic a GPU runs
         native16.model.manual_cast_dtype = None if gpu_like else torch.float32
-        res["bf16_gpu_like_dtype"] = str(pack.nodes.comfy_bridge.native_compute_dtype(native16))
+        res["bf16_gpu_like_dtype"] = str(pack.nodes.bridge.native_compute_dtype(native16))
         for name, (steps, cfg) in cases.items():
             d = load_file(f"{golden}/pipeline_tiny/cases/{name}.bf16.safetensors")
             ref, pos = unpack(d["final_latents"]), conds(d)
@@ -195,21 +178,12 @@ print(json.dumps(res))
 
 @pytest.fixture(scope="module")
 def result(golden_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("native")
-    (tmp / "native.py").write_text(SCRIPT)
-    out = subprocess.run(["bash", str(TOOL), "python", comfyui_dir_or_skip(), str(tmp / "native.py"), str(REPO), str(golden_dir),
-                          str(tmp / "models")], capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    print(json.dumps(res, indent=1))
-    return res
+    return run_script(SCRIPT, tmp_path_factory.mktemp("native"), golden_dir)
 
 
 @pytest.fixture(scope="module")
 def native(result):
-    if not result["native"]:
-        pytest.skip("this ComfyUI has no native Lens model (comfy.model_base.Lens arrived in ComfyUI 0.33)")
-    return result
+    return native_or_skip(result)
 
 
 def test_pack_loads_and_union_type_validates(result):

@@ -8,8 +8,10 @@ for the tensor index and metadata, ``gguf.GGUFWriter`` writes the files; the gol
 from __future__ import annotations
 
 import struct
+import types
 
 import numpy as np
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,8 +73,9 @@ def test_mxfp4_layouts_agree():
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K"])
 def test_gguf_linear(qtype):
-    """GGUFLinear = a Linear with the reference-dequantized weight; bf16 input runs in bf16; LoRA hooks see the
-    dequantized weight (``weight_function``) and ``dequantized_weight`` is the interface of the 8-bit layers."""
+    """GGUFLinear = a Linear with the reference-dequantized weight; bf16 input runs in bf16; per-call patches
+    (a LoRA's ``lens_lora_deltas``, a host's weight functions) see the dequantized weight, and
+    ``dequantized_weight`` is the interface of every quantized storage family."""
     rng = np.random.default_rng(2)
     out_f, in_f = 16, 512
     _, block, size = ggml.TYPES[qtype]
@@ -94,7 +97,7 @@ def test_gguf_linear(qtype):
     assert torch.equal(lin(x), torch.nn.functional.linear(x, w, lin.bias))
     assert lin(x.bfloat16()).dtype == torch.bfloat16
     delta = torch.randn(out_f, in_f) * 0.01
-    lin.weight_function.append(lambda weight: weight + delta.to(weight.dtype))
+    lin.lens_lora_deltas = (types.SimpleNamespace(patch_weight=lambda weight: weight + delta.to(weight.dtype)),)
     assert torch.allclose(lin(x), torch.nn.functional.linear(x, w + delta, lin.bias), atol=1e-5)
 
 

@@ -389,7 +389,7 @@ def test_nan_inputs_stop_the_lens_nodes():
     image[0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"LensVAEEncode: pixels: expected finite.*0 NaN, 1 inf.*Fix"):
         nodes["LensVAEEncode"]().encode(None, image)
-    bridge = sys.modules[import_pack().__name__ + ".nodes.comfy_bridge"]
+    bridge = sys.modules[import_pack().__name__ + ".nodes.bridge"]
     from lens_core.config import REAL_DIT_CONFIG
     model = bridge.LensModel(patcher=None, config=REAL_DIT_CONFIG, variant="lens", dtype=torch.float32, path="x")
     cond = [[torch.zeros(1, 3, 256), {"attention_mask": torch.ones(1, 3)}]]
@@ -434,7 +434,7 @@ def test_foreign_and_broken_files_get_named(tmp_path, golden_dir):
 def test_folder_listing_terminates_on_symlink_loops(tmp_path):
     from test_nodes import import_pack
     pack = import_pack()
-    bridge = sys.modules[pack.__name__ + ".nodes.comfy_bridge"]
+    bridge = sys.modules[pack.__name__ + ".nodes.bridge"]
     import folder_paths
     if not hasattr(folder_paths, "set_models_dir"):
         pytest.skip("real ComfyUI importable: its folder_paths is not redirected here")

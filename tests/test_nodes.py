@@ -443,18 +443,17 @@ def test_one_forward_per_step_and_tiled_decode(pack, loaded):
     assert (tiled - image).abs().max().item() < 1e-5
 
 
-def test_patcher_choice_for_dynamic_vram_at_real_size(pack):
-    """Real-size models on ``meta``, built with the bridge's comfy.ops layers: dynamic VRAM can stream the bf16
-    DiT and the VAE (all their bulk is comfy.ops weight/bias) but would copy the packed expert banks and fp8 /
-    MXFP8 storage whole at every load, so those models get the classic ModelPatcher; every module that declares
-    ``comfy_cast_weights`` has the weight/bias attributes and weight functions ComfyUI's patchers read."""
+def real_size_patcher_plans(ops) -> dict:
+    """Real-size DiT (bf16 and fp8 storage), text encoder and VAE on ``meta`` built with ``ops``: the bridge's
+    ``dynamic_vram_plan`` of each, and whether every module that declares ``comfy_cast_weights`` has the
+    weight/bias attributes and weight functions ComfyUI's patchers read. Shared with the real-ComfyUI test
+    (test_comfyui_integration.test_patcher_choice_with_real_comfy_ops)."""
     from lens_core import quant_linear as ql, text_encoder as T, vae as V
     from lens_core.checkpoints.assign import _replace_module
     from lens_core.config import REAL_DIT_CONFIG
     from lens_core.dit import LensTransformer
 
-    bridge = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge"]
-    ops = bridge.operations()
+    bridge = sys.modules[ops.__module__.rsplit(".", 1)[0]]
     dit = LensTransformer(REAL_DIT_CONFIG, operations=ops, device="meta", dtype=torch.bfloat16)
     fp8 = LensTransformer(REAL_DIT_CONFIG, operations=ops, device="meta", dtype=torch.bfloat16)
     for name, mod in list(fp8.named_modules()):
@@ -463,16 +462,32 @@ def test_patcher_choice_for_dynamic_vram_at_real_size(pack):
                                                     device="meta"))
     te = T.LensTextEncoder(T.TextEncoderConfig(), operations=ops, device="meta", dtype=torch.bfloat16)
     vae = V.LensVAE(V.REAL_VAE_CONFIG, operations=ops, device="meta")
-    plans = {k: bridge.dynamic_vram_plan(m) for k, m in
-             (("dit", dit), ("dit_fp8", fp8), ("te", te), ("vae", vae))}
+    models = {"dit": dit, "dit_fp8": fp8, "te": te, "vae": vae}
+    plans = {k: bridge.dynamic_vram_plan(m) for k, m in models.items()}
+    bad = sorted({type(m).__name__ for model in models.values() for m in model.modules()
+                  if hasattr(m, "comfy_cast_weights") and not (
+                      hasattr(m, "weight") and hasattr(m, "bias") and isinstance(m.weight_function, list)
+                      and isinstance(m.bias_function, list))})
+    return {"plans": plans, "bad_cast_modules": bad,
+            "classes": {k: bridge.patcher_class(m).__name__ for k, m in models.items()}}
+
+
+def check_real_size_patcher_plans(result):
+    plans = result["plans"]
     print({k: (round(p["streamed"] / 2**30, 2), round(p["forced"] / 2**30, 2), p["dynamic"]) for k, p in plans.items()})
     assert {k: p["dynamic"] for k, p in plans.items()} == {"dit": True, "dit_fp8": False, "te": False, "vae": True}
     assert plans["te"]["forced"] > 9 * 2**30             # ≈ 9.5 GiB of packed experts would be copied per load
-    for model in (dit, fp8, te, vae):
-        for m in model.modules():
-            if hasattr(m, "comfy_cast_weights"):
-                assert hasattr(m, "weight") and hasattr(m, "bias"), type(m)
-                assert isinstance(m.weight_function, list) and isinstance(m.bias_function, list), type(m)
+    assert result["bad_cast_modules"] == []
+
+
+def test_patcher_choice_for_dynamic_vram_at_real_size(pack):
+    """Real-size models on ``meta``, built with the bridge's comfy.ops layers: dynamic VRAM can stream the bf16
+    DiT and the VAE (all their bulk is comfy.ops weight/bias) but would copy the packed expert banks and fp8 /
+    MXFP8 storage whole at every load, so those models get the classic ModelPatcher; every module that declares
+    ``comfy_cast_weights`` has the weight/bias attributes and weight functions ComfyUI's patchers read.
+    (Here with the stand-in's comfy.ops; with the real ones in the comfyui suite.)"""
+    bridge = sys.modules[f"{PACK_NAME}.nodes.bridge"]
+    check_real_size_patcher_plans(real_size_patcher_plans(bridge.operations()))
 
 
 def test_prompt_enhance_node(pack, loaded, pipeline_dir):

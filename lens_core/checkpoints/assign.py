@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .. import quant_linear as ql
+from .. import quant_formats as qf
 from .. import readahead
 from .detect import COMPONENT_NAMES
 from .errors import CheckpointError
@@ -170,27 +170,101 @@ class CheckpointInfo:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-def _read_stored_bytes(source, name, device):
+def read_stored_bytes(source, name, device):
     return source.read_bytes(name, device)
 
 
-def keep_gguf_linears(model: nn.Module, source: TensorSource, dtype, skip=()) -> dict:
-    """Replace every Linear whose weight the GGUF ``source`` stores quantized by a
-    :class:`lens_core.quant_linear.GGUFLinear` of that type (built on meta) and return the readers that load its
-    bytes as stored. Other quantized tensors (norms, embeddings) are dequantized when assigned (read())."""
+def gguf_plan(source: TensorSource, name: str, mod: nn.Module):
+    """The storage-plan entry of a Linear whose weight the GGUF ``source`` stores quantized (``GGUFLinear`` of
+    that GGML type, its bytes read as stored: :func:`read_stored_bytes`), or None. Other quantized tensors
+    (norms, embeddings) are dequantized when assigned (read())."""
+    key = name + ".weight"
+    if not isinstance(mod, nn.Linear) or key not in source or not hasattr(source, "quant_type"):
+        return None
+    qtype = source.quant_type(key) if key in source.keymap else None
+    if qtype is None:
+        return None
+    out_f, in_f = source.shape(key)
+    if (out_f, in_f) != (mod.out_features, mod.in_features):
+        raise CheckpointError(f"{source.file_of(key)}: tensor {key!r} has shape {[out_f, in_f]}, the model "
+                              f"built from its config expects {[mod.out_features, mod.in_features]}")
+    return "GGUFLinear", {"qtype": qtype}
+
+
+def keep_gguf_linears(model: nn.Module, source: TensorSource, dtype, operations=None, skip=()) -> dict:
+    """For modules built earlier (the encoder's generation modules, :func:`load_text_encoder_parts`): replace
+    every Linear whose weight the GGUF ``source`` stores quantized by ``operations.GGUFLinear`` (on meta) and
+    return the readers of their bytes."""
+    from ..ops import resolve_operations
+
+    ops = resolve_operations(operations)
     special = {}
     for name, mod in list(model.named_modules()):
-        key = name + ".weight"
-        if name in skip or not isinstance(mod, nn.Linear) or key not in source:
+        if name in skip:
             continue
-        qtype = source.quant_type(key)
-        if qtype is None:
+        entry = gguf_plan(source, name, mod)
+        if entry is None:
             continue
-        out_f, in_f = source.shape(key)
-        if (out_f, in_f) != (mod.out_features, mod.in_features):
-            raise CheckpointError(f"{source.file_of(key)}: tensor {key!r} has shape {[out_f, in_f]}, the model "
-                                  f"built from its config expects {[mod.out_features, mod.in_features]}")
-        _replace_module(model, name, ql.GGUFLinear(in_f, out_f, qtype, bias=mod.bias is not None, device="meta",
-                                                   dtype=dtype))
-        special[key] = _read_stored_bytes
+        _replace_module(model, name, ops.GGUFLinear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                                    device="meta", dtype=dtype, **entry[1]))
+        special[name + ".weight"] = read_stored_bytes
     return special
+
+
+def layer_tensors(source: TensorSource) -> dict:
+    """``{module name: {suffix: key}}`` of the tensors of a source (``a.b.weight_scale`` → ``a.b``:
+    ``weight_scale``), built once per load to look up a quantized layer's tensors."""
+    out = {}
+    for k in source.keys():
+        mod, _, suffix = k.rpartition(".")
+        out.setdefault(mod, {})[suffix] = k
+    return out
+
+
+def quant_plan(source: TensorSource, name: str, marker: dict, out_f: int, in_f: int, dtype, dequantize: bool,
+               special: dict, consumed: set, tensors: dict, kind: str = "Linear"):
+    """The storage-plan entry of one ``.comfy_quant`` layer, checked against the file before any byte is read:
+    the marker's options (group sizes dividing the width …), the layer's stored tensors (dtypes and exact shapes,
+    :meth:`lens_core.quant_formats.QuantFormat.layout_of`). Adds the readers to ``special`` (stored tensors kept
+    as stored, scales checked for NaN/inf when read). ``tensors``: :func:`layer_tensors`.
+
+    Returns ``(format name, (operation, kwargs) or None)``: None when ``dequantize`` (the layer stays a plain
+    Linear whose weight reader dequantizes, in ``dtype``)."""
+    try:
+        fmt, options = qf.parse_marker(marker, name, in_f)
+        fmt.require_kitchen()
+        keys = {s: k for s, k in tensors.get(name, {}).items() if s not in ("bias", "comfy_quant")}
+        found = {s: (source.dtype(k), tuple(source.shape(k))) for s, k in keys.items()}
+        layout = fmt.layout_of(out_f, in_f, options, name, found)
+    except qf.QuantFormatError as exc:
+        raise CheckpointError(f"{source.origin}: {exc}") from None
+    op = "QuantLinear" if kind == "Linear" else "QuantEmbedding"
+
+    def read_all(device):
+        got = {}
+        for s, (dt, _shape) in layout.items():
+            got[s] = qf.as_kept(source.read(keys[s]), dt)
+        try:
+            fmt.check_values(got, name)
+        except qf.QuantFormatError as exc:
+            raise CheckpointError(f"{source.origin}: {exc}") from None
+        return got
+
+    if dequantize:
+        def read_dense(src, key, device):
+            return fmt.dequantize(read_all(device), options, (out_f, in_f), dtype).to(device)
+        special[keys["weight"]] = read_dense
+        consumed.update(k for s, k in keys.items() if s != "weight")
+        return fmt.name, None
+
+    def read_one(src, key, device):
+        suffix = key.rpartition(".")[2]
+        t = qf.as_kept(src.read(key), layout[suffix][0])
+        try:
+            fmt.check_values({suffix: t}, name)
+        except qf.QuantFormatError as exc:
+            raise CheckpointError(f"{source.origin}: {exc}") from None
+        return t.to(device)
+    for s in layout:
+        special[keys[s]] = read_one
+    return fmt.name, (op, {"fmt": fmt.name, "options": options, "layout": layout})

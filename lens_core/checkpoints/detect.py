@@ -5,10 +5,12 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from typing import Iterable
 
 from ..lazy_torch import torch
 
+from ..lazy_torch import LazyModule
 from .errors import CheckpointError
 from .source import TensorSource
 
@@ -115,48 +117,98 @@ def strip_prefix(source: TensorSource, prefix: str) -> TensorSource:
     return source.rename(lambda k: k[len(prefix):] if k.startswith(prefix) else None)
 
 
-QUANT_FORMATS = {"transformer": ("mxfp8",), "text_encoder": ("nvfp4",)}
+# ComfyUI ``.comfy_quant`` formats each component loads (lens_core.quant_formats has their layouts)
+#: (imported when a marker is read: it needs torch and comfy-kitchen, which ``inspect`` of other files never loads)
+qf = LazyModule("lens_core.quant_formats")
 
 
-MAX_MARKER_BYTES = 1 << 16
+class _ComponentFormats(Mapping):
+    """{component: names of the quantization formats its loader takes}, read from quant_formats on first use."""
+
+    def _get(self):
+        return {"transformer": tuple(qf.FORMATS), "text_encoder": tuple(qf.FORMATS)}
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(("transformer", "text_encoder"))
+
+    def __len__(self):
+        return 2
 
 
-def quant_layers(source: TensorSource, component: str) -> dict[str, dict]:
-    """{layer name: marker dict} from ``L.comfy_quant`` tensors and a header ``_quantization_metadata``.
+QUANT_FORMATS = _ComponentFormats()
+SCALED_FP8_KEY = "scaled_fp8"     # ComfyUI's older fp8-scaled files (comfy.utils.convert_old_quants)
 
-    Raises CheckpointError for a format this component does not support (naming the file and layer).
-    """
-    layers = {}
+
+def _header_layers(source: TensorSource, prefix: str) -> dict:
     md = source.metadata.get("_quantization_metadata")
-    if md:
-        try:
-            found = json.loads(md).get("layers", {})
-            if not isinstance(found, dict):
-                raise AttributeError
-            layers.update(found)
-        except (ValueError, AttributeError, RecursionError):
-            raise CheckpointError(f"{source.origin}: unreadable _quantization_metadata header entry (expected a JSON "
-                                  f"object with a 'layers' object); the file is corrupt") from None
+    if not md:
+        return {}
+    try:
+        found = json.loads(md).get("layers", {})
+        if not isinstance(found, dict):
+            raise AttributeError
+    except (ValueError, AttributeError, RecursionError):
+        raise CheckpointError(f"{source.origin}: unreadable _quantization_metadata header entry (expected a JSON "
+                              f"object with a 'layers' object); the file is corrupt") from None
+    # the header names layers by their key in the file (with the model prefix, e.g. model.diffusion_model.)
+    return {k[len(prefix):] if prefix and k.startswith(prefix) else k: v for k, v in found.items()}
+
+
+def quant_layers(source: TensorSource, component: str, prefix: str = "") -> dict[str, dict]:
+    """{layer name: marker dict} of a ComfyUI quantized file: ``L.comfy_quant`` tensors, the header entry
+    ``_quantization_metadata`` (layer names with ``prefix`` stripped) and the older ``scaled_fp8`` form
+    (``L.scale_weight`` → float8_e4m3fn; :func:`scaled_fp8_renames` gives its key renames).
+
+    Every marker is decoded and validated (:func:`lens_core.quant_formats.parse_marker`: small JSON, a known
+    format, valid options) — a CheckpointError names the file and the layer otherwise."""
+    layers = _header_layers(source, prefix)
+    if SCALED_FP8_KEY in source:
+        dt = source.dtype(SCALED_FP8_KEY)
+        conf = {"format": "float8_e5m2" if dt == "F8_E5M2" else "float8_e4m3fn"}
+        layers.update({k[: -len(".scale_weight")]: dict(conf) for k in source.keys() if k.endswith(".scale_weight")})
     for k in source.keys():
         if k.endswith(".comfy_quant"):
             e = source.entry(k)
-            if e.dtype not in ("U8", "I8") or len(e.shape) != 1 or e.nbytes > MAX_MARKER_BYTES:
+            if e.dtype not in ("U8", "I8") or len(e.shape) != 1 or e.nbytes > qf.MAX_MARKER_BYTES:
                 raise CheckpointError(f"{source.file_of(k)}: tensor {k!r} expected a 1-D U8 JSON quantization "
-                                      f"marker of at most {MAX_MARKER_BYTES} bytes, found {e.dtype}{list(e.shape)}")
-            raw = source.read(k)
-            try:
-                layers[k[: -len(".comfy_quant")]] = json.loads(bytes(raw.view(torch.uint8).tolist()).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                raise CheckpointError(f"{source.file_of(k)}: tensor {k!r} is not a JSON quantization marker") \
-                    from None
+                                      f"marker (a small JSON object) of at most {qf.MAX_MARKER_BYTES} bytes, found "
+                                      f"{e.dtype}{list(e.shape)}; the file is corrupt or crafted")
+            layers[k[: -len(".comfy_quant")]] = source.read(k).view(torch.uint8).numpy().tobytes()
+    if not layers:
+        return {}
     allowed = QUANT_FORMATS.get(component, ())
-    for name, m in layers.items():
-        fmt = m.get("format") if isinstance(m, dict) else None
-        if fmt not in allowed:
+    out = {}
+    for name, raw in layers.items():
+        try:
+            fmt, _ = qf.parse_marker(raw, name)
+            marker = raw if isinstance(raw, dict) else json.loads(raw.decode("utf-8"))
+        except qf.QuantFormatError as exc:
+            raise CheckpointError(f"{source.origin}: {exc}") from None
+        if fmt.name not in allowed:
             raise CheckpointError(f"{source.origin}: layer {name!r} carries the quantization marker format "
-                                  f"{fmt!r}, which this loader does not know; supported for the "
+                                  f"{fmt.name!r}, which this loader does not know; supported for the "
                                   f"{COMPONENT_NAMES[component]}: {list(allowed) or 'none'}")
-    return layers
+        out[name] = marker
+    return out
+
+
+def scaled_fp8_renames(source: TensorSource):
+    """The key renames of an older ``scaled_fp8`` file (``.scale_weight`` → ``.weight_scale``, ``.scale_input`` →
+    ``.input_scale``; the ``scaled_fp8`` marker dropped), or None for other files."""
+    if SCALED_FP8_KEY not in source:
+        return None
+
+    def rename(k):
+        if k == SCALED_FP8_KEY:
+            return None
+        for old, new in ((".scale_weight", ".weight_scale"), (".scale_input", ".input_scale")):
+            if k.endswith(old):
+                return k[: -len(old)] + new
+        return k
+    return rename
 
 
 def _is_gguf(source: TensorSource) -> bool:
@@ -164,9 +216,16 @@ def _is_gguf(source: TensorSource) -> bool:
 
 
 def dit_family(source: TensorSource, qlayers: dict) -> str:
+    """``comfy-dit-<format>`` for a ComfyUI quantized file (``comfy-dit-mxfp8`` for the Comfy-Org MXFP8 files,
+    also without markers; ``comfy-dit-mixed`` when layers use several formats), gguf-dit, diffusers or bf16."""
     if _is_gguf(source):
         return "gguf-dit"
-    if qlayers or any(source.dtype(k) == "F8_E4M3" for k in source.keys() if k.endswith(".weight")):
+    formats = {m.get("format") for m in qlayers.values()}
+    if len(formats) > 1:
+        return "comfy-dit-mixed"
+    if formats:
+        return "comfy-dit-" + formats.pop()
+    if any(source.dtype(k) == "F8_E4M3" for k in source.keys() if k.endswith(".weight")):
         return "comfy-dit-mxfp8"
     if source.config is not None or len(source.files) > 1:
         return "diffusers-transformer"

@@ -66,16 +66,20 @@ def _inspect_source(p: str, variant) -> dict:
         src = strip_prefix(source, det.prefix)
         info["prefix"] = det.prefix
         if det.component == "transformer":
-            q = quant_layers(src, "transformer")
+            q = quant_layers(src, "transformer", det.prefix)
             info["family"] = dit_family(src, q)
             info["quantized_layers"] = len(q)
+            info["quantization"] = layer_groups(src, q)
             info["layers"] = (src.config.get("num_layers") if src.config else
                               block_count(src, r"transformer_blocks\.(\d+)\."))
             info["variant"], info["variant_source"] = detect_variant(p, src, variant)
         elif det.component == "text_encoder":
             info["family"] = te_family(src)
             info["embedded_tokenizer"] = "tokenizer_json" in src
-            info["quantized_layers"] = len(quant_layers(src, "text_encoder"))
+            q = quant_layers(src, "text_encoder", det.prefix)
+            info["quantized_layers"] = len(q)
+            if q:
+                info["quantization"] = layer_groups(src, q)
         else:
             info["family"] = ("diffusers-vae" if src.config is not None else "vae-diffusers") \
                 if det.scheme == "diffusers" else "vae-bfl"
@@ -119,6 +123,31 @@ def inspect_lora(path: str) -> dict:
             "blocks": (f"{len(blocks)} of the transformer blocks ({blocks[0]}…{blocks[-1]})" if blocks else "none"),
             "target_layers": {k: len(v) for k, v in sorted(layers.items())},
             "unmatched_keys": len(adapter.unmatched)}
+
+
+_BLOCK_RE = re.compile(r"^(?:model\.)?(?:transformer_blocks|layers|blk)\.\d+\.")
+
+
+def layer_groups(source: TensorSource, qlayers: dict) -> dict:
+    """``{layer group: {storage: count}}`` for the 2-D weights of a file: a group is a layer name without its block
+    index (``attn.img_qkv`` for every ``transformer_blocks.N.attn.img_qkv``), the storage its ``.comfy_quant``
+    format (``int8_tensorwise+convrot``), its GGUF type or its dtype (``BF16``)."""
+    groups = {}
+    for k in source.keys():
+        if not k.endswith(".weight") or len(source.shape(k)) < 2:
+            continue
+        layer = k[: -len(".weight")]
+        m = qlayers.get(layer)
+        if m is not None:
+            kind = m.get("format", "?") + ("+convrot" if m.get("convrot") or m.get("params", {}).get("convrot")
+                                            else "")
+        else:
+            qt = source.quant_type(k) if hasattr(source, "quant_type") and k in source.keymap else None
+            kind = qt or source.dtype(k)
+        group = _BLOCK_RE.sub("", layer)
+        groups.setdefault(group, {})
+        groups[group][kind] = groups[group].get(kind, 0) + 1
+    return dict(sorted(groups.items()))
 
 
 _SHARD_RE = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
@@ -200,6 +229,10 @@ def format_inspect(info: dict, indent: str = "") -> str:
             for name, sub in v.items():
                 lines.append(f"{indent}  {name}:")
                 lines.append(format_inspect(sub, indent + "    "))
+        elif k == "quantization":
+            lines.append(f"{indent}quantization (layer group: storage x count):")
+            for group, kinds in v.items():
+                lines.append(f"{indent}  {group}: " + ", ".join(f"{kind} x{n}" for kind, n in kinds.items()))
         elif k in ("size_bytes", "shard_size_bytes"):
             lines.append(f"{indent}{k.replace('_bytes', '')}: {v / 1e9:.3f} GB ({v} bytes)")
         else:

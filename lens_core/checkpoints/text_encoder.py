@@ -11,8 +11,9 @@ from torch import nn
 from .. import checks as chk
 from .. import ggml
 from ..upcast import keep_stored_dtype
-from .assign import (CheckpointInfo, assign_weights, block_count, checked_config, expect_shapes, init_empty_weights,
-                     keep_gguf_linears, tensor_dims)
+from ..ops import build_planned
+from .assign import (CheckpointInfo, assign_weights, block_count, checked_config, expect_shapes, gguf_plan,
+                     init_empty_weights, keep_gguf_linears, layer_tensors, quant_plan, read_stored_bytes, tensor_dims)
 from .detect import _expect, quant_layers, strip_prefix, te_family
 from .errors import CheckpointError
 from .source import TensorSource, _dtype_summary, _read_json, open_source
@@ -109,7 +110,7 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
     det = _expect(source, "text_encoder")
     source = strip_prefix(source, det.prefix)
     family = te_family(source)
-    quant_layers(source, "text_encoder")
+    qlayers = quant_layers(source, "text_encoder", det.prefix)
     special = {}
     if det.scheme == "gguf":
         source, special, gguf_consumed = gguf_te_source(source, dtype)
@@ -134,13 +135,52 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
                   experts=experts)
     if family == "comfy-te-nvfp4":
         kwargs["expert_format"] = "nvfp4"
+    # ComfyUI quantized Linears / token table (fp8 attention, int8 ConvRot embedding …), under the encoder's names;
+    # the expert banks' own nvfp4 markers are the packed banks (lens_core.quant.PackedExperts)
+    for n, m in qlayers.items():
+        if re.search(r"\.mlp\.experts\.(gate_up|down)_proj$", n) and m.get("format") != "nvfp4":
+            raise CheckpointError(f"{source.origin}: expert bank {n!r} is marked {m.get('format')!r}; expert banks "
+                                  f"load as NVFP4 (Comfy-Org gpt_oss_20b_nvfp4), MXFP4 (diffusers) or GGUF MXFP4")
+    if det.scheme != "gguf":
+        qlayers = {_to_hf_te_name(n + ".weight")[: -len(".weight")]: m for n, m in qlayers.items()
+                   if not re.search(r"\.mlp\.experts\.(gate_up|down)_proj$", n)}
+    consumed = set(gguf_consumed)
+    tensors = layer_tensors(source)
+
+    def plan(probe):
+        layers = {}
+        for name, mod in probe.named_modules():
+            if name in qlayers:
+                if isinstance(mod, nn.Linear):
+                    out_f, in_f, kind = mod.out_features, mod.in_features, "Linear"
+                elif isinstance(mod, nn.Embedding):
+                    out_f, in_f, kind = mod.num_embeddings, mod.embedding_dim, "Embedding"
+                else:
+                    raise CheckpointError(f"{source.origin}: layer {name!r} is marked quantized, but the text "
+                                          f"encoder has no Linear or Embedding there")
+                if probe.is_unused_key(name + ".weight"):
+                    continue
+                entry = quant_plan(source, name, qlayers[name], out_f, in_f, dtype, False, special, consumed,
+                                   tensors, kind)[1]
+                layers[name] = entry
+            elif det.scheme == "gguf" and not probe.is_unused_key(name + ".weight"):
+                g = gguf_plan(source, name, mod)
+                if g is not None:
+                    layers[name] = g
+                    special[name + ".weight"] = read_stored_bytes
+        missing = sorted(set(qlayers) - {n for n, _ in probe.named_modules()})
+        if missing:
+            raise CheckpointError(f"{source.origin}: quantization markers name {len(missing)} layer(s) the text "
+                                  f"encoder does not have, e.g. {missing[:3]}; the file is not this model")
+        return layers
+
     with init_empty_weights():
-        model = te_mod.LensTextEncoder(cfg, **kwargs)
+        model = build_planned(lambda ops: te_mod.LensTextEncoder(cfg, **dict(kwargs, operations=ops)), operations,
+                              plan)
     # layers after the last selected one, lm_head and the final norm are never used for features
-    consumed = {k for k in source.keys() if model.is_unused_key(k)} | gguf_consumed
+    consumed |= {k for k in source.keys() if model.is_unused_key(k)}
     special.update({k: _nvfp4_scale_reader for k in source.keys()
                     if family == "comfy-te-nvfp4" and k.endswith("_proj_scales") and k not in consumed})
-    special.update(keep_gguf_linears(model, source, dtype))
     from .transformer import _check_storage
 
     _check_storage(storage)
@@ -217,7 +257,7 @@ def load_text_encoder_parts(model, path, names, device="cpu"):
         wanted = set(names) | extra
         part = source.rename(lambda k: k if k in wanted else None)
         if det.scheme == "gguf":     # Linears stored quantized stay quantized (GGUFLinear), as in the encoder
-            special.update(keep_gguf_linears(holder, part, dtype))
+            special.update(keep_gguf_linears(holder, part, dtype, model._build.get("ops")))
             if getattr(holder, "lm_head", None) is not None:
                 model.lm_head = holder.lm_head
         assign_weights(holder, part, device, "text_encoder", special, extra - set(names))

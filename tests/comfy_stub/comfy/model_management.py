@@ -89,6 +89,15 @@ def loaded_models(only_currently_used=False):
     return list(current_loaded_models)
 
 
+def free_memory(memory_required, device, keep_loaded=[], for_dynamic=False, pins_required=0, ram_required=0):
+    """Unloads every model on ``device`` not in ``keep_loaded`` (compared by ``.model``, as ComfyUI's loaded-model
+    wrappers compare); returns the unloaded patchers."""
+    kept = [k.model for k in keep_loaded]
+    out = [m for m in current_loaded_models if m.load_device == device and not any(m is k for k in kept)]
+    current_loaded_models[:] = [m for m in current_loaded_models if not any(m is o for o in out)]
+    return out
+
+
 def unload_all_models():
     current_loaded_models.clear()
 

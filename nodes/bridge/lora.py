@@ -1,0 +1,70 @@
+"""LoRA / LoHa / LoKr through the ModelPatcher's own patch mechanism: lens_core.lora reads the file and
+computes factors, scales and deltas; here they become ComfyUI weight adapters and object patches."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import folder_paths
+
+from .folders import folder_roots, model_files
+from .handles import LensModel
+
+LORA_FOLDER = "loras"
+LORA_EXTENSIONS = (".safetensors", ".sft")
+_LORA_CACHE: dict = {}
+_LORA_CACHE_SIZE = 8
+
+
+def lora_choices() -> list[str]:
+    """LoRA files of models/loras (and the extra paths' loras folders), listed loop-safely (a symlink loop in
+    the folder must not hang the node list)."""
+    return model_files(LORA_FOLDER, LORA_EXTENSIONS, diffusers=False) or ["(no LoRA files found)"]
+
+
+def resolve_lora(name: str) -> str:
+    p = folder_paths.get_full_path(LORA_FOLDER, name)
+    if p is None:
+        raise FileNotFoundError(f"LoRA {name!r} not found: expected a .safetensors file in "
+                                f"{folder_roots(LORA_FOLDER)}; put it there and refresh the node list")
+    return p
+
+
+def _lens_lora():
+    from ...lens_core import lora
+    return lora
+
+
+def load_lora_file(path: str):
+    """The normalised adapter of ``path`` (read once; re-read when the file changes)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if key not in _LORA_CACHE:
+        while len(_LORA_CACHE) >= _LORA_CACHE_SIZE:
+            _LORA_CACHE.pop(next(iter(_LORA_CACHE)))
+        _LORA_CACHE[key] = _lens_lora().load_lora(path)
+    return _LORA_CACHE[key]
+
+
+def _comfy_weight_adapter(patch):
+    """ComfyUI's own LoRA / LoHa / LoKr weight-adapter object for a lens_core.lora.HostPatch."""
+    import comfy.weight_adapter as wa
+    cls = {"lora": wa.LoRAAdapter, "loha": wa.LoHaAdapter, "lokr": wa.LoKrAdapter}[patch.kind]
+    return cls(set(), patch.factors)
+
+
+def with_lora(model: LensModel, path: str, strength: float) -> LensModel:
+    """A new LENS_MODEL whose patcher is a clone of ``model``'s with the adapter added: float layers as weight
+    patches (ComfyUI merges them when it loads the weights, from its backup, and unpatches them), 8-bit layers
+    as per-call deltas set by object patches. The shared base module is never modified in place."""
+    lo = _lens_lora()
+    adapter = load_lora_file(path)
+    patches, deltas = lo.host_patches(model.module, adapter, strength)
+    patcher = model.patcher.clone()
+    for p in patches:
+        patcher.add_patches({p.key: _comfy_weight_adapter(p)}, p.strength)
+    for name, delta in deltas.items():
+        lo.install_delta_hook(model.module.get_submodule(name))
+        key = name + ".lens_lora_deltas"
+        patcher.add_object_patch(key, tuple(patcher.object_patches.get(key, ())) + (delta,))
+    return dataclasses.replace(model, patcher=patcher, loras=tuple(model.loras) + ((adapter.name, float(strength)),))
