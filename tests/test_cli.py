@@ -88,7 +88,7 @@ def test_torch_missing_prints_the_fix(tmp_path):
     code = ("import sys; sys.modules['torch'] = None\n"
             "from lens_core.__main__ import main\n"
             "sys.exit(main(sys.argv[1:]))")
-    for argv in (["generate", "--model", "x", "--prompt", "p", "--out", "o.png"], ["inspect", "x"]):
+    for argv in (["generate", "--model", "x", "--prompt", "p", "--out", "o.png"],):
         r = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 3, r.stderr
@@ -97,6 +97,10 @@ def test_torch_missing_prints_the_fix(tmp_path):
         assert lines[0].startswith("error: PyTorch is not installed")
         assert "pip install -r requirements-cli.txt" in lines[0]
         assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in lines[0]
+    # inspect reads headers only: it runs without PyTorch (a missing path is a plain argument error)
+    r = subprocess.run([sys.executable, "-c", code, "inspect", "x"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: x: no such file or folder", r.stderr
     cli_reqs = (pathlib.Path(REPO) / "requirements-cli.txt").read_text().split()
     assert "-r" in cli_reqs and "requirements.txt" in cli_reqs and any(r.startswith("torch") for r in cli_reqs)
 
