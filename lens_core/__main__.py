@@ -92,7 +92,8 @@ def add_generate_arguments(sub) -> argparse.ArgumentParser:
                    help="img2img strength in (0, 1] (default 0.6 with --image alone, 1 with --mask or without "
                         "--image)")
     g.add_argument("--mask", help="inpainting mask image for --image: white = regenerate, black = keep "
-                                  "(masked denoising; works with any --denoise)")
+                                  "(masked denoising; works with any --denoise); a mask with transparency is read "
+                                  "as ComfyUI's LoadImage does: transparent = regenerate")
     g.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=True,
                    help="with --mask: the kept (black) pixels of the output are the init image's own, blended "
                         "by the mask (default on; --no-paste-back keeps the decoded pixels everywhere)")
@@ -121,7 +122,9 @@ def add_generate_arguments(sub) -> argparse.ArgumentParser:
     g.add_argument("--fp8", action="store_true", help="store the DiT block Linears as fp8 e4m3fn")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LoRA/LoHa/LoKr file for the DiT, strength default 1.0 (repeatable: adapters stack)")
-    g.add_argument("--out", required=True, help="output PNG (several images: out_0.png, out_1.png, ...)")
+    g.add_argument("--out", required=True, help="output PNG (several images: out_0.png, out_1.png, ...); an "
+                   "existing file is never replaced unless --overwrite")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return g
 
 
@@ -222,10 +225,14 @@ def probe_folder(folder: str, what: str) -> None:
                               f"folder") from None
 
 
-def check_outputs(paths: list[str]) -> None:
+def check_outputs(paths: list[str], overwrite: bool = False) -> None:
     """Each output must be a .png path in a folder that exists (or can be created) and is writable; checked by
-    creating (and removing) a temporary file there, before anything is loaded."""
+    creating (and removing) a temporary file there, before anything is loaded. An existing file is an error
+    unless ``overwrite`` (``--overwrite``)."""
     for path in paths:
+        if os.path.lexists(path) and not os.path.isdir(path) and not overwrite:
+            raise FileExistsError(f"--out {path}: the file exists ({_describe_existing(path)}); it is never replaced "
+                                  f"silently; fix: --overwrite to replace it, or choose another --out name")
         if os.path.splitext(path)[1].lower() != ".png":
             raise ValueError(f"--out {path}: expected a .png file name, found "
                              f"{os.path.splitext(path)[1] or 'no extension'}; fix: e.g. --out "
@@ -242,6 +249,13 @@ def check_outputs(paths: list[str]) -> None:
         probe_folder(parent, f"--out {path}")
         if os.path.exists(path) and not os.access(path, os.W_OK):
             raise PermissionError(f"--out {path}: the existing file is not writable; fix: choose another name")
+
+
+def _describe_existing(path: str) -> str:
+    try:
+        return f"{os.path.getsize(path)} bytes" if not os.path.islink(path) else f"a link to {os.readlink(path)}"
+    except OSError:
+        return "unreadable"
 
 
 def validate_generate(args, check_out: bool = True) -> dict:
@@ -281,7 +295,7 @@ def validate_generate(args, check_out: bool = True) -> dict:
                 f"layout and colours; lower keeps more, 1.0 uses the image only for its size)")
     outputs = out_paths(args.out, n, first)
     if check_out:
-        check_outputs(outputs)
+        check_outputs(outputs, getattr(args, "overwrite", False))
     paths = resolve_paths(args.model, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
                           names=FLAG_NAMES)
     from . import lora as lo
@@ -401,7 +415,7 @@ def run_generate(args, plan: dict, memory_plan=None) -> int:
         image, params = render_image(pipe, args, plan, k)
         if plan["enhance"]:
             print(f"enhanced prompt: {params['prompt']}")
-        write_atomic(path, png_bytes(image, params))
+        write_atomic(path, png_bytes(image, params), replace=getattr(args, "overwrite", False))
         print(path)
     return 0
 
@@ -444,11 +458,20 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes, replace: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: a reader (or a run
-    killed half-way) sees the old file or the whole new one, never a partial PNG."""
+    killed half-way) sees the old file or the whole new one, never a partial PNG. ``replace=False``: an existing
+    ``path`` (also one made since the arguments were checked) is a FileExistsError and stays untouched."""
     folder, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=TMP_SUFFIX)
+    if not replace:     # claim the name exclusively first (fails if it exists), then rename onto our own file
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=TMP_SUFFIX)
+    except BaseException:
+        if not replace:
+            with contextlib.suppress(OSError):
+                os.unlink(path)           # our own empty placeholder
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -459,6 +482,9 @@ def write_atomic(path: str, data: bytes) -> None:
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if not replace:
+            with contextlib.suppress(OSError):
+                os.unlink(path)           # our own empty placeholder
         raise
 
 

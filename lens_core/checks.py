@@ -74,3 +74,43 @@ def finite_tensor(t, name: str, fix: str = ""):
         raise ValueError(f"{name}: expected finite numbers, found {bad} non-finite value(s) ({nan} NaN, "
                          f"{bad - nan} inf) in a tensor of shape {list(t.shape)}" + (f". Fix: {fix}" if fix else ""))
     return t
+
+
+def link_problem(path, what: str = "", fix: str = "check the path") -> OSError | None:
+    """For a path that does not resolve to anything: the error saying why when the reason is a symbolic link —
+    a loop (``OSError``, errno ELOOP) or a broken link naming its target (``FileNotFoundError``) — else None
+    (the caller reports "no such file" its own way). ``what`` prefixes the path (e.g. ``"--model"``)."""
+    import errno
+    import os
+
+    p = os.fspath(path)
+    label = f"{what} {p}" if what else p
+    try:
+        os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            where = (f"it points to {os.readlink(p)}, which leads back to itself" if os.path.islink(p) else
+                     "a folder on its way is a link that leads back to itself")
+            return _with_errno(OSError, errno.ELOOP, f"{label}: a symbolic-link loop ({where}: no file is ever "
+                                                     f"reached); fix: point the link at the real file or folder")
+        if os.path.islink(p):
+            return _with_errno(FileNotFoundError, errno.ENOENT, f"{label}: a broken symbolic link to "
+                                                                f"{os.readlink(p)} (no such file); fix: {fix}")
+    return None
+
+
+def missing_path(path, what: str = "", fix: str = "check the path") -> OSError:
+    """The error for a path that does not exist: :func:`link_problem`'s when a link is the reason, else
+    ``FileNotFoundError`` "<what> <path>: no such file or folder; fix: <fix>". Returned, for the caller to raise."""
+    import errno
+    import os
+
+    p = os.fspath(path)
+    return link_problem(p, what, fix) or _with_errno(
+        FileNotFoundError, errno.ENOENT, f"{f'{what} {p}' if what else p}: no such file or folder; fix: {fix}")
+
+
+def _with_errno(cls, code: int, message: str) -> OSError:
+    exc = cls(message)          # str(exc) is the message alone (no "[Errno N]" prefix)
+    exc.errno = code
+    return exc

@@ -2,10 +2,12 @@
 
 Facts: ../shared/docs/lora_gguf_reasoner.md §3 and text_encoder_spec.md §6 (official ``lens/reasoner.py``).
 
-- The same :class:`lens_core.text_encoder.LensTextEncoder` object generates text: :func:`load_generation_weights`
-  adds what the feature encoder never loads (decoder layers after the last selected one, the final norm
-  ``model.norm`` and ``lm_head``, 1.16 GB in bf16 for GPT-OSS-20B) from the same checkpoint into the same module;
-  the experts stay packed and nothing already loaded is copied.
+- The text encoder's own weights generate text through a :class:`lens_core.generator.TextGenerator`, which
+  references the encoder's layers and owns what the feature encoder never loads (decoder layers after the last
+  selected one, the final norm ``model.norm`` and ``lm_head``: 1.16 GB in bf16 for GPT-OSS-20B), its KV cache
+  and its kept prompt prefix. :func:`generator_for` keeps one per live encoder; :func:`load_generation_weights`
+  loads its weights from the encoder's checkpoint. The encoder itself is never modified; the experts stay packed
+  and nothing already loaded is copied. Every function here takes an encoder or a generator.
 - :func:`generate`: the prompt is prefilled in one pass, then one token per step with a KV cache
   (:class:`lens_core.text_encoder.KVCache`: sinks, the sliding window on alternating layers, YaRN RoPE at any
   position). ``temperature == 0`` is greedy; otherwise the logits are divided by the temperature, cut to the
@@ -27,15 +29,26 @@ import json
 import os
 import re
 import warnings
+import weakref
 
 import torch
 
 from . import prompt as lens_prompt
+from .generator import TextGenerator
+from .text_encoder import LensTextEncoder
 
 DEFAULT_MAX_NEW_TOKENS = 4096      # official PromptReasoner default
 DEFAULT_TEMPERATURE = 0.7          # official PromptReasoner default
 DEFAULT_TOP_K = 50                 # transformers' generate default (the official call sets none)
 DEFAULT_EOS_IDS = (200002, 199999, 200012)   # openai/gpt-oss-20b generation_config.json: <|return|> <|endoftext|> <|call|>
+#: Token budget of the prompt to rewrite (the official code has none). Lens reads at most 512 tokens of any
+#: prompt (template included), so a longer input is not a prompt to rewrite; the cut keeps prefill time bounded
+#: (a 100 000-character prompt would otherwise be prefilled whole: minutes on a CPU). Longer prompts are cut at
+#: the end with a warning; ``max_prompt_tokens`` changes it.
+MAX_PROMPT_TOKENS = 1024
+#: Characters read before tokenizing (cut first, with the same warning): 64 per budget token, far more than any
+#: tokenizer needs, so the first ``MAX_PROMPT_TOKENS`` tokens are the same; bounds the tokenizer's time too.
+CHARS_PER_TOKEN_BOUND = 64
 REASONING = "low"
 DATA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "lens_reasoner_prompt.json")
 ASSISTANT_OPEN = "<|end|><|start|>assistant"
@@ -81,45 +94,40 @@ def render_enhance_prompt(text: str, date=None) -> str:
 # weights
 
 
-def load_generation_weights(encoder, path=None, device=None):
-    """Make ``encoder`` able to generate: build the missing decoder layers, ``model.norm`` and ``lm_head`` and
-    load them from ``path`` (default: the checkpoint the encoder was loaded from, ``encoder.lens_checkpoint``)
-    onto ``device`` (default: where the embedding is). Idempotent; on failure the encoder is left as it was.
+_GENERATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def generator_for(model) -> TextGenerator:
+    """The :class:`~lens_core.generator.TextGenerator` of ``model``: ``model`` itself if it is one, else the one
+    kept for this text encoder (created on first use; it lives as long as the encoder and does not keep it
+    alive). Its weights are loaded by :func:`load_generation_weights`."""
+    if isinstance(model, TextGenerator):
+        return model
+    if not isinstance(model, LensTextEncoder):
+        raise ValueError(f"expected a LensTextEncoder or a TextGenerator, found {type(model).__name__}")
+    gen = _GENERATORS.get(model)
+    if gen is None:
+        gen = _GENERATORS[model] = TextGenerator(model, weak=True)
+    return gen
+
+
+def load_generation_weights(model, path=None, device=None) -> TextGenerator:
+    """The generator of ``model`` (an encoder or a generator, :func:`generator_for`) with its weights loaded:
+    the decoder layers after the encoder's, ``model.norm`` and ``lm_head`` from ``path`` (default: the
+    checkpoint the encoder was loaded from) onto ``device`` (default: where the embedding is). Idempotent; the
+    encoder is never modified; on failure the generator stays unloaded.
 
     The diffusers ``text_encoder/`` folder has ``lm_head``, a GPT-OSS GGUF has it as ``output.weight`` (kept
     quantized if stored so); the Comfy-Org NVFP4 file has none (a CheckpointError says which file to use)."""
-    if encoder.can_generate:
-        return encoder
-    if path is None:
-        info = getattr(encoder, "lens_checkpoint", None)
-        path = getattr(info, "path", None)
-    if path is None:
-        raise ValueError("load_generation_weights: this text encoder was not loaded by lens_core.checkpoints "
-                         "(no lens_checkpoint.path); pass path= (the diffusers text_encoder/ folder)")
-    if device is None:
-        w = encoder.model.embed_tokens.weight
-        device = w.device if w.device.type != "meta" else torch.device("cpu")
-    clear_prefix_cache(encoder)             # (computed with other weights, if any)
-    names = encoder.add_generation_modules_()
-    try:
-        if names:
-            _load_parts(encoder, path, names, device)
-    except BaseException:
-        encoder.remove_generation_modules_()
-        raise
-    return encoder
+    return generator_for(model).load_weights(path, device)
 
 
-def _load_parts(encoder, path, names, device):
-    from . import checkpoints as ck
-    return ck.load_text_encoder_parts(encoder, path, names, device=device)
-
-
-def default_eos_ids(encoder) -> tuple[int, ...]:
+def default_eos_ids(model) -> tuple[int, ...]:
     """End-of-sequence ids: ``generation_config.json`` beside the encoder's checkpoint (``eos_token_id``, an int
     or a list), else the real GPT-OSS ones."""
     from .jsonfile import read_json_object
 
+    encoder = model.encoder if isinstance(model, TextGenerator) else model
     info = getattr(encoder, "lens_checkpoint", None)
     path = getattr(info, "path", None)
     if path:
@@ -149,8 +157,8 @@ def _check_number(name, value, lo, hi=None, integer=False):
     return value
 
 
-def _device_of(encoder):
-    for p in encoder.parameters():
+def _device_of(gen: TextGenerator):
+    for p in gen.encoder.parameters():
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
@@ -169,23 +177,26 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, generator) -> to
 
 
 @torch.no_grad()
-def generate(encoder, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+def generate(model, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
              seed=None, *, top_k: int = DEFAULT_TOP_K, eos_token_ids=None, pad_token_id=None, callback=None,
              device=None, output_logits: bool = False, prefix_len: int = 0):
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (``[T]`` or ``[B, T]``, no padding) and
     return the new ids ``[B, N]`` (an end-of-sequence id is included, as transformers does; rows that ended
-    earlier than others are filled with ``pad_token_id``). ``temperature == 0`` is greedy; otherwise sampling
-    with ``top_k`` and a CPU generator seeded with ``seed`` (None = a random seed).
+    earlier than others are filled with ``pad_token_id``). ``model``: a TextGenerator or a text encoder (its
+    generator, :func:`generator_for`), whose weights must be loaded (:func:`load_generation_weights`).
+    ``temperature == 0`` is greedy; otherwise sampling with ``top_k`` and a CPU generator seeded with ``seed``
+    (None = a random seed).
 
-    ``callback(done, total)`` runs after every new token (progress; it may raise to interrupt: the encoder's
-    weights are not modified by a run, so it stays usable). ``output_logits=True`` also returns the fp32 logits
-    ``[B, V]`` each step was chosen from. The encoder must have its generation weights
-    (:func:`load_generation_weights`).
+    ``callback(done, total)`` runs after every new token (progress; it may raise to interrupt: no weight is
+    modified by a run, so everything stays usable). ``output_logits=True`` also returns the fp32 logits
+    ``[B, V]`` each step was chosen from.
 
-    ``prefix_len > 0`` (one row only): the first ``prefix_len`` tokens are prefilled as a pass of their own, and
-    their keys/values are kept on the encoder; the next call with the same prefix (same ids, dtype, device)
-    copies them instead of recomputing (the enhancer's fixed system prompt: ≈ 650 of its tokens). As the split
-    is the same either way, a reused prefix gives bit-identical results. :func:`clear_prefix_cache` frees it."""
+    ``prefix_len > 0`` (one row only): the first ``prefix_len`` tokens are prefilled as a pass of their own and
+    their keys/values are kept by the generator; the next call with the same prefix (same ids, dtype, device and
+    weights versions) copies them instead of recomputing (the enhancer's fixed system prompt: ≈ 650 of its
+    tokens). As the split is the same either way, a reused prefix gives bit-identical results.
+    ``TextGenerator.clear_prefix_cache`` frees it."""
+    gen = generator_for(model)
     _check_number("max_new_tokens", max_new_tokens, 1, integer=True)
     _check_number("prefix_len", prefix_len, 0, integer=True)
     _check_number("temperature", temperature, 0.0, 100.0)
@@ -198,17 +209,17 @@ def generate(encoder, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, t
     ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
     if ids.dim() != 2 or ids.shape[1] < 1 or ids.shape[0] < 1:
         raise ValueError(f"input_ids: expected [T] or [B, T] with T >= 1, found {tuple(input_ids.shape)}")
-    vocab = encoder.config.vocab_size
+    vocab = gen.config.vocab_size
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ValueError(f"input_ids: expected ids in [0, {vocab}), found [{int(ids.min())}, {int(ids.max())}]")
-    limit = encoder.config.max_position_embeddings
+    limit = gen.config.max_position_embeddings
     if ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"generate: {ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the model's "
                          f"{limit} positions (max_position_embeddings); shorten the prompt or max_new_tokens")
-    eos = torch.tensor(sorted(set(eos_token_ids if eos_token_ids is not None else default_eos_ids(encoder))),
+    eos = torch.tensor(sorted(set(eos_token_ids if eos_token_ids is not None else default_eos_ids(gen))),
                        dtype=torch.long)
-    pad = encoder.config.pad_token_id if pad_token_id is None else pad_token_id
-    device = torch.device(device) if device is not None else _device_of(encoder)
+    pad = gen.config.pad_token_id if pad_token_id is None else pad_token_id
+    device = torch.device(device) if device is not None else _device_of(gen)
     ids = ids.to(device=device, dtype=torch.long)
     if prefix_len and (prefix_len >= ids.shape[1] or ids.shape[0] != 1):
         raise ValueError(f"prefix_len={prefix_len}: expected one row and a prefix shorter than the prompt "
@@ -221,73 +232,42 @@ def generate(encoder, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, t
             generator.seed()
         else:
             generator.manual_seed(int(seed))
-    if not encoder.can_generate:
-        raise ValueError("generate: the encoder has no generation weights (lm_head, final norm, all layers); call "
-                         "lens_core.enhance.load_generation_weights(encoder) first")
+    if not gen.ready:
+        raise ValueError("generate: the generator's weights (later layers, final norm, lm_head) are not loaded; "
+                         "call lens_core.enhance.load_generation_weights(encoder) first")
     batch = ids.shape[0]
-    cache = encoder.new_kv_cache(batch, ids.shape[1] + max_new_tokens, device=device)
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    out, step_logits = [], []
-    step_input = ids
-    if prefix_len:
-        _prefill_prefix(encoder, ids[:, :prefix_len], cache)
-        step_input = ids[:, prefix_len:]
-    for step in range(max_new_tokens):
-        logits = encoder._logits_step(step_input, cache) if step else encoder.logits_step(step_input, cache)
-        if output_logits:
-            step_logits.append(logits)
-        nxt = _pick(logits, float(temperature), int(top_k), generator)
-        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
-        out.append(nxt)
-        unfinished &= ~torch.isin(nxt, eos)
-        if callback is not None:
-            callback(step + 1, max_new_tokens)
-        if not bool(unfinished.any()):
-            break
-        step_input = nxt[:, None]
-    del cache
+    gen.kv_cache = cache = gen.new_kv_cache(batch, ids.shape[1] + max_new_tokens, device=device)
+    try:
+        layers = gen.prepare()
+        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        out, step_logits = [], []
+        step_input = ids
+        if prefix_len:
+            gen.prefill_prefix(ids[:, :prefix_len], cache)
+            step_input = ids[:, prefix_len:]
+        for step in range(max_new_tokens):
+            logits = gen._logits_step(step_input, cache, layers) if step else gen.logits_step(step_input, cache)
+            if output_logits:
+                step_logits.append(logits)
+            nxt = _pick(logits, float(temperature), int(top_k), generator)
+            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
+            out.append(nxt)
+            unfinished &= ~torch.isin(nxt, eos)
+            if callback is not None:
+                callback(step + 1, max_new_tokens)
+            if not bool(unfinished.any()):
+                break
+            step_input = nxt[:, None]
+    finally:
+        gen.kv_cache = None
+        del cache
     result = torch.stack(out, dim=1)
     return (result, step_logits) if output_logits else result
 
 
-def _prefill_prefix(encoder, prefix, cache):
-    """Fill ``cache`` with the keys/values of ``prefix [1, P]``: copied from the encoder's kept prefix when it
-    is the same (ids, dtype, device, weights), otherwise computed by one prefill pass and kept (a CPU copy,
-    ≈ 32 MB for GPT-OSS-20B's 650-token system prompt in bf16)."""
-    p = prefix.shape[1]
-    key = (tuple(prefix[0].tolist()), cache.dtype, str(prefix.device), _weights_stamp(encoder))
-    kept = encoder.__dict__.get("_lens_prefix_kv")
-    if kept is not None and kept[0] == key:
-        for i, (k, v) in enumerate(zip(*kept[1:])):
-            cache.k[i][:, :, :p].copy_(k)
-            cache.v[i][:, :, :p].copy_(v)
-        cache.length = p
-        return
-    encoder.__dict__.pop("_lens_prefix_kv", None)
-    encoder.logits_step(prefix, cache)
-    # kept in CPU memory (a host's offloading of the encoder cannot see it; copying it back costs little)
-    encoder.__dict__["_lens_prefix_kv"] = (key, [k[:, :, :p].to("cpu", copy=True) for k in cache.k],
-                                           [v[:, :, :p].to("cpu", copy=True) for v in cache.v])
-
-
-def _weights_stamp(encoder):
-    """Identity, storage and in-place version of a few weights: a kept prefix is not reused after they were
-    replaced or overwritten (e.g. ``load_state_dict``; inference tensors: replaced only)."""
-    layers = encoder.model.layers
-    ts = [layers[0].self_attn.q_proj.weight, layers[-1].self_attn.q_proj.weight, layers[-1].mlp.router.weight]
-    return tuple((id(t), t.data_ptr(), _version(t), str(t.device)) for t in ts)
-
-
-def _version(t):
-    """In-place version counter; inference tensors (loaded under a host's ``torch.inference_mode``) have none."""
-    if t.is_inference():
-        return None
-    return t._version
-
-
-def clear_prefix_cache(encoder):
-    """Free the prompt prefix kept by :func:`generate` (``prefix_len``) on ``encoder``."""
-    encoder.__dict__.pop("_lens_prefix_kv", None)
+def clear_prefix_cache(model):
+    """Free the prompt prefix kept by :func:`generate` (``prefix_len``) for ``model`` (encoder or generator)."""
+    generator_for(model).clear_prefix_cache()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -363,54 +343,69 @@ def clean_output(text: str) -> str:
 # the enhancer
 
 
-def enhance_ids(tokenizer, text: str, max_new_tokens: int, context: int, date=None) -> torch.Tensor:
-    """Token ids ``[1, T]`` of the rendered enhancer conversation. The prompt's own tokens are cut on the right
-    (with a warning giving the count) so that template + prompt + ``max_new_tokens`` fit in ``context``."""
-    return _enhance_ids(tokenizer, text, max_new_tokens, context, date)[0]
+def enhance_ids(tokenizer, text: str, max_new_tokens: int, context: int, date=None,
+                max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> torch.Tensor:
+    """Token ids ``[1, T]`` of the rendered enhancer conversation. The prompt's own tokens are cut at the end
+    (with a warning giving the counts) to ``max_prompt_tokens`` and so that template + prompt +
+    ``max_new_tokens`` fit in ``context``."""
+    return _enhance_ids(tokenizer, text, max_new_tokens, context, date, max_prompt_tokens)[0]
 
 
-def _enhance_ids(tokenizer, text, max_new_tokens, context, date):
+def _enhance_ids(tokenizer, text, max_new_tokens, context, date, max_prompt_tokens=MAX_PROMPT_TOKENS):
     """(:func:`enhance_ids`, the number of template tokens before the prompt: the same for every prompt)."""
+    text = lens_prompt.check_text(text, "prompt")
+    _check_number("max_prompt_tokens", max_prompt_tokens, 1, integer=True)
     head, tail = render_parts(date)
-    head_ids, prompt_ids, tail_ids = tokenizer.encode([head, text, tail])
+    chars = max_prompt_tokens * CHARS_PER_TOKEN_BOUND
+    cut_chars = len(text) > chars
+    head_ids, prompt_ids, tail_ids = tokenizer.encode([head, text[:chars], tail])
     room = context - max_new_tokens - len(head_ids) - len(tail_ids)
     if room < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: the enhancer template takes "
                          f"{len(head_ids) + len(tail_ids)} tokens, so at most "
                          f"{context - len(head_ids) - len(tail_ids) - 1} new tokens fit in the {context}-token "
                          f"context; lower max_new_tokens")
-    if len(prompt_ids) > room:
-        warnings.warn(f"prompt enhancer: the prompt is {len(prompt_ids)} tokens; truncated to {room} tokens so that "
-                      f"the template and {max_new_tokens} new tokens fit in the {context}-token context "
-                      f"({len(prompt_ids) - room} tokens dropped from the end)", stacklevel=3)
-        prompt_ids = prompt_ids[:room]
+    keep = min(room, max_prompt_tokens)
+    if len(prompt_ids) > keep or cut_chars:
+        found = (f"{len(text)} characters (more than {len(prompt_ids)} tokens)" if cut_chars else
+                 f"{len(prompt_ids)} tokens")
+        why = (f"the enhancer's prompt budget (max_prompt_tokens={max_prompt_tokens}; Lens itself reads at most 512 "
+               f"tokens of a prompt)" if keep == max_prompt_tokens else
+               f"what fits with the template and {max_new_tokens} new tokens in the {context}-token context")
+        dropped = f"{len(prompt_ids) - keep} tokens" if not cut_chars else f"{len(text) - chars} characters and more"
+        warnings.warn(f"prompt enhancer: the prompt is {found}; truncated to {min(keep, len(prompt_ids))} tokens, "
+                      f"{why} ({dropped} dropped from the end)", UserWarning, stacklevel=3)
+        prompt_ids = prompt_ids[:keep]
     return torch.tensor([head_ids + prompt_ids + tail_ids], dtype=torch.long), len(head_ids)
 
 
-def enhance(encoder, tokenizer, prompt: str, *, seed=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+def enhance(model, tokenizer, prompt: str, *, seed=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K, date=None, context=None,
-            callback=None, device=None, load_weights: bool = True) -> str:
+            callback=None, device=None, load_weights: bool = True,
+            max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> str:
     """Rewrite ``prompt`` into a long, dense Lens caption with the official reasoner (see the module doc).
 
     An empty (or whitespace-only) prompt is returned unchanged without running the model; an output with no
     usable final answer (e.g. cut off by ``max_new_tokens`` during its analysis) gives the original prompt.
     ``context``: token budget of template + prompt + new tokens (default: the model's
-    ``max_position_embeddings``). ``load_weights``: load the generation weights on demand."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt: expected a string, found {type(prompt).__name__}")
+    ``max_position_embeddings``). ``max_prompt_tokens``: the prompt's own budget (:data:`MAX_PROMPT_TOKENS`;
+    a longer prompt is cut at the end with a warning). ``load_weights``: load the generation weights on demand.
+    ``prompt`` must be a string of valid UTF-8 (None, or a lone surrogate from undecodable bytes: ValueError)."""
+    prompt = lens_prompt.check_text(prompt, "prompt")       # a string, valid UTF-8 (no lone surrogates)
     if not prompt.strip():
         return prompt
     if not isinstance(tokenizer, lens_prompt.LensTokenizer):
         raise ValueError(f"tokenizer: expected a LensTokenizer from lens_core.prompt.load_tokenizer, found "
                          f"{type(tokenizer).__name__}")
     _check_number("max_new_tokens", max_new_tokens, 1, integer=True)
-    context = encoder.config.max_position_embeddings if context is None else context
-    _check_number("context", context, 2, encoder.config.max_position_embeddings, integer=True)
+    gen = generator_for(model)
+    context = gen.config.max_position_embeddings if context is None else context
+    _check_number("context", context, 2, gen.config.max_position_embeddings, integer=True)
     if load_weights:
-        load_generation_weights(encoder)
-    ids, head = _enhance_ids(tokenizer, prompt, max_new_tokens, context, date)
+        gen.load_weights()
+    ids, head = _enhance_ids(tokenizer, prompt, max_new_tokens, context, date, max_prompt_tokens)
     # the template's head (system prompt) is prefilled on its own and kept: the next rewrite starts from it
-    new = generate(encoder, ids, max_new_tokens, temperature, seed, top_k=top_k, pad_token_id=tokenizer.pad_id,
+    new = generate(gen, ids, max_new_tokens, temperature, seed, top_k=top_k, pad_token_id=tokenizer.pad_id,
                    callback=callback, device=device, prefix_len=head if 0 < head < ids.shape[1] else 0)
     text = tokenizer.tokenizer.decode(new[0].tolist(), skip_special_tokens=False)
     return clean_output(text) or prompt

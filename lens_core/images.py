@@ -12,6 +12,16 @@ is decoded; ``to_rgb`` maps every PIL mode to 8-bit RGB by its meaning rather th
   composited over white;
 - everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX`` …) through PIL's own
   conversion to RGB; EXIF orientation is applied.
+
+``mask_values`` reads an inpainting mask (1 = regenerate) the way ComfyUI's LoadImage does where the file has
+transparency, and by brightness otherwise:
+
+- a mask with an alpha channel (``RGBA``, ``LA``, ``PA``, or ``P`` with a transparent colour) whose alpha is not
+  fully opaque: **1 − alpha** (ComfyUI's LoadImage MASK output: transparent = regenerate; what ComfyUI's mask
+  editor saves), with a warning saying so;
+- otherwise its brightness: 8/16-bit grayscale, palette, RGB (an opaque alpha carries nothing);
+  ``F`` (float) masks must already hold values in [0, 1];
+- EXIF orientation is applied first, as for the image.
 """
 from __future__ import annotations
 
@@ -19,6 +29,9 @@ import os
 
 import numpy as np
 
+import warnings
+
+from .checks import link_problem
 from .config import MAX_INIT_IMAGE_PIXELS, check_pixels
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I;16BS", "I;16LS")
@@ -30,7 +43,7 @@ def open_image(path, what: str = "image"):
 
     p = os.fspath(path)
     if not os.path.exists(p):
-        raise FileNotFoundError(f"{what} {p}: no such file; fix: pass an existing PNG/JPEG/WebP/TIFF image")
+        raise link_problem(p, what) or FileNotFoundError(f"{what} {p}: no such file; fix: pass an existing PNG/JPEG/WebP/TIFF image")
     if os.path.isdir(p):
         raise IsADirectoryError(f"{what} {p}: expected an image file, found a folder")
     try:
@@ -97,3 +110,53 @@ def to_tensor(img):
 
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
     return x.float() / 127.5 - 1.0
+
+
+def has_alpha(img) -> bool:
+    """Whether ``img`` carries transparency ComfyUI's LoadImage would read as a mask (an ``A`` band; also a
+    palette image with a transparent colour)."""
+    return "A" in img.getbands() or (img.mode == "P" and "transparency" in img.info)
+
+
+def mask_values(img, name: str = "mask"):
+    """An inpainting mask as a float32 array [H, W] in [0, 1] (1 = regenerate), see the module docstring."""
+    from PIL import ImageOps
+
+    try:
+        img = ImageOps.exif_transpose(img)
+        if has_alpha(img):
+            alpha = np.asarray((img if "A" in img.getbands() else img.convert("RGBA")).getchannel("A"),
+                               dtype=np.float32) / 255.0
+            if alpha.size and alpha.min() < 1.0:
+                warnings.warn(f"{name}: the mask has transparency, so its alpha channel is the mask, as in ComfyUI's "
+                              f"LoadImage: transparent pixels are regenerated, opaque ones kept (its colours are "
+                              f"ignored); save a grayscale mask (white = regenerate) to use brightness instead",
+                              UserWarning, stacklevel=3)
+                return 1.0 - alpha
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+            return np.asarray(img, dtype=np.float32) / 65535.0
+        if img.mode == "I":
+            arr = np.asarray(img, dtype=np.float64)
+            return (arr / (65535.0 if arr.max(initial=0) > 255 else 255.0)).astype(np.float32)
+        if img.mode == "F":
+            return np.asarray(img, dtype=np.float32)
+        if has_alpha(img) or img.mode in ("La", "RGBa"):     # fully opaque alpha: brightness of the colours
+            img = img.convert("RGBA").convert("RGB") if img.mode != "LA" else img.convert("L")
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except OSError as exc:
+        raise OSError(f"{name}: the image data cannot be decoded ({exc}); fix: re-save the mask") from None
+
+
+def check_image_range(t, name: str, low: float, high: float, fix: str, slack: float = 1e-3):
+    """ValueError unless the float tensor ``t`` holds values in [low, high] (``slack`` of rounding allowed, and
+    clamped); returns ``t`` clamped to the range. NaN/inf must have been refused before."""
+    if t.numel() == 0:
+        return t
+    lo_, hi = (float(v) for v in (t.min(), t.max()))
+    if lo_ < low - slack or hi > high + slack:
+        guess = ""
+        if hi > 2.0 and lo_ >= low - slack:
+            guess = " (it looks like 0 … 255 pixel values)"
+        raise ValueError(f"{name}: expected values in [{low:g}, {high:g}], found [{lo_:.4g}, {hi:.4g}]{guess}; "
+                         f"fix: {fix}")
+    return t.clamp(low, high) if lo_ < low or hi > high else t

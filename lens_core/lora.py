@@ -30,9 +30,17 @@ Scale of one target (how the decision follows the trainer that wrote the file):
   (``alpha / rank`` of each target); a plain ``lora_alpha`` / ``alpha`` entry likewise.
 - else 1 (alpha = rank, what every trainer means when it stores none).
 
+Metadata is validated, not guessed: booleans (``use_rslora``) must be true/false (JSON or the strings), numbers
+must be numbers, and a metadata rank (PEFT ``r`` / ``rank_pattern``, LoKr ``rank``) that disagrees with the
+factors' rank is an error (the scale would depend on which one is believed). Scales above :data:`MAX_SCALE`
+and factors beyond ±:data:`MAX_FACTOR_ABS` are refused when the file is read.
+
 Applying (:func:`apply_lora`): a Linear with an ordinary float weight gets the deltas **merged** into its weight
-(``W = W₀ + Σ strengthᵢ·scaleᵢ·ΔWᵢ``, computed in fp32 from an exact copy of ``W₀`` kept on the CPU and
-rounded once), so a forward costs nothing extra and :func:`remove_loras` restores ``W₀`` bit for bit. A layer
+(``W ← W + strength·scale·ΔW`` in fp32, rounded once into the weight's dtype, each adapter once when it is
+applied: linear cost for a stack of at most :data:`MAX_STACK`; an exact copy of ``W₀`` is kept on the CPU), so a
+forward costs nothing extra and :func:`remove_loras` restores ``W₀`` bit for bit. An apply is atomic: it is
+checked whole first (strength within ±:data:`MAX_STRENGTH`, no weight beyond ±:data:`MAX_MERGED_ABS` or
+non-finite) and a failure at any point leaves the model bit for bit as it was, the adapter unregistered. A layer
 whose weight is produced at forward time (the quantized storage of :mod:`lens_core.quant_linear`) keeps its
 storage and gets the delta **per call**: it adds ``strength·scale·ΔW`` to its dequantized weight before the
 matmul (:meth:`LoraDelta.patch_weight`: the hand merge, also for formats whose own path quantizes activations);
@@ -115,6 +123,18 @@ FOREIGN_LORAS = (
 MAX_KEYS = 100_000
 MAX_RANK = 65_536
 WARN_NAMES = 5
+#: |strength| limit (ComfyUI's own LoraLoader offers -100 … 100; a useful Lens LoRA strength is within ±2).
+MAX_STRENGTH = 100.0
+#: Largest scale (alpha / rank, or the metadata's alpha / r) a target may have. Trainers write alpha between
+#: 1 and a few times the rank (scales 1/128 … 16 in the files we know); 1000 leaves a wide margin.
+MAX_SCALE = 1000.0
+#: Largest |value| of a factor: a trainer's factors are O(1) and fit fp16 (±65504) whatever they are stored in.
+MAX_FACTOR_ABS = 65504.0
+#: Largest |weight| a merge may produce (the fp16 range). Lens DiT weights are O(1); beyond this an adapter
+#: (or its strength/scale) is broken and the image would come out black (activations overflow to inf/NaN).
+MAX_MERGED_ABS = 65504.0
+#: Adapters one model may hold at once (stacked :func:`apply_lora` calls, strength-0 ones included).
+MAX_STACK = 32
 
 
 class LoraError(CheckpointError):
@@ -230,6 +250,8 @@ def _number(value, what: str, path: str) -> float | None:
     """A finite positive float from a metadata value (str / number), None for 'None'/empty; error otherwise."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
+    if isinstance(value, bool):
+        raise LoraError(f"{path}: metadata {what} = {value!r}: expected a number, found a boolean")
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -239,13 +261,25 @@ def _number(value, what: str, path: str) -> float | None:
     return x
 
 
+def _flag(value, what: str, path: str) -> bool:
+    """A metadata boolean, parsed strictly: JSON true/false, or the strings "true"/"false" (any case); anything
+    else (e.g. "no", 1, "0") is an error rather than a guess (``bool("false")`` is True)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise LoraError(f"{path}: metadata {what} = {value!r}: expected true or false; fix: correct the metadata "
+                    f"(it decides the scale: alpha/sqrt(r) when true, alpha/r when false)")
+
+
 @dataclasses.dataclass
 class _MetaAlpha:
     alpha: float | None = None
     source: str = ""                 # "peft" / "peft-lokr" / "kohya" / ""
     rslora: bool = False
-    rank: float | None = None        # the adapter-wide rank (PEFT LoKr halves may all be full)
+    rank: float | None = None        # the adapter-wide rank (PEFT LoKr halves may all be full; PEFT ``r``)
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
 
 
 def _metadata_alpha(md: dict, path: str) -> _MetaAlpha:
@@ -262,8 +296,13 @@ def _metadata_alpha(md: dict, path: str) -> _MetaAlpha:
         if not isinstance(pattern, dict):
             raise LoraError(f"{path}: metadata alpha_pattern: expected a JSON object")
         pattern = {str(k): _number(v, f"alpha_pattern[{k!r}]", path) for k, v in pattern.items()}
+        ranks = cfg.get("rank_pattern") or {}
+        if not isinstance(ranks, dict):
+            raise LoraError(f"{path}: metadata rank_pattern: expected a JSON object")
+        ranks = {str(k): _number(v, f"rank_pattern[{k!r}]", path) for k, v in ranks.items()}
         alpha = _number(cfg.get("lora_alpha", cfg.get("alpha")), "lora_alpha", path)
-        return _MetaAlpha(alpha, "peft", bool(cfg.get("use_rslora", False)), pattern)
+        return _MetaAlpha(alpha, "peft", _flag(cfg.get("use_rslora", False), "use_rslora", path),
+                          _number(cfg.get("r"), "r", path), pattern, ranks)
     ntype = str(md.get("networkType", md.get("network_type", ""))).lower()
     if ntype == "lokr":
         return _MetaAlpha(_number(md.get("alpha", md.get("lora_alpha")), "alpha", path), "peft-lokr",
@@ -279,6 +318,13 @@ def _pattern_alpha(meta: _MetaAlpha, name: str) -> float | None:
         if name == pat or name.endswith("." + pat):
             return a
     return meta.alpha
+
+
+def _pattern_rank(meta: _MetaAlpha, name: str) -> float | None:
+    for pat, r in meta.rank_pattern.items():
+        if name == pat or name.endswith("." + pat):
+            return r
+    return meta.rank
 
 
 def _foreign(keys) -> tuple[str, str] | None:
@@ -357,8 +403,22 @@ def _build_target(name: str, kind: str, parts: dict, keys: dict, alpha, meta: _M
             raise LoraError(f"{path}: {keys.get(role, first)}: expected a float tensor, found {t.dtype}")
         if t.numel() and not bool(torch.isfinite(t).all()):
             raise LoraError(f"{path}: {keys.get(role, first)}: contains NaN or infinity")
+        big = float(t.abs().max()) if t.numel() else 0.0
+        if big > MAX_FACTOR_ABS:
+            raise LoraError(f"{path}: {keys.get(role, first)}: holds values up to {big:.3g}; expected factors "
+                            f"within ±{MAX_FACTOR_ABS:g} (trained LoRA factors are O(1)); the file is corrupt or "
+                            f"was exported wrongly")
     if rank is not None and not 0 < rank <= MAX_RANK:
         raise LoraError(f"{path}: target {name}: rank {rank} out of range 1..{MAX_RANK}")
+    if alpha is None and meta.source in ("peft", "peft-lokr") and rank is not None:
+        meta_r = _pattern_rank(meta, name)
+        if meta_r is not None and meta_r != rank:
+            what = "r" if meta.source == "peft" else "rank"
+            a = _pattern_alpha(meta, name)
+            raise LoraError(f"{path}: target {name}: metadata {what}={meta_r:g} but its factors have rank {rank} "
+                            f"({keys[sorted(keys)[0]]}); the scale would be {a}/{meta_r:g} by the metadata or "
+                            f"{a}/{rank} by the factors. Fix: correct the metadata's {what} (or re-export the "
+                            f"adapter); the file disagrees with itself")
 
     # scale
     if alpha is not None:                                   # per-key .alpha (kohya / LyCORIS meaning)
@@ -374,6 +434,11 @@ def _build_target(name: str, kind: str, parts: dict, keys: dict, alpha, meta: _M
             scale = a / math.sqrt(rank)
         else:
             scale = a / rank
+    if not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+        a = alpha if alpha is not None else _pattern_alpha(meta, name)
+        raise LoraError(f"{path}: target {name} ({first}): scale {scale:.3g} (alpha {a!r} / rank {rank}); expected "
+                        f"at most {MAX_SCALE:g} (trainers write alpha between 1 and a few times the rank). Fix: "
+                        f"correct the alpha (.alpha tensors or metadata) or re-export")
     f = {k: v.float().contiguous() for k, v in f.items()}
     return LoraTarget(kind, f, float(scale), first)
 
@@ -485,16 +550,23 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
         raise ValueError(f"--lora {text!r}: strength must be a finite number, got {strength}")
     if not path:
         raise ValueError(f"--lora {text!r}: expected FILE[:STRENGTH]")
+    check_strength(strength, f"--lora {text!r}: strength")
     return path, strength
 
 
 def check_strength(strength, what="strength") -> float:
+    """``strength`` as a finite float within ±:data:`MAX_STRENGTH`; ValueError naming ``what`` otherwise."""
+    if isinstance(strength, bool):
+        raise ValueError(f"LoRA {what}: expected a number, got {strength!r}")
     try:
         s = float(strength)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"LoRA {what}: expected a number, got {strength!r}") from None
     if not math.isfinite(s):
         raise ValueError(f"LoRA {what}: expected a finite number, got {strength!r}")
+    if abs(s) > MAX_STRENGTH:
+        raise ValueError(f"LoRA {what}: expected a value within ±{MAX_STRENGTH:g}, got {strength!r}; fix: a "
+                         f"strength around 0.5 … 1.5 (negative values invert the adapter)")
     return s
 
 
@@ -624,25 +696,69 @@ def _state(model) -> dict:
     return st
 
 
-def _remerge(model, name: str, module, entries):
-    """Weight of a merged layer = exact backup + Σ coef·delta (fp32), rounded once to the weight dtype."""
+def _abs_bound(t: LoraTarget) -> float:
+    """An upper bound of max |ΔW| (without ``scale``) from the factors alone, in float64: cheap (no ΔW)."""
+    f = t.factors
+
+    def prod_bound(a, b):           # max |a @ b| <= max_i Σ_r |a_ir| · max |b|
+        return float(a.abs().double().sum(dim=1).max()) * float(b.abs().max()) if a.numel() and b.numel() else 0.0
+
+    if t.kind == "lora":
+        return prod_bound(f["up"], f["down"])
+    if t.kind == "loha":
+        return prod_bound(f["w1a"], f["w1b"]) * prod_bound(f["w2a"], f["w2b"])
+    halves = []
+    for h in ("w1", "w2"):          # max |kron(w1, w2)| = max |w1| · max |w2|
+        halves.append(float(f[h].abs().max()) if h in f else prod_bound(f[h + "a"], f[h + "b"]))
+    return halves[0] * halves[1]
+
+
+def _weight_abs_max(w: torch.Tensor) -> float:
+    lo_, hi = torch.aminmax(w.detach())
+    return max(abs(float(lo_)), abs(float(hi)))
+
+
+def check_merge(adapter: LoraAdapter, strength: float, mods: dict):
+    """Refuse (LoraError, nothing modified) an adapter whose ``strength · scale · ΔW`` would push a weight
+    beyond ±:data:`MAX_MERGED_ABS` (or to inf/NaN): a bound from the factors first (no ΔW built); only where
+    that bound is too loose is the exact ΔW of that one layer computed."""
+    for name, mod in mods.items():
+        t = adapter.targets[name]
+        coef = abs(strength * t.scale)
+        w = getattr(mod, "weight", None)
+        base = _weight_abs_max(w) if not is_per_call(mod) and w.numel() else 0.0
+        if base + coef * _abs_bound(t) <= MAX_MERGED_ABS:
+            continue
+        d = t.delta(torch.float32, "cpu") * float(strength)
+        if not is_per_call(mod):
+            d += w.detach().to("cpu", torch.float32)
+        worst = float(d.abs().max()) if bool(torch.isfinite(d).all()) else math.inf
+        if worst > MAX_MERGED_ABS:
+            raise LoraError(f"{adapter.path}: {t.key}: at strength {strength:g} (scale {t.scale:.3g}) the adapter "
+                            f"makes {name}'s weights reach {worst:.3g}; expected at most ±{MAX_MERGED_ABS:g} (Lens "
+                            f"weights are O(1): the result would be a black image). Fix: a smaller strength, or "
+                            f"check the file's alpha/factors (re-export the adapter)")
+
+
+def _merge_step(model, name: str, module, target: LoraTarget, coef: float):
+    """One adapter merged into a float Linear: W ← W + coef·scale·ΔW, in fp32, rounded once into W's dtype.
+    The exact original is kept on the CPU the first time (for :func:`remove_loras`)."""
     st = _state(model)
     w = module.weight
     if name not in st["backup"]:
         st["backup"][name] = w.detach().to("cpu", copy=True)
-    base = st["backup"][name]
-    active = [(t, c) for t, c in entries if c != 0.0]
+    if coef == 0.0:
+        return
     with torch.no_grad():
-        if not active:
-            w.copy_(base)
-            return
-        acc = base.to(device=w.device, dtype=torch.float32, copy=True)
-        for t, c in active:
-            if t.kind == "lora":       # fused acc += c·scale·(up @ down), no ΔW temporary
-                f = t.factors
-                acc.addmm_(f["up"].to(w.device), f["down"].to(w.device), alpha=c * t.scale)
-            else:
-                acc.add_(t.delta(torch.float32, w.device), alpha=c)
+        acc = w.detach().to(torch.float32, copy=True)
+        if target.kind == "lora":       # fused acc += c·scale·(up @ down), no ΔW temporary
+            f = target.factors
+            acc.addmm_(f["up"].to(w.device), f["down"].to(w.device), alpha=coef * target.scale)
+        else:
+            acc.add_(target.delta(torch.float32, w.device), alpha=coef)
+        lo_, hi = torch.aminmax(acc)
+        if not (math.isfinite(float(lo_)) and math.isfinite(float(hi))):
+            raise LoraError(f"{target.key}: merging gives non-finite weights in {name}")
         w.copy_(acc)
 
 
@@ -650,24 +766,61 @@ def _entries_for(model, name: str) -> list:
     return [(a.targets[name], s) for a, s in _state(model)["applied"] if name in a.targets]
 
 
-def apply_lora(model, adapter, strength: float = 1.0) -> list[str]:
-    """Apply ``adapter`` (a :class:`LoraAdapter` or a path) to ``model`` with ``strength``; adapters stack.
+def _restore(model, name: str, module, entries):
+    """A merged layer back to backup + ``entries`` merged one by one in their order (the same operations as
+    when they were applied, so the same bits)."""
+    st = _state(model)
+    if name not in st["backup"]:
+        return
+    with torch.no_grad():
+        module.weight.copy_(st["backup"][name])
+    for t, c in entries:
+        _merge_step(model, name, module, t, c)
 
-    Float Linears get the delta merged into their weight (exact backup kept on the CPU); layers with quantized
-    storage get it per call. Returns the names of the patched modules. Strength 0 changes nothing.
+
+def apply_lora(model, adapter, strength: float = 1.0) -> list[str]:
+    """Apply ``adapter`` (a :class:`LoraAdapter` or a path) to ``model`` with ``strength``; adapters stack (at
+    most :data:`MAX_STACK`).
+
+    Float Linears get the delta merged into their weight (exact backup kept on the CPU): each adapter is merged
+    once, when applied (cost linear in the number of adapters; a stack is rounded once per adapter). Layers
+    with quantized storage get it per call. Returns the names of the patched modules. Strength 0 changes
+    nothing.
+
+    Atomic: the whole adapter is checked first (:func:`check_merge`: no weight may leave ±:data:`MAX_MERGED_ABS`
+    or become NaN/inf); if anything fails, even half-way through merging, the model is left bit for bit as it
+    was and the adapter is not registered.
     """
+    s = check_strength(strength)
     if not isinstance(adapter, LoraAdapter):
         adapter = load_lora(adapter)
-    s = check_strength(strength)
-    mods = resolve_targets(model, adapter)
     st = _state(model)
+    if len(st["applied"]) >= MAX_STACK:
+        raise LoraError(f"{adapter.path}: {len(st['applied'])} adapters are already applied to this model; at most "
+                        f"{MAX_STACK} stack. Fix: remove some (remove_loras / fewer --lora), or merge several "
+                        f"adapters into one file")
+    mods = resolve_targets(model, adapter)
+    if s != 0.0:
+        check_merge(adapter, s, mods)
+    done = []                         # (name, module, previous per-call deltas or None)
+    try:
+        for name, mod in mods.items():
+            if is_per_call(mod):
+                install_delta_hook(mod)
+                done.append((name, mod, mod.lens_lora_deltas))
+                if s != 0.0:
+                    mod.lens_lora_deltas = tuple(mod.lens_lora_deltas) + (LoraDelta(adapter.targets[name], s),)
+            else:
+                done.append((name, mod, None))
+                _merge_step(model, name, mod, adapter.targets[name], s)
+    except BaseException:
+        for name, mod, previous in reversed(done):
+            if previous is not None:
+                mod.lens_lora_deltas = previous
+            else:
+                _restore(model, name, mod, [(t, c) for t, c in _entries_for(model, name) if c != 0.0])
+        raise
     st["applied"].append((adapter, s))
-    for name, mod in mods.items():
-        if is_per_call(mod):
-            install_delta_hook(mod)
-            mod.lens_lora_deltas = tuple(LoraDelta(t, c) for t, c in _entries_for(model, name) if c != 0.0)
-        else:
-            _remerge(model, name, mod, _entries_for(model, name))
     return list(mods)
 
 
@@ -717,6 +870,7 @@ def host_patches(model, adapter: LoraAdapter, strength: float):
     patches, deltas = [], {}
     if s == 0.0:
         return patches, deltas
+    check_merge(adapter, s, mods)
     for name, mod in mods.items():
         t = adapter.targets[name]
         if is_per_call(mod):

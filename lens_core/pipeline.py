@@ -19,8 +19,9 @@ import torch
 from . import checkpoints as ck
 from . import config as cf
 from .config import aspect_buckets, pack_latents, unpack_latents, variant_defaults, variant_name
+from .checks import link_problem
 from .hardware import choose_dtype, resolve_device
-from .images import open_image, to_rgb, to_tensor
+from .images import check_image_range, mask_values, open_image, to_rgb, to_tensor
 from .prompt import DEFAULT_TEMPLATE_DATE, check_text, encode_prompts, resolve_date
 from .sampling import make_noise, prepare_mask, sample
 from .schedules import build_sigmas, format_schedule, parse_schedule
@@ -364,7 +365,7 @@ class LensPipeline:
             opts["temperature"] = temperature
         if not isinstance(prompt, str) or not prompt.strip():
             return enh.enhance(self.text_encoder, self.tokenizer, prompt, load_weights=False)
-        enh.load_generation_weights(self.text_encoder, device="cpu" if self.offload else self.device)
+        gen = enh.load_generation_weights(self.text_encoder, device="cpu" if self.offload else self.device)
         bar = _progress(self.progress, opts.get("max_new_tokens", enh.DEFAULT_MAX_NEW_TOKENS), "enhance")
         user_callback = opts.pop("callback", None)
 
@@ -375,8 +376,8 @@ class LensPipeline:
                 user_callback(done, total)
 
         try:
-            with self._on_device(self.text_encoder) as te:
-                return enh.enhance(te, self.tokenizer, prompt, seed=seed, date=template_date, device=self.device,
+            with self._on_device(self.text_encoder), self._on_device(gen):     # the generator's own weights too
+                return enh.enhance(gen, self.tokenizer, prompt, seed=seed, date=template_date, device=self.device,
                                    callback=on_token, **opts)
         finally:
             if bar is not None:
@@ -555,6 +556,8 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"{n['prompt']}: expected a string or a non-empty list of strings, found {prompt!r:.80}")
     prompts = [check_text(p, f"prompt[{i}]") for i, p in enumerate(prompts)]
+    if negative_prompt is None:         # documented: None = no negative prompt (the official empty one)
+        negative_prompt = ""
     if isinstance(negative_prompt, str):
         negatives = [check_text(negative_prompt, n["negative_prompt"])] * len(prompts)
     else:
@@ -584,7 +587,9 @@ def check_request(prompt, negative_prompt="", *, height=None, width=None, aspect
                              f"{tuple(image.shape)}")
         cf.check_pixels(image.shape[2], image.shape[3], "image", cf.MAX_INIT_IMAGE_PIXELS)
         cf.check_finite_tensor(image, "image")
-        image = image.float()
+        image = check_image_range(image.float(), "image (a tensor init image)", -1.0, 1.0,
+                                  "scale it to [-1, 1] (x / 127.5 - 1 for 0 … 255, 2x - 1 for 0 … 1), or pass a "
+                                  "PIL image")
     elif image is not None:
         from PIL import Image
 
@@ -706,6 +711,8 @@ def check_headers(paths: dict) -> None:
 
 def _check_exists(p: str, label: str):
     if not os.path.exists(p):
+        if link_problem(p, label):
+            raise link_problem(p, label)
         parent = os.path.dirname(os.path.abspath(p))
         hint = (f"; {parent} holds {sorted(os.listdir(parent))[:12]}" if os.path.isdir(parent) else
                 f"; its folder {parent} does not exist either")
@@ -751,8 +758,9 @@ def _check_tokenizer_path(p: str, label: str):
 
 
 def load_mask(mask, label: str = "mask") -> torch.Tensor:
-    """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (8-bit or
-    16-bit grayscale, palette, RGB(A): its luminance; a float image must already be in [0, 1]) or a tensor."""
+    """An inpainting mask as a float32 tensor in [0, 1] (1 = regenerate): from a path or PIL image (brightness, or
+    1 − alpha for a mask with transparency as ComfyUI's LoadImage reads it: :func:`lens_core.images.mask_values`)
+    or a tensor."""
     if isinstance(mask, torch.Tensor):
         return mask
     from PIL import Image
@@ -769,16 +777,7 @@ def load_mask(mask, label: str = "mask") -> torch.Tensor:
     if not isinstance(mask, Image.Image):
         raise ValueError(f"{name}: expected a PIL image, a path or a tensor [H, W] in [0, 1], got "
                          f"{type(mask).__name__}")
-    if mask.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(mask, dtype=np.float32) / 65535.0
-    elif mask.mode == "I":
-        arr = np.asarray(mask, dtype=np.float64)
-        arr = (arr / (65535.0 if arr.max(initial=0) > 255 else 255.0)).astype(np.float32)
-    elif mask.mode == "F":
-        arr = np.asarray(mask, dtype=np.float32)
-    else:
-        arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(np.ascontiguousarray(mask_values(mask, name)))
     if not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
         raise ValueError(f"{name}: a float ('F' mode) mask must hold values in [0, 1], found "
                          f"[{float(t.nan_to_num().min()):g}, {float(t.nan_to_num().max()):g}] or NaN")

@@ -322,13 +322,13 @@ class Inpainting:
 
 
 def euler_sample(model, latents, sigmas, guidance: Guidance, *, grid, inpainting=None, callback=None):
-    """Walk ``sigmas`` (checked, see :func:`lens_core.schedules.check_sigmas`) from ``latents`` (already at
+    """Walk ``sigmas`` (checked by :func:`lens_core.schedules.check_sigmas` first) from ``latents`` (already at
     sigmas[0], in the run dtype on the run device) with Euler steps of the ``guidance`` velocity; returns the
     final latents. ``inpainting``: an :class:`Inpainting` applied after every step; ``callback(step, total,
     latents, x0)`` after every step (x0 = latents − σ·v in fp32; it may raise to interrupt; a returned tensor
     replaces the latents)."""
     device, dtype = latents.device, latents.dtype
-    sigmas = sigmas.to(device)
+    sigmas = check_sigmas(sigmas).to(device)
     t_model = model_timesteps(sigmas, dtype)
     kwargs = {"exact": guidance.exact} if _accepts_exact(model) else {}
     total = sigmas.shape[0] - 1

@@ -18,6 +18,7 @@ module built on ``meta`` (drop ``lm_head.*``, ``model.norm.*`` and layers past t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 
@@ -433,19 +434,18 @@ class LensTextEncoder(nn.Module):
         ops = resolve_operations(operations)
         n_layers = max(self.selected_layers) + 1
         self.model = _GptOssBody(config, n_layers, ops, experts, expert_format, device=device, dtype=dtype)
-        # what the generation modules (later layers, final norm, lm_head) are built with, on demand
+        # what a TextGenerator builds its modules (later layers, final norm, lm_head) with
         self._build = dict(ops=ops, experts=experts, expert_format=expert_format, dtype=dtype)
-        self.lm_head = None
         inv_freq, self.attention_scaling = rope_inv_freq(config.head_dim, config.rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        bump_weights_version(self)
 
     def is_unused_key(self, key: str) -> bool:
         """True for checkpoint keys this encoder does not hold (``lm_head``, final norm, layers past the last
-        selected one, unless the generation modules were added): drop them before ``load_state_dict``."""
-        if key.startswith("lm_head."):
-            return self.lm_head is None
-        if key.startswith("model.norm."):
-            return not hasattr(self.model, "norm")
+        selected one: text generation's, :class:`lens_core.generator.TextGenerator`): drop them before
+        ``load_state_dict``."""
+        if key.startswith(("lm_head.", "model.norm.")):
+            return True
         parts = key.split(".")
         if key.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
             return int(parts[2]) >= len(self.model.layers)
@@ -456,103 +456,11 @@ class LensTextEncoder(nn.Module):
         """Decoder layers the feature forward runs (0..max(selected_layers))."""
         return max(self.selected_layers) + 1
 
-    # ---- text generation (the prompt enhancer, lens_core.enhance) ------------------------------------------
-    @property
-    def can_generate(self) -> bool:
-        """All layers, the final norm and the output head (or tied embeddings) are present and loaded."""
-        if len(self.model.layers) != self.config.num_hidden_layers or not hasattr(self.model, "norm"):
-            return False
-        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-        tensors = [p for p in self.parameters()] + ([] if head is None else [head.weight])
-        return head is not None and all(p.device.type != "meta" for p in tensors)
-
-    def add_generation_modules_(self) -> list[str]:
-        """Build (on ``meta``) what text generation needs beyond the feature layers: the decoder layers after
-        the last selected one, the final norm ``model.norm`` and ``lm_head`` (not with tied embeddings), with the
-        operations/dtype the encoder was built with. Returns the state-dict keys to load into them (nothing else
-        is touched: the existing layers are the same objects). Undo with :meth:`remove_generation_modules_`."""
-        cfg, b = self.config, self._build
-        cache = self.model.layers[0].mlp.experts.__dict__.get("expert_cache") if len(self.model.layers) else None
-        for i in range(len(self.model.layers), cfg.num_hidden_layers):
-            self.model.layers.append(GptOssDecoderLayer(cfg, i, b["ops"], b["experts"], b["expert_format"],
-                                                        device="meta", dtype=b["dtype"]))
-            self.model.layers[-1].mlp.experts.expert_cache = cache
-        if not hasattr(self.model, "norm"):
-            self.model.norm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device="meta", dtype=b["dtype"])
-        if self.lm_head is None and not cfg.tie_word_embeddings:
-            self.lm_head = b["ops"].Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta",
-                                           dtype=b["dtype"])
-        return [k for k, t in self.state_dict().items() if t.device.type == "meta" and self._is_generation_key(k)]
-
-    def _is_generation_key(self, key: str) -> bool:
-        if key.startswith(("lm_head.", "model.norm.")):
-            return True
-        parts = key.split(".")
-        return key.startswith("model.layers.") and int(parts[2]) >= self.feature_layers
-
-    def remove_generation_modules_(self):
-        """Drop the generation modules (back to the feature encoder; frees ``lm_head`` and the final norm)."""
-        del self.model.layers[self.feature_layers:]
-        if hasattr(self.model, "norm"):
-            del self.model.norm
-        self.lm_head = None
-        return self
-
-    def new_kv_cache(self, batch: int, capacity: int, dtype=None, device=None) -> "KVCache":
-        """An empty key/value cache for ``capacity`` positions of every layer."""
-        dtype = dtype or self.compute_dtype or self.model.layers[0].self_attn.k_proj.weight.dtype
-        attn = self.model.layers[0].self_attn
-        return KVCache(len(self.model.layers), batch, attn.kv_heads, attn.head_dim, capacity, dtype, device)
-
-    def _rope_at(self, start: int, t: int, dtype, device):
-        inv_freq = self.inv_freq
-        if inv_freq.device.type == "meta":
-            inv_freq, _ = rope_inv_freq(self.config.head_dim, self.config.rope)
-        pos = torch.arange(start, start + t, device=device, dtype=torch.float32)[:, None]
-        angles = pos * inv_freq.to(device, torch.float32)
-        return ((angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype))
-
-    def logits_step(self, input_ids: torch.Tensor, cache: "KVCache") -> torch.Tensor:
-        """Run ``input_ids [B, t]`` (the tokens at positions ``cache.length …``) through all layers with the
-        cache, append their keys/values, and return the fp32 next-token logits ``[B, vocab]`` of the last
-        position (final norm + ``lm_head``). The whole prompt in one call (prefill), then one token per call."""
-        if not self.can_generate:
-            raise ValueError("text generation needs all decoder layers, model.norm and lm_head: load them first "
-                             "with lens_core.enhance.load_generation_weights(encoder)")
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids: expected [B, T] with T >= 1, found {tuple(input_ids.shape)}")
-        return self._logits_step(input_ids, cache)
-
-    def _logits_step(self, input_ids, cache):
-        """:meth:`logits_step` without the checks (the generation loop checks once)."""
-        b, t = input_ids.shape
-        start = cache.length
-        if start + t > cache.capacity:
-            raise ValueError(f"KV cache: {start} + {t} positions exceed its capacity {cache.capacity}")
-        if any(layer.mlp.experts.mode == "dequantized" and layer.mlp.experts.is_packed for layer in self.model.layers):
-            self.dequantize_experts_()
-        dtype = cache.dtype
-        x = self.model.embed_tokens(input_ids).to(dtype)
-        cos, sin = self._rope_at(start, t, dtype, x.device)
-        masks = {"full": None, "sliding": None}
-        if t > 1:  # prompt: causal (+ window) mask over the keys each layer reads
-            q = torch.arange(start, start + t, device=x.device).view(t, 1)
-            neg, zero = torch.finfo(dtype).min, torch.zeros((), dtype=dtype, device=x.device)
-            k_full = torch.arange(0, start + t, device=x.device).view(1, -1)
-            masks["full"] = torch.where(k_full <= q, zero, neg)[None, None]
-            w = self.config.sliding_window
-            k_win = torch.arange(max(0, start - w + 1), start + t, device=x.device).view(1, -1)
-            masks["sliding"] = torch.where((k_win <= q) & (q - k_win < w), zero, neg)[None, None]
-        for i, layer in enumerate(self.model.layers):
-            x = layer.forward_cached(x, cos, sin, cache.k[i], cache.v[i], start, masks)
-        cache.length = start + t
-        h = self.model.norm(x[:, -1:])
-        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-        if head is self.lm_head:
-            logits = head(h)
-        else:
-            logits = F.linear(h, cast_to(head.weight, h.dtype, h.device))
-        return logits[:, -1].float()
+    # ---- weights version (what a TextGenerator's kept prefix is keyed by) ---------------------------------
+    def load_state_dict(self, *args, **kwargs):
+        out = super().load_state_dict(*args, **kwargs)
+        bump_weights_version(self)
+        return out
 
     def set_expert_cache(self, max_bytes):
         """Keep up to ``max_bytes`` of dequantized experts for one-token steps (text generation decode), least
@@ -573,11 +481,13 @@ class LensTextEncoder(nn.Module):
             layer.mlp.experts.dequantize_(dtype)
         return self
 
-    def _rope_tables(self, t, dtype, device):
+    def rope_tables(self, t, dtype, device, start: int = 0):
+        """(cos, sin) ``[t, head_dim/2]`` of positions ``start … start + t − 1`` (YaRN-scaled)."""
         inv_freq = self.inv_freq
         if inv_freq.device.type == "meta":  # built on meta and never materialised: recompute
             inv_freq, _ = rope_inv_freq(self.config.head_dim, self.config.rope)
-        angles = torch.arange(t, device=device, dtype=torch.float32)[:, None] * inv_freq.to(device, torch.float32)
+        pos = torch.arange(start, start + t, device=device, dtype=torch.float32)[:, None]
+        angles = pos * inv_freq.to(device, torch.float32)
         return ((angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -595,7 +505,7 @@ class LensTextEncoder(nn.Module):
         x = self.model.embed_tokens(input_ids)
         dtype = self.compute_dtype or self.model.layers[0].self_attn.k_proj.weight.dtype
         x = x.to(dtype)
-        cos, sin = self._rope_tables(input_ids.shape[1], dtype, x.device)
+        cos, sin = self.rope_tables(input_ids.shape[1], dtype, x.device)
         masks = attention_masks(attention_mask, self.config.sliding_window, dtype, x.device)
         wanted = {layer: pos for pos, layer in enumerate(self.selected_layers)}
         outputs = [None] * len(self.selected_layers)
@@ -627,6 +537,24 @@ class KVCache:
         """Size of a cache for ``capacity`` positions of every layer of ``config`` (before allocating it)."""
         per = batch * config.num_key_value_heads * capacity * config.head_dim * torch.finfo(dtype).bits // 8
         return 2 * config.num_hidden_layers * per
+
+
+_WEIGHTS_VERSIONS = itertools.count(1)
+
+
+def bump_weights_version(module: nn.Module) -> int:
+    """Stamp ``module`` with a new weights version (unique in this process) and return it. Loaders call it after
+    filling a module; code that changes weights in place must call it too (kept results keyed by the version,
+    such as a :class:`lens_core.generator.TextGenerator`'s prefix key/values, are then not reused)."""
+    v = next(_WEIGHTS_VERSIONS)
+    module.__dict__["lens_weights_version"] = v
+    return v
+
+
+def weights_version(module: nn.Module) -> int:
+    """The weights version of ``module`` (stamped now if it has none)."""
+    v = module.__dict__.get("lens_weights_version")
+    return bump_weights_version(module) if v is None else v
 
 
 def resident_bytes(module: nn.Module) -> int:

@@ -4,6 +4,7 @@ Imported as a subpackage of the pack (``<pack>.nodes``), so lens_core is reached
 (``from ..lens_core import ...``); ``bridge`` (nodes/bridge/) is the only package that imports ComfyUI.
 """
 from .conditioning import LensTextEncode
+from .errors import with_readable_errors
 from .enhance import LensPromptEnhance
 from .latents import LensEmptyLatent, LensVAEDecode, LensVAEEncode
 from .loaders import LensCheckpointLoader, LensModelLoader, LensTextEncoderLoader, LensVAELoader
@@ -26,6 +27,10 @@ NODE_CLASS_MAPPINGS = {
     "LensSigmas": LensSigmas,
     "LensNoise": LensNoise,
 }
+
+# the pack's own error classes reach ComfyUI's UI as one readable line (see errors.py)
+for _cls in NODE_CLASS_MAPPINGS.values():
+    with_readable_errors(_cls)
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LensModelLoader": "Lens Model Loader",

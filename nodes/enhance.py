@@ -42,19 +42,21 @@ class LensPromptEnhance:
 
     def enhance(self, text_encoder, text, seed, max_new_tokens=4096, temperature=0.7):
         from ..lens_core import enhance as core_enhance
+        from ..lens_core.prompt import check_text
 
+        text = check_text(text, "LensPromptEnhance: text")     # a string of valid UTF-8 (not None, no surrogates)
         if not text.strip():
             return (text,)
         te = text_encoder
-        module = te.module
-        if not module.can_generate:
-            bridge.unload(te.patcher)      # the module grows: ComfyUI must move and count the new tensors too
-            core_enhance.load_generation_weights(module, device=te.patcher.offload_device)
+        gen = core_enhance.generator_for(te.module)   # references the encoder's layers; owns lm_head, norm, …
+        gen.load_weights(device=te.patcher.offload_device)        # first use only (≈1.2 GB at real size)
+        gen_patcher = bridge.generator_patcher(gen, te.patcher)
         tokens = 1024 + int(max_new_tokens)
-        bridge.load(te.patcher, memory_required=bridge.enhancer_memory(module.config, tokens, te.dtype))
+        bridge.load_together([te.patcher, gen_patcher],
+                             memory_required=bridge.enhancer_memory(gen.config, tokens, te.dtype))
         reporter = bridge.TokenReporter(int(max_new_tokens))
         with torch.inference_mode():
-            out = core_enhance.enhance(module, te.tokenizer, text, seed=int(seed), max_new_tokens=int(max_new_tokens),
+            out = core_enhance.enhance(gen, te.tokenizer, text, seed=int(seed), max_new_tokens=int(max_new_tokens),
                                        temperature=float(temperature), callback=reporter,
                                        device=te.patcher.load_device, load_weights=False)
         reporter.finish()

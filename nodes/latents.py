@@ -8,6 +8,7 @@ import torch
 from . import bridge
 from ..lens_core import checks as chk
 from ..lens_core import config as core_config
+from ..lens_core.images import check_image_range
 
 LATENT_CHANNELS = 128
 CUSTOM = "custom"
@@ -18,6 +19,12 @@ UPSTREAM_FIX = ("the node that produced it overflowed or was fed broken data; re
 
 def _aspect_choices():
     return list(core_config.ASPECT_LABELS) + [CUSTOM]
+
+
+def _bucket_table() -> dict:
+    """{base: {aspect: [width, height]}} of the presets, for the UI (web/lens_nodes.js shows the preset's size)."""
+    return {str(base): {a: list(core_config.bucket_size(base, a))[::-1] for a in core_config.ASPECT_LABELS}
+            for base in (1440, 1024)}
 
 
 def check_lens_latent(samples, where: str):
@@ -43,14 +50,21 @@ class LensEmptyLatent:
         return {"required": {
             "aspect_ratio": (_aspect_choices(), {
                 "default": "1:1",
-                "tooltip": "Width:height bucket of the official Lens resolutions, or 'custom' to use width/height."}),
+                "tooltip": "Width:height bucket of the official Lens resolutions (the size is set by it and shown "
+                           "in width/height), or 'custom' to use width/height as entered.",
+                "lens_buckets": _bucket_table()}),
             "base_resolution": ([1440, 1024], {
                 "default": 1440,
-                "tooltip": "Bucket family: 1440 (Lens default, ≈2 MP) or 1024 (≈1 MP, faster)."}),
+                "tooltip": "Bucket family of the presets: 1440 (Lens default, ≈2 MP) or 1024 (≈1 MP, faster). "
+                           "Unused with 'custom'."}),
             "width": ("INT", {"default": 1440, "min": 16, "max": 8192, "step": 16,
-                              "tooltip": "Only for 'custom': image width in pixels, a multiple of 16."}),
+                              "tooltip": "Image width in pixels (a multiple of 16). With a preset it shows the "
+                                         "preset's width, which is what is used; editing it switches to "
+                                         "'custom'."}),
             "height": ("INT", {"default": 1440, "min": 16, "max": 8192, "step": 16,
-                               "tooltip": "Only for 'custom': image height in pixels, a multiple of 16."}),
+                               "tooltip": "Image height in pixels (a multiple of 16). With a preset it shows the "
+                                          "preset's height, which is what is used; editing it switches to "
+                                          "'custom'."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                    "tooltip": "Number of images generated together."}),
         }}
@@ -135,6 +149,9 @@ class LensVAEEncode:
             raise ValueError(f"LensVAEEncode: expected an IMAGE [B,H,W,3], found "
                              f"{list(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__}")
         chk.finite_tensor(pixels, "LensVAEEncode: pixels", UPSTREAM_FIX)
+        pixels = check_image_range(pixels, "LensVAEEncode: pixels (an IMAGE)", 0.0, 1.0,
+                                   "ComfyUI IMAGEs hold 0 … 1; the node that produced it gave another range (divide "
+                                   "0 … 255 values by 255, or put a clamp / normalize node in between)")
         b, hh, ww = pixels.shape[0], pixels.shape[1], pixels.shape[2]
         h, w = hh // 16 * 16, ww // 16 * 16
         if h == 0 or w == 0:

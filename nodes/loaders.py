@@ -127,8 +127,9 @@ class LensModelLoader:
                 "tooltip": WEIGHT_DTYPE_TOOLTIP}),
             "variant": (VARIANT_CHOICES, {
                 "default": "auto",
-                "tooltip": "Which Lens model this is; sets the sampler's 'auto' steps/CFG (Lens 20/5, Turbo 4/1, "
-                           "Base 50/5). 'auto' reads it from the file's metadata/config, then its name."}),
+                "tooltip": "Which Lens model this is: LensSampler's steps/cfg set to 0 (auto) use its official "
+                           "settings (Lens 20/5, Turbo 4/1, Base 50/5). 'auto' reads it from the file's "
+                           "metadata/config, then its name."}),
         }}
 
     def load(self, model_name, weight_dtype="default", variant="auto"):

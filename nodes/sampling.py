@@ -11,6 +11,8 @@ from ..lens_core import config as core_config
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 # a comma union (validated by ComfyUI 0.3.64 and 0.33 alike): the pack's LENS_MODEL or a native Lens MODEL
 MODEL_TYPES = "LENS_MODEL,MODEL"
+# a fresh LensSampler shows Lens's official settings (valid for every model kind; Turbo: 4 / 1)
+DEFAULT_STEPS, DEFAULT_CFG = 20, 5.0
 
 
 def lens_latent(latent: dict, where: str = "LensSampler"):
@@ -46,8 +48,8 @@ def seeded_noise(seed: int, batch: int, h: int, w: int, batch_index=None) -> tor
 
 
 class LensSampler:
-    DESCRIPTION = ("Sample a Lens latent: official flow-match Euler schedule, CFG with norm rescale; "
-                   "'auto' steps/CFG follow the model variant (Lens 20/5, Turbo 4/1, Base 50/5).")
+    DESCRIPTION = ("Sample a Lens latent: official flow-match Euler schedule, CFG with norm rescale. Official "
+                   "steps/CFG: Lens 20/5 (the default), Turbo 4/1, Base 50/5; 0 = auto from the model's variant.")
     CATEGORY = "Lens/sampling"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The denoised Lens latent [B,128,H/16,W/16]; batch_index / noise_mask are kept.",)
@@ -73,12 +75,14 @@ class LensSampler:
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                              "tooltip": "Seed of the initial noise (same seed = same image as the lens_core "
                                         "pipeline)."}),
-            "steps": ("INT", {"default": 0, "min": 0, "max": 1000,
-                              "tooltip": "Sampling steps; 0 = the variant's default (Lens 20, Turbo 4, Base 50). "
+            "steps": ("INT", {"default": DEFAULT_STEPS, "min": 0, "max": 1000,
+                              "tooltip": "Sampling steps. Official: Lens 20, Turbo 4, Base 50. 0 = auto: the "
+                                         "variant LensModelLoader detected (a native MODEL needs a number). "
                                          "Not used when sigmas is connected (the sigmas are the steps)."}),
-            "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Classifier-free guidance; 0 = the variant's default (Lens 5, Turbo 1, "
-                                         "Base 5). 1 disables guidance (one forward per step)."}),
+            "cfg": ("FLOAT", {"default": DEFAULT_CFG, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance. Official: Lens 5, Turbo 1, Base 5; 1 disables "
+                                         "guidance (one forward per step). 0 = auto: the variant "
+                                         "LensModelLoader detected (a native MODEL needs a number)."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                   "tooltip": "1 = text-to-image from pure noise; < 1 keeps that much of the input "
                                              "latent's structure (img2img / hires ≈ 0.35): the last "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def _mini_clone(tmp_path, tool: str, comfy_test: bool = True) -> pathlib.Path:
     clone = tmp_path / "clone"
     (clone / ".ci").mkdir(parents=True)
     shutil.copy(REPO / ".ci" / "run", clone / ".ci" / "run")
+    shutil.copy(REPO / ".ci" / "timed", clone / ".ci" / "timed")
     (clone / "requirements-dev.txt").write_text("")
     (clone / "pytest.ini").write_text("[pytest]\nmarkers =\n    comfyui: real ComfyUI\n")
     (clone / "tests").mkdir()
@@ -148,3 +150,24 @@ def test_ci_run_without_shared_fails(tmp_path):
     shutil.rmtree(tmp_path / "shared")
     r = _ci_run(clone, tmp_path, "true")
     assert r.returncode == 1 and "expected ../shared beside the clone" in r.stderr, r.stdout + r.stderr
+
+
+def _timed_cpu(tmp_path, tool) -> float:
+    clone = _mini_clone(tmp_path, tool)
+    env = _env("true", LENS_COMFYUI_CACHE=str(tmp_path / "cache"), TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, str(clone / ".ci" / "timed")], cwd=clone, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = [x for x in r.stderr.splitlines() if x.startswith("== .ci/run exit 0: wall")]
+    assert line, r.stderr
+    return float(re.search(r"CPU (\d+) s", line[0]).group(1))
+
+
+def test_ci_timed_counts_the_cpu_time_of_detached_processes(tmp_path):
+    """.ci/timed runs .ci/run and counts the CPU time of detached descendants too (a stand-in for the ComfyUI
+    servers the tests start: a process the set-up tool leaves running in the background, 4 s of CPU)."""
+    burner = FAKE_TOOL_OK + 'nohup python3 -c "import time\nt = time.process_time()\n' \
+        'while time.process_time() - t < 4.0: pass" >/dev/null 2>&1 &\n'
+    plain = _timed_cpu(tmp_path / "plain", FAKE_TOOL_OK)
+    burning = _timed_cpu(tmp_path / "burning", burner)
+    assert burning - plain >= 3, (plain, burning)

@@ -377,6 +377,15 @@ def test_pack_loads_and_lists_every_node(server, object_info):
     print("ComfyUI version:", stats["system"]["comfyui_version"])
 
 
+def test_ui_helper_is_served(server, object_info):
+    assert "/extensions/lens-nodes/lens_nodes.js" in server.get("/extensions")
+    with urllib.request.urlopen(server.url("/extensions/lens-nodes/lens_nodes.js"), timeout=60) as r:
+        js = r.read().decode()
+    assert js == (REPO / "web" / "lens_nodes.js").read_text()
+    spec = object_info["LensEmptyLatent"]["input"]["required"]["aspect_ratio"]
+    assert spec[1]["lens_buckets"]["1024"]["16:9"] == [1376, 768]
+
+
 def test_workflows_validate_against_live_object_info(object_info):
     native_lens = "pre_cfg" in object_info.get("CFGNorm", {}).get("input", {}).get("optional", {})
     for path in sorted((REPO / "workflows").glob("*.json")):
@@ -483,6 +492,9 @@ def _expect_error(server, prompt, *needles):
     print(f"{err['node_type']}: {err['exception_type']}: {err['exception_message']}")
     for needle in needles:
         assert needle in err["exception_message"], err["exception_message"]
+    # what the UI shows: a builtin type (not the pack's module path) and a one-line message
+    assert err["exception_type"] in ("ValueError", "FileNotFoundError", "OSError"), err["exception_type"]
+    assert "\n" not in err["exception_message"].strip(), err["exception_message"]
     return err
 
 
@@ -492,7 +504,7 @@ def test_bad_inputs_fail_with_a_fix_and_comfyui_keeps_running(server, object_inf
     p = _workflow_prompt("lens_turbo_t2i", object_info,
                          LensModelLoader={"model_name": "misplaced-flux2-vae.safetensors"})
     err = _expect_error(server, p, "misplaced-flux2-vae.safetensors", "FLUX.2 VAE", "LensVAELoader", "Fix")
-    assert err["node_type"] == "LensModelLoader" and err["exception_type"].endswith("ValueError")
+    assert err["node_type"] == "LensModelLoader" and err["exception_type"] == "ValueError"
     # a latent of another model family (SD-style 4 channels) into the Lens decoder
     p = {"1": vae, "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
          "3": {"class_type": "LensVAEDecode", "inputs": {"vae": ["1", 0], "samples": ["2", 0], "tiled": "auto"}},
@@ -942,7 +954,7 @@ def _hostile_prompts(server, object_info):
     def model(name, *needles):
         p = _workflow_prompt("lens_turbo_t2i", object_info, LensModelLoader={"model_name": name})
         err = _expect_error(server, p, name, *needles)
-        assert err["node_type"] == "LensModelLoader" and err["exception_type"].endswith("ValueError")
+        assert err["node_type"] == "LensModelLoader" and err["exception_type"] == "ValueError"
 
     model("lying-header_bf16.safetensors", "invalid safetensors header", "overlaps")
     model("into-the-header_bf16.safetensors", "invalid safetensors header", "non-negative integers")

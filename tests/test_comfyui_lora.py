@@ -200,3 +200,25 @@ def test_lora_list_survives_symlink_loops_over_http(server):   # noqa: F811
     finally:
         for link, _ in links:
             link.unlink()
+
+
+def test_lora_error_reaches_the_ui_as_one_readable_line(server, object_info):   # noqa: F811
+    """A LoRA of another model family: the execution error names the file and the problem with a builtin
+    exception type (the UI shows ``ValueError: …``, not ``custom_nodes.lens-nodes.lens_core.lora.LoraError``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from test_comfyui_integration import _expect_error
+
+    loras = server.base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(8, 4)},
+              str(loras / "flux_style.safetensors"))
+    prompt = _workflow_prompt("lens_turbo_t2i", object_info, LensSampler={"seed": 778})
+    loader, sampler = _node_id(prompt, "LensModelLoader"), _node_id(prompt, "LensSampler")
+    prompt["991"] = {"class_type": "LensLoraLoader",
+                     "inputs": {"model": [loader, 0], "lora_name": "flux_style.safetensors", "strength": 1.0}}
+    prompt[sampler]["inputs"]["model"] = ["991", 0]
+    err = _expect_error(server, prompt, "flux_style.safetensors", "FLUX")
+    assert err["node_type"] == "LensLoraLoader" and err["exception_type"] == "ValueError"

@@ -10,6 +10,7 @@ from lens_core import checkpoints as ck
 from lens_core import enhance as E
 from lens_core import prompt as P
 from lens_core import text_encoder as T
+from lens_core.generator import TextGenerator
 
 PROMPT_LEN = 20     # longer than the sliding window (5) of the tiny models
 NEW_TOKENS = 56     # >= 48 greedy tokens compared
@@ -42,9 +43,12 @@ def lm(request, tmp_path_factory):
                                            quantization_config=Mxfp4Config(dequantize=True)).eval()
     assert hf.config._attn_implementation == "eager" and hf.config.sliding_window < PROMPT_LEN
     ours = ck.load_text_encoder(folder, dtype=torch.float32, selected_layers=(1,))
-    assert len(ours.model.layers) == 2 and not ours.can_generate
-    E.load_generation_weights(ours)
-    assert ours.can_generate and len(ours.model.layers) == kw["layers"]
+    assert len(ours.model.layers) == 2 and not E.generator_for(ours).ready
+    keys = {k: v.shape for k, v in ours.state_dict().items()}
+    gen = E.load_generation_weights(ours)
+    assert gen is E.generator_for(ours) and gen.ready and len(gen.decoder_layers()) == kw["layers"]
+    # the encoder itself did not grow: same modules, same state dict
+    assert len(ours.model.layers) == 2 and {k: v.shape for k, v in ours.state_dict().items()} == keys
     return folder, hf, ours
 
 
@@ -85,7 +89,7 @@ def test_greedy_matches_transformers_on_packed_matvec_path(lm, monkeypatch, matv
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=48, do_sample=False, output_logits=True, return_dict_in_generate=True,
                           eos_token_id=None, pad_token_id=0, min_new_tokens=48)
-    assert len(calls) == 47 * 2 * len(ours.model.layers)          # every decode step, both projections
+    assert len(calls) == 47 * 2 * len(E.generator_for(ours).decoder_layers())   # every decode step, both projections
     assert len(matvec_kernel.checked) == (2 if matvec_kernel.enabled else 0)   # compiled: gate_up and down
     assert torch.equal(new, ref.sequences[:, PROMPT_LEN:])
     assert max(rel_err(a, b) for a, b in zip(logits, ref.logits)) <= 1e-5
@@ -100,8 +104,9 @@ def test_expert_cache_greedy_matches_transformers(lm):
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=48, do_sample=False, output_logits=True, return_dict_in_generate=True,
                           eos_token_id=None, pad_token_id=0, min_new_tokens=48)
-    bank = ours.model.layers[0].mlp.experts
-    every = 3 * bank.intermediate_size * bank.hidden_size * 4 * bank.num_experts * len(ours.model.layers)  # fp32
+    layers = E.generator_for(ours).decoder_layers()
+    bank = layers[0].mlp.experts
+    every = 3 * bank.intermediate_size * bank.hidden_size * 4 * bank.num_experts * len(layers)  # fp32
     try:
         for budget in (every // 2, 10 ** 9):
             cache = ours.set_expert_cache(budget)
@@ -109,10 +114,11 @@ def test_expert_cache_greedy_matches_transformers(lm):
             assert torch.equal(new, ref.sequences[:, PROMPT_LEN:])
             assert max(rel_err(a, b) for a, b in zip(logits, ref.logits)) <= 1e-5
             assert cache.hits > 0 and cache.misses > 0 and cache.nbytes <= budget
-            assert all(layer.mlp.experts.expert_cache is cache for layer in ours.model.layers)
+            assert all(layer.mlp.experts.expert_cache is cache for layer in layers)   # the generator's too
     finally:
         ours.set_expert_cache(None)
-    assert all(layer.mlp.experts.expert_cache is None for layer in ours.model.layers)
+    E.generate(ours, ids, 1, eos_token_ids=())
+    assert all(layer.mlp.experts.expert_cache is None for layer in layers)
     with pytest.raises(ValueError, match="max_bytes"):
         ours.set_expert_cache(-5)
 
@@ -133,13 +139,14 @@ def test_eos_stop_matches_transformers(lm):
 def test_kv_cache_equals_recomputation(lm):
     """Each cached decode step's logits equal a fresh prefill of the whole sequence so far (no cache reuse)."""
     _, _, ours = lm
+    gen = E.generator_for(ours)
     ids = _prompt(1)
     new, logits = E.generate(ours, ids, 24, eos_token_ids=(), output_logits=True)
     seq = torch.cat([ids, new], dim=1)
     for step in (0, 1, 5, 13, 23):
-        cache = ours.new_kv_cache(1, PROMPT_LEN + step)
+        cache = gen.new_kv_cache(1, PROMPT_LEN + step)
         with torch.no_grad():
-            fresh = ours.logits_step(seq[:, :PROMPT_LEN + step], cache)
+            fresh = gen.logits_step(seq[:, :PROMPT_LEN + step], cache)
         assert rel_err(logits[step], fresh) <= 1e-5, step
         assert int(fresh.argmax()) == int(new[0, step])
 
@@ -153,8 +160,11 @@ def test_attention_paths_and_query_blocks_agree(lm, monkeypatch):
     _, _, ours = lm
     ids = _prompt(8)
     ref_new, ref_logits = E.generate(ours, ids, 8, eos_token_ids=(), output_logits=True)
-    eager64 = copy.deepcopy(ours).double()
-    eager64.compute_dtype = torch.float64
+    enc64 = copy.deepcopy(ours).double()
+    enc64.compute_dtype = torch.float64
+    eager64 = TextGenerator(enc64)
+    eager64.load_state_dict({k: v.double() if v.is_floating_point() else v
+                             for k, v in E.generator_for(ours).state_dict().items()}, assign=True)
     for chunk in (T._QUERY_CHUNK, 3):
         monkeypatch.setattr(T, "_QUERY_CHUNK", chunk)
         for model in (ours, eager64):
@@ -164,15 +174,17 @@ def test_attention_paths_and_query_blocks_agree(lm, monkeypatch):
 
 
 def test_prefix_kept_and_reused_exactly(lm, monkeypatch):
-    """``prefix_len``: the prefix is prefilled on its own and kept on the encoder; a later prompt with the same
+    """``prefix_len``: the prefix is prefilled on its own and kept by the generator; a later prompt with the same
     prefix copies its keys/values (only the rest is prefilled) and gives bit-identical ids and logits to a run
     that computed it; a different prefix replaces it. Against the one-pass prefill: same greedy ids, logits to
-    fp32 rounding."""
+    fp32 rounding. The kept prefix is keyed by the explicit weights versions of the encoder and the generator:
+    a bump (what loaders and in-place editors do) or a load_state_dict makes it be computed again."""
     _, _, ours = lm
-    E.clear_prefix_cache(ours)
+    gen = E.generator_for(ours)
+    gen.clear_prefix_cache()
     seen = []
-    real = ours.logits_step
-    monkeypatch.setattr(ours, "logits_step", lambda ids, cache: seen.append(ids.shape[1]) or real(ids, cache))
+    real = gen.logits_step
+    monkeypatch.setattr(gen, "logits_step", lambda ids, cache: seen.append(ids.shape[1]) or real(ids, cache))
     a, b = _prompt(11), _prompt(11).clone()
     b[0, 9:] = _prompt(12)[0, 9:]                                 # same first 9 tokens, another rest
     one_pass, one_logits = E.generate(ours, a, 10, eos_token_ids=(), output_logits=True)
@@ -185,39 +197,67 @@ def test_prefix_kept_and_reused_exactly(lm, monkeypatch):
     again, again_logits = E.generate(ours, a, 10, eos_token_ids=(), output_logits=True, prefix_len=9)
     assert seen == [PROMPT_LEN - 9]                               # the prefix copied
     assert torch.equal(again, first) and all(torch.equal(x, y) for x, y in zip(again_logits, first_logits))
-    with torch.no_grad():
-        ours.model.layers[-1].self_attn.q_proj.weight.mul_(1.0)    # overwritten in place: not reused
-    seen.clear()
-    E.generate(ours, a, 2, eos_token_ids=(), prefix_len=9)
-    assert seen == [9, PROMPT_LEN - 9]
+    for change in (lambda: T.bump_weights_version(ours),          # an in-place edit of the encoder, announced
+                   lambda: ours.load_state_dict(ours.state_dict()),
+                   lambda: T.bump_weights_version(gen),
+                   lambda: gen.load_state_dict(gen.state_dict())):
+        change()
+        seen.clear()
+        assert torch.equal(E.generate(ours, a, 2, eos_token_ids=(), prefix_len=9), first[:, :2])
+        assert seen == [9, PROMPT_LEN - 9]                        # computed again (same numbers)
     other = E.generate(ours, b, 10, eos_token_ids=(), prefix_len=9)
     E.clear_prefix_cache(ours)
+    assert gen.prefix_cache is None
     seen.clear()
     assert torch.equal(E.generate(ours, b, 10, eos_token_ids=(), prefix_len=9), other) and seen == [9, PROMPT_LEN - 9]
     seen.clear()
     E.generate(ours, _prompt(13), 2, eos_token_ids=(), prefix_len=9)  # another prefix: recomputed, replaces it
     assert seen == [9, PROMPT_LEN - 9]
-    kept = ours.__dict__["_lens_prefix_kv"]
-    assert kept[0][0] == tuple(_prompt(13)[0, :9].tolist()) and kept[1][0].shape[2] == 9
+    key = gen.prefix_cache
+    assert key[0] == tuple(_prompt(13)[0, :9].tolist()) and key[3:] == (T.weights_version(ours), gen.weights_version)
+    assert gen._prefix[1][0].shape[2] == 9 and gen._prefix[1][0].device.type == "cpu"
     for bad in (PROMPT_LEN, -1):
         with pytest.raises(ValueError, match="prefix_len"):
             E.generate(ours, a, 2, eos_token_ids=(), prefix_len=bad)
     with pytest.raises(ValueError, match="one row"):
         E.generate(ours, torch.cat([a, a]), 2, eos_token_ids=(), prefix_len=3)
     E.clear_prefix_cache(ours)
-    assert "_lens_prefix_kv" not in ours.__dict__
-    import copy
 
-    with torch.inference_mode():            # weights loaded under a host's inference mode (no version counter)
-        inf = copy.deepcopy(ours)
-        assert inf.model.layers[0].self_attn.q_proj.weight.is_inference()
-        inf.__dict__.pop("logits_step")     # (the copy took this test's wrapper around ours)
-        real_inf = inf.logits_step
-        monkeypatch.setattr(inf, "logits_step", lambda ids, cache: seen.append(ids.shape[1]) or real_inf(ids, cache))
-        seen.clear()
-        assert torch.equal(E.generate(inf, a, 4, eos_token_ids=(), prefix_len=9), first[:, :4])
-        assert torch.equal(E.generate(inf, a, 4, eos_token_ids=(), prefix_len=9), first[:, :4])
-        assert seen == [9, PROMPT_LEN - 9, PROMPT_LEN - 9]
+
+def test_generator_is_its_own_module(lm, tmp_path):
+    """The generator references the encoder's layers (same objects), owns the rest (its own state dict, in the
+    checkpoint's key names), owns its KV cache only while it generates, and never changes the encoder; one
+    generator per live encoder, which does not keep the encoder alive."""
+    import gc
+    import weakref
+
+    folder, _, ours = lm
+    gen = E.generator_for(ours)
+    layers = gen.decoder_layers()
+    assert all(a is b for a, b in zip(layers, ours.model.layers)) and len(layers) == ours.config.num_hidden_layers
+    own = set(gen.state_dict())
+    assert "model.norm.weight" in own and "lm_head.weight" in own
+    assert not any(k.startswith("model.layers.1.") for k in own) and any(k.startswith("model.layers.2.") for k in own)
+    assert not (own & set(ours.state_dict()))
+    seen = []
+    E.generate(ours, _prompt(3), 3, eos_token_ids=(), callback=lambda d, t: seen.append(gen.kv_cache is not None))
+    assert seen == [True] * 3 and gen.kv_cache is None
+    # interrupted: the cache is dropped too, nothing else changes
+    with pytest.raises(KeyboardInterrupt):
+        E.generate(ours, _prompt(3), 3, eos_token_ids=(), callback=lambda d, t: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert gen.kv_cache is None
+    # one kept generator per encoder; it does not keep a dropped encoder alive
+    enc = ck.load_text_encoder(folder, dtype=torch.float32, selected_layers=(1,))
+    g2 = E.load_generation_weights(enc)
+    assert g2 is not gen and E.generator_for(enc) is g2 and E.generator_for(g2) is g2
+    ref = weakref.ref(enc)
+    del enc
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(ValueError, match="no longer exists"):
+        g2.encoder
+    with pytest.raises(ValueError, match="LensTextEncoder or a TextGenerator"):
+        E.generator_for(object())
 
 
 def test_batch_rows_equal_single_runs(lm):
@@ -258,8 +298,9 @@ def test_later_layers_loaded_on_demand_equal_full_load(lm):
     folder, _, ours = lm
     full = ck.load_text_encoder(folder, dtype=torch.float32, selected_layers=(ours.config.num_hidden_layers - 1,))
     embed = ours.model.embed_tokens.weight
-    E.load_generation_weights(full)
+    g_full = E.load_generation_weights(full)
     assert full.model.embed_tokens.weight is not embed
+    assert len(g_full.model.layers) == 0 and set(g_full.state_dict()) == {"model.norm.weight", "lm_head.weight"}
     ids = _prompt(5)
     a, la = E.generate(ours, ids, 8, eos_token_ids=(), output_logits=True)
     b, lb = E.generate(full, ids, 8, eos_token_ids=(), output_logits=True)
@@ -268,10 +309,11 @@ def test_later_layers_loaded_on_demand_equal_full_load(lm):
     fresh = ck.load_text_encoder(folder, dtype=torch.float32, selected_layers=(1,))
     mask = torch.ones_like(ids, dtype=torch.bool)
     assert torch.equal(ours(ids, mask)[0], fresh(ids, mask)[0])
-    # loading again is a no-op (same tensors)
-    head = ours.lm_head.weight
+    # loading again is a no-op (same tensors, same version)
+    gen = E.generator_for(ours)
+    head, version = gen.lm_head.weight, gen.weights_version
     E.load_generation_weights(ours)
-    assert ours.lm_head.weight is head
+    assert gen.lm_head.weight is head and gen.weights_version == version
 
 
 def test_yarn_rope_far_positions():
@@ -285,7 +327,7 @@ def test_yarn_rope_far_positions():
                            selected_layers=(0,), device="meta", dtype=torch.float32)
     rot = GptOssRotaryEmbedding(GptOssConfig())
     for start in (0, 4090, 70000):
-        cos, sin = te._rope_at(start, 9, torch.float32, "cpu")
+        cos, sin = te.rope_tables(9, torch.float32, "cpu", start=start)
         pos = torch.arange(start, start + 9)[None]
         rcos, rsin = rot(torch.zeros(1, 9, 64), pos)
         assert torch.allclose(cos, rcos[0, :, :32], rtol=1e-6, atol=1e-6)
@@ -345,13 +387,14 @@ def test_enhance_on_golden_encoder(golden_encoder, pipeline_dir):
     """The golden tiny Lens encoder (tied embeddings, vocab 201088, real tokenizer): enhance() runs the official
     conversation and returns a cleaned string or the original prompt; an interrupt leaves the encoder usable."""
     te, tok = golden_encoder
-    assert te.lm_head is None and te.config.tie_word_embeddings
+    gen = E.generator_for(te)
+    assert gen.lm_head is None and te.config.tie_word_embeddings      # tied: the embedding is the head
     ids, mask = P.tokenize(tok, ["a red cube on a wooden table"])
     with torch.no_grad():
         before = te(ids, mask)
     # empty prompt: unchanged, nothing loaded
     assert E.enhance(te, tok, "") == "" and E.enhance(te, tok, "  \n") == "  \n"
-    assert not te.can_generate
+    assert not gen.ready
     assert E.default_eos_ids(te) == (200002, 199999, 200012)   # the golden generation_config.json
     seen = []
 
@@ -362,14 +405,14 @@ def test_enhance_on_golden_encoder(golden_encoder, pipeline_dir):
 
     with pytest.raises(KeyboardInterrupt):
         E.enhance(te, tok, "a red cube", seed=1, max_new_tokens=12, callback=stop_at_3)
-    assert seen == [(1, 12), (2, 12), (3, 12)] and te.can_generate
+    assert seen == [(1, 12), (2, 12), (3, 12)] and gen.ready and gen.kv_cache is None
     a = E.enhance(te, tok, "a red cube", seed=1, max_new_tokens=12)
     b = E.enhance(te, tok, "a red cube", seed=1, max_new_tokens=12)
     assert isinstance(a, str) and a == b
     # enhance() prefills the template head (system prompt) on its own and keeps it for the next rewrite
     eids, head = E._enhance_ids(tok, "a red cube", 12, 131072, None)
     assert torch.equal(eids, E.enhance_ids(tok, "a red cube", 12, 131072))
-    assert te.__dict__["_lens_prefix_kv"][0][0] == tuple(eids[0, :head].tolist())
+    assert gen.prefix_cache[0] == tuple(eids[0, :head].tolist())
     raw = E.generate(te, eids, 12, 0.7, 1, pad_token_id=tok.pad_id, prefix_len=head)
     assert a == (E.clean_output(tok.tokenizer.decode(raw[0].tolist(), skip_special_tokens=False)) or "a red cube")
     E.clear_prefix_cache(te)
@@ -384,7 +427,7 @@ def test_long_prompt_truncated_with_warning(golden_encoder):
     head, tail = (len(x) for x in tok.encode(list(E.render_parts())))
     text = " ".join(["word"] * 300)
     n = len(tok.encode([text])[0])
-    with pytest.warns(UserWarning, match=r"truncated to 50 tokens .*\(%d tokens dropped" % (n - 50)):
+    with pytest.warns(UserWarning, match=r"truncated to 50 tokens, .*\(%d tokens dropped" % (n - 50)):
         ids = E.enhance_ids(tok, text, 10, head + tail + 50 + 10)
     assert ids.shape == (1, head + tail + 50)
     with pytest.warns(UserWarning, match="truncated"):
@@ -406,19 +449,20 @@ def test_gguf_output_weight_is_the_lm_head(lm, tmp_path, float_type, fused):
     path = fixtures.write_gguf_te(tmp_path / "gpt-oss-lm.gguf", None, folder=folder, float_type=float_type,
                                   fused=fused, embed_type="F32")
     te = ck.load_text_encoder(path, dtype=torch.float32, selected_layers=(1,))
-    assert te.lens_checkpoint.family == "gguf-text-encoder" and not te.can_generate
-    E.load_generation_weights(te)
-    assert te.can_generate and len(te.model.layers) == len(ours.model.layers)
+    assert te.lens_checkpoint.family == "gguf-text-encoder" and not E.generator_for(te).ready
+    gen = E.load_generation_weights(te)
+    ref_gen = E.generator_for(ours)
+    assert gen.ready and len(gen.decoder_layers()) == len(ref_gen.decoder_layers())
     ids = _prompt(6)
     new, logits = E.generate(te, ids, 16, eos_token_ids=(), output_logits=True)
     ref, ref_logits = E.generate(ours, ids, 16, eos_token_ids=(), output_logits=True)
     if float_type == "F32":
-        assert torch.equal(te.lm_head.weight, ours.lm_head.weight)
+        assert torch.equal(gen.lm_head.weight, ref_gen.lm_head.weight)
         assert torch.equal(new, ref)
         assert all(torch.equal(a, b) for a, b in zip(logits, ref_logits))
     else:
-        assert isinstance(te.lm_head, ql.GGUFLinear) and isinstance(te.model.layers[-1].self_attn.q_proj,
-                                                                     ql.GGUFLinear)
+        assert isinstance(gen.lm_head, ql.GGUFLinear) and isinstance(gen.decoder_layers()[-1].self_attn.q_proj,
+                                                                      ql.GGUFLinear)
         assert rel_err(logits[0], ref_logits[0]) < 0.05
 
 
@@ -426,10 +470,10 @@ def test_nvfp4_file_has_no_lm_head(golden_dir, tokenizer_json, tmp_path):
     path = fixtures.write_comfy_te_nvfp4(tmp_path / "gpt_oss_20b_nvfp4.safetensors", golden_dir, tokenizer_json)
     te = ck.load_text_encoder(path, dtype=torch.float32, selected_layers=(1, 3, 4, 5),
                               config=fixtures.te_config(golden_dir) | {"tie_word_embeddings": False})
-    n_layers = len(te.model.layers)
+    n_layers, keys = len(te.model.layers), set(te.state_dict())
     with pytest.raises(ck.CheckpointError, match=r"gpt_oss_20b_nvfp4.*lm_head.*text_encoder/ folder"):
         E.load_generation_weights(te)
-    assert te.lm_head is None and len(te.model.layers) == n_layers and not hasattr(te.model, "norm")
+    assert not E.generator_for(te).ready and len(te.model.layers) == n_layers and set(te.state_dict()) == keys
     ids = torch.tensor([[200006, 17360, 200008, 64, 3592]])
     assert te(ids)[0].shape == (1, 5, 64)
 
@@ -448,17 +492,20 @@ def test_bad_arguments(lm):
         E.generate(ours, ids.float(), 2)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         E.generate(ours, ids, 131072)
+    with pytest.raises(ValueError, match="load_weights"):
+        TextGenerator(ck.load_text_encoder(lm[0], dtype=torch.float32, selected_layers=(1,))).logits_step(ids, None)
     with pytest.raises(ValueError, match="load_generation_weights"):
-        ck.load_text_encoder(lm[0], dtype=torch.float32, selected_layers=(1,)).logits_step(ids, None)
+        E.generate(TextGenerator(ck.load_text_encoder(lm[0], dtype=torch.float32, selected_layers=(1,))), ids, 2)
 
 
 def test_real_size_memory_on_meta():
     """Resident bytes of the real-size enhancer (feature encoder + final norm + lm_head), by arithmetic on meta."""
     te = T.LensTextEncoder(T.TextEncoderConfig(), device="meta", dtype=torch.bfloat16)
     base = T.resident_bytes(te)
-    names = te.add_generation_modules_()
-    assert names == ["model.norm.weight", "lm_head.weight"]
-    full = T.resident_bytes(te)
+    gen = TextGenerator(te)
+    assert list(gen.state_dict()) == ["model.norm.weight", "lm_head.weight"]
+    assert T.resident_bytes(te) == base
+    full = base + T.resident_bytes(gen)
     print(f"real GPT-OSS-20B enhancer: {full / 1e9:.3f} GB resident = feature encoder {base / 1e9:.3f} GB + "
           f"lm_head/norm {(full - base) / 1e9:.3f} GB; KV cache for 600 + 4096 tokens bf16: "
           f"{24 * 2 * 8 * 64 * 4696 * 2 / 1e6:.0f} MB")

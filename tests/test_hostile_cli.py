@@ -163,7 +163,7 @@ def test_node_size_inputs_use_the_core_limits():
                                          r"1000000"):
         empty.generate("1:1", 1024, 0, 0, 10 ** 6)
     assert empty.generate("custom", 1024, 2048, 2048, 1)[0]["samples"].shape == (1, 128, 128, 128)
-    bridge = nodes["LensSampler"].sample.__globals__["bridge"]
+    bridge = sys.modules[nodes["LensSampler"].__module__].bridge
     model = bridge.LensModel(patcher=None, config=None, variant="lens", dtype=torch.float32, path="")
     latent = {"samples": torch.zeros(1, 128, 4, 6)}
     with pytest.raises(ValueError, match=r"^LensSampler steps: expected an integer in \[1, 1000\], found 100000"):

@@ -492,14 +492,15 @@ def test_patcher_choice_for_dynamic_vram_at_real_size(pack):
 
 def test_prompt_enhance_node(pack, loaded, pipeline_dir):
     """LensPromptEnhance on the tiny golden encoder: the same text as lens_core.enhance for the same seed,
-    loaded through ComfyUI (lm_head/final norm added on first use), progress per token batch, interruptible,
-    and the encoder keeps encoding identically afterwards."""
+    loaded through ComfyUI (the generator's lm_head/final norm loaded on first use, in a ModelPatcher of its
+    own), progress per token batch, interruptible, and the encoder keeps encoding identically afterwards."""
     import comfy.model_management as mm
     import comfy.utils
     from lens_core import checkpoints as ck
     from lens_core import enhance as core_enhance
 
     te = loaded["te"]
+    encoder_size = mm.module_size(te.module)
     before, = run(pack, "LensTextEncode", text_encoder=te, text=PROMPT)
     assert run(pack, "LensPromptEnhance", text_encoder=te, text="  ", seed=1) == ("  ",)
     events = []
@@ -507,7 +508,10 @@ def test_prompt_enhance_node(pack, loaded, pipeline_dir):
     try:
         out, = run(pack, "LensPromptEnhance", text_encoder=te, text=PROMPT, seed=7, max_new_tokens=20,
                    temperature=0.7)
-        assert te.module.can_generate and te.patcher.model_size() == mm.module_size(te.module)
+        gen = sys.modules[f"{PACK_NAME}.lens_core.enhance"].generator_for(te.module)     # the pack's own copy
+        gen_patcher = gen.__dict__["_comfy_patcher"]
+        assert gen.ready and gen_patcher.model is gen and gen_patcher.model_size() == mm.module_size(gen)
+        assert te.patcher.model_size() == mm.module_size(te.module) == encoder_size   # the encoder did not grow
         assert events and events[-1] == (20, 20) and all(t == 20 for _, t in events)
         mm.interrupt_current_processing(True)
         with pytest.raises(mm.InterruptProcessingException):

@@ -40,6 +40,12 @@ def add_arguments(parser):
     parser.add_argument("--compare-readahead", action="store_true",
                         help="also load each layout with the background read-ahead helper switched off")
     parser.add_argument("--tokens", type=int, default=4096, help="mxfp8 mode: tokens per forward (1024² = 4096)")
+    parser.add_argument("--compare-finite", action="store_true",
+                        help="also load each layout with the finite check of the weights switched off "
+                             "(LENS_CHECK_WEIGHTS=0), cold and warm page cache: the check's cost")
+    parser.add_argument("--blocks", type=int, default=None,
+                        help="write only the first N of the 48 blocks (real shapes; for machines without the RAM "
+                             "for the whole model: every cost here is linear in the bytes)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,13 +161,19 @@ import torch
 from lens_core.benchmarks.load import drop_cache
 from lens_core.checkpoints import load_transformer
 from lens_core import readahead
-helper, device, path, files = sys.argv[1] == "1", sys.argv[2], sys.argv[3], sys.argv[4:]
+helper, device, warm, path, files = sys.argv[1] == "1", sys.argv[2], sys.argv[3] == "1", sys.argv[4], sys.argv[5:]
 if not helper:
     readahead.available = lambda: False
 def rss():
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-drop_cache(files)
+if warm:
+    for p in files:
+        with open(p, 'rb', buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+else:
+    drop_cache(files)
 base = rss()
 t0 = time.perf_counter()
 model = load_transformer(path, dtype=torch.bfloat16, device=device)
@@ -169,21 +181,27 @@ if device.startswith("cuda"):
     torch.cuda.synchronize()
 dt = time.perf_counter() - t0
 resident = sum(p.numel() * p.element_size() for p in model.parameters())
+from lens_core import finite
 print(json.dumps(dict(load_s=dt, resident=resident, tensors=len(model.state_dict()), baseline=base,
+                      check_s=finite.STATS["seconds"], checked_GB=finite.STATS["bytes"] / 1e9,
                       after=rss(), peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       readahead=readahead.mode() if helper else "off")))
 """
 
 
-def load_in_fresh_process(path, files, helper: bool = True, device: str = "cpu") -> dict:
+def load_in_fresh_process(path, files, helper: bool = True, device: str = "cpu", check: bool = True,
+                          warm: bool = False) -> dict:
     """``load_transformer(path, bf16, device)`` in a new interpreter (spawned, not forked: a fork of a process that ran
-    torch thread pools can deadlock); returns its timings and RSS figures."""
+    torch thread pools can deadlock); returns its timings and RSS figures. ``check=False``: without the finite
+    check of the weights (``LENS_CHECK_WEIGHTS=0``); ``warm``: the files read into the page cache first."""
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = [sys.executable, "-c", _LOAD_CHILD, "1" if helper else "0", str(device), path, *files]
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               LENS_CHECK_WEIGHTS="1" if check else "0")
+    argv = [sys.executable, "-c", _LOAD_CHILD, "1" if helper else "0", str(device), "1" if warm else "0", path,
+            *files]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"load child failed: {proc.stderr[-3000:]}")
@@ -193,6 +211,9 @@ def load_in_fresh_process(path, files, helper: bool = True, device: str = "cpu")
 def run_memory(args):
     os.makedirs(args.dir, exist_ok=True)
     shapes = real_shapes()
+    if args.blocks is not None:
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("transformer_blocks.")
+                  or int(k.split(".")[1]) < args.blocks}
     rows = []
     try:
         for layout in args.layouts.split(","):
@@ -210,6 +231,15 @@ def run_memory(args):
             size = sum(os.path.getsize(f) for f in files)
             for helper in ((True, False) if args.compare_readahead else (True,)):
                 rows.append(_measure(layout, files, path, size, write_s, helper, args.device))
+            if args.compare_finite:
+                for warm in (False, True):
+                    for check in (False, True):
+                        r = load_in_fresh_process(path, files, True, args.device, check=check, warm=warm)
+                        rows.append({"layout": layout, "file_GB": size / 1e9, "cache": "warm" if warm else "cold",
+                                     "finite_check": check, "load_s": r["load_s"],
+                                     "check_s (inside load_s)": r["check_s"], "checked_GB": r["checked_GB"],
+                                     "check/load": r["check_s"] / r["load_s"],
+                                     "resident_GB": r["resident"] / 1e9})
             if not args.keep:
                 for f in files:
                     os.remove(f)

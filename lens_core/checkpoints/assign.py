@@ -7,6 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .. import finite
 from .. import quant_formats as qf
 from .. import readahead
 from .detect import COMPONENT_NAMES
@@ -117,7 +118,9 @@ def assign_weights(model: nn.Module, source: TensorSource, device, component: st
                 raise CheckpointError(f"{source.file_of(n) if n in source else source.origin}: tensor {n!r} has "
                                       f"shape {list(t.shape)}, the model built from its config expects "
                                       f"{list(ref.shape)}")
+            finite.check_loaded(t, n, source.file_of(n) if n in source else source.origin)
             _set_tensor(model, n, t, is_param)
+    finite.check_at_first_use(model, source.origin)   # quantized storage: checked dequantized, once, at first use
     for n, b in model.named_buffers():  # non-persistent buffers computed at construction
         if b.device.type != torch.device(device).type:
             _set_tensor(model, n, b.to(device), False)

@@ -12,7 +12,7 @@ from ..lazy_torch import torch
 
 from ..lazy_torch import LazyModule
 from .errors import CheckpointError
-from .source import TensorSource
+from .source import COMPONENT_DIRS, TensorSource
 
 
 DIT_SIGNATURE = ("transformer_blocks.0.img_mlp.w1.weight", "transformer_blocks.0.attn.norm_added_q.weight")
@@ -261,12 +261,34 @@ def detect_variant(path, source: TensorSource | None = None, override: str | Non
         v = _variant_from_text(t)
         if v:
             return v, "metadata/config"
-    p = os.path.abspath(os.fspath(path))
-    for part in reversed(p.split(os.sep)):
+    for part in variant_path_names(path):
         v = _variant_from_text(part)
         if v:
             return v, "path name"
     return "lens", "default (no variant hint found)"
+
+
+def variant_path_names(path) -> list[str]:
+    """The path names that may tell the variant, nearest first: the file's name, its folder's name and, when
+    that folder is a diffusers component folder (``transformer/`` …, or the model folder holds
+    ``model_index.json``), the model folder's name — for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<hash>``) the repository folder's. Never folders further up: a grand-parent
+    called ``turbo-experiments`` says nothing about the file."""
+    p = os.path.abspath(os.fspath(path))
+    names = []
+    folder = p
+    if not os.path.isdir(p):
+        names.append(os.path.basename(p))
+        folder = os.path.dirname(p)
+    names.append(os.path.basename(folder))
+    parent = os.path.dirname(folder)
+    component_folder = os.path.basename(folder) in COMPONENT_DIRS.values()
+    if component_folder or os.path.isfile(os.path.join(parent, "model_index.json")):
+        names.append(os.path.basename(parent))
+        folder, parent = parent, os.path.dirname(parent)
+    if os.path.basename(parent) == "snapshots" and os.path.basename(os.path.dirname(parent)).startswith("models--"):
+        names.append(os.path.basename(os.path.dirname(parent)))
+    return names
 
 
 def _variant_from_text(text: str) -> str | None:

@@ -23,6 +23,7 @@ import struct
 
 from ..lazy_torch import torch
 
+from .. import checks as chk
 from .. import ggml
 from .errors import CheckpointError
 from .safetensors import SafetensorsFile, TensorEntry
@@ -220,7 +221,7 @@ class GGUFFile(SafetensorsFile):
     def __init__(self, path):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: no such file")
+            raise chk.link_problem(self.path) or FileNotFoundError(f"{self.path}: no such file")
         with open(self.path, "rb") as f:
             st = os.fstat(f.fileno())
             self.size = st.st_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 
+from .. import checks as chk
 from ..jsonfile import read_json_object
 from .detect import describe, detect, detect_variant, dit_family, quant_layers, strip_prefix, te_family
 from .errors import CheckpointError
@@ -19,7 +20,7 @@ def inspect(path, variant: str | None = None) -> dict:
     """
     p = os.fspath(path)
     if not os.path.exists(p):
-        raise FileNotFoundError(f"{p}: no such file or folder")
+        raise chk.missing_path(p)
     if is_diffusers_root(p):
         comps = {}
         for c in ("transformer", "text_encoder", "vae"):

@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Mapping
 
+from .. import checks as chk
 from .. import readahead
 from ..lazy_torch import torch
 from .errors import CheckpointError
@@ -183,7 +184,7 @@ class SafetensorsFile:
     def __init__(self, path):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: no such file")
+            raise chk.link_problem(self.path) or FileNotFoundError(f"{self.path}: no such file")
         low = self.path.lower()
         if low.endswith(PICKLE_SUFFIXES):
             raise CheckpointError(f"{self.path}: a pickle checkpoint ({os.path.splitext(low)[1]}) is refused "
@@ -200,8 +201,10 @@ class SafetensorsFile:
             n = int.from_bytes(head[:8], "little")
             length_ok = 1 < n <= MAX_HEADER_BYTES and 8 + n <= self.size
             # A real header length can begin with any byte (0x80, "PK", ...), so the foreign-format
-            # signatures are only consulted when the bytes do not read as a safetensors header.
-            if not (length_ok and head[8:9] == b"{") and (head[:4] == b"GGUF" or head[:2] == b"PK" or head[:1] == b"\x80"):
+            # signatures are only consulted when the bytes do not read as a safetensors header: a JSON header
+            # start at byte 8 means safetensors (maybe cut short), whatever the length's first byte is.
+            pickle_like = head[:2] == b"PK" or head[:1] == b"\x80"
+            if (head[:4] == b"GGUF" and not length_ok) or (pickle_like and head[8:9] != b"{"):
                 raise CheckpointError(f"{self.path}: expected a safetensors file, found "
                                       f"{_describe_foreign_file(self.path, head)}; only safetensors is loaded")
             if not length_ok and head[8:9] != b"{":

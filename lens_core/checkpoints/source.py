@@ -7,6 +7,7 @@ from typing import Callable
 
 from ..lazy_torch import torch
 
+from .. import checks as chk
 from .. import readahead
 from ..jsonfile import read_json_object
 from .errors import CheckpointError
@@ -207,7 +208,7 @@ def open_source(path, component: str | None = None) -> TensorSource:
     """The raw tensors behind ``path`` for ``component`` (``transformer``/``text_encoder``/``vae``)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise chk.missing_path(path)
     if os.path.isdir(path):
         if component and is_diffusers_root(path) or (component and os.path.isdir(os.path.join(path, component))
                                                      and not _has_weights(path)):

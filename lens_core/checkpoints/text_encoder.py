@@ -195,6 +195,7 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
         return model.eval()
     assign_weights(model, source, device, "text_encoder", special, consumed)
     model.eval()
+    te_mod.bump_weights_version(model)       # new weights: what was kept for the old ones is not reused
     source.close()
     return model
 
@@ -204,12 +205,18 @@ GENERATION_FIX = ("load the text encoder from the diffusers text_encoder/ folder
                   "enhancer; the feature encoder itself works with this file")
 
 
-def load_text_encoder_parts(model, path, names, device="cpu"):
-    """Load the tensors ``names`` (state-dict keys of ``model``, a ``LensTextEncoder``, whose modules were just
-    built on ``meta`` — e.g. by ``add_generation_modules_``) from the text-encoder checkpoint ``path``, cast to
-    their dtype, onto ``device``. Nothing else of ``model`` is read or replaced. A checkpoint without them (the
-    Comfy-Org NVFP4 file has no ``lm_head`` / final norm) raises CheckpointError naming the file to use."""
-    names = list(names)
+def load_text_encoder_parts(holder: nn.Module, path, device="cpu", dtype=None, ops=None):
+    """Load every tensor of ``holder`` — a module whose state-dict keys are text-encoder checkpoint names
+    (``model.layers.N.*``, ``model.norm.*``, ``lm_head.*``: a :class:`lens_core.generator.TextGenerator`), built
+    on ``meta`` — from the text-encoder checkpoint ``path``, cast to their dtype, onto ``device``. ``dtype``: what
+    a GGUF's dequantized tensors become (default: the holder's first float parameter's). A Linear a GGUF stores
+    quantized (``output.weight`` = lm_head) is replaced in ``holder`` by a GGUFLinear (built with ``ops``, the
+    encoder's layer operations). A checkpoint without these
+    tensors (the Comfy-Org NVFP4 file has no ``lm_head`` / final norm) raises CheckpointError naming the file to
+    use; nothing outside ``holder`` is read or changed."""
+    names = list(holder.state_dict())
+    if dtype is None:
+        dtype = next((p.dtype for p in holder.parameters() if p.is_floating_point()), torch.float32)
     source = open_source(path, "text_encoder")
     try:
         det = _expect(source, "text_encoder")
@@ -219,7 +226,6 @@ def load_text_encoder_parts(model, path, names, device="cpu"):
                                k[len(outer):] if k.startswith(outer + "lm_head.") else None)
         family = te_family(source)
         quant_layers(source, "text_encoder")
-        dtype = model.model.embed_tokens.weight.dtype
         gguf_special, gguf_consumed = {}, set()
         if det.scheme == "gguf":     # llama.cpp names (output.weight = lm_head), MXFP4 banks read as stored
             source, gguf_special, gguf_consumed = gguf_te_source(source, dtype)
@@ -233,23 +239,6 @@ def load_text_encoder_parts(model, path, names, device="cpu"):
                                   f"tensor(s) this {family} checkpoint does not have, e.g. {missing[:3]}"
                                   + ("; the Comfy-Org gpt_oss_20b_nvfp4.safetensors carries no lm_head"
                                      if family == "comfy-te-nvfp4" else "") + f". Fix: {GENERATION_FIX}")
-        holder, layers = nn.Module(), nn.ModuleDict()
-        holder.model = nn.Module()
-        for n in names:
-            if n.startswith("model.layers."):
-                i = n.split(".")[2]
-                layers[i] = model.model.layers[int(i)]
-            elif n.startswith("model.norm."):
-                holder.model.norm = model.model.norm
-            elif n.startswith("lm_head."):
-                holder.lm_head = model.lm_head
-            else:
-                raise ValueError(f"load_text_encoder_parts: {n!r} is not a generation-module key")
-        if len(layers):
-            holder.model.layers = layers
-        if set(holder.state_dict()) != set(names):
-            raise ValueError(f"load_text_encoder_parts: {sorted(set(holder.state_dict()) ^ set(names))[:4]} do not "
-                             f"match whole modules of the encoder")
         special = {n: _nvfp4_scale_reader for n in names if family == "comfy-te-nvfp4" and n.endswith("_proj_scales")}
         blocks = {n[: -len("_scales")] + "_blocks" for n in special}
         special.update({n: r for n, r in gguf_special.items() if n in names})
@@ -257,13 +246,11 @@ def load_text_encoder_parts(model, path, names, device="cpu"):
         wanted = set(names) | extra
         part = source.rename(lambda k: k if k in wanted else None)
         if det.scheme == "gguf":     # Linears stored quantized stay quantized (GGUFLinear), as in the encoder
-            special.update(keep_gguf_linears(holder, part, dtype, model._build.get("ops")))
-            if getattr(holder, "lm_head", None) is not None:
-                model.lm_head = holder.lm_head
+            special.update(keep_gguf_linears(holder, part, dtype, ops))
         assign_weights(holder, part, device, "text_encoder", special, extra - set(names))
     finally:
         source.close()
-    return model
+    return holder
 
 
 def _selected_layers_near(path) -> list | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from .. import checks as chk
 from .detect import detect
 from .errors import CheckpointError
 from .gguf import is_gguf
@@ -33,7 +34,7 @@ def load_tokenizer(path):
 
     p = os.fspath(path)
     if not os.path.exists(p):
-        raise FileNotFoundError(f"{p}: no such file or folder")
+        raise chk.missing_path(p)
     if os.path.isdir(p):
         for cand in (os.path.join(p, "tokenizer.json"), os.path.join(p, "tokenizer", "tokenizer.json")):
             if os.path.isfile(cand):

@@ -8,7 +8,8 @@ folder_paths):
 - ``folders``: loop-safe model-folder listing and name resolution;
 - ``progress``: progress bars, per-step interrupts, latent previews;
 - ``lora``: LoRA files as ComfyUI weight adapters / object patches;
-- ``native``: ComfyUI's native Lens MODEL sampled the official way.
+- ``native``: ComfyUI's native Lens MODEL sampled the official way;
+- ``generation``: the prompt enhancer's generator patcher, loaded together with the text encoder's.
 
 Every lens_core module is built with ``comfy.ops.manual_cast`` layers (weights stay on the offload device and are
 cast to the input's device/dtype in forward, which is what lets ComfyUI's lowvram/partial loading work), wrapped
@@ -20,6 +21,7 @@ The names below are the nodes' interface (``from . import bridge`` then ``bridge
 from .devices import ROLES, check_interrupt, compute_dtype, devices, intermediate_device, soft_empty_cache, \
     to_intermediate
 from .folders import DIFFUSERS_MARKER, component_path, model_choices, model_files, model_folders, resolve_model
+from .generation import generator_patcher, load_together
 from .handles import LensModel, LensTextEncoder, LensVAE
 from .lora import LORA_FOLDER, load_lora_file, lora_choices, resolve_lora, with_lora
 from .native import native_compute_dtype, native_lens_patcher, native_text_width, official_native_patcher, \
@@ -36,5 +38,6 @@ __all__ = [
     "resolve_lora", "with_lora", "native_compute_dtype", "native_lens_patcher", "native_text_width",
     "official_native_patcher", "sample_native", "operations", "DYNAMIC_MAX_FORCED_SHARE", "dit_memory",
     "dynamic_vram_plan", "enhancer_memory", "load", "make_patcher", "patcher_class", "text_encoder_memory",
-    "unload", "StepReporter", "TokenReporter", "get_previewer", "latent_format",
+    "unload", "StepReporter", "TokenReporter", "get_previewer", "latent_format", "generator_patcher",
+    "load_together",
 ]
