@@ -354,8 +354,9 @@ def make_plan(args, plan: dict):
 
 
 def _command(args, plan, params: dict, out: str) -> str:
-    """The command line that regenerates one image (every value explicit, so defaults do not matter), written to
-    ``out`` (the image's own path: made absolute, so it runs from any folder)."""
+    """The command line that regenerates one image (every value explicit, so defaults do not matter; model and
+    input paths absolute, so it runs from any folder), written to ``out``: the image's own output path as it was
+    given (``batch``: the file name within its output folder)."""
     from .hardware import dtype_name
 
     cmd = ["python", "-m", "lens_core", "generate", "--model", os.path.abspath(args.model)]
@@ -382,7 +383,7 @@ def _command(args, plan, params: dict, out: str) -> str:
         cmd.append("--fp8")
     for path, strength in plan.get("loras", []):
         cmd += ["--lora", f"{os.path.abspath(path)}:{strength!r}"]
-    cmd += ["--out", os.path.abspath(out)]
+    cmd += ["--out", out]
     return shlex.join(cmd)
 
 
