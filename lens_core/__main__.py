@@ -269,7 +269,7 @@ def validate_generate(args, check_out: bool = True) -> dict:
 
     from .config import MAX_BATCH, check_batch, check_int
     from .hardware import resolve_device
-    from .pipeline import check_headers, check_request, resolve_dtype, resolve_paths
+    from .pipeline import check_request, resolve_dtype, resolve_paths
 
     prompt = _read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
     names = dict(FLAG_NAMES, prompt="--prompt-file" if args.prompt_file is not None else "--prompt")
@@ -311,21 +311,31 @@ def validate_generate(args, check_out: bool = True) -> dict:
     enhance = _enhance_options(args)
     if args.plan_json and not args.dry_run:
         raise ValueError("--plan-json: only used with --dry-run; add --dry-run or drop it")
-    check_headers(paths)                     # a misplaced file fails here, from its header alone
-    # every LoRA is read (small files) and matched against the DiT's layers (built on meta: nothing read)
-    # before any model loads: a LoRA for another model or size fails now, not after minutes of loading
+    return {"prompt": prompt, "paths": paths, "request": request, "outputs": outputs, "first": first, "enhance": enhance,
+            "device": device, "dtype": dtype, "dtype_reason": reason, "denoise_note": note,
+            "loras": loras, "adapters": list(loras), "seed": seed, "random_seed": args.seed == "random"}
+
+
+def check_models(args, plan: dict) -> None:
+    """The checks that read headers (still no weights), after :func:`validate_generate`: each model file is what
+    its slot expects, and every LoRA is read (small files) and matched against the DiT's layers (built on
+    ``meta``), so a LoRA for another model or size fails now, not after minutes of loading.
+    Sets ``plan["adapters"]`` to the loaded adapters."""
+    from . import lora as lo
+    from .pipeline import check_headers
+
+    check_headers(plan["paths"])             # a misplaced file fails here, from its header alone
     adapters = []
-    if loras:
+    if plan["loras"]:
         from . import checkpoints as ck
 
-        dit = ck.load_transformer(paths["transformer"], dtype=dtype, variant=args.variant, meta=True)
-        for path, strength in loras:
+        dit = ck.load_transformer(plan["paths"]["transformer"], dtype=plan["dtype"], variant=args.variant,
+                                  meta=True)
+        for path, strength in plan["loras"]:
             adapter = lo.load_lora(path)
             lo.resolve_targets(dit, adapter)
             adapters.append((adapter, lo.check_strength(strength, f"--lora {path}")))
-    return {"prompt": prompt, "paths": paths, "request": request, "outputs": outputs, "first": first, "enhance": enhance,
-            "device": device, "dtype": dtype, "dtype_reason": reason, "denoise_note": note,
-            "loras": loras, "adapters": adapters, "seed": seed, "random_seed": args.seed == "random"}
+    plan["adapters"] = adapters
 
 
 def cuda_missing_reason() -> str:
@@ -497,6 +507,7 @@ def variant_cfg(variant) -> float:
 
 def cmd_generate(args) -> int:
     plan = validate_generate(args)
+    check_models(args, plan)
     memory_plan = make_plan(args, plan)
     if args.dry_run:
         for line in memory_plan.describe().splitlines():

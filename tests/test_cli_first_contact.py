@@ -166,9 +166,10 @@ def test_inspect_describes_a_lora(tiny_dit_meta, tmp_path, capsys):
     assert main(["inspect", str(lora)]) == 0
     out = capsys.readouterr().out
     for want in ("family: lora", "for: the Lens DiT", "lora_format: peft", "rank: 8", "scale: 0.5",
-                 f"targets: {len(lf.target_names(tiny_dit_meta))}", "attn.img_qkv: 2"):
+                 f"targets: {len(lf.target_names(tiny_dit_meta))}", "attn.img_qkv"):
         assert want in out, (want, out)
     assert main(["inspect", str(lora), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rank"] == 8 and info["kinds"] == {"lora": len(lf.target_names(tiny_dit_meta))}
+    assert info["target_layers"]["attn.img_qkv"] == len(tiny_dit_meta.transformer_blocks)
     assert os.path.basename(info["path"]) == "detail.safetensors"
