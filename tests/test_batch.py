@@ -233,10 +233,10 @@ def test_failures_and_invalid_lines_recorded_rest_go_on(single_run, inputs, pipe
 
     real = cli.render_image
 
-    def failing(pipe, args, plan, k=0):
+    def failing(pipe, args, plan, k=0, **kw):
         if args.prompt == "boom":
             raise RuntimeError("the sampler exploded")
-        return real(pipe, args, plan, k)
+        return real(pipe, args, plan, k, **kw)
     monkeypatch.setattr(cli, "render_image", failing)
     lines = [json.dumps(j) for j in reversed(inputs.jobs)]
     lines.insert(2, '{"prompt": "x", "steps": 0}')
@@ -270,13 +270,13 @@ def test_ctrl_c_finishes_the_current_image_then_resumes(inputs, single_run, pipe
     real = cli.render_image
     presses = {"n": 0, "at": None}
 
-    def interrupting(pipe, args, plan, k=0):
+    def interrupting(pipe, args, plan, k=0, **kw):
         calls["n"] += 1
         if calls["n"] == presses["at"]:
             for _ in range(presses["n"]):
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
-        return real(pipe, args, plan, k)
+        return real(pipe, args, plan, k, **kw)
     monkeypatch.setattr(cli, "render_image", interrupting)
     argv = ["batch", single_run.jobs, "--out", str(tmp_path / "out"), *defaults(pipeline_dir)]
 
