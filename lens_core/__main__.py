@@ -1,4 +1,6 @@
-"""Command line: ``python -m lens_core generate ...`` and ``python -m lens_core inspect PATH``.
+"""Command line: ``python -m lens_core generate ...`` and ``python -m lens_core inspect PATH`` (also installed as the
+``lens`` command by ``pip install .``). Subcommands are registered in :data:`COMMANDS` (name → (add its
+arguments, run it)).
 
 generate: checks every argument first (:func:`validate_generate`: prompt text, sizes and limits, init image,
 output paths, model paths and tokenizer, device), before any weight file is opened; then loads a diffusers Lens
@@ -7,6 +9,10 @@ decode) and writes PNGs whose text chunks hold the parameters (``parameters``: a
 "Steps: …, CFG scale: …" style; ``lens``: the full JSON, including ``command``, the command line that
 regenerates that one image). ``--num-images N`` generates the images one after another, image k from rows k of
 the seed's noise draw, so each PNG is reproduced alone by ``--seed S --batch-index k``.
+
+Before loading, ``generate`` makes a memory plan (:mod:`lens_core.memory`: each model's resident size from its
+headers, the machine's available memory, which models are held when); ``--dry-run`` prints it and stops,
+``--memory`` overrides its choice, and a plan that cannot fit is an error naming what would.
 
 inspect: prints what a file or folder is (family, component, variant, dtypes, tensor count, size) without
 loading any weights — the first thing to run when a loader complains.
@@ -27,12 +33,13 @@ import tempfile
 VARIANT_NAMES = {"lens": "Lens", "turbo": "Lens-Turbo", "base": "Lens-Base"}
 DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 #: What to run when PyTorch is missing (one line; README "Set-up commands" says the same).
-TORCH_FIX = ("pip install -r requirements-cli.txt (PyTorch from PyPI: the CUDA build on Linux, which also runs "
-             "on CPU), or for a smaller CPU-only PyTorch: pip install torch --index-url "
-             "https://download.pytorch.org/whl/cpu (CUDA 12.8: .../whl/cu128)")
+TORCH_FIX = ("without an NVIDIA GPU the CPU-only PyTorch (0.19 GB download): pip install torch --index-url "
+             "https://download.pytorch.org/whl/cpu; with one: pip install -r requirements-cli.txt (PyTorch from PyPI: "
+             "the CUDA build on Linux, about 5.5 GB installed; CUDA 12.8: --index-url .../whl/cu128)")
 MAX_PROMPT_FILE_BYTES = 1 << 20
 #: suffix of the temporary files of :func:`write_atomic` (a killed run may leave one; ``batch`` removes them)
 TMP_SUFFIX = ".lens-tmp"
+MEMORY_MODES = ("resident", "sequential", "minimal")     # lens_core.memory.MODES (not imported: no torch here)
 #: CLI flag of each pipeline argument, for messages.
 FLAG_NAMES = {"path": "--model", "transformer": "--model", "text_encoder": "--text-encoder", "vae": "--vae",
               "tokenizer": "--tokenizer", "prompt": "--prompt", "negative_prompt": "--negative",
@@ -41,12 +48,18 @@ FLAG_NAMES = {"path": "--model", "transformer": "--model", "text_encoder": "--te
               "denoise": "--denoise", "batch_index": "--batch-index", "mask": "--mask", "schedule": "--schedule"}
 
 
-def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The CLI; ``parser_class``: the ArgumentParser (sub)class used for every parser (``batch`` parses its job
-    lines with one that raises instead of exiting)."""
-    p = parser_class(prog="python -m lens_core", description="Microsoft Lens text-to-image, no ComfyUI")
-    sub = p.add_subparsers(dest="command", required=True)
+def _seed(text: str):
+    """``--seed``: a non-negative integer or ``random``."""
+    if text.strip().lower() == "random":
+        return "random"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^64 - 1] or 'random', found {text!r}") \
+            from None
 
+
+def add_generate_arguments(sub) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate image(s) from a prompt")
     g.add_argument("--model", required=True, help="diffusers Lens folder, or a DiT file/folder")
     g.add_argument("--text-encoder", help="text encoder (MXFP4 folder or gpt_oss_20b_nvfp4.safetensors)")
@@ -55,18 +68,21 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     text = g.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt")
     text.add_argument("--prompt-file", help="read the prompt from a UTF-8 text file (a final newline is dropped)")
-    g.add_argument("--negative", default="", help='negative prompt (default "": the official empty negative)')
+    g.add_argument("--negative", default="", help='negative prompt (default "": the official empty negative; '
+                                                  'unused at CFG 1, Turbo\'s default)')
     g.add_argument("--aspect", help="aspect bucket W:H, e.g. 1:1, 16:9, 2:3 (with --base)")
     g.add_argument("--base", type=int, default=None, help="bucket base resolution 1024 or 1440 (default 1440)")
     g.add_argument("--height", type=int, help="image height (with --width; multiples of 16)")
     g.add_argument("--width", type=int, help="image width (with --height; multiples of 16)")
     g.add_argument("--steps", type=int, help="default: the variant's (Lens 20, Turbo 4, Base 50)")
-    g.add_argument("--cfg", type=float, help="default: the variant's (Lens 5, Turbo 1, Base 5)")
+    g.add_argument("--cfg", type=float, help="default: the variant's (Lens 5, Turbo 1)")
     g.add_argument("--schedule", default="official", metavar="NAME[:SHIFT]",
                    help="sigma schedule: official (default, the Lens pipeline's), simple (ComfyUI's native Lens "
                         "template: ModelSamplingFlux 1.15/0.5 + the simple scheduler) or simple:SHIFT (e.g. "
                         "simple:1.829, a native Lens model without ModelSamplingFlux)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0,
+                   help="noise seed, 0 … 2^64-1 (default 0, so the same command gives the same image), or 'random' "
+                        "(a new seed each run, printed and stored in the PNG)")
     g.add_argument("--num-images", type=int, default=1,
                    help="images to generate, one after another (writes out_0.png, out_1.png, ...)")
     g.add_argument("--batch-index", type=int, default=0,
@@ -78,6 +94,9 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--mask", help="inpainting mask image for --image: white = regenerate, black = keep "
                                   "(masked denoising; works with any --denoise); a mask with transparency is read "
                                   "as ComfyUI's LoadImage does: transparent = regenerate")
+    g.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --mask: the kept (black) pixels of the output are the init image's own, blended "
+                        "by the mask (default on; --no-paste-back keeps the decoded pixels everywhere)")
     g.add_argument("--enhance", action="store_true",
                    help="rewrite the prompt first with the official Lens reasoner (GPT-OSS, needs the diffusers "
                         "text_encoder/ with lm_head); prints it and stores both prompts in the PNG")
@@ -87,27 +106,49 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--variant", choices=["lens", "turbo", "base"], help="override the detected variant")
     g.add_argument("--date", default=None, help="chat-template date (default 2026-05-23; 'today' = official)")
     g.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
-                   help="run dtype (default auto: bf16 on CUDA with bf16 and on CPUs with AMX/AVX512-BF16, "
-                        "else fp32)")
+                   help="compute dtype (default auto: bf16 on CUDA with bf16 and on CPUs with AMX/AVX512-BF16, "
+                        "else fp32; under fp32, bf16-stored weights stay bf16 and are upcast per layer)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="sequential offload (default: on for cuda)")
+    g.add_argument("--memory", default="auto", choices=["auto", *MEMORY_MODES],
+                   help="which models are held when (default auto: the first plan that fits the available "
+                        "memory): resident = all held; sequential = the text encoder is released after encoding; "
+                        "minimal = one model at a time")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check every argument, print the memory plan (per model resident GB, peak estimate, "
+                        "what is released when) and stop without reading any weights")
+    g.add_argument("--plan-json", action="store_true", help="with --dry-run: also print the plan as one JSON line")
     g.add_argument("--fp8", action="store_true", help="store the DiT block Linears as fp8 e4m3fn")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LoRA/LoHa/LoKr file for the DiT, strength default 1.0 (repeatable: adapters stack)")
     g.add_argument("--out", required=True, help="output PNG (several images: out_0.png, out_1.png, ...); an "
                    "existing file is never replaced unless --overwrite")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return g
 
+
+def add_batch_arguments(sub, generate) -> argparse.ArgumentParser:
     from .batch import add_batch_parser
 
-    add_batch_parser(sub, g)
+    return add_batch_parser(sub, generate)
 
-    i = sub.add_parser("inspect", help="describe a checkpoint file or folder")
+
+def add_inspect_arguments(sub) -> argparse.ArgumentParser:
+    i = sub.add_parser("inspect", help="describe a checkpoint file or folder (LoRA files included)")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
-    from .convert import add_parser as add_quantize   # torch-free at import (torch is imported by commands)
-    add_quantize(sub)
+    return i
+
+
+def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The CLI; ``parser_class``: the ArgumentParser (sub)class used for every parser (``batch`` parses its job
+    lines with one that raises instead of exiting)."""
+    p = parser_class(prog="python -m lens_core", description="Microsoft Lens text-to-image, no ComfyUI")
+    sub = p.add_subparsers(dest="command", required=True)
+    made: dict = {}
+    for name, (add, _) in COMMANDS.items():
+        made[name] = add(sub, made)
     return p
 
 
@@ -122,6 +163,10 @@ def _png_info(params: dict):
                f"Denoise: {params['denoise']}, Dtype: {params['dtype']}, Template date: {params['template_date']}")
     if params.get("schedule", "official") != "official":
         summary += f", Schedule: {params['schedule']}"
+    if params.get("fp8"):
+        summary += ", FP8: on"
+    if params.get("inpaint"):
+        summary += f", Paste back: {'on' if params.get('paste_back') else 'off'}"
     if params.get("loras"):
         summary += ", Lora: " + " ".join(f"{d['file']}:{d['strength']:g}" for d in params["loras"])
     if params.get("original_prompt") is not None:
@@ -216,9 +261,9 @@ def _describe_existing(path: str) -> str:
 def validate_generate(args, check_out: bool = True) -> dict:
     """Every check that needs no weights, in one place, run before loading (the plan for :func:`run_generate`).
 
-    ``check_out=False``: the output paths are not probed (``batch`` checks its output folder once).
     Returns ``{"prompt", "paths", "request", "outputs", "device", "dtype", "dtype_reason", "denoise_note"}``.
     Raises ValueError / OSError whose message names the flag, the expected and found values and the fix.
+    ``check_out=False``: the output paths are not probed (``batch`` checks its output folder once).
     """
     import torch
 
@@ -228,6 +273,11 @@ def validate_generate(args, check_out: bool = True) -> dict:
 
     prompt = _read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
     names = dict(FLAG_NAMES, prompt="--prompt-file" if args.prompt_file is not None else "--prompt")
+    seed = args.seed
+    if seed == "random":
+        import secrets
+
+        seed = secrets.randbits(48)          # exact in JSON (< 2^53); printed and stored in the PNG
     n = check_batch(args.num_images, "--num-images")
     first = check_int(args.batch_index, "--batch-index", 0, MAX_BATCH - n,
                       f"--batch-index + --num-images at most {MAX_BATCH}")
@@ -236,7 +286,7 @@ def validate_generate(args, check_out: bool = True) -> dict:
         aspect = "1:1"                                      # the CLI default: 1:1 at --base (1440)
     # one image per pipeline call: the request is checked with num_images=1 at the last index used
     request = check_request(prompt, args.negative, height=height, width=width, aspect=aspect, base=base,
-                            steps=args.steps, cfg=args.cfg, seed=args.seed, num_images=1, image=args.image,
+                            steps=args.steps, cfg=args.cfg, seed=seed, num_images=1, image=args.image,
                             denoise=args.denoise, mask=args.mask, template_date=args.date,
                             batch_index=first + n - 1, schedule=args.schedule, names=names)
     note = None
@@ -248,25 +298,75 @@ def validate_generate(args, check_out: bool = True) -> dict:
         check_outputs(outputs, getattr(args, "overwrite", False))
     paths = resolve_paths(args.model, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
                           names=FLAG_NAMES)
-    from .lora import parse_lora_arg
+    from . import lora as lo
 
-    loras = [parse_lora_arg(a) for a in args.lora]
+    loras = [lo.parse_lora_arg(a) for a in args.lora]
     for path, _ in loras:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--lora: no such file {path!r}; expected a LoRA .safetensors file[:strength]")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device cuda: expected a CUDA device, found none (torch {torch.__version__}); fix: "
-                         f"--device cpu, or install a CUDA build of PyTorch")
+        raise ValueError(f"--device cuda: expected a CUDA device, found none; {cuda_missing_reason()}")
     device = resolve_device(args.device)
     dtype, reason = resolve_dtype(DTYPES[args.dtype], device)
     enhance = _enhance_options(args)
+    if args.plan_json and not args.dry_run:
+        raise ValueError("--plan-json: only used with --dry-run; add --dry-run or drop it")
     return {"prompt": prompt, "paths": paths, "request": request, "outputs": outputs, "first": first, "enhance": enhance,
             "device": device, "dtype": dtype, "dtype_reason": reason, "denoise_note": note,
-            "loras": loras}
+            "loras": loras, "adapters": list(loras), "seed": seed, "random_seed": args.seed == "random"}
 
 
-def _command(args, plan, params: dict) -> str:
-    """The command line that regenerates one image (every value explicit, so defaults do not matter)."""
+def check_models(args, plan: dict) -> None:
+    """The checks that read headers (still no weights), after :func:`validate_generate`: each model file is what
+    its slot expects, and every LoRA is read (small files) and matched against the DiT's layers (built on
+    ``meta``), so a LoRA for another model or size fails now, not after minutes of loading.
+    Sets ``plan["adapters"]`` to the loaded adapters."""
+    from . import lora as lo
+    from .pipeline import check_headers
+
+    check_headers(plan["paths"])             # a misplaced file fails here, from its header alone
+    adapters = []
+    if plan["loras"]:
+        from . import checkpoints as ck
+
+        dit = ck.load_transformer(plan["paths"]["transformer"], dtype=plan["dtype"], variant=args.variant,
+                                  meta=True)
+        for path, strength in plan["loras"]:
+            adapter = lo.load_lora(path)
+            lo.resolve_targets(dit, adapter)
+            adapters.append((adapter, lo.check_strength(strength, f"--lora {path}")))
+    plan["adapters"] = adapters
+
+
+def cuda_missing_reason() -> str:
+    """Why ``--device cuda`` has no device, and the fix: a CPU-only PyTorch (install a CUDA build) or a CUDA
+    build that sees no GPU (driver / CUDA_VISIBLE_DEVICES; installing PyTorch again would not help)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return (f"this PyTorch ({torch.__version__}) is a CPU-only build; fix: --device cpu, or install a CUDA build "
+                f"(pip install torch --index-url https://download.pytorch.org/whl/cu128)")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hint = f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU; " if visible is not None and not visible.strip(" ,-1") \
+        else ""
+    return (f"PyTorch {torch.__version__} is a CUDA {torch.version.cuda} build, but it sees no GPU; fix: {hint}check the "
+            f"NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or use --device cpu")
+
+
+def make_plan(args, plan: dict):
+    """The memory plan for this request (:func:`lens_core.memory.plan_memory`, headers only)."""
+    from .memory import plan_memory
+
+    req = plan["request"]
+    return plan_memory(plan["paths"], plan["dtype"], plan["device"], height=req["height"], width=req["width"],
+                       cfg=req["cfg"], batch=1, fp8=args.fp8, variant=args.variant, memory=args.memory,
+                       offload=args.offload)
+
+
+def _command(args, plan, params: dict, out: str) -> str:
+    """The command line that regenerates one image (every value explicit, so defaults do not matter; model and
+    input paths absolute, so it runs from any folder), written to ``out``: the image's own output path as it was
+    given (``batch``: the file name within its output folder)."""
     from .hardware import dtype_name
 
     cmd = ["python", "-m", "lens_core", "generate", "--model", os.path.abspath(args.model)]
@@ -278,36 +378,50 @@ def _command(args, plan, params: dict) -> str:
         cmd += ["--negative", params["negative_prompt"]]
     cmd += ["--height", str(params["height"]), "--width", str(params["width"]), "--steps", str(params["steps"]),
             "--cfg", repr(params["cfg"]), "--seed", str(params["seed"]), "--batch-index", str(params["batch_index"])]
-    if params.get("schedule", "official") != "official":
-        cmd += ["--schedule", params["schedule"]]
     if args.image is not None:
         cmd += ["--image", os.path.abspath(args.image), "--denoise", repr(params["denoise"])]
     if args.mask is not None:
         cmd += ["--mask", os.path.abspath(args.mask)]
+        if not args.paste_back:
+            cmd.append("--no-paste-back")
     if args.variant:
         cmd += ["--variant", args.variant]
+    if params.get("schedule", "official") != "official":
+        cmd += ["--schedule", params["schedule"]]
     cmd += ["--date", params["template_date"], "--dtype", dtype_name(plan["dtype"]), "--device", plan["device"].type]
     if args.fp8:
         cmd.append("--fp8")
     for path, strength in plan.get("loras", []):
         cmd += ["--lora", f"{os.path.abspath(path)}:{strength!r}"]
-    cmd += ["--out", "out.png"]
+    cmd += ["--out", out]
     return shlex.join(cmd)
 
 
-def run_generate(args, plan: dict) -> int:
+def run_generate(args, plan: dict, memory_plan=None) -> int:
     from .hardware import dtype_name
     from .pipeline import LensPipeline
 
     print(f"dtype: {dtype_name(plan['dtype'])} ({'--dtype ' + args.dtype if args.dtype != 'auto' else 'auto: ' + plan['dtype_reason']}), "
           f"device: {plan['device']}", file=sys.stderr)
+    if memory_plan is not None:
+        print(memory_plan.describe().splitlines()[0] + f", peak estimate {memory_plan.peak_bytes / 1e9:.1f} GB "
+              f"(--dry-run shows the whole plan)", file=sys.stderr)
     if plan["denoise_note"]:
         print(plan["denoise_note"], file=sys.stderr)
+    if plan["random_seed"]:
+        print(f"seed: {plan['seed']} (random)", file=sys.stderr)
     paths = plan["paths"]
     pipe = LensPipeline.from_pretrained({c: paths[c] for c in ("transformer", "text_encoder", "vae", "tokenizer")},
                                         dtype=plan["dtype"], device=plan["device"], offload=args.offload,
                                         variant=args.variant, fp8=args.fp8, progress=True,
-                                        loras=plan["loras"], enhance=plan["enhance"])
+                                        loras=plan["adapters"], enhance=plan["enhance"],
+                                        memory=args.memory if memory_plan is None else "auto", plan=memory_plan)
+    req = plan["request"]
+    cfg = req["cfg"] if req["cfg"] is not None else variant_cfg(pipe.variant)
+    if cfg == 1.0 and plan["request"]["negatives"][0].strip():
+        print(f"warning: --negative is not used at CFG 1 ({VARIANT_NAMES.get(pipe.variant, pipe.variant)}'s "
+              f"default is CFG {variant_cfg(pipe.variant):g}: one forward per step, no negative pass); fix: "
+              f"--cfg above 1 (e.g. 5, with more steps) to use it, or drop --negative", file=sys.stderr)
     for k, path in enumerate(plan["outputs"]):
         image, params = render_image(pipe, args, plan, k)
         if plan["enhance"]:
@@ -317,19 +431,27 @@ def run_generate(args, plan: dict) -> int:
     return 0
 
 
-def render_image(pipe, args, plan: dict, k: int = 0):
+def render_image(pipe, args, plan: dict, k: int = 0, out: str | None = None):
     """Image ``k`` of a validated plan on a loaded pipeline → (PIL image, the parameters stored in its PNG,
-    including the ``command`` that regenerates it). Shared by ``generate`` and ``batch``."""
+    including the ``command`` that regenerates it into ``out``, default the plan's k-th output). Inpainting
+    pastes the kept pixels back unless ``--no-paste-back``. Shared by ``generate`` and ``batch``."""
+    from .pipeline import paste_kept_pixels
+
     req = plan["request"]
-    out = pipe(plan["prompt"], negative_prompt=args.negative, height=req["height"], width=req["width"],
-               steps=req["steps"], cfg=req["cfg"], seed=req["seed"], num_images=1,
-               batch_index=plan["first"] + k, image=req["image"], denoise=req["denoise"], mask=req["mask"],
-               template_date=req["template_date"], schedule=req["schedule"])
-    params = dict(out.image_parameters[0], model=os.path.abspath(args.model),
+    result = pipe(plan["prompt"], negative_prompt=args.negative, height=req["height"], width=req["width"],
+                  steps=req["steps"], cfg=req["cfg"], seed=req["seed"], num_images=1,
+                  batch_index=plan["first"] + k, image=req["image"], denoise=req["denoise"], mask=req["mask"],
+                  template_date=req["template_date"], schedule=req["schedule"])
+    paste = bool(args.mask is not None and getattr(args, "paste_back", True))
+    params = dict(result.image_parameters[0], model=os.path.abspath(args.model),
                   init_image=None if args.image is None else os.path.abspath(args.image),
-                  mask=None if args.mask is None else os.path.abspath(args.mask), device=plan["device"].type)
-    params["command"] = _command(args, plan, params)
-    return out.images[0], params
+                  mask=None if args.mask is None else os.path.abspath(args.mask), device=plan["device"].type,
+                  fp8=bool(args.fp8), paste_back=paste, memory=getattr(pipe, "memory", "resident"))
+    image = result.images[0]
+    if paste:
+        image = paste_kept_pixels(image, req["image"], req["mask"])
+    params["command"] = _command(args, plan, params, out if out is not None else plan["outputs"][k])
+    return image, params
 
 
 def png_bytes(image, params: dict) -> bytes:
@@ -377,6 +499,32 @@ def write_atomic(path: str, data: bytes, replace: bool = True) -> None:
         raise
 
 
+def variant_cfg(variant) -> float:
+    from .config import variant_defaults
+
+    return float(variant_defaults(variant)[1])
+
+
+def cmd_generate(args) -> int:
+    plan = validate_generate(args)
+    check_models(args, plan)
+    memory_plan = make_plan(args, plan)
+    if args.dry_run:
+        for line in memory_plan.describe().splitlines():
+            print(line)
+        if not memory_plan.fits:
+            print(f"warning: --memory {args.memory}: the peak estimate {memory_plan.peak_bytes / 1e9:.2f} GB exceeds "
+                  f"the plan budget {memory_plan.budget_bytes / 1e9:.2f} GB", file=sys.stderr)
+        if args.plan_json:
+            print(json.dumps(memory_plan.to_dict()))
+        return 0
+    if not memory_plan.fits:
+        print(f"warning: --memory {args.memory}: the peak estimate {memory_plan.peak_bytes / 1e9:.2f} GB exceeds the "
+              f"plan budget {memory_plan.budget_bytes / 1e9:.2f} GB (85% of the memory available); it may be killed "
+              f"for lack of memory", file=sys.stderr)
+    return run_generate(args, plan, memory_plan)
+
+
 def cmd_inspect(args) -> int:
     from .checkpoints import format_inspect, inspect
 
@@ -385,34 +533,69 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+#: subcommand → (adds its parser to the subparsers, runs it: args → exit status). New subcommands register here:
+#: ``add(subparsers, parsers made so far) -> parser``; ``run(args) -> exit status`` (imported lazily where heavy).
+COMMANDS = {
+    "generate": (lambda sub, made: add_generate_arguments(sub), lambda args: cmd_generate(args)),
+    "batch": (lambda sub, made: add_batch_arguments(sub, made["generate"]), lambda args: run_batch(args)),
+    "inspect": (lambda sub, made: add_inspect_arguments(sub), lambda args: cmd_inspect(args)),
+    "quantize": (lambda sub, made: add_quantize_arguments(sub), lambda args: run_quantize(args)),
+}
+
+
+def add_quantize_arguments(sub) -> argparse.ArgumentParser:
+    from .convert import add_parser     # torch-free at import (torch is imported by the command)
+
+    return add_parser(sub)
+
+
+def run_quantize(args) -> int:
+    from .convert import run
+
+    return run(args)
+
+
+def run_batch(args) -> int:
+    from .batch import run_batch as run
+
+    return run(args)
+
+
+def _import_torch():
+    """Import PyTorch (the one dependency requirements.txt does not install), announced on a terminal: the first
+    import takes seconds. Raises ImportError (name "torch") when it is missing."""
+    if "torch" in sys.modules and sys.modules["torch"] is not None:
+        return
+    tty = sys.stderr.isatty()
+    if tty:
+        print("loading PyTorch …", end="", file=sys.stderr, flush=True)
+    try:
+        import torch  # noqa: F401
+    finally:
+        if tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _, run = COMMANDS[args.command]
     try:
-        import torch  # noqa: F401  (the one dependency requirements.txt does not install)
+        if args.command != "inspect":        # inspect reads headers only: it never needs PyTorch
+            _import_torch()
+        return run(args)
     except ImportError as exc:
-        print(f"error: PyTorch is not installed ({exc}); fix: {TORCH_FIX}", file=sys.stderr)
-        return 3
-    try:
-        if args.command == "generate":
-            return run_generate(args, validate_generate(args))
-        if args.command == "quantize":
-            from .convert import run as run_quantize
-            return run_quantize(args)
-        if args.command == "batch":
-            from .batch import run_batch
-
-            return run_batch(args)
-        return cmd_inspect(args)
-    except ImportError as exc:
-        fix = "" if "fix:" in str(exc) else "; fix: pip install -r requirements.txt"
-        print(f"error: a required package is missing ({exc}){fix}", file=sys.stderr)
+        if exc.name == "torch" or "torch" in str(exc).split("'")[1:2]:
+            print(f"error: PyTorch is not installed ({exc}); fix: {TORCH_FIX}", file=sys.stderr)
+        else:
+            fix = "" if "fix:" in str(exc) else "; fix: pip install -r requirements.txt"
+            print(f"error: a required package is missing ({exc}){fix}", file=sys.stderr)
         return 3
     except (ValueError, OSError) as exc:      # CheckpointError is a ValueError; PIL's errors are OSErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MemoryError:
-        print("error: out of memory; fix: a smaller size or --num-images, --dtype bf16 on hardware with bf16, or "
-              "--offload on a GPU", file=sys.stderr)
+        print("error: out of memory; fix: a smaller size or --num-images, --dtype bf16 on hardware with bf16, "
+              "--memory minimal (one model at a time), or --offload on a GPU", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -500,7 +500,7 @@ class Worker:
         e = plan["enhance"]
         self.pipe.enhance_options = (dict(e) if isinstance(e, dict) else {}) if e else None
         t = time.perf_counter()
-        image, params = render_image(self.pipe, ns, plan, 0)
+        image, params = render_image(self.pipe, ns, plan, 0, out=os.path.basename(ns.out))
         timings["image_s"] = time.perf_counter() - t
         t = time.perf_counter()
         data = png_bytes(image, params)

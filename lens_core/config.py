@@ -9,7 +9,7 @@ import dataclasses
 import math
 import numbers
 
-import torch
+from .lazy_torch import torch
 
 from . import checks as chk
 from .jsonfile import read_json_object

@@ -310,7 +310,10 @@ class LensTransformer(nn.Module):
     # -- helpers --------------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        """Compute dtype: the weights' dtype (bf16 for 8-bit storage formats)."""
+        """Compute dtype: ``compute_dtype`` when the loader set it (weights may be stored narrower, see
+        :mod:`lens_core.upcast`), else the weights' dtype (bf16 for 8-bit storage formats)."""
+        if getattr(self, "compute_dtype", None) is not None:
+            return self.compute_dtype
         dt = self.img_in.weight.dtype
         return dt if dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64) else torch.bfloat16
 

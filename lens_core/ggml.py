@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 
-import torch
+from .lazy_torch import torch
 
 #: name → (GGML type id, values per block, bytes per block)
 TYPES = {
@@ -41,7 +41,7 @@ TYPES = {
 BY_ID = {v[0]: k for k, v in TYPES.items()}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 QUANT_TYPES = tuple(k for k in TYPES if k not in FLOAT_TYPES)
-_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}   # torch dtype names (lazy torch)
 
 # Names of GGML types this reader does not load (for error messages; ids from ggml.h).
 OTHER_TYPE_NAMES = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
@@ -211,9 +211,11 @@ _DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": 
             "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k, "MXFP4": _mxfp4}
 
 
-def dequantize(data: torch.Tensor, qtype: str, shape, dtype=torch.float32) -> torch.Tensor:
+def dequantize(data: torch.Tensor, qtype: str, shape, dtype=None) -> torch.Tensor:
     """GGML bytes of a logical ``shape`` tensor (uint8, any shape with that many bytes, any device) → ``shape``
-    in ``dtype`` on ``data``'s device. Float types are reinterpreted; quantized ones are computed in float32."""
+    in ``dtype`` (default float32) on ``data``'s device. Float types are reinterpreted; quantized ones are
+    computed in float32."""
+    dtype = torch.float32 if dtype is None else dtype
     if qtype not in TYPES:
         raise ValueError(f"GGML type {qtype!r} is not supported; supported: {list(TYPES)}")
     shape = tuple(int(s) for s in shape)
@@ -228,7 +230,7 @@ def dequantize(data: torch.Tensor, qtype: str, shape, dtype=torch.float32) -> to
         raise ValueError(f"GGML {qtype}: expected uint8 bytes, found {data.dtype}")
     flat = data.reshape(-1)
     if qtype in _FLOAT_DTYPES:
-        out = flat.view(_FLOAT_DTYPES[qtype]) if qtype != "BF16" else flat.view(torch.bfloat16)
+        out = flat.view(getattr(torch, _FLOAT_DTYPES[qtype]))
         return out.view(shape).to(dtype)
     blocks = flat.view(-1, size)
     return _DEQUANT[qtype](blocks).view(shape).to(dtype)

@@ -27,6 +27,7 @@ from .sampling import make_noise, prepare_mask, sample
 from .schedules import build_sigmas, format_schedule, parse_schedule
 
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
+_LABELS = {"transformer": "DiT", "text_encoder": "text encoder", "vae": "VAE"}
 #: img2img strength used when an init image is given without ``denoise``.
 DEFAULT_IMG2IMG_DENOISE = 0.6
 
@@ -54,31 +55,88 @@ class LensPipeline:
     """Text-to-image (and img2img) with Lens, Lens-Turbo or Lens-Base."""
 
     def __init__(self, transformer, text_encoder, tokenizer, vae, *, variant="lens", dtype=torch.bfloat16,
-                 device="cpu", offload=False, exact=True, loras=None, enhance=False):
-        self.transformer = transformer
-        self.text_encoder = text_encoder
+                 device="cpu", offload=False, exact=True, loras=None, enhance=False, loaders=None,
+                 memory="resident"):
+        # models by component; a None entry with a loader in ``loaders`` is loaded on first use (memory plans
+        # "sequential" / "minimal": see lens_core.memory and :meth:`release`)
+        self._models = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
+        self._loaders = dict(loaders or {})
+        if memory not in ("resident", "sequential", "minimal"):
+            raise ValueError(f"memory: expected 'resident', 'sequential' or 'minimal', found {memory!r}")
+        self.memory = memory
         self.tokenizer = tokenizer
-        self.vae = vae
         self.variant = variant_name(variant)
         self.dtype = dtype
         self.device = resolve_device(device)
         self.offload = bool(offload)
         self.exact = exact
-        if self.vae is not None and hasattr(self.vae, "exact"):
-            self.vae.exact = exact        # reference mode decodes like the official VAE too (bf16 bit-exact)
         self.progress = False
         # prompt enhancer (the official reasoner, lens_core.enhance): False, True, or a dict of enhance() options
         if not isinstance(enhance, (bool, dict)):
             raise ValueError(f"enhance: expected True/False or a dict of lens_core.enhance.enhance options, found "
                              f"{type(enhance).__name__}")
         self.enhance_options = (dict(enhance) if isinstance(enhance, dict) else {}) if enhance else None
-        if not self.offload:
-            for m in (transformer, text_encoder, vae):
-                m.to(self.device)
         self.loras: list = []           # [(file name, strength)] applied to the DiT
+        self._lora_items: list = []     # [(LoraAdapter, strength)], applied again whenever the DiT is (re)loaded
         self._lora_cache: dict = {}
+        for name, m in self._models.items():
+            if m is not None:
+                self._adopt(name, m)
         if loras:
             self.set_loras(loras)
+
+    # ---- components held, loaded on use, released ------------------------------------------------
+    def _adopt(self, name, module):
+        if name == "vae" and hasattr(module, "exact"):
+            module.exact = self.exact     # reference mode decodes like the official VAE too (bf16 bit-exact)
+        if not self.offload:
+            module.to(self.device)
+        return module
+
+    def _get(self, name):
+        module = self._models[name]
+        if module is None and name in self._loaders:
+            import sys
+            import time
+
+            t0 = time.perf_counter()
+            if self.progress:
+                print(f"loading the {_LABELS[name]} ...", file=sys.stderr, flush=True)
+            module = self._adopt(name, self._loaders[name]())
+            self._models[name] = module
+            if name == "transformer" and self._lora_items:
+                self._apply_loras(self._lora_items)
+            if self.progress:
+                print(f"loaded the {_LABELS[name]} in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+                      flush=True)
+        return module
+
+    def release(self, name) -> bool:
+        """Drop the model ``name`` ("text_encoder", "transformer", "vae") to free its memory; it is loaded again
+        (from its checkpoint, LoRAs re-applied) on next use. Only for a pipeline that can reload it
+        (``from_pretrained``); returns whether it was released."""
+        if self._models.get(name) is None or name not in self._loaders:
+            return False
+        self._models[name] = None
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
+
+    def _release_after(self, stage):
+        """Release what the memory plan frees after ``stage`` ("encode", "sample")."""
+        if stage == "encode" and self.memory in ("sequential", "minimal"):
+            self.release("text_encoder")
+        elif stage == "sample" and self.memory == "minimal":
+            self.release("transformer")
+
+    transformer = property(lambda self: self._get("transformer"),
+                           lambda self, m: self._models.__setitem__("transformer", m))
+    text_encoder = property(lambda self: self._get("text_encoder"),
+                            lambda self, m: self._models.__setitem__("text_encoder", m))
+    vae = property(lambda self: self._get("vae"), lambda self, m: self._models.__setitem__("vae", m))
 
     def set_loras(self, loras=()):
         """Replace the DiT's LoRAs: ``loras`` = [(path or LoraAdapter, strength) | path, …] (empty = none).
@@ -99,24 +157,40 @@ class LensPipeline:
                     self._lora_cache[ck_key] = lo.load_lora(key)
                 src = self._lora_cache[ck_key]
             items.append((src, strength))
-        lo.remove_loras(self.transformer)
-        self.loras = []
+        if self._models["transformer"] is None:     # not loaded (memory plan): applied when it loads
+            self._lora_items = items
+            self.loras = [(adapter.name, strength) for adapter, strength in items]
+            return
+        self._apply_loras(items)
+
+    def _apply_loras(self, items):
+        from . import lora as lo
+
+        dit = self._models["transformer"]
+        lo.remove_loras(dit)
+        self.loras, self._lora_items = [], []
         try:
             for adapter, strength in items:
-                lo.apply_lora(self.transformer, adapter, strength)
+                layers = lo.apply_lora(dit, adapter, strength)
                 self.loras.append((adapter.name, strength))
+                if self.progress:
+                    import sys
+
+                    print(f"LoRA applied: {adapter.name} at strength {strength:g} ({adapter.format}, "
+                          f"{len(layers)} layers of the DiT)", file=sys.stderr, flush=True)
         except Exception:
-            lo.remove_loras(self.transformer)      # never leave half a set applied
+            lo.remove_loras(dit)      # never leave half a set applied
             self.loras = []
             raise
+        self._lora_items = list(items)
 
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path=None, *, transformer=None, text_encoder=None, vae=None, tokenizer=None,
                         dtype=None, device="auto", offload=None, variant=None, fp8=False,
                         configs: dict | None = None, exact=True, progress=False, loras=None,
-                        enhance=False) -> "LensPipeline":
-        """Load every component.
+                        enhance=False, memory="auto", storage="stored", plan=None) -> "LensPipeline":
+        """Load every component (or plan to load each on use).
 
         ``path``: a diffusers Lens folder (all components), a DiT file/folder (then ``text_encoder`` and ``vae``
         are required), or a dict ``{component: path}``. Keyword paths override single components. Every path is
@@ -129,6 +203,12 @@ class LensPipeline:
         ``fp8``: store the DiT's block Linears as fp8 e4m3fn. ``configs``: per-component config overrides
         (``{"transformer": {...}, "text_encoder": {...}, "vae": {...}}``, for files without config.json).
         ``loras``: [(path, strength), …] applied to the DiT (see :meth:`set_loras`).
+        ``memory``: "auto" (default: the first plan of :func:`lens_core.memory.plan_memory` that fits this
+        machine, sized for a 1024² image; ``pipe.memory_plan``), "resident" (load all three now and keep them),
+        "sequential" (the text encoder is loaded to encode and released; the DiT and VAE stay) or "minimal"
+        (one model at a time). ``plan``: a :class:`lens_core.memory.MemoryPlan` made for the actual request
+        (the CLI's), used instead. ``storage``: "stored" (default: bf16/fp16 weights stay so under fp32 compute,
+        upcast per layer, same numbers) or "compute" (every float weight cast to ``dtype`` at load).
         """
         paths = resolve_paths(path, transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer)
         device = resolve_device(device)
@@ -138,35 +218,71 @@ class LensPipeline:
         load_device = "cpu" if offload else device
         configs = configs or {}
         check_headers(paths)                              # a misplaced file fails before minutes of loading
-        bar = _progress(progress, 4, "load")
+        if plan is None and memory == "auto":
+            from .memory import plan_memory
+
+            plan = plan_memory(paths, dtype, device, height=1024, width=1024, cfg=None, fp8=fp8, storage=storage,
+                               variant=variant, configs=configs, offload=offload)
+        mode = plan.mode if plan is not None else memory
+        if mode not in ("resident", "sequential", "minimal"):
+            raise ValueError(f"memory: expected 'auto', 'resident', 'sequential' or 'minimal', found {memory!r}")
+        selected = {}
+
+        def load_dit():
+            dit = ck.load_transformer(paths["transformer"], dtype=dtype, device=load_device, variant=variant,
+                                      fp8=fp8, config=configs.get("transformer"), storage=storage)
+            selected["layers"] = dit.lens_checkpoint.config["selected_layer_index"]
+            return dit
+
+        def load_te():
+            if "layers" not in selected:      # the DiT config names the encoder layers it reads
+                selected["layers"] = ck.load_transformer(paths["transformer"], dtype=dtype, variant=variant,
+                                                         config=configs.get("transformer"),
+                                                         meta=True).lens_checkpoint.config["selected_layer_index"]
+            return ck.load_text_encoder(paths["text_encoder"], dtype=dtype, device=load_device,
+                                        config=configs.get("text_encoder"), selected_layers=selected["layers"],
+                                        storage=storage)
+
+        def load_v():
+            return ck.load_vae(paths["vae"], dtype=dtype, device=load_device, config=configs.get("vae"))
+
+        loaders = {"transformer": load_dit, "text_encoder": load_te, "vae": load_v}
+        bar = _progress(progress, 4 if mode == "resident" else 1, "load")
 
         def step(following):
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(following)
 
+        models = {"transformer": None, "text_encoder": None, "vae": None}
         try:
             if bar is not None:
                 bar.set_postfix_str("tokenizer")
             tok = ck.load_tokenizer(paths["tokenizer"])    # cheap, and a bad one fails before any weights
-            step("transformer")
-            dit = ck.load_transformer(paths["transformer"], dtype=dtype, device=load_device, variant=variant,
-                                      fp8=fp8, config=configs.get("transformer"))
-            step("text_encoder")
-            selected = dit.lens_checkpoint.config["selected_layer_index"]
-            te = ck.load_text_encoder(paths["text_encoder"], dtype=dtype, device=load_device,
-                                      config=configs.get("text_encoder"), selected_layers=selected)
-            step("vae")
-            v = ck.load_vae(paths["vae"], dtype=dtype, device=load_device, config=configs.get("vae"))
+            if mode == "resident":
+                step("transformer")
+                models["transformer"] = load_dit()
+                step("text_encoder")
+                models["text_encoder"] = load_te()
+                step("vae")
+                models["vae"] = load_v()
             step("done")
         finally:
             if bar is not None:
                 bar.close()                               # also on errors: the message starts a clean line
-        pipe = cls(dit, te, tok, v, variant=dit.lens_checkpoint.variant, dtype=dtype, device=device,
-                   offload=offload, exact=exact, loras=loras, enhance=enhance)
+        if models["transformer"] is not None:
+            var = models["transformer"].lens_checkpoint.variant
+        else:
+            var = ck.load_transformer(paths["transformer"], dtype=dtype, variant=variant, storage=storage,
+                                      config=configs.get("transformer"), meta=True).lens_checkpoint.variant
+        pipe = cls(models["transformer"], models["text_encoder"], tok, models["vae"], variant=var, dtype=dtype,
+                   device=device, offload=offload, exact=exact, enhance=enhance, loaders=loaders, memory=mode)
         pipe.paths = paths
         pipe.progress = progress
         pipe.dtype_reason = reason
+        pipe.memory_plan = plan
+        if loras:
+            pipe.set_loras(loras)
         return pipe
 
     # ---- helpers -----------------------------------------------------------------------------------
@@ -207,7 +323,9 @@ class LensPipeline:
                 neg = None
                 if any(n.strip() for n in negs):
                     neg = encode_prompts(te, self.tokenizer, negs, date=template_date, device=self.device)
+                te = None
             self._encoded = (key, (feats, mask, neg))
+            self._release_after("encode")
 
         def rep(t):
             return t.repeat_interleave(num_images, dim=0)
@@ -338,6 +456,7 @@ class LensPipeline:
         finally:
             if bar is not None:
                 bar.close()
+        self._release_after("sample")
         dbar = _progress(self.progress, 1, "decode")
         with self._on_device(self.vae) as vae:
             decoded = vae.decode(unpack_latents(final, gh, gw))
@@ -626,3 +745,32 @@ def load_mask(mask, label: str = "mask") -> torch.Tensor:
         raise ValueError(f"{name}: a float ('F' mode) mask must hold values in [0, 1], found "
                          f"[{float(t.nan_to_num().min()):g}, {float(t.nan_to_num().max()):g}] or NaN")
     return t
+
+
+def paste_kept_pixels(generated, image, mask):
+    """Inpainting paste-back: the output pixel is ``m·generated + (1 − m)·image`` with the mask ``m`` (1 = regenerate)
+    resized bilinearly to the output size, so the kept (black) pixels are exactly the init image's — the VAE
+    round trip would otherwise change them slightly — and soft mask edges blend. ``image``: the RGB PIL init
+    image (resized like the init latents, LANCZOS) or a [1, 3, H, W] tensor in [−1, 1] of the output size;
+    ``mask``: a [H, W] (or [1, H, W]) tensor in [0, 1] at any size. Returns a new RGB PIL image.
+
+    The CLI does this by default (``--no-paste-back`` turns it off); ComfyUI users composite with the core
+    ``ImageCompositeMasked`` node, as for any inpainting model."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = generated.size
+    if isinstance(image, torch.Tensor):
+        init = ((image[0].float().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).cpu().numpy()
+    else:
+        init = np.asarray((image if image.size == (w, h) else image.resize((w, h), Image.LANCZOS)).convert("RGB"),
+                          dtype=np.float32)
+    m = mask.float()
+    while m.ndim > 2:
+        m = m[0]
+    m = Image.fromarray(m.cpu().numpy().astype(np.float32), mode="F")
+    m = np.asarray(m if m.size == (w, h) else m.resize((w, h), Image.BILINEAR), dtype=np.float32).clip(0, 1)[..., None]
+    gen = np.asarray(generated.convert("RGB"), dtype=np.float32)
+    out = gen * m + init * (1.0 - m)
+    return Image.fromarray(np.rint(out).clip(0, 255).astype(np.uint8), mode="RGB")
+

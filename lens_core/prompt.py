@@ -22,7 +22,7 @@ import os
 import re
 import warnings
 
-import torch
+from .lazy_torch import torch
 
 from .jsonfile import read_json_object
 
@@ -252,7 +252,6 @@ def crop_features(features, mask, offset: int = PREAMBLE_TOKENS):
             torch.zeros(mask.shape[0], 0, dtype=torch.bool, device=mask.device))
 
 
-@torch.no_grad()
 def encode_prompts(text_encoder, tokenizer: LensTokenizer, prompts, date=None,
                    max_length: int = MAX_SEQUENCE_LENGTH, device=None):
     """Encode prompts into Lens text features: ``(list of [B, S, D] per selected layer, mask [B, S] bool)``,
@@ -265,8 +264,9 @@ def encode_prompts(text_encoder, tokenizer: LensTokenizer, prompts, date=None,
     if device is None:
         param = next(iter(text_encoder.parameters()), None) if hasattr(text_encoder, "parameters") else None
         device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
-    feats = text_encoder(ids.to(device), mask.to(device))
-    return crop_features(list(feats), mask.to(feats[0].device))
+    with torch.no_grad():
+        feats = text_encoder(ids.to(device), mask.to(device))
+        return crop_features(list(feats), mask.to(feats[0].device))
 
 
 def empty_negative(features, mask):

@@ -747,14 +747,9 @@ def _tiled_apply(fn, x, tile: int, overlap: int, align: int, scale: float, out_c
 def _available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
+    from .memory import available_ram
+
+    return available_ram()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -93,12 +93,27 @@ def single_run(inputs, pipeline_dir, tmp_path_factory):
 
 
 def test_batch_equals_separate_generate_runs(single_run, inputs, pipeline_dir, tmp_path, capsys):
-    """Each of the 6 PNGs is byte for byte the PNG a separate ``generate`` run writes (pixels and metadata,
-    including the regenerate command); the manifest has one ok record per job with the file's sha256."""
+    """Each of the 6 PNGs is the PNG a separate ``generate`` run writes: the same pixels and metadata, including
+    the regenerate command, whose ``--out`` names each file (so only that argument differs); the manifest has one
+    ok record per job with the file's sha256."""
+    import io
+    import shlex
+
+    def content(data: bytes, out: str):
+        img = Image.open(io.BytesIO(data))
+        meta = json.loads(img.text["lens"])
+        argv = shlex.split(meta["command"])
+        assert argv[argv.index("--out") + 1] == out
+        argv[argv.index("--out") + 1] = "OUT"
+        meta["command"] = shlex.join(argv)
+        return img.tobytes(), meta, img.text["parameters"]
+
     for job in inputs.jobs:
         ref = tmp_path / f"{job['name']}.png"
         assert main(["generate", *defaults(pipeline_dir), *generate_argv(job), "--out", str(ref)]) == 0
-        assert ref.read_bytes() == single_run.png[job["name"]], job["name"]
+        # generate stores its --out as given; batch the file name within its output folder
+        assert content(ref.read_bytes(), str(ref)) == content(single_run.png[job["name"]],
+                                                              f"{job['name']}.png"), job["name"]
     assert len({hashlib.sha256(b).hexdigest() for b in single_run.png.values()}) == 6
     recs = manifest(single_run.out)
     assert [r["name"] for r in recs] == NAMES
@@ -219,10 +234,10 @@ def test_failures_and_invalid_lines_recorded_rest_go_on(single_run, inputs, pipe
 
     real = cli.render_image
 
-    def failing(pipe, args, plan, k=0):
+    def failing(pipe, args, plan, k=0, **kw):
         if args.prompt == "boom":
             raise RuntimeError("the sampler exploded")
-        return real(pipe, args, plan, k)
+        return real(pipe, args, plan, k, **kw)
     monkeypatch.setattr(cli, "render_image", failing)
     lines = [json.dumps(j) for j in reversed(inputs.jobs)]
     lines.insert(2, '{"prompt": "x", "steps": 0}')
@@ -262,13 +277,13 @@ def test_ctrl_c_finishes_the_current_image_then_resumes(inputs, single_run, pipe
     real = cli.render_image
     presses = {"n": 0, "at": None}
 
-    def interrupting(pipe, args, plan, k=0):
+    def interrupting(pipe, args, plan, k=0, **kw):
         calls["n"] += 1
         if calls["n"] == presses["at"]:
             for _ in range(presses["n"]):
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
-        return real(pipe, args, plan, k)
+        return real(pipe, args, plan, k, **kw)
     monkeypatch.setattr(cli, "render_image", interrupting)
     argv = ["batch", single_run.jobs, "--out", str(tmp_path / "out"), *defaults(pipeline_dir)]
 

@@ -54,7 +54,9 @@ def test_each_png_of_a_batch_regenerates_from_its_own_metadata(pipeline_dir, tmp
     cache = {}
 
     def memo(cls, path=None, **kw):
-        key = (json.dumps(path, sort_keys=True, default=str), json.dumps(kw, sort_keys=True, default=str))
+        settings = {k: v for k, v in kw.items() if k != "plan"}       # the plan object is new on every call
+        key = (json.dumps(path, sort_keys=True, default=str), json.dumps(settings, sort_keys=True, default=str),
+               kw["plan"].mode if kw.get("plan") is not None else None)
         if key not in cache:
             cache[key] = real(cls, path, **kw)
         return cache[key]
@@ -72,11 +74,12 @@ def test_each_png_of_a_batch_regenerates_from_its_own_metadata(pipeline_dir, tmp
         assert (meta["seed"], meta["batch_index"], meta["num_images"]) == (11, k, 1)
         argv = shlex.split(meta["command"])
         assert argv[:4] == ["python", "-m", "lens_core", "generate"]
+        assert argv[argv.index("--out") + 1] == f         # the image's own path, as the run wrote it
         argv[argv.index("--out") + 1] = str(tmp_path / f"again_{k}.png")
         assert main(argv[3:]) == 0
         again = Image.open(tmp_path / f"again_{k}.png")
         assert again.tobytes() == pixels[k], k
-        assert json.loads(again.text["lens"])["command"] == meta["command"]
+        assert json.loads(again.text["lens"])["command"] == shlex.join(argv)
     assert len(cache) == 1
 
 
@@ -85,7 +88,7 @@ def test_torch_missing_prints_the_fix(tmp_path):
     code = ("import sys; sys.modules['torch'] = None\n"
             "from lens_core.__main__ import main\n"
             "sys.exit(main(sys.argv[1:]))")
-    for argv in (["generate", "--model", "x", "--prompt", "p", "--out", "o.png"], ["inspect", "x"]):
+    for argv in (["generate", "--model", "x", "--prompt", "p", "--out", "o.png"],):
         r = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 3, r.stderr
@@ -94,6 +97,11 @@ def test_torch_missing_prints_the_fix(tmp_path):
         assert lines[0].startswith("error: PyTorch is not installed")
         assert "pip install -r requirements-cli.txt" in lines[0]
         assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in lines[0]
+    # inspect reads headers only: it runs without PyTorch (a missing path is a plain argument error)
+    r = subprocess.run([sys.executable, "-c", code, "inspect", "x"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: x: no such file or folder"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     cli_reqs = (pathlib.Path(REPO) / "requirements-cli.txt").read_text().split()
     assert "-r" in cli_reqs and "requirements.txt" in cli_reqs and any(r.startswith("torch") for r in cli_reqs)
 

@@ -68,25 +68,36 @@ def _random(name, shape, gen):
     return t.normal_(0.0, 0.02, generator=gen)
 
 
-def write_streaming(path, names: list, shapes: dict, dtype, gen) -> int:
-    """A safetensors file written tensor by tensor (header first); returns the data bytes."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+def write_entries(path, entries, metadata=None) -> int:
+    """A safetensors file written tensor by tensor (header first, then each tensor as ``make()`` returns it, so
+    only one tensor is ever in memory). ``entries``: [(name, shape, safetensors dtype, make)]; returns the data
+    bytes."""
+    sizes = {"F32": 4, "BF16": 2, "F16": 2, "U8": 1}
     header, off = {}, 0
-    for n in names:
-        nbytes = itemsize
-        for d in shapes[n]:
+    for name, shape, st, _ in entries:
+        nbytes = sizes[st]
+        for d in shape:
             nbytes *= d
-        header[n] = {"dtype": ST[dtype], "shape": list(shapes[n]), "data_offsets": [off, off + nbytes]}
+        header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [off, off + nbytes]}
         off += nbytes
-    header["__metadata__"] = {"format": "pt"}
+    header["__metadata__"] = dict(metadata or {"format": "pt"})
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for n in names:
-            f.write(_random(n, shapes[n], gen).to(dtype).view(torch.uint8).numpy().tobytes())
+        for name, shape, st, make in entries:
+            t = make()
+            if tuple(t.shape) != tuple(shape) or t.element_size() != sizes[st]:
+                raise ValueError(f"write_entries: {name} made {tuple(t.shape)} {t.dtype}, declared {shape} {st}")
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
     return off
+
+
+def write_streaming(path, names: list, shapes: dict, dtype, gen) -> int:
+    """A random DiT safetensors file written tensor by tensor (header first); returns the data bytes."""
+    return write_entries(path, [(n, shapes[n], ST[dtype], lambda n=n: _random(n, shapes[n], gen).to(dtype))
+                                for n in names])
 
 
 def write_fp32_sharded(folder, shapes, shard_bytes):

@@ -45,13 +45,27 @@ from .source import DictSource, TensorSource, open_component_folder, open_locati
 from .detect import (COMPONENT_NAMES, DIT_SIGNATURE, FOREIGN, NVFP4_TE_SUFFIX, QUANT_FORMATS, TE_SIGNATURE,
                      VAE_BFL_SIGNATURE, VAE_DIFFUSERS_SIGNATURE, Detection, detect, detect_variant, dit_family,
                      quant_layers, strip_prefix, te_family)
-from .assign import IGNORED_KEYS, CheckpointInfo, assign_weights, init_empty_weights
-from .transformer import dit_config_from_shapes, load_transformer
-from .text_encoder import (REAL_SELECTED_LAYERS, REAL_TE_CONFIG, load_text_encoder, load_text_encoder_parts,
-                           te_config_from_shapes)
-from .vae import load_vae
 from .tokenizer import load_tokenizer
 from .inspection import format_inspect, inspect
+
+# The loaders (and what they need: torch, the model modules) are imported on first use, so that ``inspect`` and
+# header checks never import PyTorch (the CLI's ``inspect`` runs without it).
+_LAZY = {
+    "IGNORED_KEYS": "assign", "CheckpointInfo": "assign", "assign_weights": "assign",
+    "init_empty_weights": "assign", "dit_config_from_shapes": "transformer", "load_transformer": "transformer",
+    "REAL_SELECTED_LAYERS": "text_encoder", "REAL_TE_CONFIG": "text_encoder", "load_text_encoder": "text_encoder",
+    "load_text_encoder_parts": "text_encoder", "te_config_from_shapes": "text_encoder", "load_vae": "vae",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value          # later look-ups (and monkeypatching in tests) see a plain attribute
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CheckpointError", "PICKLE_SUFFIXES", "ST_DTYPES", "ST_NAMES", "SafetensorsFile", "GGUFFile", "TensorEntry",

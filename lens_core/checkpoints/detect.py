@@ -5,11 +5,12 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from typing import Iterable
 
-import torch
+from ..lazy_torch import torch
 
-from .. import quant_formats as qf
+from ..lazy_torch import LazyModule
 from .errors import CheckpointError
 from .source import COMPONENT_DIRS, TensorSource
 
@@ -117,8 +118,27 @@ def strip_prefix(source: TensorSource, prefix: str) -> TensorSource:
 
 
 # ComfyUI ``.comfy_quant`` formats each component loads (lens_core.quant_formats has their layouts)
-QUANT_FORMATS = {"transformer": tuple(qf.FORMATS), "text_encoder": tuple(qf.FORMATS)}
-MAX_MARKER_BYTES = qf.MAX_MARKER_BYTES
+#: (imported when a marker is read: it needs torch and comfy-kitchen, which ``inspect`` of other files never loads)
+qf = LazyModule("lens_core.quant_formats")
+
+
+class _ComponentFormats(Mapping):
+    """{component: names of the quantization formats its loader takes}, read from quant_formats on first use."""
+
+    def _get(self):
+        return {"transformer": tuple(qf.FORMATS), "text_encoder": tuple(qf.FORMATS)}
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(("transformer", "text_encoder"))
+
+    def __len__(self):
+        return 2
+
+
+QUANT_FORMATS = _ComponentFormats()
 SCALED_FP8_KEY = "scaled_fp8"     # ComfyUI's older fp8-scaled files (comfy.utils.convert_old_quants)
 
 
@@ -152,11 +172,13 @@ def quant_layers(source: TensorSource, component: str, prefix: str = "") -> dict
     for k in source.keys():
         if k.endswith(".comfy_quant"):
             e = source.entry(k)
-            if e.dtype not in ("U8", "I8") or len(e.shape) != 1 or e.nbytes > MAX_MARKER_BYTES:
+            if e.dtype not in ("U8", "I8") or len(e.shape) != 1 or e.nbytes > qf.MAX_MARKER_BYTES:
                 raise CheckpointError(f"{source.file_of(k)}: tensor {k!r} expected a 1-D U8 JSON quantization "
-                                      f"marker (a small JSON object) of at most {MAX_MARKER_BYTES} bytes, found "
+                                      f"marker (a small JSON object) of at most {qf.MAX_MARKER_BYTES} bytes, found "
                                       f"{e.dtype}{list(e.shape)}; the file is corrupt or crafted")
             layers[k[: -len(".comfy_quant")]] = source.read(k).view(torch.uint8).numpy().tobytes()
+    if not layers:
+        return {}
     allowed = QUANT_FORMATS.get(component, ())
     out = {}
     for name, raw in layers.items():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import struct
 
-import torch
+from ..lazy_torch import torch
 
 from .. import checks as chk
 from .. import ggml

@@ -10,7 +10,7 @@ from .detect import describe, detect, detect_variant, dit_family, quant_layers, 
 from .errors import CheckpointError
 from .safetensors import SafetensorsFile
 from .source import TensorSource, _dtype_summary, _has_weights, is_diffusers_root, open_source
-from .transformer import dit_config_from_shapes
+from .shapes import block_count
 
 
 def inspect(path, variant: str | None = None) -> dict:
@@ -61,6 +61,8 @@ def _inspect_source(p: str, variant) -> dict:
             info["metadata_keys"] = len(source.metadata)
         if det.component is None:
             info.update(family="unknown", looks_like=describe(source, det))
+            if info["looks_like"] == "a LoRA file" and len(source.files) == 1:
+                info.update(inspect_lora(source.files[0].path))
             return info
         src = strip_prefix(source, det.prefix)
         info["prefix"] = det.prefix
@@ -69,8 +71,8 @@ def _inspect_source(p: str, variant) -> dict:
             info["family"] = dit_family(src, q)
             info["quantized_layers"] = len(q)
             info["quantization"] = layer_groups(src, q)
-            cfg = src.config or dit_config_from_shapes(src)
-            info["layers"] = cfg.get("num_layers")
+            info["layers"] = (src.config.get("num_layers") if src.config else
+                              block_count(src, r"transformer_blocks\.(\d+)\."))
             info["variant"], info["variant_source"] = detect_variant(p, src, variant)
         elif det.component == "text_encoder":
             info["family"] = te_family(src)
@@ -85,6 +87,43 @@ def _inspect_source(p: str, variant) -> dict:
         return info
     finally:
         source.close()
+
+
+def inspect_lora(path: str) -> dict:
+    """A LoRA / LoHa / LoKr file: for which model, in which trainer's format, its ranks, scales and targets.
+
+    The file is read with :func:`lens_core.lora.load_lora` (a LoRA is small; its factors give the ranks), which
+    needs PyTorch: the only ``inspect`` that imports it. A LoRA of another model is named (``for``)."""
+    try:
+        from .. import lora as lo
+    except ImportError as exc:       # no PyTorch: the header description above is all there is
+        return {"lora": f"details need PyTorch ({exc})"}
+    try:
+        adapter = lo.load_lora(path)
+    except (ValueError, OSError) as exc:
+        return {"family": "lora", "component": "lora", "for": "not the Lens DiT", "looks_like": str(exc)}
+    ranks, kinds, layers, scales = {}, {}, {}, set()
+    for name, t in adapter.targets.items():
+        kinds[t.kind] = kinds.get(t.kind, 0) + 1
+        f = t.factors
+        rank = (f["down"].shape[0] if t.kind == "lora" else f["w1b"].shape[0] if t.kind == "loha" else
+                max(f[k].shape[0] for k in ("w1b", "w2b") if k in f) if any(k in f for k in ("w1b", "w2b"))
+                else None)
+        ranks[rank] = ranks.get(rank, 0) + 1
+        scales.add(round(float(t.scale), 6))
+        m = re.match(r"transformer_blocks\.(\d+)\.(.+)$", name)
+        layer = m.group(2) if m else name
+        layers.setdefault(layer, set()).add(int(m.group(1)) if m else -1)
+    blocks = sorted({b for bs in layers.values() for b in bs if b >= 0})
+    return {"family": "lora", "component": "lora", "for": "the Lens DiT (Lens, Lens-Turbo, Lens-Base)",
+            "lora_format": adapter.format, "kinds": kinds,
+            "rank": (next(iter(ranks)) if len(ranks) == 1 else {str(r): n for r, n in sorted(ranks.items(),
+                                                                                             key=str)}),
+            "scale": sorted(scales)[0] if len(scales) == 1 else sorted(scales),
+            "targets": len(adapter.targets),
+            "blocks": (f"{len(blocks)} of the transformer blocks ({blocks[0]}…{blocks[-1]})" if blocks else "none"),
+            "target_layers": {k: len(v) for k, v in sorted(layers.items())},
+            "unmatched_keys": len(adapter.unmatched)}
 
 
 _BLOCK_RE = re.compile(r"^(?:model\.)?(?:transformer_blocks|layers|blk)\.\d+\.")

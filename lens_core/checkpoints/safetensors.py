@@ -7,7 +7,7 @@ import os
 
 from .. import checks as chk
 from .errors import CheckpointError
-from .weightfile import ST_DTYPES, ST_NAMES, TensorEntry, WeightFile, itemsize as _itemsize  # noqa: F401 (re-exported)
+from .weightfile import ST_DTYPES, ST_ITEMSIZE, ST_NAMES, TensorEntry, WeightFile, itemsize as _itemsize  # noqa: F401 (re-exported)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
@@ -79,8 +79,8 @@ def parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict, dict[str,
             raise bad(f"tensor {name!r}: expected an object with dtype, shape, data_offsets, found "
                       f"{type(e).__name__}")
         dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
-            raise bad(f"tensor {name!r}: expected a dtype among {sorted(ST_DTYPES)}, found {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
+            raise bad(f"tensor {name!r}: expected a dtype among {sorted(ST_ITEMSIZE)}, found {dtype!r}")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             raise bad(f"tensor {name!r}: expected a shape of non-negative integers, found {shape!r:.80}")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):

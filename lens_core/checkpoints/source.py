@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-import torch
+from ..lazy_torch import torch
 
 from .. import checks as chk
 from .. import readahead

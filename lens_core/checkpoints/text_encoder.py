@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import checks as chk
 from .. import ggml
+from ..upcast import keep_stored_dtype
 from ..ops import build_planned
 from .assign import (CheckpointInfo, assign_weights, block_count, checked_config, expect_shapes, gguf_plan,
                      init_empty_weights, keep_gguf_linears, layer_tensors, quant_plan, read_stored_bytes, tensor_dims)
@@ -95,11 +96,14 @@ def _nvfp4_scale_reader(source, name, device):
 
 
 def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None, config=None,
-                      selected_layers=None, experts: str = "packed"):
+                      selected_layers=None, experts: str = "packed", storage: str = "compute", meta: bool = False):
     """A ``LensTextEncoder`` from the diffusers MXFP4 ``text_encoder/`` (folder, index or whole diffusers folder),
     the Comfy-Org NVFP4 single file or a GPT-OSS GGUF (:func:`gguf_te_source`). Experts stay packed (dequantized per call) unless
     ``experts="dequantized"``. ``selected_layers`` defaults to the transformer config's
-    ``selected_layer_index`` of a diffusers folder, else the real (5, 11, 17, 23)."""
+    ``selected_layer_index`` of a diffusers folder, else the real (5, 11, 17, 23). ``storage`` and ``meta``: as
+    :func:`lens_core.checkpoints.load_transformer` (bf16 attention/embedding/norms kept bf16 under fp32 compute;
+    the model as it would be loaded, parameters on ``meta``, nothing read).
+    """
     from .. import text_encoder as te_mod
 
     source = open_source(path, "text_encoder")
@@ -177,13 +181,21 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
     consumed |= {k for k in source.keys() if model.is_unused_key(k)}
     special.update({k: _nvfp4_scale_reader for k in source.keys()
                     if family == "comfy-te-nvfp4" and k.endswith("_proj_scales") and k not in consumed})
-    assign_weights(model, source, device, "text_encoder", special, consumed)
-    model.eval()
-    te_mod.bump_weights_version(model)       # new weights: what was kept for the old ones is not reused
+    from .transformer import _check_storage
+
+    _check_storage(storage)
+    if storage == "stored" and operations is None and experts == "packed":
+        keep_stored_dtype(model, lambda n: source.dtype(n) if n in source else None, dtype, special)
     model.lens_checkpoint = CheckpointInfo(source.origin, "text_encoder", family, None, "", cfg_dict,
                                            {"dtypes": _dtype_summary(source),
                                             "selected_layers": list(selected_layers),
                                             "embedded_tokenizer": "tokenizer_json" in source})
+    if meta:
+        source.close()
+        return model.eval()
+    assign_weights(model, source, device, "text_encoder", special, consumed)
+    model.eval()
+    te_mod.bump_weights_version(model)       # new weights: what was kept for the old ones is not reused
     source.close()
     return model
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import quant_linear as ql
 from ..quant_linear import fp8_eligible
+from ..upcast import keep_stored_dtype
 from .assign import (CheckpointInfo, assign_weights, block_count, checked_config, expect_shapes, gguf_plan,
                      init_empty_weights, layer_tensors, quant_plan, read_stored_bytes, tensor_dims)
 from .detect import _expect, detect_variant, dit_family, quant_layers, scaled_fp8_renames, strip_prefix
@@ -56,7 +57,8 @@ def check_dit_config(source: TensorSource, cfg, quantized=()) -> None:
 
 def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, config=None,
                      variant: str | None = None, fp8: bool = False, dequantize: bool = False,
-                     mxfp8_dequantize: bool = False, dit_class=None):
+                     mxfp8_dequantize: bool = False, dit_class=None, storage: str = "compute",
+                     meta: bool = False):
     """A ``LensTransformer`` from any DiT family: diffusers folder/shards, Comfy bf16 file, a ComfyUI quantized
     file (``.comfy_quant`` formats, mixed per layer, markers as tensors or in the ``_quantization_metadata``
     header, bare or ``model.diffusion_model.`` keys; the Comfy-Org MXFP8 files), a GGUF file of the
@@ -69,6 +71,11 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
     ``fp8=True`` stores the eligible float Linears (not img_mod/txt_mod, not norms) as float8_e4m3fn + row scale.
     ``config`` (dict or LensDiTConfig) overrides config.json / shape-derived values.
     ``dit_class``: the module class to build (a ``LensTransformer`` subclass a host adds its call convention to).
+    ``storage="stored"`` (with fp32 ``dtype`` and no host ``operations``): float weights stored as bf16/fp16 stay
+    so and are upcast per layer (:mod:`lens_core.upcast`: same numbers, half the memory); ``"compute"`` casts
+    every float weight to ``dtype``. ``meta=True`` returns the model exactly as it would be loaded (layers,
+    dtypes, ``lens_checkpoint``) with its parameters on ``meta``: nothing beyond the headers is read (sizes for
+    :mod:`lens_core.memory`).
     """
     from ..config import LensDiTConfig
     from ..dit import LensTransformer
@@ -132,15 +139,28 @@ def load_transformer(path, dtype=torch.bfloat16, device="cpu", operations=None, 
     with init_empty_weights():
         model = build_planned(lambda ops: dit_class(cfg, operations=ops, device=None, dtype=dtype),
                               operations, plan)
-    assign_weights(model, source, device, "transformer", special, consumed)
-    model.eval()
+    _check_storage(storage)
+    if storage == "stored" and operations is None:
+        keep_stored_dtype(model, lambda n: source.dtype(n) if n in source else None, dtype, special)
+        model.compute_dtype = dtype
     model.lens_checkpoint = CheckpointInfo(source.origin, "transformer", family, var, var_src, cfg.to_dict(),
                                            {"dtypes": _dtype_summary(source), "quantized_layers": counts,
                                             "mxfp8_layers": counts.get("mxfp8", 0),
                                             "gguf_layers": counts.get("gguf", 0), "fp8": fp8,
                                             "dequantized": bool(dequantize and qlayers)})
+    if meta:
+        source.close()
+        return model.eval()
+    assign_weights(model, source, device, "transformer", special, consumed)
+    model.eval()
     source.close()
     return model
+
+
+def _check_storage(storage):
+    if storage not in ("compute", "stored"):
+        raise ValueError(f"storage: expected 'compute' (cast weights to the run dtype) or 'stored' (keep bf16/fp16 "
+                         f"weights, upcast per layer), found {storage!r}")
 
 
 def _fp8_readers(layer):

@@ -21,20 +21,51 @@ import ctypes
 import dataclasses
 import os
 
-import torch
+from collections.abc import Mapping
 
 from .. import readahead
+from ..lazy_torch import torch
 from .errors import CheckpointError
 
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
-if hasattr(torch, "float8_e8m0fnu"):
-    ST_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+#: safetensors dtype name → bytes per element (header validation needs no torch)
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1}
+
+
+class _TorchDtypes(Mapping):
+    """safetensors dtype name → torch dtype (``reverse``: torch dtype → name), built on first use, so that reading
+    headers never imports torch."""
+
+    def __init__(self, reverse: bool = False):
+        self._reverse, self._map = reverse, None
+
+    def _get(self) -> dict:
+        if self._map is None:
+            names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
+                     "U64": "uint64", "F8_E8M0": "float8_e8m0fnu"}
+            table = {k: getattr(torch, v) for k, v in names.items() if hasattr(torch, v)}
+            self._map = {v: k for k, v in table.items()} if self._reverse else table
+        return self._map
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self):
+        return len(self._get())
+
+    def __contains__(self, key):
+        if not self._reverse and isinstance(key, str):
+            return key in ST_ITEMSIZE and key in self._get()
+        return key in self._get()
+
+
+ST_DTYPES = _TorchDtypes()
+ST_NAMES = _TorchDtypes(reverse=True)
 
 _READ_CHUNK = 1 << 30            # bytes per read call (Linux reads at most ~2 GiB at once)
 _STAGING_BYTES = 16 << 20        # staging buffer for reads that cast or go to another device
@@ -42,7 +73,7 @@ _STAGING_BYTES = 16 << 20        # staging buffer for reads that cast or go to a
 
 def itemsize(dtype: str) -> int:
     """Bytes per element of a safetensors dtype name."""
-    return torch.empty((), dtype=ST_DTYPES[dtype]).element_size()
+    return ST_ITEMSIZE[dtype]
 
 
 @dataclasses.dataclass
