@@ -3,15 +3,12 @@ served, the preset table reaches /object_info, and a fresh LensSampler's default
 (The browser check of the same: README "Checked in the browser".)"""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import urllib.request
 
 import pytest
 
-from conftest import comfyui_dir_or_skip
-from test_comfyui_integration import REPO, TOOL, object_info, server  # noqa: F401  (fixtures)
+from comfyui_run import run_script
+from test_comfyui_integration import REPO, object_info, server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.comfyui
 
@@ -26,16 +23,7 @@ def test_ui_helper_is_served(server, object_info):  # noqa: F811
 
 
 DEFAULTS = r'''
-import importlib.util, json, os, sys, torch
-repo, golden, tmp = sys.argv[1], sys.argv[2], sys.argv[3]
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import comfy.model_base, folder_paths
 from safetensors.torch import load_file
-spec = importlib.util.spec_from_file_location("lens_nodes_ui", repo + "/__init__.py",
-                                              submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_ui"] = pack; spec.loader.exec_module(pack)
-N = pack.NODE_CLASS_MAPPINGS
 req = N["LensSampler"].INPUT_TYPES()["required"]
 steps, cfg = req["steps"][1]["default"], req["cfg"][1]["default"]
 res = {"defaults": [steps, cfg], "native": hasattr(comfy.model_base, "Lens")}
@@ -65,14 +53,7 @@ print(json.dumps(res))
 def test_fresh_sampler_defaults_run_on_both_model_kinds(golden_dir, tmp_path):
     """LensSampler with its fresh-node steps/cfg (Lens 20 / 5) on the pack's LENS_MODEL and on ComfyUI's native
     Lens MODEL (UNETLoader; 0.33+): both run, and give the same latents."""
-    comfy_dir = comfyui_dir_or_skip()
-    script = tmp_path / "defaults.py"
-    script.write_text(DEFAULTS)
-    out = subprocess.run(["bash", str(TOOL), "python", comfy_dir, str(script), str(REPO), str(golden_dir),
-                          str(tmp_path / "models")], capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    print(res)
+    res = run_script(DEFAULTS, tmp_path, golden_dir)
     assert res["defaults"] == [20, 5.0] and res["ours_finite"]
     if not res["native"]:
         pytest.skip("this ComfyUI has no native Lens model (comfy.model_base.Lens arrived in ComfyUI 0.33)")
