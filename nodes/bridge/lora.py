@@ -1,5 +1,6 @@
-"""LoRA / LoHa / LoKr through the ModelPatcher's own patch mechanism: lens_core.lora reads the file and
-computes factors, scales and deltas; here they become ComfyUI weight adapters and object patches."""
+"""LoRA / LoHa / LoKr through the ModelPatcher's own patch mechanisms: lens_core.lora reads the file and computes
+factors and scales; here they become ComfyUI weight adapters (weight patches, or weight wrappers on quantized
+layers)."""
 from __future__ import annotations
 
 import dataclasses
@@ -54,17 +55,18 @@ def _comfy_weight_adapter(patch):
 
 
 def with_lora(model: LensModel, path: str, strength: float) -> LensModel:
-    """A new LENS_MODEL whose patcher is a clone of ``model``'s with the adapter added: float layers as weight
-    patches (ComfyUI merges them when it loads the weights, from its backup, and unpatches them), 8-bit layers
-    as per-call deltas set by object patches. The shared base module is never modified in place."""
+    """A new LENS_MODEL whose patcher is a clone of ``model``'s with the adapter added as ComfyUI weight adapters:
+    float layers as weight patches (ComfyUI merges them when it loads the weights, from its backup, and unpatches
+    them), quantized layers as weight wrappers (applied to the dequantized weight at each call, the layer stays
+    quantized: :mod:`.quant`). The shared base module is never modified in place."""
+    from .quant import per_call_patch
+
     lo = _lens_lora()
     adapter = load_lora_file(path)
-    patches, deltas = lo.host_patches(model.module, adapter, strength)
+    patches, per_call = lo.host_patches(model.module, adapter, strength)
     patcher = model.patcher.clone()
     for p in patches:
         patcher.add_patches({p.key: _comfy_weight_adapter(p)}, p.strength)
-    for name, delta in deltas.items():
-        lo.install_delta_hook(model.module.get_submodule(name))
-        key = name + ".lens_lora_deltas"
-        patcher.add_object_patch(key, tuple(patcher.object_patches.get(key, ())) + (delta,))
+    for p in per_call:
+        patcher.add_weight_wrapper(p.key, per_call_patch(p.key, _comfy_weight_adapter(p), p.strength))
     return dataclasses.replace(model, patcher=patcher, loras=tuple(model.loras) + ((adapter.name, float(strength)),))

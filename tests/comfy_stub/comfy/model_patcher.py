@@ -13,6 +13,7 @@ class ModelPatcher:
         self.weight_inplace_update = weight_inplace_update
         self.patches = {}
         self.object_patches = {}
+        self.weight_wrapper_patches = {}
         self.model_options = {"transformer_options": {}}
         if not hasattr(model, "model_loaded_weight_memory"):
             model.model_loaded_weight_memory = 0
@@ -35,7 +36,12 @@ class ModelPatcher:
                            weight_inplace_update=self.weight_inplace_update)
         n.patches = {k: v[:] for k, v in self.patches.items()}
         n.object_patches = self.object_patches.copy()
+        n.weight_wrapper_patches = self.weight_wrapper_patches.copy()
         return n
+
+    def add_weight_wrapper(self, name, function):
+        """Records the function (ComfyUI appends these to the module's weight_function when it loads it)."""
+        self.weight_wrapper_patches[name] = self.weight_wrapper_patches.get(name, []) + [function]
 
     def add_object_patch(self, name, obj):
         self.object_patches[name] = obj
