@@ -286,9 +286,15 @@ class QuantFormat:
     def default_options(self) -> dict:
         return {}
 
+    def _from_float(self, ckt, weight, **kwargs):
+        """comfy-kitchen's own quantizer of this layout (its class, not the name registry: inside ComfyUI the
+        names map to ComfyUI's subclasses, whose quantize takes other options; dequantize is the same)."""
+        qdata, params = getattr(ckt, self.layout).quantize(weight, **kwargs)
+        return ckt.QuantizedTensor(qdata, self.layout, params)
+
     def _quantize(self, weight, options):
         ckt = _kitchen(self.name)
-        return ckt.QuantizedTensor.from_float(weight, self.layout)
+        return self._from_float(ckt, weight)
 
     def describe(self, options: dict) -> str:
         return self.name
@@ -311,7 +317,7 @@ class _Float8(QuantFormat):
 
     def _quantize(self, weight, options):
         ckt = _kitchen(self.name)
-        return ckt.QuantizedTensor.from_float(weight, self.layout, dtype=self.storage)
+        return self._from_float(ckt, weight, dtype=self.storage)
 
 
 class _MXFP8(QuantFormat):
@@ -401,9 +407,9 @@ class _Int8(QuantFormat):
     def _quantize(self, weight, options):
         ckt = _kitchen(self.name)
         if options.get("convrot"):
-            return ckt.QuantizedTensor.from_float(weight, self.layout, per_channel=True, convrot=True,
+            return self._from_float(ckt, weight, per_channel=True, convrot=True,
                                                   convrot_groupsize=options["convrot_groupsize"])
-        return ckt.QuantizedTensor.from_float(weight, self.layout, per_channel=True)
+        return self._from_float(ckt, weight, per_channel=True)
 
     def describe(self, options):
         return f"int8 ConvRot g{options['convrot_groupsize']}" if options.get("convrot") else "int8"
@@ -446,7 +452,7 @@ class _W4A4(QuantFormat):
 
     def _quantize(self, weight, options):
         ckt = _kitchen(self.name)
-        return ckt.QuantizedTensor.from_float(weight, self.layout, convrot_groupsize=options["convrot_groupsize"],
+        return self._from_float(ckt, weight, convrot_groupsize=options["convrot_groupsize"],
                                               linear_dtype=options.get("linear_dtype", "int4"))
 
     def describe(self, options):
@@ -492,7 +498,7 @@ class _W4A8(QuantFormat):
 
     def _quantize(self, weight, options):
         ckt = _kitchen(self.name)
-        return ckt.QuantizedTensor.from_float(weight, self.layout, group_size=options["group_size"],
+        return self._from_float(ckt, weight, group_size=options["group_size"],
                                               convrot_groupsize=options["convrot_groupsize"])
 
     def describe(self, options):
