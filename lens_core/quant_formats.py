@@ -200,6 +200,16 @@ class QuantFormat:
     def check_shape(self, out_f: int, in_f: int, options: dict, layer: str):
         """Raise QuantFormatError when an ``[out_f, in_f]`` Linear cannot be stored in this format."""
 
+    def supports(self, out_f: int, in_f: int, options: dict) -> bool:
+        """Whether an ``[out_f, in_f]`` Linear can be stored in this format with ``options`` (group sizes
+        dividing the inputs …): what a converter checks to keep a layer in bf16 instead."""
+        try:
+            self.options(self.marker(options), "?", in_f)
+            self.check_shape(out_f, in_f, options, "?")
+        except QuantFormatError:
+            return False
+        return True
+
     def layout_of(self, out_f: int, in_f: int, options: dict, layer: str, found: dict | None = None) -> dict:
         """``{suffix: (torch dtype, shape)}`` of the parameters an ``[out_f, in_f]`` layer keeps.
 
@@ -395,6 +405,12 @@ class _Int8(QuantFormat):
                                                 orig_shape=shape, convrot=options.get("convrot", False),
                                                 convrot_groupsize=options.get("convrot_groupsize", 256))
 
+    def linear(self, x, tensors, options, shape, bias=None):
+        if x.device.type != "cpu" or _ck is None:
+            return super().linear(x, tensors, options, shape, bias)
+        return int8_linear_cpu(x, tensors["weight"], tensors["weight_scale"], bias,
+                               options.get("convrot_groupsize", 256) if options.get("convrot") else 0)
+
     def marker(self, options):
         m = {"format": self.name}
         if options.get("convrot"):
@@ -503,6 +519,33 @@ class _W4A8(QuantFormat):
 
     def describe(self, options):
         return f"int4 W4A8 g{options['group_size']}"
+
+
+def int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias=None,
+                    convrot_groupsize: int = 0) -> torch.Tensor:
+    """W8A8 ``x @ W.T + bias`` on the CPU, bit for bit comfy-kitchen's eager ``int8_linear`` (what ComfyUI runs
+    for ``int8_tensorwise`` layers; tests/test_quant_formats.py checks the equality) with fewer passes over the
+    output: the ConvRot rotation of the input (comfy-kitchen's own helpers), the per-row absmax quantization of
+    the activations in their dtype, ``torch._int_mm`` on the transposed weight view (oneDNN: AMX-INT8 /
+    AVX512-VNNI where present) and one fused int32 → fp32 × (row scale · column scale) product, rounded once to
+    the activation dtype (the same operations in the same order; no chunk concatenation, no weight copy)."""
+    from comfy_kitchen.backends.eager.quantization import _int8_matmul_accumulate
+    from comfy_kitchen.tensor.int8_utils import _build_hadamard, _rotate_activation
+
+    if convrot_groupsize:
+        x = _rotate_activation(x, _build_hadamard(convrot_groupsize, device=x.device, dtype=x.dtype),
+                               convrot_groupsize)
+    x2 = x.reshape(-1, x.shape[-1])
+    # max |x| per row in one pass (the same exact value as abs().amax())
+    scale = (torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, keepdim=True).float() / 127.0).clamp(min=1e-30)
+    div = scale.to(x.dtype)
+    div = torch.where(div == 0, torch.full_like(div, torch.finfo(x.dtype).tiny), div)
+    q = torch.div(x2, div).round_().clamp_(-128.0, 127.0).to(torch.int8)
+    acc = _int8_matmul_accumulate(q, weight.t())
+    out = acc.to(torch.float32).mul_(scale * weight_scale.to(torch.float32).reshape(1, -1)).to(x.dtype)
+    if bias is not None:
+        out = out.add_(bias.to(out.dtype))
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
