@@ -408,8 +408,9 @@ class _Int8(QuantFormat):
     def linear(self, x, tensors, options, shape, bias=None):
         if x.device.type != "cpu" or _ck is None:
             return super().linear(x, tensors, options, shape, bias)
-        return int8_linear_cpu(x, tensors["weight"], tensors["weight_scale"], bias,
-                               options.get("convrot_groupsize", 256) if options.get("convrot") else 0)
+        from .quant_kernels import int8_linear      # comfy-kitchen's int8_linear, bit for bit, fused
+        return int8_linear(x, tensors["weight"], tensors["weight_scale"], bias,
+                           options.get("convrot_groupsize", 256) if options.get("convrot") else 0)
 
     def marker(self, options):
         m = {"format": self.name}
@@ -505,6 +506,18 @@ class _W4A8(QuantFormat):
             codebook=None if cb is None else cb.float(), group_size=options["group_size"],
             convrot_groupsize=options["convrot_groupsize"])
 
+    def linear(self, x, tensors, options, shape, bias=None):
+        if x.device.type != "cpu" or _ck is None:
+            return super().linear(x, tensors, options, shape, bias)
+        # comfy-kitchen's eager w4a8_int8_linear: the int4 codes decoded to its int8 grid, then its int8_linear
+        # with the channel scales and the rotation (lens_core.quant_kernels: the same arithmetic, fused)
+        from comfy_kitchen.backends.eager.w4a8_int8 import _dequant_int4_grouped_to_int8
+
+        from .quant_kernels import int8_linear
+        params = self._params(tensors, options, shape, x.dtype)
+        grid = _dequant_int4_grouped_to_int8(tensors["weight"], params.scale, params.codebook, params.group_size)
+        return int8_linear(x, grid, params.s_channel, bias, params.convrot_groupsize)
+
     def marker(self, options):
         return {"format": self.name, "group_size": options["group_size"],
                 "convrot_groupsize": options["convrot_groupsize"]}
@@ -519,33 +532,6 @@ class _W4A8(QuantFormat):
 
     def describe(self, options):
         return f"int4 W4A8 g{options['group_size']}"
-
-
-def int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias=None,
-                    convrot_groupsize: int = 0) -> torch.Tensor:
-    """W8A8 ``x @ W.T + bias`` on the CPU, bit for bit comfy-kitchen's eager ``int8_linear`` (what ComfyUI runs
-    for ``int8_tensorwise`` layers; tests/test_quant_formats.py checks the equality) with fewer passes over the
-    output: the ConvRot rotation of the input (comfy-kitchen's own helpers), the per-row absmax quantization of
-    the activations in their dtype, ``torch._int_mm`` on the transposed weight view (oneDNN: AMX-INT8 /
-    AVX512-VNNI where present) and one fused int32 → fp32 × (row scale · column scale) product, rounded once to
-    the activation dtype (the same operations in the same order; no chunk concatenation, no weight copy)."""
-    from comfy_kitchen.backends.eager.quantization import _int8_matmul_accumulate
-    from comfy_kitchen.tensor.int8_utils import _build_hadamard, _rotate_activation
-
-    if convrot_groupsize:
-        x = _rotate_activation(x, _build_hadamard(convrot_groupsize, device=x.device, dtype=x.dtype),
-                               convrot_groupsize)
-    x2 = x.reshape(-1, x.shape[-1])
-    # max |x| per row in one pass (the same exact value as abs().amax())
-    scale = (torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, keepdim=True).float() / 127.0).clamp(min=1e-30)
-    div = scale.to(x.dtype)
-    div = torch.where(div == 0, torch.full_like(div, torch.finfo(x.dtype).tiny), div)
-    q = torch.div(x2, div).round_().clamp_(-128.0, 127.0).to(torch.int8)
-    acc = _int8_matmul_accumulate(q, weight.t())
-    out = acc.to(torch.float32).mul_(scale * weight_scale.to(torch.float32).reshape(1, -1)).to(x.dtype)
-    if bias is not None:
-        out = out.add_(bias.to(out.dtype))
-    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
