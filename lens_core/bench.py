@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m lens_core.bench --component dit|te|vae|load|pipeline|lora|gguf|enhance|batch|quantize|fit [--device cpu|cuda] ...``
+"""Benchmarks: ``python -m lens_core.bench --component dit|te|vae|load|pipeline|lora|gguf|enhance|batch|quantize|fit|quant [--device cpu|cuda] ...``
 
 Prints a table (median of N runs, peak memory) and writes nothing by itself; results worth keeping are
 copied into BENCHMARKS.md with the date, the machine and the command. Each component lives in
@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-COMPONENTS = ("dit", "te", "vae", "load", "pipeline", "lora", "gguf", "enhance", "batch", "quantize", "fit")
+COMPONENTS = ("dit", "te", "vae", "load", "pipeline", "lora", "gguf", "enhance", "batch", "quantize", "fit", "quant")
 
 
 def median_time(fn, runs: int = 3, warmup: int = 1, sync=None) -> float:

@@ -860,22 +860,19 @@ class HostPatch:
 
 
 def host_patches(model, adapter: LoraAdapter, strength: float):
-    """(merge patches [HostPatch], per-call deltas {module name: LoraDelta}) for ``model``.
+    """(merge patches, per-call patches), both lists of :class:`HostPatch`, for ``model``.
 
-    Layers with float weights become weight patches (the host merges ``strength·scale·ΔW`` when it loads the
-    weights, and restores them on unload); quantized layers get :class:`LoraDelta` objects for the
-    ``lens_lora_deltas`` attribute (the host sets it per patcher, e.g. as an object patch)."""
+    Layers with float weights become merge patches (the host merges ``strength·scale·ΔW`` when it loads the
+    weights, and restores them on unload); quantized layers (:func:`is_per_call`) become per-call patches: the
+    host applies them to the layer's dequantized weight at each call and the layer stays quantized."""
     s = check_strength(strength)
     mods = resolve_targets(model, adapter)
-    patches, deltas = [], {}
+    patches, per_call = [], []
     if s == 0.0:
-        return patches, deltas
+        return patches, per_call
     check_merge(adapter, s, mods)
     for name, mod in mods.items():
         t = adapter.targets[name]
-        if is_per_call(mod):
-            deltas[name] = LoraDelta(t, s)
-            continue
         f = t.factors
         if t.kind == "lora":
             factors = (f["up"], f["down"], None, None, None, None)
@@ -884,5 +881,5 @@ def host_patches(model, adapter: LoraAdapter, strength: float):
         else:
             factors = (f.get("w1"), f.get("w2"), None, f.get("w1a"), f.get("w1b"), f.get("w2a"), f.get("w2b"),
                        None, None)
-        patches.append(HostPatch(name + ".weight", t.kind, factors, s * t.scale))
-    return patches, deltas
+        (per_call if is_per_call(mod) else patches).append(HostPatch(name + ".weight", t.kind, factors, s * t.scale))
+    return patches, per_call

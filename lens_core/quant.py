@@ -13,8 +13,8 @@ The dequantized result is always the ``nn.Linear`` layout ``[..., out, in]``.
 
 :class:`PackedExperts` keeps the bytes as (non-trainable) parameters, so a host like ComfyUI's ModelPatcher
 sees and moves them, and dequantizes, at each forward, only the experts the router picked, in the input's
-dtype on the input's device (``comfy_cast_weights`` semantics: weights left on an offload device are copied per
-call, one expert at a time). ``mode="dequantized"`` expands every expert once when the state dict is loaded.
+dtype on the input's device (weights left on an offload device are copied per call, one expert at a time; a
+host such as ComfyUI subclasses it to take part in its own offloading, nodes/bridge/quant.py). ``mode="dequantized"`` expands every expert once when the state dict is loaded.
 """
 from __future__ import annotations
 
@@ -463,18 +463,6 @@ class PackedExperts(nn.Module):
         for n in (hidden_size, intermediate_size):
             if n % block:
                 raise ValueError(f"{fmt} experts: expected hidden/intermediate sizes divisible by {block}, found {n}")
-        # ComfyUI ModelPatcher protocol of a cast-weights layer (what every patcher from 0.3.64 to 0.33 reads of
-        # a module that sets ``comfy_cast_weights``): it may stay on the offload device, and ours always casts its
-        # tensors to the input's device/dtype per call (like comfy.ops.manual_cast layers). The patcher also reads
-        # ``<module>.weight`` / ``.bias`` of such a module (offload accounting since ComfyUI 0.3.77, dynamic-VRAM
-        # staging): a bank has no single weight or bias tensor, so both are registered as absent (None), the way
-        # torch/ComfyUI layers declare a missing bias; the packed tensors are ordinary parameters, counted in the
-        # module size. Per-instance lists: the patcher assigns/appends low-VRAM and LoRA functions to them (none
-        # can target a bank: it has no ``.weight`` key).
-        self.comfy_cast_weights = True
-        self.weight_function, self.bias_function = [], []
-        self.register_parameter("weight", None)
-        self.register_parameter("bias", None)
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.alpha, self.limit, self.fmt, self.mode = alpha, limit, fmt, mode
         self.dense_dtype = dtype or torch.bfloat16

@@ -200,6 +200,16 @@ class QuantFormat:
     def check_shape(self, out_f: int, in_f: int, options: dict, layer: str):
         """Raise QuantFormatError when an ``[out_f, in_f]`` Linear cannot be stored in this format."""
 
+    def supports(self, out_f: int, in_f: int, options: dict) -> bool:
+        """Whether an ``[out_f, in_f]`` Linear can be stored in this format with ``options`` (group sizes
+        dividing the inputs …): what a converter checks to keep a layer in bf16 instead."""
+        try:
+            self.options(self.marker(options), "?", in_f)
+            self.check_shape(out_f, in_f, options, "?")
+        except QuantFormatError:
+            return False
+        return True
+
     def layout_of(self, out_f: int, in_f: int, options: dict, layer: str, found: dict | None = None) -> dict:
         """``{suffix: (torch dtype, shape)}`` of the parameters an ``[out_f, in_f]`` layer keeps.
 
@@ -286,9 +296,15 @@ class QuantFormat:
     def default_options(self) -> dict:
         return {}
 
+    def _from_float(self, ckt, weight, **kwargs):
+        """comfy-kitchen's own quantizer of this layout (its class, not the name registry: inside ComfyUI the
+        names map to ComfyUI's subclasses, whose quantize takes other options; dequantize is the same)."""
+        qdata, params = getattr(ckt, self.layout).quantize(weight, **kwargs)
+        return ckt.QuantizedTensor(qdata, self.layout, params)
+
     def _quantize(self, weight, options):
         ckt = _kitchen(self.name)
-        return ckt.QuantizedTensor.from_float(weight, self.layout)
+        return self._from_float(ckt, weight)
 
     def describe(self, options: dict) -> str:
         return self.name
@@ -311,7 +327,7 @@ class _Float8(QuantFormat):
 
     def _quantize(self, weight, options):
         ckt = _kitchen(self.name)
-        return ckt.QuantizedTensor.from_float(weight, self.layout, dtype=self.storage)
+        return self._from_float(ckt, weight, dtype=self.storage)
 
 
 class _MXFP8(QuantFormat):
@@ -389,6 +405,13 @@ class _Int8(QuantFormat):
                                                 orig_shape=shape, convrot=options.get("convrot", False),
                                                 convrot_groupsize=options.get("convrot_groupsize", 256))
 
+    def linear(self, x, tensors, options, shape, bias=None):
+        if x.device.type != "cpu" or _ck is None:
+            return super().linear(x, tensors, options, shape, bias)
+        from .quant_kernels import int8_linear      # comfy-kitchen's int8_linear, bit for bit, fused
+        return int8_linear(x, tensors["weight"], tensors["weight_scale"], bias,
+                           options.get("convrot_groupsize", 256) if options.get("convrot") else 0)
+
     def marker(self, options):
         m = {"format": self.name}
         if options.get("convrot"):
@@ -401,9 +424,9 @@ class _Int8(QuantFormat):
     def _quantize(self, weight, options):
         ckt = _kitchen(self.name)
         if options.get("convrot"):
-            return ckt.QuantizedTensor.from_float(weight, self.layout, per_channel=True, convrot=True,
+            return self._from_float(ckt, weight, per_channel=True, convrot=True,
                                                   convrot_groupsize=options["convrot_groupsize"])
-        return ckt.QuantizedTensor.from_float(weight, self.layout, per_channel=True)
+        return self._from_float(ckt, weight, per_channel=True)
 
     def describe(self, options):
         return f"int8 ConvRot g{options['convrot_groupsize']}" if options.get("convrot") else "int8"
@@ -446,7 +469,7 @@ class _W4A4(QuantFormat):
 
     def _quantize(self, weight, options):
         ckt = _kitchen(self.name)
-        return ckt.QuantizedTensor.from_float(weight, self.layout, convrot_groupsize=options["convrot_groupsize"],
+        return self._from_float(ckt, weight, convrot_groupsize=options["convrot_groupsize"],
                                               linear_dtype=options.get("linear_dtype", "int4"))
 
     def describe(self, options):
@@ -483,6 +506,18 @@ class _W4A8(QuantFormat):
             codebook=None if cb is None else cb.float(), group_size=options["group_size"],
             convrot_groupsize=options["convrot_groupsize"])
 
+    def linear(self, x, tensors, options, shape, bias=None):
+        if x.device.type != "cpu" or _ck is None:
+            return super().linear(x, tensors, options, shape, bias)
+        # comfy-kitchen's eager w4a8_int8_linear: the int4 codes decoded to its int8 grid, then its int8_linear
+        # with the channel scales and the rotation (lens_core.quant_kernels: the same arithmetic, fused)
+        from comfy_kitchen.backends.eager.w4a8_int8 import _dequant_int4_grouped_to_int8
+
+        from .quant_kernels import int8_linear
+        params = self._params(tensors, options, shape, x.dtype)
+        grid = _dequant_int4_grouped_to_int8(tensors["weight"], params.scale, params.codebook, params.group_size)
+        return int8_linear(x, grid, params.s_channel, bias, params.convrot_groupsize)
+
     def marker(self, options):
         return {"format": self.name, "group_size": options["group_size"],
                 "convrot_groupsize": options["convrot_groupsize"]}
@@ -492,7 +527,7 @@ class _W4A8(QuantFormat):
 
     def _quantize(self, weight, options):
         ckt = _kitchen(self.name)
-        return ckt.QuantizedTensor.from_float(weight, self.layout, group_size=options["group_size"],
+        return self._from_float(ckt, weight, group_size=options["group_size"],
                                               convrot_groupsize=options["convrot_groupsize"])
 
     def describe(self, options):

@@ -16,7 +16,8 @@ WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16,
 VARIANT_CHOICES = ["auto", "lens", "turbo", "base"]
 WEIGHT_DTYPE_TOOLTIP = ("Storage dtype of the DiT's float weights. 'default' = the dtype ComfyUI computes in on "
                         "this device (bf16 on GPUs that support it, else fp32), whatever the file stores; "
-                        "quantized layers (GGUF, MXFP8) stay as stored. fp8_e4m3fn stores the large layers in 8 "
+                        "quantized layers (GGUF and ComfyUI quantized files: INT8 ConvRot, INT4 ConvRot W4A4, "
+                        "fp8 scaled, MXFP8, NVFP4 …) stay as stored. fp8_e4m3fn stores the large layers in 8 "
                         "bits (about half of bf16); computation still runs in bf16/fp32.")
 TE_FOLDERS = ("text_encoders",)
 TE_DIR_FOLDERS = ("diffusion_models",)

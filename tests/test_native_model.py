@@ -81,9 +81,9 @@ def test_model_patches_decide_the_sampling_route(nm, model):
     m.model_options["transformer_options"]["easycache"] = object()
     assert nm.pack_model_patches(m) == ["transformer_options.wrappers", "transformer_options.easycache"]
     m = model.clone()
-    m.add_object_patch("diffusion_model.img_in.lens_lora_deltas", ())
+    m.add_weight_wrapper("diffusion_model.img_in.weight", lambda w: w)
     m.model_options[nm.LORA_KEY] = (("x.safetensors", 1.0),)
-    assert nm.pack_model_patches(m) == []                           # LoRA deltas and names are the pack's own
+    assert nm.pack_model_patches(m) == []                           # LoRA weight wrappers and names: applied at load
     m.add_object_patch("model_sampling", object())
     assert nm.pack_model_patches(m) == ["model_sampling"]
 

@@ -1,6 +1,7 @@
 """LensLoraLoader without ComfyUI (stand-in comfy, or the real one when importable): the node clones the MODEL
 (a ModelPatcher whose diffusion_model is the pack's DiT, so every key carries ComfyUI's ``diffusion_model.``
-prefix) and registers ComfyUI weight-adapter patches / per-call object patches; nothing is modified in place.
+prefix) and registers ComfyUI weight-adapter patches / per-call weight wrappers (quantized layers); nothing is
+modified in place.
 (Numbers through ComfyUI's own patching: tests/test_comfyui_lora.py, marked comfyui.)"""
 from __future__ import annotations
 
@@ -54,20 +55,25 @@ def test_lora_loader_patches_a_clone(pack, lora_dir):   # noqa: F811
     assert not m0.patches
 
 
-def test_lora_loader_on_fp8_model_uses_per_call_object_patches(pack, lora_dir):   # noqa: F811
+def test_lora_loader_on_fp8_model_uses_per_call_weight_wrappers(pack, lora_dir):   # noqa: F811
+    """Quantized layers (fp8 storage here) get the adapter as ComfyUI weight wrappers applied to the dequantized
+    weight per call; float layers as weight patches; the base patcher and module are untouched."""
     (model,) = run(pack, "LensModelLoader", model_name="Lens-tiny", weight_dtype="fp8_e4m3fn", variant="auto")
     dit = model.model.diffusion_model
     names = lf.target_names(dit)
     lf.write(lora_dir / "fp8style.safetensors", "kohya", lf.random_factors(dit, names, rank=4, alpha=4.0, seed=3))
     (m1,) = run(pack, "LensLoraLoader", model=model, lora_name="fp8style.safetensors", strength=1.0)
     (m2,) = run(pack, "LensLoraLoader", model=m1, lora_name="fp8style.safetensors", strength=0.25)
-    obj = "diffusion_model.transformer_blocks.0.attn.img_qkv.lens_lora_deltas"
-    assert [d.coef for d in m2.object_patches[obj]] == [1.0, 0.25]
-    assert len(m1.object_patches[obj]) == 1 and obj not in model.object_patches
-    assert dit.get_submodule("transformer_blocks.0.attn.img_qkv").lens_lora_deltas == ()   # base untouched
+    key = "diffusion_model.transformer_blocks.0.attn.img_qkv.weight"
+    assert [w.patches[0][0] for w in m2.weight_wrapper_patches[key]] == [1.0, 0.25]
+    assert len(m1.weight_wrapper_patches[key]) == 1 and key not in model.weight_wrapper_patches
+    mod = dit.get_submodule("transformer_blocks.0.attn.img_qkv")
+    assert type(mod).__name__ == "FP8Linear" and mod.weight_function == [] and not mod.weight_patches()
+    (wrapper,) = m1.weight_wrapper_patches[key]
+    assert type(wrapper.patches[0][1]).__name__ == "LoRAAdapter"      # numbers: tests/test_comfyui_quant.py
     # the modulation Linears stay in the run dtype: ordinary weight patches
     assert "diffusion_model.transformer_blocks.0.img_mod.1.weight" in m1.patches
-    assert "diffusion_model.transformer_blocks.0.attn.img_qkv.weight" not in m1.patches
+    assert key not in m1.patches
 
 
 def test_lora_loader_errors(pack, lora_dir, models_dir):   # noqa: F811

@@ -353,3 +353,46 @@ def test_hostile_header_metadata(qfiles, tmp_path):
         with pytest.raises(ck.CheckpointError) as e:
             ck.load_transformer(p)
         assert str(p) in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_text_encoder_int8_convrot_embedding_and_fp8_attention(golden_dir, tmp_path):
+    """A Comfy-Org style encoder file mixing the family (int8 ConvRot token table, fp8 scaled attention Linears)
+    with its NVFP4 experts: the table and Linears stay quantized (QuantEmbedding / QuantLinear), and the features
+    equal those of the same encoder holding comfy-kitchen's dequantized weights; inspect names the formats."""
+    p = fx.write_comfy_te_nvfp4(tmp_path / "gpt_oss_mixed.safetensors", golden_dir, None, embed_tokenizer=False)
+    sd = load_file(str(p))
+    quant = {"embed_tokens": ("int8_tensorwise", {"convrot": True, "convrot_groupsize": 64})}
+    quant.update({f"layers.{i}.self_attn.{proj}": ("float8_e4m3fn", {}) for i in range(2)
+                  for proj in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    refs = {}
+    for layer, (fmt, opts) in quant.items():
+        w = sd.pop(layer + ".weight").float()
+        tensors, marker = qf.get(fmt).quantize(w, opts)
+        for suffix, t in tensors.items():
+            sd[f"{layer}.{suffix}"] = t
+        sd[layer + ".comfy_quant"] = qf.marker_tensor(marker)
+        refs[layer] = reference_qtensor({f"{layer}.{s}": t for s, t in tensors.items()}, layer, fmt, marker,
+                                        tuple(w.shape), torch.float32).dequantize()
+    q = tmp_path / "gpt_oss_mixed_q.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(q))
+    cfg = fx.te_config(golden_dir)
+    te = ck.load_text_encoder(q, dtype=torch.float32, selected_layers=(1, 3, 4, 5), config=cfg)
+    emb = te.model.embed_tokens
+    assert isinstance(emb, ql.QuantEmbedding) and emb.weight.dtype == torch.int8
+    assert isinstance(te.model.layers[0].self_attn.q_proj, ql.QuantLinear)
+    assert te.model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    assert te.model.layers[0].mlp.experts.gate_up_proj_blocks.dtype == torch.uint8      # NVFP4 bank kept packed
+    ref = ck.load_text_encoder(p, dtype=torch.float32, selected_layers=(1, 3, 4, 5), config=cfg)
+    with torch.no_grad():
+        ref.model.embed_tokens.weight.copy_(refs["embed_tokens"])
+        for layer, w in refs.items():
+            if layer != "embed_tokens":
+                ref.get_submodule("model." + layer).weight.copy_(w)
+    ids = torch.randint(0, 201088, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    with torch.no_grad():
+        for a, b in zip(te(ids, mask), ref(ids, mask)):
+            assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+    groups = ck.inspect(q)["quantization"]
+    assert groups["embed_tokens"] == {"int8_tensorwise+convrot": 1}
+    assert groups["self_attn.q_proj"] == {"float8_e4m3fn": 2, "BF16": 4}

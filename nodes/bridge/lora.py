@@ -1,5 +1,6 @@
-"""LoRA / LoHa / LoKr through the ModelPatcher's own patch mechanism: lens_core.lora reads the file and
-computes factors, scales and deltas; here they become ComfyUI weight adapters and object patches."""
+"""LoRA / LoHa / LoKr through the ModelPatcher's own patch mechanisms: lens_core.lora reads the file and computes
+factors and scales; here they become ComfyUI weight adapters (weight patches, or weight wrappers on quantized
+layers)."""
 from __future__ import annotations
 
 import os
@@ -54,20 +55,21 @@ def _comfy_weight_adapter(patch):
 
 def with_lora(model, path: str, strength: float):
     """A clone of the pack's MODEL (a ModelPatcher whose ``model.diffusion_model`` is the pack's DiT) with the
-    adapter added: float layers as weight patches (ComfyUI merges them when it loads the weights, from its
-    backup, and unpatches them), 8-bit layers as per-call deltas set by object patches; keys carry ComfyUI's
+    adapter added as ComfyUI weight adapters: float layers as weight patches (ComfyUI merges them when it loads
+    the weights, from its backup, and unpatches them), quantized layers as weight wrappers (applied to the
+    dequantized weight at each call, the layer stays quantized: :mod:`.quant`); keys carry ComfyUI's
     ``diffusion_model.`` prefix. The shared base module is never modified in place."""
+    from .quant import per_call_patch
+
     lo = _lens_lora()
     adapter = load_lora_file(path)
-    dit = model.model.diffusion_model
-    patches, deltas = lo.host_patches(dit, adapter, strength)
+    patches, per_call = lo.host_patches(model.model.diffusion_model, adapter, strength)
     patcher = model.clone()
     for p in patches:
         patcher.add_patches({"diffusion_model." + p.key: _comfy_weight_adapter(p)}, p.strength)
-    for name, delta in deltas.items():
-        lo.install_delta_hook(dit.get_submodule(name))
-        key = f"diffusion_model.{name}.lens_lora_deltas"
-        patcher.add_object_patch(key, tuple(patcher.object_patches.get(key, ())) + (delta,))
+    for p in per_call:
+        key = "diffusion_model." + p.key
+        patcher.add_weight_wrapper(key, per_call_patch(key, _comfy_weight_adapter(p), p.strength))
     patcher.model_options[LORA_KEY] = tuple(patcher.model_options.get(LORA_KEY, ())) + \
         ((adapter.name, float(strength)),)
     return patcher

@@ -19,12 +19,16 @@ def operations():
     modules built on ``meta``, which needs the parameters to exist. The subclasses use torch's standard
     state-dict loading (what these layers do whenever dynamic VRAM is off), so they build eagerly (on ``meta``:
     nothing is allocated) and stay comfy.ops layers in every other respect (casting forward,
-    ``comfy_cast_weights``, weight functions)."""
+    ``comfy_cast_weights``, weight functions). The quantized storage classes the loaders ask for (``QuantLinear``,
+    ``GGUFLinear``, ``FP8Linear``, ``QuantEmbedding``, ``PackedExperts``) are lens_core's families as comfy.ops
+    cast-weight layers (:mod:`.quant`)."""
     if not _OPERATIONS:
         base = comfy.ops.manual_cast
         eager = {name: type(name, (getattr(base, name),), {
             "__module__": __name__, "__qualname__": f"LensOps.{name}",
             "_load_from_state_dict": torch.nn.Module._load_from_state_dict})
             for name in OPERATION_NAMES if hasattr(base, name)}
+        from .quant import storage_classes   # the quantized storage families (lens_core.quant_linear …)
+        eager.update(storage_classes())
         _OPERATIONS.append(type("LensOps", (base,), eager))
     return _OPERATIONS[0]

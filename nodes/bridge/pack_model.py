@@ -169,8 +169,8 @@ def pack_view(patcher) -> LensModel:
 
 def pack_model_patches(patcher) -> list[str]:
     """Model-level patches on ``patcher`` that only ComfyUI's own sampling applies (wrappers, callbacks,
-    transformer_options patches, CFG functions other than the official one, object patches other than the
-    LoRA deltas, hooks); weight patches (LoRA) are not listed: ComfyUI applies them when it loads the model."""
+    transformer_options patches, CFG functions other than the official one, object patches, hooks); weight
+    patches and weight wrappers (LoRA) are not listed: ComfyUI applies them when it loads the model."""
     found = []
     for key, value in patcher.model_options.items():
         if key in ("transformer_options", LORA_KEY) or not value:
@@ -185,7 +185,7 @@ def pack_model_patches(patcher) -> list[str]:
         elif value is not None:
             found.append(f"transformer_options.{key}")
     found += [attr for attr in ("wrappers", "callbacks") if _non_empty(getattr(patcher, attr, None))]
-    found += [k for k in patcher.object_patches if not k.endswith(".lens_lora_deltas")]
+    found += list(patcher.object_patches)
     if getattr(patcher, "hook_patches", None) or getattr(patcher, "forced_hooks", None):
         found.append("hooks")
     return found

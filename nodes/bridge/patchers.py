@@ -27,13 +27,16 @@ DYNAMIC_MAX_FORCED_SHARE = 0.10
 def dynamic_vram_plan(module: torch.nn.Module) -> dict:
     """Bytes of ``module``'s parameters that ComfyUI's dynamic patcher would stream (weight/bias of comfy.ops
     layers) vs force-load whole (everything else), by structure (size thresholds aside)."""
+    from .quant import is_quantized_storage
+
     streamed = forced = 0
     for m in module.modules():
         own = dict(m.named_parameters(recurse=False))
         leaf = len(own) == sum(1 for _ in m.parameters())
+        quantized = is_quantized_storage(m)       # stored tensors dynamic VRAM cannot stream
         for name, p in own.items():
             n = p.numel() * p.element_size()
-            if leaf and hasattr(m, "comfy_cast_weights") and name in ("weight", "bias"):
+            if leaf and not quantized and hasattr(m, "comfy_cast_weights") and name in ("weight", "bias"):
                 streamed += n
             else:
                 forced += n

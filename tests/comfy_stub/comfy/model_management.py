@@ -123,3 +123,7 @@ def throw_exception_if_processing_interrupted():
         if interrupt_processing:
             interrupt_processing = False
             raise InterruptProcessingException()
+
+
+def cast_to_device(tensor, device, dtype, copy=False):
+    return tensor.to(device=device, dtype=dtype, copy=copy)

@@ -18,6 +18,7 @@ class ModelPatcher:
         self.weight_inplace_update = weight_inplace_update
         self.patches = {}
         self.object_patches = {}
+        self.weight_wrapper_patches = {}
         self.model_options = {"transformer_options": {}}
         if not hasattr(model, "model_loaded_weight_memory"):
             model.model_loaded_weight_memory = 0
@@ -41,12 +42,17 @@ class ModelPatcher:
         n.patches = {k: v[:] for k, v in self.patches.items()}
         n.object_patches = self.object_patches.copy()
         n.model_options = _copy_dicts(self.model_options)
+        n.weight_wrapper_patches = self.weight_wrapper_patches.copy()
         return n
 
     def set_model_sampler_cfg_function(self, sampler_cfg_function, disable_cfg1_optimization=False):
         self.model_options["sampler_cfg_function"] = sampler_cfg_function
         if disable_cfg1_optimization:
             self.model_options["disable_cfg1_optimization"] = True
+
+    def add_weight_wrapper(self, name, function):
+        """Records the function (ComfyUI appends these to the module's weight_function when it loads it)."""
+        self.weight_wrapper_patches[name] = self.weight_wrapper_patches.get(name, []) + [function]
 
     def add_object_patch(self, name, obj):
         self.object_patches[name] = obj
