@@ -119,7 +119,7 @@ def strip_prefix(source: TensorSource, prefix: str) -> TensorSource:
 
 # ComfyUI ``.comfy_quant`` formats each component loads (lens_core.quant_formats has their layouts)
 #: (imported when a marker is read: it needs torch and comfy-kitchen, which ``inspect`` of other files never loads)
-qf = LazyModule("lens_core.quant_formats")
+qf = LazyModule(__name__.rsplit(".", 2)[0] + ".quant_formats")   # the package as imported (ComfyUI: custom_nodes.<pack>.lens_core)
 
 
 class _ComponentFormats(Mapping):
