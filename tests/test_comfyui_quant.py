@@ -60,7 +60,7 @@ for fmt, (path, layers) in files.items():
         ops = comfy.ops.pick_operations(dt, dt, load_device=torch.device("cpu"), model_config=QuantConfig())
         (model,) = N["LensModelLoader"]().load(f"lens_{fmt}.safetensors", wd, "lens")
         for layer in layers:
-            mod = model.module.get_submodule(layer)
+            mod = model.model.diffusion_model.get_submodule(layer)
             assert type(mod).__module__.endswith("bridge.quant") and isinstance(mod, ql.QuantLinear), type(mod)
             if mod.in_features != 128:
                 continue
@@ -82,7 +82,7 @@ rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
 samples = {}
 for name in ("bf16", "int8_tensorwise", "convrot_w4a4"):
     (model,) = N["LensModelLoader"]().load(f"lens_{name}.safetensors", "default", "lens")
-    kept = sum(isinstance(m, ql.QuantLinear) for m in model.module.modules())
+    kept = sum(isinstance(m, ql.QuantLinear) for m in model.model.diffusion_model.modules())
     samples[name] = N["LensSampler"]().sample(model, pos, neg, lat, 1234, 4, 5.0, 1.0)[0]["samples"]
     res.setdefault("sample", {})[name] = {"quantized_layers": kept, "finite": bool(torch.isfinite(samples[name]).all()),
                                           "shape": list(samples[name].shape)}
@@ -92,7 +92,7 @@ for name in ("int8_tensorwise", "convrot_w4a4"):
 # LoRA on the int8 ConvRot model: weight wrappers, full and lowvram loads; the merge route of add_patches
 (model,) = N["LensModelLoader"]().load("lens_int8_tensorwise.safetensors", "fp32", "lens")
 layer = "transformer_blocks.0.attn.img_qkv"
-mod = model.module.get_submodule(layer)
+mod = model.model.diffusion_model.get_submodule(layer)
 shapes = {layer: (mod.out_features, mod.in_features)}
 class Shapes:
     def get_submodule(self, n):
@@ -106,8 +106,9 @@ hand = mod.dequantized_weight(torch.float32) + 0.7 * lf.hand_delta(factors[layer
 xin = torch.randn(5, 128)
 want = F.linear(xin, hand, mod.bias)
 base = mod(xin)            # the layer's own (W8A8) output without the LoRA
-p = lora_model.patcher
-res["lora"] = {"wrappers": len(p.weight_wrapper_patches.get(layer + ".weight", [])),
+p = lora_model                   # the native MODEL (a ModelPatcher)
+key = "diffusion_model." + layer + ".weight"
+res["lora"] = {"wrappers": len(p.weight_wrapper_patches.get(key, [])),
                "merge_patches": len(p.patches)}
 p.load(torch.device("cpu"), full_load=True)
 res["lora"]["full_functions"] = len(mod.weight_function)
@@ -123,8 +124,8 @@ res["lora"]["base_equal_after"] = bool(torch.equal(mod(xin), base))
 # a node using the merge route (add_patches): merged onto the dequantized weight, unpatched back to int8
 import comfy.weight_adapter as wa
 f = factors[layer].t
-mp = model.patcher.clone()
-mp.add_patches({layer + ".weight": wa.LoRAAdapter(set(), (f["up"], f["down"], None, None, None, None))}, 0.7 * 2.0 / 4)
+mp = model.clone()
+mp.add_patches({key: wa.LoRAAdapter(set(), (f["up"], f["down"], None, None, None, None))}, 0.7 * 2.0 / 4)
 mp.load(torch.device("cpu"), full_load=True)
 res["merge"] = {"storage_while_patched": str(mod.weight.dtype), "rel": rel(mod(xin), want)}
 mp.unpatch_model(torch.device("cpu"))
