@@ -41,7 +41,10 @@ repo, golden, tmp, formats = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(s
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
 import comfy.model_base, comfy.ops, folder_paths
-from comfy.quant_ops import QuantizedTensor
+try:                                  # ComfyUI 0.27+ (with comfy-kitchen); 0.3.64 has neither
+    from comfy.quant_ops import QuantizedTensor
+except ImportError:
+    QuantizedTensor = None
 from safetensors import safe_open
 from safetensors.torch import load_file
 spec = importlib.util.spec_from_file_location("lens_nodes_q", repo + "/__init__.py", submodule_search_locations=[repo])
@@ -50,7 +53,7 @@ N = pack.NODE_CLASS_MAPPINGS
 import nodes as core_nodes
 from comfy_extras import nodes_custom_sampler as ncs, nodes_cfg
 
-res = {"native": hasattr(comfy.model_base, "Lens")}
+res = {"native": hasattr(comfy.model_base, "Lens") and QuantizedTensor is not None}
 if res["native"]:
     folder_paths.add_model_folder_path("diffusion_models", tmp, is_default=True)
     def out(r):
