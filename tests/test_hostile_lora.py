@@ -16,20 +16,8 @@ from safetensors.torch import load_file, save_file
 import fixtures as fx
 import lora_fixtures as lf
 from lens_core import lora as lo
-from lens_core.dit import LensTransformer
 from test_cli import gen_args, no_weights, run_cli_error  # noqa: F401  (fixture re-exported)
-
-
-@pytest.fixture(scope="module")
-def base_model(golden_dir):
-    m = LensTransformer(fx.dit_config(golden_dir), dtype=torch.float32).eval()
-    m.load_state_dict(fx.dit_state_dict(golden_dir), strict=True)
-    return m
-
-
-@pytest.fixture()
-def model(base_model):
-    return copy.deepcopy(base_model)
+from test_lora import base_model, model  # noqa: F401  (the tiny golden DiT and a fresh copy per test)
 
 
 def snapshot(m) -> dict:
