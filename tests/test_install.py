@@ -2,7 +2,8 @@
 
 The wheel is built from a copy of the tracked files (``pip wheel --no-build-isolation``: no network), its file
 list is checked (the core with its data file and console script; never the ComfyUI layer), and it is installed
-into a temporary target from which ``import lens_core`` and ``python -m lens_core`` work in an unrelated folder.
+into a temporary target from which ``import lens_core`` and ``python -m lens_core`` work in an unrelated folder:
+the README's Python example and a PNG's stored regenerate command run there.
 """
 import os
 import pathlib
@@ -71,15 +72,22 @@ def test_pyproject_version_is_the_package_version():
     assert data["project"]["version"] == lens_core.__version__
 
 
-def test_installed_package_runs_from_another_folder(wheel, tmp_path):
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory):
+    """The wheel installed into a fresh target folder: (target, an unrelated working folder, the environment
+    that sees the installed lens_core and not the repository)."""
+    target = tmp_path_factory.mktemp("site")
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
                         str(target), str(wheel)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(target)
+    return target, elsewhere, env
+
+
+def test_installed_package_runs_from_another_folder(installed):
+    target, elsewhere, env = installed
     code = ("import lens_core, lens_core.enhance as e, lens_core.pipeline as p; print(lens_core.__file__); "
             "print(len(e.system_message()) > 100); print(p.LensPipeline.__name__)")
     r = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
@@ -93,3 +101,38 @@ def test_installed_package_runs_from_another_folder(wheel, tmp_path):
     assert r.returncode == 0 and "generate" in r.stdout, r.stderr
     script = target / "bin" / "lens"
     assert script.is_file(), sorted(p.name for p in target.iterdir())
+
+
+def test_readme_example_and_png_regenerate_command_run_elsewhere(installed, pipeline_dir):
+    """After the install, from an unrelated folder: the README's Python example (on the tiny model, one step
+    at 1024²) runs, ``python -m lens_core generate`` writes a PNG, and the regenerate command stored in that
+    PNG, run as it is (only ``--out`` changed), gives the same pixels."""
+    import json
+    import shlex
+
+    from PIL import Image
+
+    target, elsewhere, env = installed
+    example = ("from lens_core.pipeline import LensPipeline\n"
+               f"pipe = LensPipeline.from_pretrained({str(pipeline_dir)!r}, device='auto')\n"
+               "out = pipe('a red cube on a wooden table', aspect='1:1', base=1024, seed=0, steps=1)\n"
+               "import lens_core; print(lens_core.__file__, out.images[0].size, tuple(out.latents.shape))")
+    r = subprocess.run([sys.executable, "-c", example], cwd=elsewhere, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    where, *_ = r.stdout.split()
+    assert pathlib.Path(where).is_relative_to(target), where
+    assert "(1024, 1024)" in r.stdout, r.stdout
+    first = elsewhere / "first.png"
+    r = subprocess.run([sys.executable, "-m", "lens_core", "generate", "--model", str(pipeline_dir), "--prompt",
+                        "two green frogs", "--height", "32", "--width", "48", "--steps", "2", "--seed", "7",
+                        "--dtype", "fp32", "--out", str(first)], cwd=elsewhere, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    argv = shlex.split(json.loads(Image.open(first).text["lens"])["command"])
+    assert argv[:4] == ["python", "-m", "lens_core", "generate"], argv
+    argv[argv.index("--out") + 1] = str(elsewhere / "again.png")
+    r = subprocess.run([sys.executable, *argv[1:]], cwd=elsewhere, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Image.open(elsewhere / "again.png").tobytes() == Image.open(first).tobytes()
