@@ -3,7 +3,8 @@
 Runs in-process with the real comfy modules (``comfyui_headless.sh python``): the pack's nodes build graphs
 on the tiny golden pipeline, ComfyUI's ModelPatcher applies the LoRA patches when it loads the model, and the
 results are compared with lens_core.lora applied to a copy of the DiT (an independent path: lens_core merges
-the weights itself) and with the base images.
+the weights itself) and with the base images. ComfyUI's own LoraLoaderModelOnly on the pack's MODEL (musubi and
+``diffusion_model.`` PEFT keys) is compared with LensLoraLoader on the same files.
 """
 from __future__ import annotations
 
@@ -92,6 +93,21 @@ ra8 = run(a8)
 out["fp8_lora_changes"] = rel(ra8, base8)
 out["fp8_vs_lens_core"] = rel(ra8, reference(m8, [("a.safetensors", 1.0)]))
 out["fp8_base_after_bit_equal"] = bool(torch.equal(run(m8), base8))
+# ComfyUI's own LoraLoaderModelOnly on the pack's MODEL: its generic key map (diffusion_model.X <- lora_unet_X /
+# diffusion_model.X) covers musubi (kohya) and diffusion_model.-prefixed PEFT files, since the pack's DiT uses the
+# official module names; the patches go through ComfyUI's merge route (add_patches), fp8 storage included
+import nodes as core
+native_loader = core.LoraLoaderModelOnly()
+for tag, m in (("bf16", model), ("fp8", m8)):
+    for fmt in ("a.safetensors", "a_peft.safetensors"):
+        mm.unload_all_models()
+        want = run(L.apply(m, fmt, 1.0)[0])
+        (na,) = native_loader.load_lora_model_only(m, fmt, 1.0)
+        key = tag + "_native_" + fmt.split(".")[0]
+        out[key + "_patched_keys"] = len(na.patches)
+        out[key + "_vs_lens"] = rel(run(na), want)
+mm.unload_all_models()
+out["native_base_after_bit_equal"] = bool(torch.equal(run(model), base)) and bool(torch.equal(run(m8), base8))
 print(json.dumps(out))
 '''
 
@@ -111,7 +127,12 @@ def test_lora_loader_in_real_comfyui(golden_dir, pipeline_dir, tmp_path):
     with torch.device("meta"):
         dit = LensTransformer(dit_config(golden_dir, "pipeline"))
     names = lf.target_names(dit)
-    lf.write(loras / "a.safetensors", "kohya", lf.random_factors(dit, names, rank=4, alpha=2.0, seed=1, scale=0.2))
+    factors_a = lf.random_factors(dit, names, rank=4, alpha=2.0, seed=1, scale=0.2)
+    lf.write(loras / "a.safetensors", "kohya", factors_a)
+    # PEFT keys with the diffusion_model. prefix; alpha = rank, because ComfyUI's loader reads alpha only from
+    # `.alpha` tensors, never from PEFT's lora_adapter_metadata (README "Native nodes")
+    lf.write(loras / "a_peft.safetensors", "diffusion-model",
+             lf.random_factors(dit, names, rank=4, alpha=4.0, seed=3, scale=0.2))
     lf.write(loras / "b_loha.safetensors", "onetrainer-loha",
              lf.random_factors(dit, names[:8], kind="loha", rank=2, alpha=1.0, seed=2, scale=0.1))
     script = tmp_path / "lora_inproc.py"
@@ -127,6 +148,13 @@ def test_lora_loader_in_real_comfyui(golden_dir, pipeline_dir, tmp_path):
     for k in ("a_vs_lens_core", "b_vs_lens_core", "stacked_vs_lens_core", "fp8_vs_lens_core", "lowvram_vs_full"):
         assert r[k] <= 1e-5, (k, r[k])
     assert r["lowvram_patched_layers"] > 0
+    # ComfyUI's own LoraLoaderModelOnly on the pack's MODEL (musubi / diffusion_model. PEFT keys): every target
+    # patched, the same latents as LensLoraLoader (bf16 file and fp8 storage), the base model untouched after
+    for tag in ("bf16", "fp8"):
+        for f in ("a", "a_peft"):
+            assert r[f"{tag}_native_{f}_patched_keys"] == len(names), (tag, f, r[f"{tag}_native_{f}_patched_keys"])
+            assert r[f"{tag}_native_{f}_vs_lens"] <= 1e-5, (tag, f, r[f"{tag}_native_{f}_vs_lens"])
+    assert r["native_base_after_bit_equal"]
 
 
 # ---------------------------------------------------------------------------------------------------------
