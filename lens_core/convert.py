@@ -38,8 +38,6 @@ import time
 # torch and the loaders are imported inside the functions: ``python -m lens_core`` builds its argument parser
 # (which lists the formats below) before it checks that PyTorch is installed.
 
-KITCHEN_PIN = "0.2.31"          # the comfy-kitchen version ComfyUI 0.33 pins (requirements-dev.txt)
-KITCHEN_FIX = f"pip install comfy-kitchen=={KITCHEN_PIN} (ComfyUI 0.27+ installs it already)"
 ALIGN = 8                       # the data section starts at a multiple of this (safetensors' own writer: 8)
 
 
@@ -79,14 +77,12 @@ class ConvertError(ValueError):
     """A converter input/option that cannot give a valid output (the message names it and the fix)."""
 
 
-def kitchen():
-    """comfy-kitchen's tensor layouts, or an ImportError whose message names the install command."""
-    try:
-        from comfy_kitchen import tensor as ckt
-    except ImportError as exc:
+def require_kitchen():
+    """ImportError naming the install command where comfy-kitchen (the quantizers) is missing."""
+    from . import quant_formats as qf
+    if not qf.kitchen_available():
         raise ImportError(f"the quantize command needs comfy-kitchen, ComfyUI's quantization library, which is "
-                          f"not installed in this Python ({exc}); fix: {KITCHEN_FIX}") from None
-    return ckt
+                          f"not installed in this Python; fix: {qf.KITCHEN_FIX}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,7 +337,7 @@ def quantize_file(src, out, fmt: str, *, overwrite: bool = False, dtype: str = "
     import torch
 
     recipe, out_dtype = RECIPES[fmt], getattr(torch, OUT_DTYPES[dtype])
-    kitchen()                                                   # before anything is read
+    require_kitchen()                                           # before anything is read
     t0 = time.perf_counter()
     source, cfg, family, (var, var_src) = open_dit(src, out_dtype)
     tmp = None

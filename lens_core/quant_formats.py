@@ -56,19 +56,15 @@ Interface used by the loaders, the converter and the tests:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 
 import torch
 import torch.nn.functional as F
 
-try:  # comfy-kitchen: ComfyUI's kernel library (optional for the pack: see the module docstring)
-    import comfy_kitchen as _ck
-    from comfy_kitchen import tensor as _ckt
-except ImportError:  # pragma: no cover - depends on the environment
-    _ck = _ckt = None
-
 KITCHEN_VERSION = "0.2.31"     # the version ComfyUI 0.33 pins (requirements-dev.txt pins the same)
+KITCHEN_FIX = f"pip install comfy-kitchen=={KITCHEN_VERSION} (ComfyUI 0.27 and newer install it)"
 MAX_MARKER_BYTES = 4096        # a real marker is ~60 bytes; anything this large is not a marker
 MAX_CONVROT_GROUP = 4 ** 7     # 16384: ComfyUI / comfy-kitchen build the Hadamard matrix in memory
 
@@ -78,17 +74,33 @@ class QuantFormatError(ValueError):
     names the layer); or comfy-kitchen missing. Loaders re-raise it with the file name."""
 
 
+@functools.cache
+def _kitchen_tensor():
+    """``comfy_kitchen.tensor`` (ComfyUI's kernel library, optional for the pack: see the module docstring), or
+    None where it is not installed. Imported on first use, not when this module is imported."""
+    try:
+        from comfy_kitchen import tensor
+    except ImportError:
+        return None
+    return tensor
+
+
 def kitchen_available() -> bool:
-    return _ck is not None
+    return _kitchen_tensor() is not None
+
+
+def kitchen(what: str, alternative: str = ""):
+    """``comfy_kitchen.tensor``, or QuantFormatError: ``what`` needs comfy-kitchen, the install command (and
+    ``alternative``)."""
+    ckt = _kitchen_tensor()
+    if ckt is None:
+        raise QuantFormatError(f"{what} needs comfy-kitchen (ComfyUI's kernel library), which is not installed in "
+                               f"this Python. Fix: {KITCHEN_FIX}{alternative}")
+    return ckt
 
 
 def _kitchen(fmt: str):
-    if _ck is None:
-        raise QuantFormatError(
-            f"the ComfyUI quantized format {fmt!r} needs comfy-kitchen (ComfyUI's kernel library), which is not "
-            f"installed in this Python. Fix: pip install comfy-kitchen=={KITCHEN_VERSION} (ComfyUI 0.27 and newer "
-            f"install it), or use a bf16 / GGUF / mxfp8 file")
-    return _ckt
+    return kitchen(f"the ComfyUI quantized format {fmt!r}", ", or use a bf16 / GGUF / mxfp8 file")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,8 +334,8 @@ class _Float8(QuantFormat):
                 "input_scale": TensorSpec(_FLOATS, torch.float32, _SCALAR, required=False)}
 
     def _params(self, tensors, options, shape, dtype):
-        return _ckt.TensorCoreFP8Layout.Params(scale=tensors["weight_scale"].float().reshape(()),
-                                               orig_dtype=dtype, orig_shape=shape)
+        return _kitchen(self.name).TensorCoreFP8Layout.Params(
+            scale=tensors["weight_scale"].float().reshape(()), orig_dtype=dtype, orig_shape=shape)
 
     def _quantize(self, weight, options):
         ckt = _kitchen(self.name)
@@ -349,11 +361,11 @@ class _MXFP8(QuantFormat):
 
     def _params(self, tensors, options, shape, dtype):
         scale = tensors["weight_scale"]
-        return _ckt.TensorCoreMXFP8Layout.Params(scale=scale.view(torch.float8_e8m0fnu), orig_dtype=dtype,
-                                                 orig_shape=shape)
+        return _kitchen(self.name).TensorCoreMXFP8Layout.Params(
+            scale=scale.view(torch.float8_e8m0fnu), orig_dtype=dtype, orig_shape=shape)
 
     def dequantize(self, tensors, options, shape, dtype=torch.float32):
-        if _ck is None:     # the pack's own torch MXFP8 code (bit-identical; tests/test_quant_formats.py)
+        if not kitchen_available():     # the pack's own torch MXFP8 code (bit-identical; tests/test_quant_formats.py)
             from . import quant_linear as ql
             w = tensors["weight"]
             scales = ql.untile_scales(tensors["weight_scale"].view(torch.uint8), w.shape[0], w.shape[1] // 32)
@@ -373,9 +385,9 @@ class _NVFP4(QuantFormat):
                 "pre_quant_scale": TensorSpec(_FLOATS, torch.float32, ((in_f,),), required=False)}
 
     def _params(self, tensors, options, shape, dtype):
-        return _ckt.TensorCoreNVFP4Layout.Params(scale=tensors["weight_scale_2"].float().reshape(()),
-                                                 orig_dtype=dtype, orig_shape=shape,
-                                                 block_scale=tensors["weight_scale"].view(torch.float8_e4m3fn))
+        return _kitchen(self.name).TensorCoreNVFP4Layout.Params(
+            scale=tensors["weight_scale_2"].float().reshape(()), orig_dtype=dtype, orig_shape=shape,
+            block_scale=tensors["weight_scale"].view(torch.float8_e4m3fn))
 
     def linear(self, x, tensors, options, shape, bias=None):
         pre = tensors.get("pre_quant_scale")
@@ -401,12 +413,12 @@ class _Int8(QuantFormat):
                 "weight_scale": TensorSpec(_FLOATS, torch.float32, _SCALAR + ((out_f, 1),))}
 
     def _params(self, tensors, options, shape, dtype):
-        return _ckt.TensorWiseINT8Layout.Params(scale=tensors["weight_scale"].float(), orig_dtype=dtype,
-                                                orig_shape=shape, convrot=options.get("convrot", False),
-                                                convrot_groupsize=options.get("convrot_groupsize", 256))
+        return _kitchen(self.name).TensorWiseINT8Layout.Params(
+            scale=tensors["weight_scale"].float(), orig_dtype=dtype, orig_shape=shape,
+            convrot=options.get("convrot", False), convrot_groupsize=options.get("convrot_groupsize", 256))
 
     def linear(self, x, tensors, options, shape, bias=None):
-        if x.device.type != "cpu" or _ck is None:
+        if x.device.type != "cpu" or not kitchen_available():
             return super().linear(x, tensors, options, shape, bias)
         from .quant_kernels import int8_linear      # comfy-kitchen's int8_linear, bit for bit, fused
         return int8_linear(x, tensors["weight"], tensors["weight_scale"], bias,
@@ -453,7 +465,7 @@ class _W4A4(QuantFormat):
                 "weight_scale": TensorSpec(_FLOATS, torch.float32, ((out_f,),))}
 
     def _params(self, tensors, options, shape, dtype):
-        return _ckt.TensorCoreConvRotW4A4Layout.Params(
+        return _kitchen(self.name).TensorCoreConvRotW4A4Layout.Params(
             scale=tensors["weight_scale"].float(), orig_dtype=dtype, orig_shape=shape,
             convrot_groupsize=options["convrot_groupsize"], quant_group_size=self.QUANT_GROUP,
             linear_dtype=options.get("linear_dtype", "int4"))
@@ -501,13 +513,13 @@ class _W4A8(QuantFormat):
         if s_rel.dtype == torch.uint8:
             s_rel = s_rel.view(torch.float8_e4m3fn)
         cb = tensors.get("weight_codebook")
-        return _ckt.AsymW4A8Int8Layout.Params(
+        return _kitchen(self.name).AsymW4A8Int8Layout.Params(
             scale=s_rel, orig_dtype=dtype, orig_shape=shape, s_channel=tensors["weight_s_channel"].float(),
             codebook=None if cb is None else cb.float(), group_size=options["group_size"],
             convrot_groupsize=options["convrot_groupsize"])
 
     def linear(self, x, tensors, options, shape, bias=None):
-        if x.device.type != "cpu" or _ck is None:
+        if x.device.type != "cpu" or not kitchen_available():
             return super().linear(x, tensors, options, shape, bias)
         # comfy-kitchen's eager w4a8_int8_linear: the int4 codes decoded to its int8 grid, then its int8_linear
         # with the channel scales and the rotation (lens_core.quant_kernels: the same arithmetic, fused)

@@ -168,8 +168,12 @@ def test_cli(source, tmp_path, capsys, monkeypatch):
     # comfy-kitchen missing: exit 3, the install command named, nothing written
     import sys
 
+    from lens_core import quant_formats as qf
+
     monkeypatch.setitem(sys.modules, "comfy_kitchen", None)
     monkeypatch.setitem(sys.modules, "comfy_kitchen.tensor", None)
+    qf._kitchen_tensor.cache_clear()                 # found again on first use: now missing
+    monkeypatch.setattr(qf, "_kitchen_tensor", qf._kitchen_tensor.__wrapped__)
     assert main(["quantize", str(source), str(tmp_path / "n.safetensors"), "--format", "int8"]) == 3
     err = capsys.readouterr().err
     assert "pip install comfy-kitchen==0.2.31" in err and "Traceback" not in err

@@ -14,6 +14,19 @@ def test_lens_core_imports_without_comfy():
     assert out.stdout.strip() == "ok"
 
 
+def test_every_lens_core_module_imports_with_comfyui_absent():
+    """Every module of lens_core imports in a Python where ComfyUI's packages cannot be imported at all, and
+    none of them pulls in comfy-kitchen (an optional library, imported on first use of a quantized format)."""
+    code = ("import sys, importlib, pkgutil\n"
+            "for n in ('comfy', 'folder_paths', 'nodes', 'comfy_extras', 'comfy_api'): sys.modules[n] = None\n"
+            "import lens_core\n"
+            "for m in pkgutil.walk_packages(lens_core.__path__, 'lens_core.'): importlib.import_module(m.name)\n"
+            "print(sorted(k for k in sys.modules if k.startswith('comfy_kitchen')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_lens_core_never_imports_comfy():
     for path in (REPO / "lens_core").rglob("*.py"):
         tree = ast.parse(path.read_text(), filename=str(path))
