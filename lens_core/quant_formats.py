@@ -49,7 +49,9 @@ Interface used by the loaders, the converter and the tests:
 * ``fmt.tensor_specs(out, in, options)`` → ``{suffix: TensorSpec}`` (``"weight"``, ``"weight_scale"`` …: the
   stored tensors with accepted dtypes and exact shapes, checked before a byte is read);
   ``fmt.check_values(tensors, layer)`` (NaN / inf scales).
-* ``fmt.dequantize(tensors, options, shape, dtype)``, ``fmt.linear(x, tensors, options, shape, bias)``.
+* ``fmt.dequantize(tensors, options, shape, dtype)``, ``fmt.linear(x, tensors, options, shape, bias)`` (=
+  ``fmt.weight_linear(fmt.scale_input(x, tensors), ...)``: a layer scales its input once, then takes the quantized
+  or the patched path), ``fmt.dense_weight`` (the equivalent plain Linear's weight, for dequantize-at-load).
 * ``fmt.quantize(weight, options)`` → ``(tensors, marker)``: what ComfyUI writes for a float weight
   (comfy-kitchen's quantizers); :func:`marker_tensor` turns the marker into the ``.comfy_quant`` bytes.
 """
@@ -285,8 +287,28 @@ class QuantFormat:
         """The float ``[out, in]`` weight in ``dtype``: comfy-kitchen's ``QuantizedTensor.dequantize()``."""
         return self.quantized_tensor(tensors, options, shape, dtype).dequantize()
 
+    def dense_weight(self, tensors: dict, options: dict, shape: tuple, dtype=torch.float32) -> torch.Tensor:
+        """The ``[out, in]`` weight of the plain Linear equivalent to the whole layer: :meth:`dequantize`, with the
+        input scaling of :meth:`scale_input` folded in (NVFP4: ``W * pre_quant_scale[None, :]``, formed in fp32)."""
+        return self.dequantize(tensors, options, shape, dtype)
+
+    def scale_input(self, x: torch.Tensor, tensors: dict) -> torch.Tensor:
+        """The activations the (dequantized) weight multiplies: ``x`` itself; NVFP4 with a ``pre_quant_scale``:
+        ``x * pre_quant_scale`` (ModelOpt AWQ smoothing). ComfyUI scales the input before every path of its
+        Linear (quantized, with weight functions, merged), so a layer applies this once, before choosing a path.
+        Only the tensors named in :attr:`input_tensors` are read."""
+        return x
+
+    #: stored tensors :meth:`scale_input` reads (a layer fetches only these for it)
+    input_tensors: tuple = ()
+
     def linear(self, x: torch.Tensor, tensors: dict, options: dict, shape: tuple, bias=None) -> torch.Tensor:
-        """``x @ W.T + bias`` as ComfyUI's quantized Linear computes it on the CPU (see the module docstring)."""
+        """``x @ W.T + bias`` as ComfyUI's quantized Linear computes it on the CPU (see the module docstring):
+        :meth:`scale_input`, then :meth:`weight_linear`."""
+        return self.weight_linear(self.scale_input(x, tensors), tensors, options, shape, bias)
+
+    def weight_linear(self, x: torch.Tensor, tensors: dict, options: dict, shape: tuple, bias=None) -> torch.Tensor:
+        """The layer's product on an input :meth:`scale_input` already scaled."""
         if bias is not None:
             bias = bias.to(x.dtype)
         if self.activation == "float":
@@ -389,11 +411,20 @@ class _NVFP4(QuantFormat):
             scale=tensors["weight_scale_2"].float().reshape(()), orig_dtype=dtype, orig_shape=shape,
             block_scale=tensors["weight_scale"].view(torch.float8_e4m3fn))
 
-    def linear(self, x, tensors, options, shape, bias=None):
+    input_tensors = ("pre_quant_scale",)
+
+    def scale_input(self, x, tensors):
         pre = tensors.get("pre_quant_scale")
-        if pre is not None:     # ModelOpt AWQ smoothing, applied to the input as ComfyUI does
-            x = x * pre.to(x.dtype)
-        return super().linear(x, tensors, options, shape, bias)
+        if pre is None:
+            return x
+        return x * pre.to(x.dtype)      # ModelOpt AWQ smoothing: ComfyUI 0.33 ops.py mixed_precision_ops.forward
+
+    def dense_weight(self, tensors, options, shape, dtype=torch.float32):
+        pre = tensors.get("pre_quant_scale")
+        if pre is None:
+            return self.dequantize(tensors, options, shape, dtype)
+        w = self.dequantize(tensors, options, shape, torch.float32)
+        return (w * pre.float()[None, :]).to(dtype)
 
 
 class _Int8(QuantFormat):
@@ -417,9 +448,9 @@ class _Int8(QuantFormat):
             scale=tensors["weight_scale"].float(), orig_dtype=dtype, orig_shape=shape,
             convrot=options.get("convrot", False), convrot_groupsize=options.get("convrot_groupsize", 256))
 
-    def linear(self, x, tensors, options, shape, bias=None):
+    def weight_linear(self, x, tensors, options, shape, bias=None):
         if x.device.type != "cpu" or not kitchen_available():
-            return super().linear(x, tensors, options, shape, bias)
+            return super().weight_linear(x, tensors, options, shape, bias)
         from .quant_kernels import int8_linear      # comfy-kitchen's int8_linear, bit for bit, fused
         return int8_linear(x, tensors["weight"], tensors["weight_scale"], bias,
                            options.get("convrot_groupsize", 256) if options.get("convrot") else 0)
@@ -518,9 +549,9 @@ class _W4A8(QuantFormat):
             codebook=None if cb is None else cb.float(), group_size=options["group_size"],
             convrot_groupsize=options["convrot_groupsize"])
 
-    def linear(self, x, tensors, options, shape, bias=None):
+    def weight_linear(self, x, tensors, options, shape, bias=None):
         if x.device.type != "cpu" or not kitchen_available():
-            return super().linear(x, tensors, options, shape, bias)
+            return super().weight_linear(x, tensors, options, shape, bias)
         # comfy-kitchen's eager w4a8_int8_linear: the int4 codes decoded to its int8 grid, then its int8_linear
         # with the channel scales and the rotation (lens_core.quant_kernels: the same arithmetic, fused)
         from comfy_kitchen.backends.eager.w4a8_int8 import _dequant_int4_grouped_to_int8

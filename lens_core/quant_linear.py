@@ -182,11 +182,18 @@ class QuantStorage(nn.Module):
     def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
         raise NotImplementedError
 
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activations the dequantized weight multiplies (identity but for NVFP4's ``pre_quant_scale``): applied
+        once in :meth:`forward`, before the quantized and the patched path alike (ComfyUI does the same)."""
+        return x
+
     def quantized_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The family's own forward (no patches): by default the dequantized weight in the input dtype."""
+        """The family's own forward (no patches) on the :meth:`scale_input`-scaled input: by default the
+        dequantized weight in the input dtype."""
         return F.linear(x, self.dequantized_weight(x.dtype, x.device), bias)
 
     def forward(self, x):
+        x = self.scale_input(x)
         bias = self.fetch("bias", x.device) if self.bias is not None else None
         if bias is not None:
             bias = bias.to(x.dtype)
@@ -234,8 +241,14 @@ class QuantLinear(QuantStorage):
     def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
         return self.format.dequantize(self.stored(device), self.options, self.shape, dtype)
 
+    def scale_input(self, x):
+        names = [n for n in self.format.input_tensors if getattr(self, n, None) is not None]
+        if not names:
+            return x
+        return self.format.scale_input(x, {n: self.fetch(n, x.device) for n in names})
+
     def quantized_linear(self, x, bias):
-        return self.format.linear(x, self.stored(x.device), self.options, self.shape, bias)
+        return self.format.weight_linear(x, self.stored(x.device), self.options, self.shape, bias)
 
     def storage_name(self) -> str:
         return self.format.describe(self.options)

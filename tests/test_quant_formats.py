@@ -395,3 +395,63 @@ def test_text_encoder_int8_convrot_embedding_and_fp8_attention(golden_dir, tmp_p
     groups = ck.inspect(q)["quantization"]
     assert groups["embed_tokens"] == {"int8_tensorwise+convrot": 1}
     assert groups["self_attn.q_proj"] == {"float8_e4m3fn": 2, "BF16": 4}
+
+
+def test_nvfp4_pre_quant_scale_on_every_path(qfiles, tmp_path):
+    """An NVFP4 layer with a ModelOpt ``pre_quant_scale`` (AWQ smoothing): ComfyUI 0.33 scales the input by it
+    before every path of its Linear (``mixed_precision_ops.forward``). The layer's output equals that reference
+    (comfy-kitchen's dequantized weight times the scaled input) unpatched, with a zero-delta patch (the dequantized
+    path of LoRA / lowvram weight functions) and loaded with ``dequantize=True`` (a plain Linear whose weight folds
+    the scale in: ``W * pre[None, :]``)."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(96, 128, generator=g)
+    pre = torch.rand(128, generator=g) * 3.75 + 0.25            # far from 1: a dropped scale shows
+    bias = torch.randn(96, generator=g)
+    tensors, marker = qf.get("nvfp4").quantize(w, {})
+    f = {f"{LAYER}.{k}": v for k, v in tensors.items()}
+    f[LAYER + ".pre_quant_scale"] = pre
+    x = torch.randn(2, 5, 128, generator=g)
+
+    def reference(dt):
+        qt = reference_qtensor(f, LAYER, "nvfp4", marker, (96, 128), dt)
+        return F.linear(x.to(dt) * pre.to(dt), qt.dequantize(), bias.to(dt))
+
+    # the layer as the loaders build it from the file's tensors
+    found = {k[len(LAYER) + 1:]: (qf.st_name(v.dtype), tuple(v.shape)) for k, v in f.items()}
+    layout = qf.get("nvfp4").layout_of(96, 128, {}, LAYER, found)
+    assert "pre_quant_scale" in layout
+    lin = ql.QuantLinear(128, 96, True, fmt="nvfp4", options={}, layout=layout)
+    with torch.no_grad():
+        for k, v in f.items():
+            p = getattr(lin, k[len(LAYER) + 1:])
+            p.copy_(qf.as_kept(v, p.dtype))
+        lin.bias.copy_(bias)
+    zero = type("ZeroDelta", (), {"patch_weight": staticmethod(lambda t: t + torch.zeros_like(t))})()
+    for dt in (torch.float32, torch.bfloat16):
+        want = reference(dt).float()
+        with torch.no_grad():
+            plain = lin(x.to(dt)).float()
+            lin.lens_lora_deltas = (zero,)
+            patched = lin(x.to(dt)).float()
+            del lin.lens_lora_deltas
+        tol = 1e-6 * want.abs().max()
+        assert (plain - want).abs().max() <= tol, dt
+        assert (patched - plain).abs().max() <= tol, dt
+
+    # a file with the layer (the fixture's NVFP4 DiT plus the scale), loaded kept quantized and dequantized
+    path, layers = qfiles["nvfp4"]
+    assert LAYER in layers
+    sd = load_file(str(path))
+    p = tmp_path / "nvfp4_pre.safetensors"
+    sd[LAYER + ".pre_quant_scale"] = pre
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
+    kept = ck.load_transformer(p, dtype=torch.float32).get_submodule(LAYER)
+    dense = ck.load_transformer(p, dtype=torch.float32, dequantize=True).get_submodule(LAYER)
+    assert isinstance(kept, ql.QuantLinear) and not isinstance(dense, ql.QuantStorage)
+    xl = torch.randn(2, 5, dense.in_features, generator=g)
+    qt = reference_qtensor(sd, LAYER, "nvfp4", markers_of(path)[LAYER], (dense.out_features, dense.in_features),
+                           torch.float32)
+    want = F.linear(xl * pre, qt.dequantize(), sd[LAYER + ".bias"].float())
+    with torch.no_grad():
+        for mod in (kept, dense):
+            assert (mod(xl) - want).abs().max() <= 1e-5 * want.abs().max(), type(mod)

@@ -258,7 +258,9 @@ def quant_plan(source: TensorSource, name: str, marker: dict, out_f: int, in_f: 
 
     if dequantize:
         def read_dense(src, key, device):
-            return fmt.dequantize(read_all(device), options, (out_f, in_f), dtype).to(device)
+            # the plain Linear equivalent to the quantized layer (NVFP4's pre_quant_scale folded into W)
+            dense = fmt.dense_weight if kind == "Linear" else fmt.dequantize
+            return dense(read_all(device), options, (out_f, in_f), dtype).to(device)
         special[keys["weight"]] = read_dense
         consumed.update(k for s, k in keys.items() if s != "weight")
         return fmt.name, None

@@ -62,7 +62,9 @@ class _CastStorage(comfy.ops.CastWeightBiasOp):
 
     def convert_weight(self, weight, inplace=False, **kwargs):
         """The dequantized weight (ModelPatcher merges patches onto it); ``weight`` is the stored tensor as the
-        patcher copied it, used for its device and (float) dtype only."""
+        patcher copied it, used for its device and (float) dtype only. As ComfyUI's own ``convert_weight`` it is
+        the format's dequantized weight: an NVFP4 ``pre_quant_scale`` stays on the input (the merged forward scales
+        it, as ComfyUI's Linear does), so a merged patch equals ComfyUI's."""
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
         return self.dequantized_weight(dtype, weight.device)
 
@@ -76,6 +78,7 @@ def _linear_forward(self, x):
     merged = self._merged()
     if merged is None:
         return ql.QuantStorage.forward(self, x)
+    x = self.scale_input(x)     # ComfyUI scales the input (NVFP4 pre_quant_scale) on the merged path too
     bias = self.fetch("bias", x.device)
     w = mm.cast_to_device(merged, x.device, x.dtype)
     for fn in self.weight_function:
