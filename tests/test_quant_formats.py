@@ -455,3 +455,33 @@ def test_nvfp4_pre_quant_scale_on_every_path(qfiles, tmp_path):
     with torch.no_grad():
         for mod in (kept, dense):
             assert (mod(xl) - want).abs().max() <= 1e-5 * want.abs().max(), type(mod)
+
+
+def test_text_encoder_markers_on_layers_it_does_not_build(golden_dir, tmp_path):
+    """Quantized Linears the feature encoder never builds (decoder layers past the last selected one, ``lm_head``)
+    are not "layers the model lacks": the file loads with custom ``selected_layers`` and gives the features of the
+    unquantized file; a marker on a layer no GPT-OSS encoder has still fails naming it."""
+    p = fx.write_comfy_te_nvfp4(tmp_path / "gpt_oss.safetensors", golden_dir, None, embed_tokenizer=False)
+    sd = load_file(str(p))
+    sd["lm_head.weight"] = sd["embed_tokens.weight"].clone()
+    for layer in ("layers.4.self_attn.q_proj", "layers.5.self_attn.o_proj", "lm_head"):
+        tensors, marker = qf.get("float8_e4m3fn").quantize(sd.pop(layer + ".weight").float(), {})
+        sd.update({f"{layer}.{s}": t for s, t in tensors.items()})
+        sd[layer + ".comfy_quant"] = qf.marker_tensor(marker)
+    q = tmp_path / "gpt_oss_q.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(q))
+    cfg = fx.te_config(golden_dir)
+    te = ck.load_text_encoder(q, dtype=torch.float32, selected_layers=(0, 1, 2, 3), config=cfg)
+    ref = ck.load_text_encoder(p, dtype=torch.float32, selected_layers=(0, 1, 2, 3), config=cfg)
+    assert len(te.model.layers) == 4
+    ids = torch.randint(0, 201088, (1, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    with torch.no_grad():
+        for a, b in zip(te(ids, mask), ref(ids, mask)):
+            assert torch.equal(a, b)
+    sd["layers.1.self_attn.x_proj.comfy_quant"] = qf.marker_tensor({"format": "float8_e4m3fn"})
+    bad = tmp_path / "gpt_oss_bad.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(bad))
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_text_encoder(bad, dtype=torch.float32, selected_layers=(0, 1, 2, 3), config=cfg)
+    assert "x_proj" in str(e.value) and str(bad) in str(e.value)

@@ -158,8 +158,6 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
                 else:
                     raise CheckpointError(f"{source.origin}: layer {name!r} is marked quantized, but the text "
                                           f"encoder has no Linear or Embedding there")
-                if probe.is_unused_key(name + ".weight"):
-                    continue
                 entry = quant_plan(source, name, qlayers[name], out_f, in_f, dtype, False, special, consumed,
                                    tensors, kind)[1]
                 layers[name] = entry
@@ -168,7 +166,9 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", operations=None,
                 if g is not None:
                     layers[name] = g
                     special[name + ".weight"] = read_stored_bytes
-        missing = sorted(set(qlayers) - {n for n, _ in probe.named_modules()})
+        # markers on layers the encoder does not build (past the last selected layer, lm_head) are not loaded
+        names = {n for n, _ in probe.named_modules()}
+        missing = sorted(n for n in set(qlayers) - names if not probe.is_unused_key(n + ".weight"))
         if missing:
             raise CheckpointError(f"{source.origin}: quantization markers name {len(missing)} layer(s) the text "
                                   f"encoder does not have, e.g. {missing[:3]}; the file is not this model")
