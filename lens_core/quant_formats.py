@@ -262,7 +262,7 @@ class QuantFormat:
                 continue
             if t.dtype == getattr(torch, "float8_e8m0fnu", None):
                 bad = t.view(torch.uint8) == 255
-            elif t.dtype == torch.uint8:     # E8M0 bytes kept as uint8
+            elif t.dtype == torch.uint8:     # E8M0 bytes kept as uint8 (other byte formats view theirs first)
                 bad = t == 255
             elif t.dtype.is_floating_point:
                 bad = ~torch.isfinite(t.float())
@@ -538,6 +538,12 @@ class _W4A8(QuantFormat):
                 "weight_s_rel": TensorSpec(("F8_E4M3", "U8", "F32"), None, ((out_f, groups),)),
                 "weight_s_channel": TensorSpec(_FLOATS, torch.float32, ((out_f,),)),
                 "weight_codebook": TensorSpec(_FLOATS, torch.float32, ((16,),), required=False)}
+
+    def check_values(self, tensors, layer):
+        s_rel = tensors.get("weight_s_rel")
+        if s_rel is not None and s_rel.dtype == torch.uint8:    # E4M3 bytes stored as U8 (0x7F / 0xFF are NaN)
+            tensors = dict(tensors, weight_s_rel=s_rel.view(torch.float8_e4m3fn))
+        super().check_values(tensors, layer)
 
     def _params(self, tensors, options, shape, dtype):
         s_rel = tensors["weight_s_rel"]

@@ -313,11 +313,12 @@ def test_hostile_quantized_files(qfiles, tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["w4a4 group", "w4a8 group size", "w4a8 group string", "nvfp4 block scale shape",
-                                  "nvfp4 inf global scale", "mxfp8 NaN exponent", "w4a8 s_rel shape"])
+                                  "nvfp4 inf global scale", "mxfp8 NaN exponent", "w4a8 s_rel shape",
+                                  "w4a8 NaN s_rel as U8"])
 def test_hostile_scales_other_formats(qfiles, tmp_path, case):
     fmt = {"w4a4 group": "convrot_w4a4", "w4a8 group size": "asym_w4a8_int8", "w4a8 group string": "asym_w4a8_int8",
            "nvfp4 block scale shape": "nvfp4", "nvfp4 inf global scale": "nvfp4", "mxfp8 NaN exponent": "mxfp8",
-           "w4a8 s_rel shape": "asym_w4a8_int8"}[case]
+           "w4a8 s_rel shape": "asym_w4a8_int8", "w4a8 NaN s_rel as U8": "asym_w4a8_int8"}[case]
 
     def fn(sd):
         if case == "w4a4 group":
@@ -332,12 +333,18 @@ def test_hostile_scales_other_formats(qfiles, tmp_path, case):
             sd[LAYER + ".weight_scale_2"] = torch.tensor(float("inf"))
         elif case == "mxfp8 NaN exponent":
             sd[LAYER + ".weight_scale"] = sd[LAYER + ".weight_scale"].view(torch.uint8).clone().fill_(255)
+        elif case == "w4a8 NaN s_rel as U8":     # E4M3 bytes stored as U8: 0x7F is NaN (not E8M0's 0xFF)
+            s_rel = sd[LAYER + ".weight_s_rel"].view(torch.uint8).clone()
+            s_rel[1, 2] = 0x7F
+            sd[LAYER + ".weight_s_rel"] = s_rel
         else:
             sd[LAYER + ".weight_s_rel"] = sd[LAYER + ".weight_s_rel"][:, :4]
     p = _edit(qfiles[fmt][0], tmp_path / "bad.safetensors", fn)
     with pytest.raises(ck.CheckpointError) as e:
         ck.load_transformer(p)
     assert str(p) in str(e.value) and LAYER in str(e.value), str(e.value)
+    if "NaN" in case:
+        assert "NaN" in str(e.value), str(e.value)
 
 
 def test_hostile_header_metadata(qfiles, tmp_path):
