@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import math
 import os
 import warnings
 
@@ -296,6 +295,28 @@ def _mxfp4_matvec_table(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Ten
     return (block_sums * scale).sum(-1)
 
 
+def ceil_to(n: int, m: int) -> int:
+    """``n`` rounded up to a multiple of ``m``."""
+    return -(-n // m) * m
+
+
+def tiled_scale_shape(rows: int, cols: int) -> tuple[int, int]:
+    """Stored shape ``[128·⌈rows/128⌉, 4·⌈cols/4⌉]`` of a cuBLAS-tiled ``[rows, cols]`` block-scale matrix
+    (comfy-kitchen ``to_blocked``; checkpoint_formats.md §2.4)."""
+    return ceil_to(rows, 128), ceil_to(cols, 4)
+
+
+@functools.lru_cache(maxsize=64)
+def _untile_index(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """The flat offsets (int64 ``[rows·cols]``, on ``device``) of :func:`untile_block_scales`: built once per
+    shape and device (a layer un-tiles its scales on every call without comfy-kitchen). Never modified."""
+    cp = tiled_scale_shape(rows, cols)[1]
+    r = torch.arange(rows, device=device).unsqueeze(1)
+    c = torch.arange(cols, device=device).unsqueeze(0)
+    tile = (r // 128) * (cp // 4) + c // 4
+    return (tile * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + (c % 4)).reshape(-1)
+
+
 def untile_block_scales(tiled: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Undo ComfyUI's cuBLAS 128×4 block-scale tiling (checkpoint_formats.md §2.4).
 
@@ -303,16 +324,12 @@ def untile_block_scales(tiled: torch.Tensor, rows: int, cols: int) -> torch.Tens
     Returns the logical ``[..., rows, cols]`` scales (same dtype). The byte of logical (r, c) sits at
     ``t·512 + (r mod 32)·16 + ((r mod 128) // 32)·4 + (c mod 4)`` with ``t = (r // 128)·(Cp/4) + c // 4``.
     """
-    rp, cp = 128 * math.ceil(rows / 128), 4 * math.ceil(cols / 4)
+    rp, cp = tiled_scale_shape(rows, cols)
     if tiled.dim() not in (2, 3) or tuple(tiled.shape[-2:]) != (rp, cp):
         raise ValueError(f"tiled block scales: expected [..., {rp}, {cp}] for a logical [{rows}, {cols}] matrix, "
                          f"found {tuple(tiled.shape)}")
-    r = torch.arange(rows, device=tiled.device).unsqueeze(1)
-    c = torch.arange(cols, device=tiled.device).unsqueeze(0)
-    tile = (r // 128) * (cp // 4) + c // 4
-    offset = tile * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + (c % 4)
     flat = tiled.reshape(*tiled.shape[:-2], rp * cp)
-    return flat[..., offset.reshape(-1)].reshape(*tiled.shape[:-2], rows, cols)
+    return flat[..., _untile_index(rows, cols, tiled.device)].reshape(*tiled.shape[:-2], rows, cols)
 
 
 def _as_e4m3(scales: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@ The pack's own per-call LoRA (:func:`lens_core.lora.apply_lora` on a quantized l
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ from torch import nn
 from . import ggml
 from . import quant_formats as qf
 from .ops import cast_to
-from .quant import untile_block_scales
+from .quant import tiled_scale_shape, untile_block_scales  # noqa: F401 (tiled_scale_shape re-exported)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 MXFP8_BLOCK = 32
@@ -47,11 +46,6 @@ MXFP8_BLOCK = 32
 # --------------------------------------------------------------------------------------------------
 # cuBLAS 128×4 block-scale tiling (checkpoint_formats.md §2.4), shared with the NVFP4 expert banks
 # --------------------------------------------------------------------------------------------------
-def tiled_scale_shape(rows: int, cols: int) -> tuple[int, int]:
-    """Stored shape ``[128·⌈rows/128⌉, 4·⌈cols/4⌉]`` of a tiled ``[rows, cols]`` block-scale matrix."""
-    return 128 * math.ceil(rows / 128), 4 * math.ceil(cols / 4)
-
-
 def untile_scales(stored: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Undo the cuBLAS tiling: stored ``[..., Rp, Cp]`` → logical ``[..., rows, cols]`` (same dtype).
 
