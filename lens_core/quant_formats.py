@@ -60,10 +60,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 
 import torch
 import torch.nn.functional as F
+
+from .quant import ceil_to, tiled_scale_shape
 
 KITCHEN_VERSION = "0.2.31"     # the version ComfyUI 0.33 pins (requirements-dev.txt pins the same)
 KITCHEN_FIX = f"pip install comfy-kitchen=={KITCHEN_VERSION} (ComfyUI 0.27 and newer install it)"
@@ -128,15 +129,12 @@ _FLOATS = ("F32", "BF16", "F16")
 # safetensors dtype names of the stored tensors → the torch dtype kept (a bit view of 1-byte data; floats cast)
 ST_TORCH = {"F32": torch.float32, "BF16": torch.float32, "F16": torch.float32, "F8_E4M3": torch.float8_e4m3fn,
             "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.uint8, "U8": torch.uint8, "I8": torch.int8}
-_ST_NAME = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
-            torch.float8_e5m2: "F8_E5M2", torch.uint8: "U8", torch.int8: "I8"}
-if hasattr(torch, "float8_e8m0fnu"):
-    _ST_NAME[torch.float8_e8m0fnu] = "F8_E8M0"
 
 
 def st_name(dtype: torch.dtype) -> str:
-    """The safetensors dtype name of a torch dtype used by these formats."""
-    return _ST_NAME[dtype]
+    """The safetensors dtype name of a torch dtype (:data:`lens_core.checkpoints.weightfile.ST_NAMES`)."""
+    from .checkpoints.weightfile import ST_NAMES     # on use: the checkpoints package imports this module
+    return ST_NAMES[dtype]
 
 
 def as_kept(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -147,16 +145,9 @@ def as_kept(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if t.element_size() == 1 and torch.empty((), dtype=dtype).element_size() == 1:
         return t.view(dtype)
     return t.to(dtype)
+
+
 _SCALAR = ((), (1,))
-
-
-def _ceil_to(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _tiled(rows: int, cols: int) -> tuple:
-    """Shape of a cuBLAS-tiled block-scale matrix of ``rows`` × ``cols`` scales (comfy-kitchen ``to_blocked``)."""
-    return (_ceil_to(rows, 128), _ceil_to(cols, 4))
 
 
 def _is_pow4(n: int) -> bool:
@@ -371,9 +362,9 @@ class _MXFP8(QuantFormat):
         pass    # the pack's own torch MXFP8 code runs without comfy-kitchen
 
     def tensor_specs(self, out_f, in_f, options):
-        rows, cols = _ceil_to(out_f, 32), _ceil_to(in_f, 32)
+        rows, cols = ceil_to(out_f, 32), ceil_to(in_f, 32)
         weight_shapes = ((out_f, in_f),) if (rows, cols) == (out_f, in_f) else ((out_f, in_f), (rows, cols))
-        scale_shapes = tuple(dict.fromkeys(_tiled(r, c // 32) for r, c in weight_shapes if c % 32 == 0))
+        scale_shapes = tuple(dict.fromkeys(tiled_scale_shape(r, c // 32) for r, c in weight_shapes if c % 32 == 0))
         return {"weight": TensorSpec(("F8_E4M3",), torch.float8_e4m3fn, weight_shapes, scale=False),
                 "weight_scale": TensorSpec(("F8_E8M0", "U8"), torch.uint8, scale_shapes),
                 "input_scale": TensorSpec(_FLOATS, torch.float32, _SCALAR, required=False)}
@@ -399,9 +390,10 @@ class _NVFP4(QuantFormat):
     name, layout, bits = "nvfp4", "TensorCoreNVFP4Layout", 4
 
     def tensor_specs(self, out_f, in_f, options):
-        rows, cols = _ceil_to(out_f, 16), _ceil_to(in_f, 16)
+        rows, cols = ceil_to(out_f, 16), ceil_to(in_f, 16)
         return {"weight": TensorSpec(("U8", "I8"), torch.uint8, ((rows, cols // 2),), scale=False),
-                "weight_scale": TensorSpec(("F8_E4M3", "U8"), torch.float8_e4m3fn, (_tiled(rows, cols // 16),)),
+                "weight_scale": TensorSpec(("F8_E4M3", "U8"), torch.float8_e4m3fn,
+                                           (tiled_scale_shape(rows, cols // 16),)),
                 "weight_scale_2": TensorSpec(_FLOATS, torch.float32, _SCALAR),
                 "input_scale": TensorSpec(_FLOATS, torch.float32, _SCALAR, required=False),
                 "pre_quant_scale": TensorSpec(_FLOATS, torch.float32, ((in_f,),), required=False)}
@@ -623,13 +615,3 @@ def parse_marker(raw, layer: str, in_features: int | None = None) -> tuple[Quant
 def marker_tensor(marker: dict) -> torch.Tensor:
     """The ``.comfy_quant`` uint8 tensor of a marker dict (UTF-8 JSON, as ComfyUI writes it)."""
     return torch.tensor(list(json.dumps(marker).encode("utf-8")), dtype=torch.uint8)
-
-
-def stored_bytes(specs: dict) -> int:
-    """Bytes of the required stored tensors of ``specs`` (first accepted shape each)."""
-    total = 0
-    for s in specs.values():
-        if s.required:
-            item = torch.empty((), dtype=s.torch_dtype or torch.uint8).element_size()
-            total += math.prod(s.shapes[0]) * item
-    return total
