@@ -45,7 +45,8 @@ comfy-kitchen's; tests/test_quant_formats.py), and every other format raises :cl
 Interface used by the loaders, the converter and the tests:
 
 * :data:`FORMATS` ``{name: QuantFormat}``; :func:`get` (unknown name → error naming the known ones).
-* :func:`parse_marker` (bytes / dict → ``(QuantFormat, options)``, validated; errors name the layer).
+* :func:`parse_marker` (bytes / dict → ``(QuantFormat, options)``, validated; errors name the layer);
+  :func:`decode_marker` (bytes → dict, size and JSON checked).
 * ``fmt.tensor_specs(out, in, options)`` → ``{suffix: TensorSpec}`` (``"weight"``, ``"weight_scale"`` …: the
   stored tensors with accepted dtypes and exact shapes, checked before a byte is read);
   ``fmt.check_values(tensors, layer)`` (NaN / inf scales).
@@ -588,9 +589,10 @@ def get(name, layer: str = "?") -> QuantFormat:
     return FORMATS[name]
 
 
-def parse_marker(raw, layer: str, in_features: int | None = None) -> tuple[QuantFormat, dict]:
-    """(format, validated options) of one layer's marker: ``raw`` is the ``comfy_quant`` bytes (bytes or a
-    uint8 tensor) or an already decoded dict (header ``_quantization_metadata`` form)."""
+def decode_marker(raw, layer: str) -> dict:
+    """The marker dict of one layer: ``raw`` is the ``comfy_quant`` bytes (bytes or a uint8 tensor; small UTF-8
+    JSON) or an already decoded dict (header ``_quantization_metadata`` form). Its contents are checked by
+    :func:`parse_marker`."""
     if isinstance(raw, torch.Tensor):
         if raw.dtype not in (torch.uint8, torch.int8) or raw.dim() != 1:
             raise QuantFormatError(f"layer {layer!r}: comfy_quant must be a 1-D uint8 tensor, found {raw.dtype} "
@@ -608,6 +610,12 @@ def parse_marker(raw, layer: str, in_features: int | None = None) -> tuple[Quant
     if not isinstance(raw, dict):
         raise QuantFormatError(f"layer {layer!r}: comfy_quant must be a JSON object with a 'format', found "
                                f"{type(raw).__name__}")
+    return raw
+
+
+def parse_marker(raw, layer: str, in_features: int | None = None) -> tuple[QuantFormat, dict]:
+    """(format, validated options) of one layer's marker (``raw``: as :func:`decode_marker` takes it)."""
+    raw = decode_marker(raw, layer)
     fmt = get(raw.get("format"), layer)
     return fmt, fmt.options(raw, layer, in_features)
 

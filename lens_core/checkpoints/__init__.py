@@ -42,7 +42,7 @@ from .gguf import GGUFFile
 from .locate import (COMPONENT_DIRS, Location, folder_kind, is_diffusers_root, is_weight_file_name, locate,
                      open_weight_file)
 from .source import DictSource, TensorSource, open_component_folder, open_location, open_source
-from .detect import (COMPONENT_NAMES, DIT_SIGNATURE, FOREIGN, NVFP4_TE_SUFFIX, QUANT_FORMATS, TE_SIGNATURE,
+from .detect import (COMPONENT_NAMES, DIT_SIGNATURE, FOREIGN, NVFP4_TE_SUFFIX, TE_SIGNATURE,
                      VAE_BFL_SIGNATURE, VAE_DIFFUSERS_SIGNATURE, Detection, detect, detect_variant, dit_family,
                      quant_layers, strip_prefix, te_family)
 from .tokenizer import load_tokenizer
@@ -71,7 +71,7 @@ __all__ = [
     "CheckpointError", "PICKLE_SUFFIXES", "ST_DTYPES", "ST_NAMES", "SafetensorsFile", "GGUFFile", "TensorEntry",
     "WeightFile", "COMPONENT_DIRS", "Location", "folder_kind", "is_diffusers_root", "is_weight_file_name", "locate",
     "open_weight_file", "DictSource", "TensorSource", "open_component_folder", "open_location", "open_source",
-    "COMPONENT_NAMES", "DIT_SIGNATURE", "FOREIGN", "NVFP4_TE_SUFFIX", "QUANT_FORMATS", "TE_SIGNATURE",
+    "COMPONENT_NAMES", "DIT_SIGNATURE", "FOREIGN", "NVFP4_TE_SUFFIX", "TE_SIGNATURE",
     "VAE_BFL_SIGNATURE", "VAE_DIFFUSERS_SIGNATURE", "Detection", "detect", "detect_variant", "dit_family",
     "quant_layers", "strip_prefix", "te_family", "IGNORED_KEYS", "CheckpointInfo", "assign_weights",
     "init_empty_weights", "dit_config_from_shapes", "load_transformer", "REAL_SELECTED_LAYERS", "REAL_TE_CONFIG",

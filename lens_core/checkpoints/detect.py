@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
 from typing import Iterable
 
 from ..lazy_torch import torch
@@ -117,28 +116,9 @@ def strip_prefix(source: TensorSource, prefix: str) -> TensorSource:
     return source.rename(lambda k: k[len(prefix):] if k.startswith(prefix) else None)
 
 
-# ComfyUI ``.comfy_quant`` formats each component loads (lens_core.quant_formats has their layouts)
+# ComfyUI ``.comfy_quant`` formats (lens_core.quant_formats has their layouts; the DiT and the text encoder take all)
 #: (imported when a marker is read: it needs torch and comfy-kitchen, which ``inspect`` of other files never loads)
 qf = LazyModule(__name__.rsplit(".", 2)[0] + ".quant_formats")   # the package as imported (ComfyUI: custom_nodes.<pack>.lens_core)
-
-
-class _ComponentFormats(Mapping):
-    """{component: names of the quantization formats its loader takes}, read from quant_formats on first use."""
-
-    def _get(self):
-        return {"transformer": tuple(qf.FORMATS), "text_encoder": tuple(qf.FORMATS)}
-
-    def __getitem__(self, key):
-        return self._get()[key]
-
-    def __iter__(self):
-        return iter(("transformer", "text_encoder"))
-
-    def __len__(self):
-        return 2
-
-
-QUANT_FORMATS = _ComponentFormats()
 SCALED_FP8_KEY = "scaled_fp8"     # ComfyUI's older fp8-scaled files (comfy.utils.convert_old_quants)
 
 
@@ -163,7 +143,8 @@ def quant_layers(source: TensorSource, component: str, prefix: str = "") -> dict
     (``L.scale_weight`` → float8_e4m3fn; :func:`scaled_fp8_renames` gives its key renames).
 
     Every marker is decoded and validated (:func:`lens_core.quant_formats.parse_marker`: small JSON, a known
-    format, valid options) — a CheckpointError names the file and the layer otherwise."""
+    format, valid options) — a CheckpointError names the file and the layer otherwise. ``component``
+    (``"transformer"`` / ``"text_encoder"``) is the caller's: both take every format, so it selects nothing."""
     layers = _header_layers(source, prefix)
     if SCALED_FP8_KEY in source:
         dt = source.dtype(SCALED_FP8_KEY)
@@ -177,20 +158,13 @@ def quant_layers(source: TensorSource, component: str, prefix: str = "") -> dict
                                       f"marker (a small JSON object) of at most {qf.MAX_MARKER_BYTES} bytes, found "
                                       f"{e.dtype}{list(e.shape)}; the file is corrupt or crafted")
             layers[k[: -len(".comfy_quant")]] = source.read(k).view(torch.uint8).numpy().tobytes()
-    if not layers:
-        return {}
-    allowed = QUANT_FORMATS.get(component, ())
     out = {}
     for name, raw in layers.items():
         try:
-            fmt, _ = qf.parse_marker(raw, name)
-            marker = raw if isinstance(raw, dict) else json.loads(raw.decode("utf-8"))
+            marker = qf.decode_marker(raw, name)
+            qf.parse_marker(marker, name)
         except qf.QuantFormatError as exc:
             raise CheckpointError(f"{source.origin}: {exc}") from None
-        if fmt.name not in allowed:
-            raise CheckpointError(f"{source.origin}: layer {name!r} carries the quantization marker format "
-                                  f"{fmt.name!r}, which this loader does not know; supported for the "
-                                  f"{COMPONENT_NAMES[component]}: {list(allowed) or 'none'}")
         out[name] = marker
     return out
 
