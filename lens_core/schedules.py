@@ -47,23 +47,28 @@ MAX_SHIFT = 10.0
 # Argument checks shared by every schedule
 
 
+def _positive_int(value, name: str, what: str = "") -> int:
+    """``value`` as an int >= 1; ValueError "``name`` must be a positive integer``what``, got …" otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{what}, got {value!r}")
+    return int(value)
+
+
 def check_schedule_steps(steps, name: str = "steps") -> int:
-    """``steps`` as an int in [1, MAX_STEPS]; ValueError otherwise (before anything is allocated)."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"{name} must be a positive integer, got {steps!r}")
-    return check_steps(steps, name)
+    """``steps`` as an int in [1, MAX_STEPS] (the upper bound: :func:`lens_core.config.check_steps`); ValueError
+    otherwise (before anything is allocated)."""
+    return check_steps(_positive_int(steps, name), name)
 
 
 def check_image_tokens(image_seq_len, name: str = "image_seq_len") -> int:
-    """The number of image tokens (H/16 · W/16) as an int in [1, MAX_IMAGE_TOKENS]."""
-    if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, numbers.Integral) or image_seq_len < 1:
-        raise ValueError(f"{name} must be a positive integer (H/16 · W/16 image tokens), got {image_seq_len!r}")
-    if image_seq_len > MAX_IMAGE_TOKENS:
+    """The number of image tokens (H/16 · W/16) as an int in [1, MAX_IMAGE_TOKENS] (the message above the limit
+    names it in pixels and the fix)."""
+    tokens = _positive_int(image_seq_len, name, " (H/16 · W/16 image tokens)")
+    if tokens > MAX_IMAGE_TOKENS:
         side = math.isqrt(MAX_PIXELS)
         raise ValueError(f"{name}: expected at most {MAX_IMAGE_TOKENS} image tokens ({side}×{side} pixels, the "
-                         f"generation limit), found {int(image_seq_len)}; fix: generate at a bucket size and "
-                         f"upscale afterwards")
-    return int(image_seq_len)
+                         f"generation limit), found {tokens}; fix: generate at a bucket size and upscale afterwards")
+    return tokens
 
 
 def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
