@@ -142,18 +142,24 @@ def _frozen(shape, dtype, device):
     return nn.Parameter(torch.empty(tuple(shape), device=device, dtype=dtype), requires_grad=False)
 
 
-class QuantStorage(nn.Module):
-    """Base of the quantized Linear families (see the module docstring)."""
+class _StoredTensors:
+    """What every quantized-storage module shares (:class:`QuantStorage`, :class:`QuantEmbedding`): the stored
+    tensors named in ``stored_names``, fetched per call through :meth:`fetch` (a host's casting hook), and the
+    per-call patches of the dequantized weight / the bias (host hooks, see the module docstring)."""
 
     #: names of the parameters that hold the quantized weight (besides ``bias``)
     stored_names: tuple = ("weight",)
 
-    def _init_linear(self, in_features, out_features, bias, device, dtype):
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        if bias:
-            self.bias = _frozen((out_features,), dtype or torch.float32, device)
-        else:
-            self.register_parameter("bias", None)
+    def _init_format(self, fmt: str, options, layout, rows: int, cols: int, device):
+        """The ``.comfy_quant`` format, its options and one frozen parameter per stored tensor of ``layout``
+        (``{suffix: (dtype, shape)}``; default: the format's required tensors for a ``[rows, cols]`` weight)."""
+        self.format = qf.get(fmt)
+        self.options = dict(self.format.default_options() if options is None else options)
+        if layout is None:
+            layout = self.format.layout_of(rows, cols, self.options, "?")
+        self.stored_names = tuple(layout)
+        for name, (dt, shape) in layout.items():
+            setattr(self, name, _frozen(shape, dt, device))
 
     # -- host hooks -----------------------------------------------------------------------------------
     def fetch(self, name: str, device) -> torch.Tensor | None:
@@ -168,11 +174,22 @@ class QuantStorage(nn.Module):
     def bias_patches(self) -> tuple:
         return ()
 
-    # -- interface ------------------------------------------------------------------------------------
     def stored(self, device=None) -> dict:
         """``{name: tensor}`` of the stored (quantized) tensors on ``device``."""
         return {n: self.fetch(n, device) for n in self.stored_names if getattr(self, n, None) is not None}
 
+
+class QuantStorage(_StoredTensors, nn.Module):
+    """Base of the quantized Linear families (see the module docstring)."""
+
+    def _init_linear(self, in_features, out_features, bias, device, dtype):
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if bias:
+            self.bias = _frozen((out_features,), dtype or torch.float32, device)
+        else:
+            self.register_parameter("bias", None)
+
+    # -- interface ------------------------------------------------------------------------------------
     def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -220,13 +237,7 @@ class QuantLinear(QuantStorage):
                  options: dict | None = None, layout: dict | None = None):
         super().__init__()
         self._init_linear(in_features, out_features, bias, device, dtype)
-        self.format = qf.get(fmt)
-        self.options = dict(self.format.default_options() if options is None else options)
-        if layout is None:
-            layout = self.format.layout_of(self.out_features, self.in_features, self.options, "?")
-        self.stored_names = tuple(layout)
-        for name, (dt, shape) in layout.items():
-            setattr(self, name, _frozen(shape, dt, device))
+        self._init_format(fmt, options, layout, self.out_features, self.in_features, device)
 
     @property
     def shape(self) -> tuple:
@@ -304,7 +315,7 @@ def quant_linear_for(out_f: int, in_f: int, fmt: str, options=None, bias=True, d
     return lin
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_StoredTensors, nn.Module):
     """An Embedding whose table is stored in a ``.comfy_quant`` format (the int8 ConvRot / fp8 token tables of
     ComfyUI text-encoder files): a lookup gathers the selected rows as stored and dequantizes only those
     (``int8_tensorwise``: comfy-kitchen's ``dequantize_embedding``, which also undoes the ConvRot rotation;
@@ -319,23 +330,8 @@ class QuantEmbedding(nn.Module):
             raise qf.QuantFormatError(f"a quantized token embedding must be one of {list(self.FORMATS)}, found "
                                       f"{fmt!r}")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.format = qf.get(fmt)
-        self.options = dict(self.format.default_options() if options is None else options)
         self.dtype = dtype or torch.float32
-        if layout is None:
-            layout = self.format.layout_of(num_embeddings, embedding_dim, self.options, "?")
-        self.stored_names = tuple(layout)
-        for name, (dt, shape) in layout.items():
-            setattr(self, name, _frozen(shape, dt, device))
-
-    def fetch(self, name: str, device) -> torch.Tensor:
-        return cast_to(getattr(self, name), None, device)
-
-    def weight_patches(self) -> tuple:
-        return ()
-
-    def stored(self, device=None) -> dict:
-        return {n: self.fetch(n, device) for n in self.stored_names}
+        self._init_format(fmt, options, layout, num_embeddings, embedding_dim, device)
 
     def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
         return self.format.dequantize(self.stored(device), self.options, (self.num_embeddings, self.embedding_dim),

@@ -492,3 +492,28 @@ def test_text_encoder_markers_on_layers_it_does_not_build(golden_dir, tmp_path):
     with pytest.raises(ck.CheckpointError) as e:
         ck.load_text_encoder(bad, dtype=torch.float32, selected_layers=(0, 1, 2, 3), config=cfg)
     assert "x_proj" in str(e.value) and str(bad) in str(e.value)
+
+
+def test_quant_embedding_shares_the_storage_hooks():
+    """The quantized token table takes the same per-call patches as the quantized Linears (``lens_lora_deltas``:
+    added to comfy-kitchen's dequantized table, then the lookup) and its stored tensors skip absent ones."""
+    g = torch.Generator().manual_seed(4)
+    table = torch.randn(300, 64, generator=g)
+    opts = {"convrot": True, "convrot_groupsize": 64}
+    tensors, marker = qf.get("int8_tensorwise").quantize(table, opts)
+    found = {k: (qf.st_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+    layout = qf.get("int8_tensorwise").layout_of(300, 64, opts, "embed", found)
+    emb = ql.QuantEmbedding(300, 64, fmt="int8_tensorwise", options=opts, layout=layout, dtype=torch.float32)
+    with torch.no_grad():
+        for k, v in tensors.items():
+            getattr(emb, k).copy_(qf.as_kept(v, getattr(emb, k).dtype))
+    ref_table = reference_qtensor({f"e.{k}": v for k, v in tensors.items()}, "e", "int8_tensorwise", marker,
+                                  (300, 64), torch.float32).dequantize()
+    ids = torch.randint(0, 300, (2, 9), generator=g)
+    delta = torch.randn(300, 64, generator=g) * 0.1
+    emb.lens_lora_deltas = (type("D", (), {"patch_weight": staticmethod(lambda w: w + delta)})(),)
+    with torch.no_grad():
+        got = emb(ids)
+    assert (got - F.embedding(ids, ref_table + delta)).abs().max() <= 1e-6
+    del emb.lens_lora_deltas
+    assert set(emb.stored()) == set(layout)
