@@ -492,6 +492,7 @@ class Worker:
             timings["load_s"] = time.perf_counter() - t
         elif loras != self.lora_key:
             t = time.perf_counter()
+            self.lora_key = None          # a failed switch leaves the DiT without LoRAs: never the old set
             self.pipe.set_loras(plan["loras"])
             self.lora_key = loras
             self.lora_switches += 1

@@ -267,6 +267,37 @@ def test_failures_and_invalid_lines_recorded_rest_go_on(single_run, inputs, pipe
     assert outputs(out) == single_run.png
 
 
+def test_failed_lora_switch_is_not_taken_for_the_old_set(single_run, inputs, pipeline_dir, tmp_path, monkeypatch):
+    """One worker: the LoRA job, then a job whose LoRA switch fails (the DiT is left without LoRAs), then the
+    LoRA job's set again: it is applied again, the PNG equals the single-process run's "lora" output."""
+    from lens_core import batch
+    from lens_core import lora as lo
+
+    args = types.SimpleNamespace(model=str(pipeline_dir), steps=2, dtype="fp32", device="cpu", lora=[])
+    jl = batch.JobList(args, str(tmp_path), threads=torch.get_num_threads(), remote=False)
+    job = next(j for j in inputs.jobs if j["name"] == "lora")
+    jl.add(1, json.dumps(job))
+    jl.add(2, json.dumps(dict(job, name="other", lora=f"{inputs.lora}:0.3")))
+    worker = batch.Worker()
+    first, other = jl.jobs
+    assert worker.run_safe(first, str(tmp_path))["status"] == "ok"
+    real, calls = lo.apply_lora, []
+
+    def failing_once(model, adapter, strength=1.0):
+        calls.append(strength)
+        if len(calls) == 1:
+            raise RuntimeError("LoRA switch failed (test)")
+        return real(model, adapter, strength)
+    monkeypatch.setattr(lo, "apply_lora", failing_once)
+    res = worker.run_safe(other, str(tmp_path))
+    assert res["status"] == "failed" and "LoRA switch failed" in res["error"] and worker.pipe.loras == []
+    (tmp_path / "lora.png").unlink()
+    first.replace = True
+    res = worker.run_safe(first, str(tmp_path))
+    assert res["status"] == "ok" and calls == [0.3, 0.8] and worker.loads == 1
+    assert (tmp_path / "lora.png").read_bytes() == single_run.png["lora"]
+
+
 def test_ctrl_c_finishes_the_current_image_then_resumes(inputs, single_run, pipeline_dir, tmp_path, monkeypatch,
                                                         capsys):
     """First Ctrl-C during image 2: image 2 is finished and written, the run stops (exit 130), the manifest is
