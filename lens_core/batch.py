@@ -8,9 +8,9 @@ on the ``batch`` command line is a default for every job; a job's own key replac
 
 Run order: every line is parsed and checked first (``generate``'s own parser and :func:`validate_generate`) —
 one bad line stops the run before any model loads, naming the line (``--skip-invalid`` records it and goes
-on). Jobs are then grouped by model configuration (files, dtype, device, variant, fp8, offload) and, within one,
-by LoRA set: a worker loads each configuration once and switches LoRAs on the loaded DiT
-(:meth:`LensPipeline.set_loras`).
+on). Jobs are then grouped by model configuration (files, dtype, device, variant, fp8, offload, memory) and,
+within one, by LoRA set: a worker loads each configuration once and switches LoRAs on the loaded DiT
+(:meth:`LensPipeline.set_loras`). ``dry-run`` / ``plan-json`` are refused (there is no batch dry run).
 
 Each image is rendered and encoded by the same code as ``generate`` (:func:`render_image`, :func:`png_bytes`)
 and written through a temporary file and a rename (:func:`write_atomic`). ``DIR/manifest.jsonl`` gets one
@@ -56,9 +56,15 @@ NOT_JOB_KEYS = {"out": "the output is DIR/<name>.png: use \"name\"",
                               "a seed's batch)",
                 "overwrite": "--overwrite is an option of the whole batch command (replace files in DIR that no "
                              "batch run wrote)"}
+#: generate options ``batch`` refuses (on its command line and as job keys): batch loads and renders, and checks
+#: every job before loading anyway
+REFUSED_KEYS = {"dry_run": "batch has no dry run (every job is checked before anything loads); fix: drop it, or "
+                           "run generate --dry-run with one job's options to see its memory plan",
+                "plan_json": "batch has no dry run, so no plan to print; fix: drop it, or run generate --dry-run "
+                             "--plan-json with one job's options"}
 PATH_KEYS = ("model", "text_encoder", "vae", "tokenizer", "image", "mask", "prompt_file")
 #: options that decide what is loaded: jobs sharing them share a loaded pipeline
-MODEL_KEYS = ("model", "text_encoder", "vae", "tokenizer", "dtype", "device", "offload", "fp8", "variant")
+MODEL_KEYS = ("model", "text_encoder", "vae", "tokenizer", "dtype", "device", "offload", "fp8", "variant", "memory")
 MAX_FINGERPRINT_FILES = 10_000
 
 
@@ -233,8 +239,8 @@ def parse_job(text: str, actions: dict, where: str) -> dict:
     job = {}
     for key, value in obj.items():
         dest = key.replace("-", "_")
-        if dest in NOT_JOB_KEYS:
-            raise JobError(f"{where}{key!r} is not a job key: {NOT_JOB_KEYS[dest]}")
+        if dest in NOT_JOB_KEYS or dest in REFUSED_KEYS:
+            raise JobError(f"{where}{key!r} is not a job key: {NOT_JOB_KEYS.get(dest) or REFUSED_KEYS[dest]}")
         if dest != "name" and dest not in actions:
             close = difflib.get_close_matches(key.replace("_", "-"), _job_keys(actions), n=1)
             raise JobError(f"{where}unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "") +
@@ -470,7 +476,7 @@ class Worker:
         self.pipe = LensPipeline.from_pretrained(
             {c: paths[c] for c in ("transformer", "text_encoder", "vae", "tokenizer")}, dtype=plan["dtype"],
             device=plan["device"], offload=ns.offload, variant=ns.variant, fp8=ns.fp8, progress=False,
-            loras=plan["loras"], enhance=plan["enhance"])
+            loras=plan["loras"], enhance=plan["enhance"], memory=ns.memory)
         self.loads += 1
 
     def run(self, job: Job, write_dir: str | None, keep_png: bool = False) -> dict:
@@ -482,7 +488,7 @@ class Worker:
         ns = argparse.Namespace(**job.args)
         plan = validate_generate(ns, check_out=False)
         load_key = _digest([sorted(plan["paths"].items()), str(plan["dtype"]), str(plan["device"]), ns.offload,
-                            ns.fp8, ns.variant])
+                            ns.fp8, ns.variant, ns.memory])
         loras = [(os.path.abspath(p), s) for p, s in plan["loras"]]
         timings = {}
         if self.pipe is None or load_key != self.load_key:
@@ -727,6 +733,9 @@ def run_batch(args) -> int:
     """The ``batch`` command (see the module doc); returns the exit status."""
     import torch
 
+    for dest, why in REFUSED_KEYS.items():
+        if getattr(args, dest, False):
+            raise ValueError(f"--{dest.replace('_', '-')}: not an option of batch: {why}")
     for flag in ("workers", "cpus_per_worker", "threads"):
         _check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.ray is None:

@@ -176,6 +176,8 @@ def test_rerun_skips_every_job_without_loading(single_run, pipeline_dir, monkeyp
     ('{"prompt": "x", "name": "a"}', "JOBS line 3: output a.png is already the name of line 1"),
     ('{"prompt": "x", "lora": "/nonexistent/style.safetensors"}', "JOBS line 3: --lora: no such file"),
     ('{"prompt": "x", "enhance": "yes"}', "JOBS line 3: enhance: expected true or false"),
+    ('{"prompt": "x", "dry-run": true}', "JOBS line 3: 'dry-run' is not a job key: batch has no dry run"),
+    ('{"prompt": "x", "memory": "tiny"}', "JOBS line 3: argument --memory: invalid choice: 'tiny'"),
 ])
 def test_bad_job_line_named_before_loading(pipeline_dir, tmp_path, capsys, no_weights, line, message):  # noqa: F811
     jobs = tmp_path / "jobs.jsonl"
@@ -186,6 +188,43 @@ def test_bad_job_line_named_before_loading(pipeline_dir, tmp_path, capsys, no_we
     errors = [l for l in err.splitlines() if l.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], err
     assert no_weights == [] and not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags", [["--dry-run"], ["--dry-run", "--plan-json"], ["--plan-json"]])
+def test_dry_run_refused_before_anything(pipeline_dir, tmp_path, capsys, no_weights, flags):  # noqa: F811
+    """generate's --dry-run / --plan-json are not batch options: refused with the fix, nothing read or written
+    (they used to be accepted as job defaults and ignored: the whole batch ran)."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "x", "height": 64, "width": 64}])
+    rc = main(["batch", jobs, "--out", str(tmp_path / "out"), *flags, *defaults(pipeline_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"error: {flags[0]}: not an option of batch" in err and "fix: drop it" in err, err
+    assert no_weights == [] and not (tmp_path / "out").exists()
+
+
+def test_memory_option_reaches_the_loaded_pipeline(single_run, inputs, pipeline_dir, tmp_path, monkeypatch):
+    """--memory minimal as a batch default (and a job's own "memory") is the pipeline's memory plan: jobs with
+    different plans are different configurations (two loads), the PNG records the plan, and the pixels equal the
+    single-process run's (a memory plan changes when models are held, not the numbers)."""
+    from lens_core.pipeline import LensPipeline
+
+    real = LensPipeline.from_pretrained.__func__
+    memories = []
+
+    def recording(cls, *a, **kw):
+        memories.append(kw.get("memory"))
+        return real(cls, *a, **kw)
+    monkeypatch.setattr(LensPipeline, "from_pretrained", classmethod(recording))
+    job = next(j for j in inputs.jobs if j["name"] == "small-s1")
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job, dict(job, name="resident", memory="resident")])
+    out = tmp_path / "out"
+    assert main(["batch", jobs, "--out", str(out), "--memory", "minimal", *defaults(pipeline_dir)]) == 0
+    assert memories == ["minimal", "resident"]
+    ref = Image.open(single_run.out / "small-s1.png")
+    for name, memory in (("small-s1", "minimal"), ("resident", "resident")):
+        img = Image.open(out / f"{name}.png")
+        assert json.loads(img.text["lens"])["memory"] == memory
+        assert img.tobytes() == ref.tobytes()
 
 
 def test_cli_defaults_and_job_keys_merge(pipeline_dir, tmp_path, no_weights):  # noqa: F811
