@@ -6,7 +6,8 @@ A job is one JSON object per line whose keys are ``generate``'s long option name
 optional ``name`` (the output is ``DIR/<name>.png``; default: a hash of the job). Every ``generate`` option given
 on the ``batch`` command line is a default for every job; a job's own key replaces it (``null`` = not set).
 
-Run order: every line is parsed and checked first (``generate``'s own parser and :func:`validate_generate`) —
+Run order: every line is parsed and checked first (``generate``'s own parser and :func:`validate_generate`; then
+``generate``'s header and LoRA checks once per model configuration and LoRA set) —
 one bad line stops the run before any model loads, naming the line (``--skip-invalid`` records it and goes
 on). Jobs are then grouped by model configuration (files, dtype, device, variant, fp8, offload, memory) and,
 within one, by LoRA set: a worker loads each configuration once and switches LoRAs on the loaded DiT
@@ -331,6 +332,7 @@ class JobList:
         self.remote = remote
         self.cli = {d: getattr(args, d) for d in self.actions if hasattr(args, d) and d not in NOT_JOB_KEYS}
         self._model_prints: dict = {}
+        self._model_checks: dict = {}   # (config, LoRA set) → (first JOBS line, what check_models needs)
         self.jobs: list[Job] = []
         self.invalid: list[dict] = []
         self.names: dict = {}
@@ -354,7 +356,7 @@ class JobList:
             raise JobError(f"{where}{msg}") from None
         del ns.command
         try:
-            key, name, ckey = self._check(ns, name)
+            key, name, ckey, models = self._check(ns, name)
         except JobError:
             raise
         except (ValueError, OSError) as exc:
@@ -365,11 +367,13 @@ class JobList:
             raise JobError(f"{where}output {name}.png is already {what} line {other.line}; fix: give this job "
                            f"another \"name\"" + (" or drop the line" if other.key == key else ""))
         j = Job(line, name, vars(ns), key=key, config=ckey, loras=_digest(sorted(ns.lora)))
+        self._model_checks.setdefault((j.config, j.loras), (line, models))
         self.names[name] = j
         self.jobs.append(j)
 
     def _check(self, ns, name):
-        """Validate like ``generate`` (no weights read), make the job self-contained; (key, name, config)."""
+        """Validate like ``generate`` (no weights read), make the job self-contained; (key, name, config, the
+        arguments of :func:`check_models` for its model files and LoRAs)."""
         from .__main__ import validate_generate
 
         _absolute(ns)
@@ -389,7 +393,8 @@ class JobList:
         cpu = ns.device == "cpu" or (ns.device == "auto" and plan["device"].type == "cpu")
         key = _digest({"params": params, "model": self._model_prints[ckey],
                        "files": {p: _stat(p) for p in files}, "threads": self.threads if cpu else None})
-        return key, name, ckey
+        models = {k: plan[k] for k in ("paths", "dtype", "loras")}
+        return key, name, ckey, (argparse.Namespace(variant=ns.variant), models)
 
     def read(self, path: str, skip_invalid: bool) -> None:
         for line, text in _read_lines(path):
@@ -401,9 +406,35 @@ class JobList:
                 if not skip_invalid:
                     raise
                 self.invalid.append({"line": line, "status": "invalid", "error": str(exc)})
+        self.check_models(skip_invalid)
         if not self.jobs and not self.invalid:
             raise ValueError(f"JOBS {path}: no job (every line is blank or a # comment); fix: one JSON object per "
                              f"line, e.g. {{\"prompt\": \"a cat\", \"seed\": 1}}")
+
+    def check_models(self, skip_invalid: bool) -> None:
+        """``generate``'s header checks (each model file is what its slot expects; every LoRA read and matched
+        against the DiT's layers, built on ``meta``) once per (configuration, LoRA set), before anything loads.
+        A failure names the first JOBS line of that set; with ``skip_invalid`` every job of it is invalid."""
+        from .__main__ import check_models
+
+        bad = {}
+        for group, (line, (args, plan)) in self._model_checks.items():
+            try:
+                check_models(args, dict(plan))
+            except (ValueError, OSError) as exc:
+                if not skip_invalid:
+                    raise JobError(f"JOBS line {line}: {exc}") from None
+                bad[group] = (line, str(exc))
+        self._model_checks.clear()
+        if bad:
+            for j in self.jobs:
+                if (j.config, j.loras) in bad:
+                    line, msg = bad[(j.config, j.loras)]
+                    also = "" if line == j.line else f" (the model files and LoRAs of JOBS line {line})"
+                    self.invalid.append({"line": j.line, "status": "invalid", "error": f"JOBS line {j.line}: {msg}"
+                                                                                        f"{also}"})
+            self.jobs = [j for j in self.jobs if (j.config, j.loras) not in bad]
+            self.invalid.sort(key=lambda r: r["line"])
 
 
 # ---- the order of work -----------------------------------------------------------------------------------

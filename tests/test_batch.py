@@ -227,6 +227,44 @@ def test_memory_option_reaches_the_loaded_pipeline(single_run, inputs, pipeline_
         assert img.tobytes() == ref.tobytes()
 
 
+def test_bad_lora_and_misplaced_model_found_before_loading(single_run, inputs, pipeline_dir, tmp_path, monkeypatch,
+                                                            capsys):
+    """generate's header checks run once per (configuration, LoRA set) before any load: a FLUX LoRA and a DiT
+    given as the VAE stop the run naming the first JOBS line that uses them (nothing loaded, nothing written);
+    with --skip-invalid every job of those sets is recorded invalid and the good job runs (= the reference)."""
+    from safetensors.torch import save_file
+
+    from lens_core.pipeline import LensPipeline
+
+    real = LensPipeline.from_pretrained.__func__
+    loads = []
+
+    def counting(cls, *a, **kw):
+        loads.append(1)
+        return real(cls, *a, **kw)
+    monkeypatch.setattr(LensPipeline, "from_pretrained", classmethod(counting))
+    flux = tmp_path / "flux_lora.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 64),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(192, 4)}, str(flux))
+    good = next(j for j in inputs.jobs if j["name"] == "small-s1")
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        good, dict(good, name="flux-1", lora=str(flux)), dict(good, name="flux-2", seed=5, lora=str(flux)),
+        dict(good, name="bad-vae", vae=str(pipeline_dir / "transformer"))])
+    out = tmp_path / "out"
+    rc = main(["batch", jobs, "--out", str(out), *defaults(pipeline_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: JOBS line 2: " in err and "FLUX" in err and str(flux) in err, err
+    assert loads == [] and not (out / "manifest.jsonl").exists()
+    rc = main(["batch", jobs, "--out", str(out), "--skip-invalid", *defaults(pipeline_dir)])
+    err = capsys.readouterr().err
+    assert rc == 103 and "1 done, 0 skipped, 0 failed, 3 invalid" in err, err
+    recs = {r.get("name", r["line"]): r for r in manifest(out)}
+    assert [recs[k]["status"] for k in ("small-s1", 2, 3, 4)] == ["ok", "invalid", "invalid", "invalid"]
+    assert recs[3]["error"].startswith("JOBS line 3: ") and "LoRAs of JOBS line 2" in recs[3]["error"]
+    assert "this looks like a Lens DiT" in recs[4]["error"] and "LoRAs of JOBS" not in recs[4]["error"], recs[4]
+    assert loads == [1] and (out / "small-s1.png").read_bytes() == single_run.png["small-s1"]
+
+
 def test_cli_defaults_and_job_keys_merge(pipeline_dir, tmp_path, no_weights):  # noqa: F811
     """A job's own size or prompt replaces the command line's; paths become absolute; prompt files are read."""
     from lens_core import batch
