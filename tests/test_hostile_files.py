@@ -54,6 +54,27 @@ def test_dit_safetensors_with_non_finite_weights(tmp_path, golden_dir, bad):
     assert torch.isfinite(run_tiny(m, golden_dir)).all() and finite.pending_first_use(m) == []
 
 
+def test_upcast_layers_get_no_check_of_their_own(tmp_path, golden_dir):
+    """bf16 weights kept under fp32 compute (UpcastLinear) are plain float tensors: the model's float checks cover
+    them (the DiT's at its first forward, the text encoder's at load), so no layer gets a first-use check of its
+    own (an fp32 copy of its weight); a NaN in one is still reported by the DiT's pass, naming the tensor."""
+    from lens_core.upcast import UpcastLinear
+
+    sd = bf16_dit(golden_dir)
+    sd["transformer_blocks.1.img_mlp.w2.weight"][2, 1] = float("nan")
+    save_file(sd, str(tmp_path / "lens_nan.safetensors"))
+    m = ck.load_transformer(tmp_path / "lens_nan.safetensors", dtype=torch.float32, storage="stored")
+    upcast = [n for n, mod in m.named_modules() if isinstance(mod, UpcastLinear)]
+    assert "transformer_blocks.1.img_mlp.w2" in upcast and len(upcast) > 20
+    assert finite.pending_first_use(m) == [""]
+    with pytest.raises(ck.CheckpointError, match=r"tensor 'transformer_blocks\.1\.img_mlp\.w2\.weight' holds 1 NaN "
+                                                 r".*first at index \[2, 1\]"):
+        run_tiny(m, golden_dir)
+    te = ck.load_text_encoder(golden_dir / "pipeline_tiny" / "text_encoder", dtype=torch.float32, storage="stored",
+                              selected_layers=(1, 2))
+    assert any(isinstance(mod, UpcastLinear) for mod in te.modules()) and finite.pending_first_use(te) == []
+
+
 def test_check_can_be_switched_off_for_measuring(tmp_path, golden_dir, monkeypatch):
     sd = bf16_dit(golden_dir)
     sd["img_in.bias"][0] = float("nan")
