@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import torch
+from .lazy_torch import torch     # importing MODES (the CLI's --memory choices) must not import torch
 
 #: RSS of the CLI process before any model loads: Python + torch + tokenizers/PIL/numpy + the o200k tokenizer
 #: (0.48 GB measured after loading it; ru_maxrss 0.54 GB), rounded up.
 PROCESS_BYTES = 550_000_000
 #: fraction of the available memory a plan may fill (the rest: page cache for reading the files, other programs)
 HEADROOM = 0.85
+#: memory plans, from the fastest to the smallest (the CLI's --memory choices, LensPipeline's ``memory``)
 MODES = ("resident", "sequential", "minimal")
 COMPONENT_LABELS = {"text_encoder": "text encoder", "transformer": "DiT", "vae": "VAE"}
 

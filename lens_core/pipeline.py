@@ -22,6 +22,7 @@ from .config import aspect_buckets, pack_latents, unpack_latents, variant_defaul
 from .checks import link_problem
 from .hardware import choose_dtype, resolve_device
 from .images import check_image_range, mask_values, open_image, to_rgb, to_tensor
+from .memory import MODES
 from .prompt import DEFAULT_TEMPLATE_DATE, check_text, encode_prompts, resolve_date
 from .sampling import make_noise, prepare_mask, sample
 from .schedules import build_sigmas, format_schedule, parse_schedule
@@ -61,8 +62,8 @@ class LensPipeline:
         # "sequential" / "minimal": see lens_core.memory and :meth:`release`)
         self._models = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
         self._loaders = dict(loaders or {})
-        if memory not in ("resident", "sequential", "minimal"):
-            raise ValueError(f"memory: expected 'resident', 'sequential' or 'minimal', found {memory!r}")
+        if memory not in MODES:
+            raise ValueError(f"memory: expected one of {', '.join(map(repr, MODES))}, found {memory!r}")
         self.memory = memory
         self.tokenizer = tokenizer
         self.variant = variant_name(variant)
@@ -224,8 +225,8 @@ class LensPipeline:
             plan = plan_memory(paths, dtype, device, height=1024, width=1024, cfg=None, fp8=fp8, storage=storage,
                                variant=variant, configs=configs, offload=offload)
         mode = plan.mode if plan is not None else memory
-        if mode not in ("resident", "sequential", "minimal"):
-            raise ValueError(f"memory: expected 'auto', 'resident', 'sequential' or 'minimal', found {memory!r}")
+        if mode not in MODES:
+            raise ValueError(f"memory: expected 'auto', {', '.join(map(repr, MODES))}, found {memory!r}")
         selected = {}
 
         def load_dit():
