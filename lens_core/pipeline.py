@@ -19,7 +19,7 @@ import torch
 from . import checkpoints as ck
 from . import config as cf
 from .config import aspect_buckets, pack_latents, unpack_latents, variant_defaults, variant_name
-from .checks import link_problem
+from .checks import missing_path
 from .hardware import choose_dtype, resolve_device
 from .images import check_image_range, mask_values, open_image, to_rgb, to_tensor
 from .memory import MODES
@@ -713,12 +713,10 @@ def check_headers(paths: dict) -> None:
 
 def _check_exists(p: str, label: str):
     if not os.path.exists(p):
-        if link_problem(p, label):
-            raise link_problem(p, label)
         parent = os.path.dirname(os.path.abspath(p))
-        hint = (f"; {parent} holds {sorted(os.listdir(parent))[:12]}" if os.path.isdir(parent) else
-                f"; its folder {parent} does not exist either")
-        raise FileNotFoundError(f"{label} {p}: no such file or folder{hint}; fix: check the path")
+        hint = (f"{parent} holds {sorted(os.listdir(parent))[:12]}" if os.path.isdir(parent) else
+                f"its folder {parent} does not exist either")
+        raise missing_path(p, label, f"check the path ({hint})")
 
 
 def load_mask(mask, label: str = "mask") -> torch.Tensor:

@@ -245,3 +245,21 @@ def test_variant_not_guessed_from_a_grand_parent_folder(tmp_path, golden_dir):
     snap = tmp_path / "hub" / "models--microsoft--Lens-Turbo" / "snapshots" / "0123abcd"
     (snap / "transformer").mkdir(parents=True)
     assert ck.detect_variant(snap / "transformer" / "diffusion_pytorch_model.safetensors")[0] == "turbo"
+
+
+def test_missing_paths_one_message_shape(tmp_path):
+    """Every reader reports a missing path through checks.missing_path: a broken link names its target, a
+    missing file says so with the reader's fix, a missing model path lists what its folder holds."""
+    from lens_core.images import open_image
+    from lens_core.pipeline import resolve_paths
+
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"link\.safetensors: a broken symbolic link to .*gone\.safetensors"):
+        ck.SafetensorsFile(tmp_path / "link.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"none\.gguf: no such file; fix: check the path$"):
+        ck.GGUFFile(tmp_path / "none.gguf")
+    with pytest.raises(FileNotFoundError, match=r"^image .*x\.png: no such file; fix: pass an existing PNG"):
+        open_image(tmp_path / "x.png")
+    with pytest.raises(FileNotFoundError, match=r"model: no such file or folder; fix: check the path \(.* holds "
+                                                r"\['link\.safetensors'\]\)"):
+        resolve_paths(tmp_path / "model")
