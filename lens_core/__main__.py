@@ -30,6 +30,8 @@ import shlex
 import sys
 import tempfile
 
+from .memory import HEADROOM, MODES as MEMORY_MODES     # imports no torch (lens_core.lazy_torch)
+
 VARIANT_NAMES = {"lens": "Lens", "turbo": "Lens-Turbo", "base": "Lens-Base"}
 DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 #: What to run when PyTorch is missing (one line; README "Set-up commands" says the same).
@@ -39,7 +41,6 @@ TORCH_FIX = ("without an NVIDIA GPU the CPU-only PyTorch (0.19 GB download): pip
 MAX_PROMPT_FILE_BYTES = 1 << 20
 #: suffix of the temporary files of :func:`write_atomic` (a killed run may leave one; ``batch`` removes them)
 TMP_SUFFIX = ".lens-tmp"
-MEMORY_MODES = ("resident", "sequential", "minimal")     # lens_core.memory.MODES (not imported: no torch here)
 #: CLI flag of each pipeline argument, for messages.
 FLAG_NAMES = {"path": "--model", "transformer": "--model", "text_encoder": "--text-encoder", "vae": "--vae",
               "tokenizer": "--tokenizer", "prompt": "--prompt", "negative_prompt": "--negative",
@@ -512,16 +513,14 @@ def cmd_generate(args) -> int:
     if args.dry_run:
         for line in memory_plan.describe().splitlines():
             print(line)
-        if not memory_plan.fits:
-            print(f"warning: --memory {args.memory}: the peak estimate {memory_plan.peak_bytes / 1e9:.2f} GB exceeds "
-                  f"the plan budget {memory_plan.budget_bytes / 1e9:.2f} GB", file=sys.stderr)
+    if not memory_plan.fits:
+        print(f"warning: --memory {args.memory}: the peak estimate {memory_plan.peak_bytes / 1e9:.2f} GB exceeds the "
+              f"plan budget {memory_plan.budget_bytes / 1e9:.2f} GB ({HEADROOM:.0%} of the memory available); it may "
+              f"be killed for lack of memory", file=sys.stderr)
+    if args.dry_run:
         if args.plan_json:
             print(json.dumps(memory_plan.to_dict()))
         return 0
-    if not memory_plan.fits:
-        print(f"warning: --memory {args.memory}: the peak estimate {memory_plan.peak_bytes / 1e9:.2f} GB exceeds the "
-              f"plan budget {memory_plan.budget_bytes / 1e9:.2f} GB (85% of the memory available); it may be killed "
-              f"for lack of memory", file=sys.stderr)
     return run_generate(args, plan, memory_plan)
 
 

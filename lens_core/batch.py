@@ -6,11 +6,12 @@ A job is one JSON object per line whose keys are ``generate``'s long option name
 optional ``name`` (the output is ``DIR/<name>.png``; default: a hash of the job). Every ``generate`` option given
 on the ``batch`` command line is a default for every job; a job's own key replaces it (``null`` = not set).
 
-Run order: every line is parsed and checked first (``generate``'s own parser and :func:`validate_generate`) —
+Run order: every line is parsed and checked first (``generate``'s own parser and :func:`validate_generate`; then
+``generate``'s header and LoRA checks once per model configuration and LoRA set) —
 one bad line stops the run before any model loads, naming the line (``--skip-invalid`` records it and goes
-on). Jobs are then grouped by model configuration (files, dtype, device, variant, fp8, offload) and, within one,
-by LoRA set: a worker loads each configuration once and switches LoRAs on the loaded DiT
-(:meth:`LensPipeline.set_loras`).
+on). Jobs are then grouped by model configuration (files, dtype, device, variant, fp8, offload, memory) and,
+within one, by LoRA set: a worker loads each configuration once and switches LoRAs on the loaded DiT
+(:meth:`LensPipeline.set_loras`). ``dry-run`` / ``plan-json`` are refused (there is no batch dry run).
 
 Each image is rendered and encoded by the same code as ``generate`` (:func:`render_image`, :func:`png_bytes`)
 and written through a temporary file and a rename (:func:`write_atomic`). ``DIR/manifest.jsonl`` gets one
@@ -56,9 +57,15 @@ NOT_JOB_KEYS = {"out": "the output is DIR/<name>.png: use \"name\"",
                               "a seed's batch)",
                 "overwrite": "--overwrite is an option of the whole batch command (replace files in DIR that no "
                              "batch run wrote)"}
+#: generate options ``batch`` refuses (on its command line and as job keys): batch loads and renders, and checks
+#: every job before loading anyway
+REFUSED_KEYS = {"dry_run": "batch has no dry run (every job is checked before anything loads); fix: drop it, or "
+                           "run generate --dry-run with one job's options to see its memory plan",
+                "plan_json": "batch has no dry run, so no plan to print; fix: drop it, or run generate --dry-run "
+                             "--plan-json with one job's options"}
 PATH_KEYS = ("model", "text_encoder", "vae", "tokenizer", "image", "mask", "prompt_file")
 #: options that decide what is loaded: jobs sharing them share a loaded pipeline
-MODEL_KEYS = ("model", "text_encoder", "vae", "tokenizer", "dtype", "device", "offload", "fp8", "variant")
+MODEL_KEYS = ("model", "text_encoder", "vae", "tokenizer", "dtype", "device", "offload", "fp8", "variant", "memory")
 MAX_FINGERPRINT_FILES = 10_000
 
 
@@ -233,8 +240,8 @@ def parse_job(text: str, actions: dict, where: str) -> dict:
     job = {}
     for key, value in obj.items():
         dest = key.replace("-", "_")
-        if dest in NOT_JOB_KEYS:
-            raise JobError(f"{where}{key!r} is not a job key: {NOT_JOB_KEYS[dest]}")
+        if dest in NOT_JOB_KEYS or dest in REFUSED_KEYS:
+            raise JobError(f"{where}{key!r} is not a job key: {NOT_JOB_KEYS.get(dest) or REFUSED_KEYS[dest]}")
         if dest != "name" and dest not in actions:
             close = difflib.get_close_matches(key.replace("_", "-"), _job_keys(actions), n=1)
             raise JobError(f"{where}unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "") +
@@ -325,6 +332,7 @@ class JobList:
         self.remote = remote
         self.cli = {d: getattr(args, d) for d in self.actions if hasattr(args, d) and d not in NOT_JOB_KEYS}
         self._model_prints: dict = {}
+        self._model_checks: dict = {}   # (config, LoRA set) → (first JOBS line, what check_models needs)
         self.jobs: list[Job] = []
         self.invalid: list[dict] = []
         self.names: dict = {}
@@ -348,7 +356,7 @@ class JobList:
             raise JobError(f"{where}{msg}") from None
         del ns.command
         try:
-            key, name, ckey = self._check(ns, name)
+            key, name, ckey, models = self._check(ns, name)
         except JobError:
             raise
         except (ValueError, OSError) as exc:
@@ -359,11 +367,13 @@ class JobList:
             raise JobError(f"{where}output {name}.png is already {what} line {other.line}; fix: give this job "
                            f"another \"name\"" + (" or drop the line" if other.key == key else ""))
         j = Job(line, name, vars(ns), key=key, config=ckey, loras=_digest(sorted(ns.lora)))
+        self._model_checks.setdefault((j.config, j.loras), (line, models))
         self.names[name] = j
         self.jobs.append(j)
 
     def _check(self, ns, name):
-        """Validate like ``generate`` (no weights read), make the job self-contained; (key, name, config)."""
+        """Validate like ``generate`` (no weights read), make the job self-contained; (key, name, config, the
+        arguments of :func:`check_models` for its model files and LoRAs)."""
         from .__main__ import validate_generate
 
         _absolute(ns)
@@ -383,7 +393,8 @@ class JobList:
         cpu = ns.device == "cpu" or (ns.device == "auto" and plan["device"].type == "cpu")
         key = _digest({"params": params, "model": self._model_prints[ckey],
                        "files": {p: _stat(p) for p in files}, "threads": self.threads if cpu else None})
-        return key, name, ckey
+        models = {k: plan[k] for k in ("paths", "dtype", "loras")}
+        return key, name, ckey, (argparse.Namespace(variant=ns.variant), models)
 
     def read(self, path: str, skip_invalid: bool) -> None:
         for line, text in _read_lines(path):
@@ -395,9 +406,35 @@ class JobList:
                 if not skip_invalid:
                     raise
                 self.invalid.append({"line": line, "status": "invalid", "error": str(exc)})
+        self.check_models(skip_invalid)
         if not self.jobs and not self.invalid:
             raise ValueError(f"JOBS {path}: no job (every line is blank or a # comment); fix: one JSON object per "
                              f"line, e.g. {{\"prompt\": \"a cat\", \"seed\": 1}}")
+
+    def check_models(self, skip_invalid: bool) -> None:
+        """``generate``'s header checks (each model file is what its slot expects; every LoRA read and matched
+        against the DiT's layers, built on ``meta``) once per (configuration, LoRA set), before anything loads.
+        A failure names the first JOBS line of that set; with ``skip_invalid`` every job of it is invalid."""
+        from .__main__ import check_models
+
+        bad = {}
+        for group, (line, (args, plan)) in self._model_checks.items():
+            try:
+                check_models(args, dict(plan))
+            except (ValueError, OSError) as exc:
+                if not skip_invalid:
+                    raise JobError(f"JOBS line {line}: {exc}") from None
+                bad[group] = (line, str(exc))
+        self._model_checks.clear()
+        if bad:
+            for j in self.jobs:
+                if (j.config, j.loras) in bad:
+                    line, msg = bad[(j.config, j.loras)]
+                    also = "" if line == j.line else f" (the model files and LoRAs of JOBS line {line})"
+                    self.invalid.append({"line": j.line, "status": "invalid", "error": f"JOBS line {j.line}: {msg}"
+                                                                                        f"{also}"})
+            self.jobs = [j for j in self.jobs if (j.config, j.loras) not in bad]
+            self.invalid.sort(key=lambda r: r["line"])
 
 
 # ---- the order of work -----------------------------------------------------------------------------------
@@ -470,7 +507,7 @@ class Worker:
         self.pipe = LensPipeline.from_pretrained(
             {c: paths[c] for c in ("transformer", "text_encoder", "vae", "tokenizer")}, dtype=plan["dtype"],
             device=plan["device"], offload=ns.offload, variant=ns.variant, fp8=ns.fp8, progress=False,
-            loras=plan["loras"], enhance=plan["enhance"])
+            loras=plan["loras"], enhance=plan["enhance"], memory=ns.memory)
         self.loads += 1
 
     def run(self, job: Job, write_dir: str | None, keep_png: bool = False) -> dict:
@@ -482,7 +519,7 @@ class Worker:
         ns = argparse.Namespace(**job.args)
         plan = validate_generate(ns, check_out=False)
         load_key = _digest([sorted(plan["paths"].items()), str(plan["dtype"]), str(plan["device"]), ns.offload,
-                            ns.fp8, ns.variant])
+                            ns.fp8, ns.variant, ns.memory])
         loras = [(os.path.abspath(p), s) for p, s in plan["loras"]]
         timings = {}
         if self.pipe is None or load_key != self.load_key:
@@ -492,6 +529,7 @@ class Worker:
             timings["load_s"] = time.perf_counter() - t
         elif loras != self.lora_key:
             t = time.perf_counter()
+            self.lora_key = None          # a failed switch leaves the DiT without LoRAs: never the old set
             self.pipe.set_loras(plan["loras"])
             self.lora_key = loras
             self.lora_switches += 1
@@ -726,6 +764,9 @@ def run_batch(args) -> int:
     """The ``batch`` command (see the module doc); returns the exit status."""
     import torch
 
+    for dest, why in REFUSED_KEYS.items():
+        if getattr(args, dest, False):
+            raise ValueError(f"--{dest.replace('_', '-')}: not an option of batch: {why}")
     for flag in ("workers", "cpus_per_worker", "threads"):
         _check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.ray is None:

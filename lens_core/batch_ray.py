@@ -29,7 +29,8 @@ MAX_ATTEMPTS = 3
 LOCAL_OBJECT_STORE_BYTES = 256 << 20
 #: pings of a restarting actor that answer "unavailable" before it counts as gone
 MAX_REPINGS = 100
-#: how long the first worker may take to start (model load included) before the run gives up
+#: how long the run may go with no worker answering and no job in flight (the first start, or the restart of
+#: the last live worker) before it gives up
 START_TIMEOUT_S = 600.0
 
 
@@ -148,7 +149,8 @@ def _drive(ray, actors, queue, write_dir, gather, finished, stop, stats, write, 
     repings = [0] * len(actors)
     holds = [None] * len(actors)         # (config, loras) of the last job sent to each actor
     loads = {}                           # worker name → (model loads, LoRA switches) so far
-    t_start = time.monotonic()
+    idle_since = time.monotonic()        # since when no worker was alive and no call in flight
+    answered = False                     # some worker answered a ping (the run has started)
 
     def fill():
         for i in sorted(alive):
@@ -161,13 +163,16 @@ def _drive(ray, actors, queue, write_dir, gather, finished, stop, stats, write, 
 
     try:
         while inflight or (len(queue) and not stop.requested):
-            if not alive and not pings:
+            if alive or inflight:
+                idle_since = time.monotonic()
+            if not alive and not pings and not inflight:
                 for job in iter(lambda: queue.take(), None):
                     finished(job, {"status": "failed", "error": "no Ray worker left (every worker was lost more "
                                                                 "than its restarts allow)"})
                 break
-            if not alive and not inflight and time.monotonic() - t_start > START_TIMEOUT_S:
-                raise TimeoutError(f"--ray: no worker started within {START_TIMEOUT_S:.0f} s (cluster resources "
+            if not alive and not inflight and time.monotonic() - idle_since > START_TIMEOUT_S:
+                what = "came back" if answered else "started"
+                raise TimeoutError(f"--ray: no worker {what} within {START_TIMEOUT_S:.0f} s (cluster resources "
                                    f"{ray.cluster_resources()}); fix: check the cluster (ray status) or lower "
                                    f"--workers / --cpus-per-worker")
             fill()
@@ -178,6 +183,7 @@ def _drive(ray, actors, queue, write_dir, gather, finished, stop, stats, write, 
                     try:
                         ray.get(ref)
                         alive.add(i)
+                        answered = True
                     except ActorUnavailableError:     # still restarting: ask again
                         repings[i] += 1
                         if repings[i] <= MAX_REPINGS:

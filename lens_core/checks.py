@@ -99,15 +99,15 @@ def link_problem(path, what: str = "", fix: str = "check the path") -> OSError |
     return None
 
 
-def missing_path(path, what: str = "", fix: str = "check the path") -> OSError:
+def missing_path(path, what: str = "", fix: str = "check the path", thing: str = "file or folder") -> OSError:
     """The error for a path that does not exist: :func:`link_problem`'s when a link is the reason, else
-    ``FileNotFoundError`` "<what> <path>: no such file or folder; fix: <fix>". Returned, for the caller to raise."""
+    ``FileNotFoundError`` "<what> <path>: no such <thing>; fix: <fix>". Returned, for the caller to raise."""
     import errno
     import os
 
     p = os.fspath(path)
     return link_problem(p, what, fix) or _with_errno(
-        FileNotFoundError, errno.ENOENT, f"{f'{what} {p}' if what else p}: no such file or folder; fix: {fix}")
+        FileNotFoundError, errno.ENOENT, f"{f'{what} {p}' if what else p}: no such {thing}; fix: {fix}")
 
 
 def _with_errno(cls, code: int, message: str) -> OSError:

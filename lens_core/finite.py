@@ -13,7 +13,8 @@ all-black PNG, so it is reported as an error naming the file and the tensor inst
 - **Quantized storage** (GGUF blocks, fp8 / MXFP8 / ``.comfy_quant`` Linears: anything with a
   ``dequantized_weight`` method): each such layer checks its dequantized weight at its **first use** (checking at
   load would mean dequantizing the whole model once more). The NaN of a corrupt block scale is then reported
-  before the first step's output exists.
+  before the first step's output exists. Layers that merely store a float weight narrower than they compute
+  (``UpcastLinear``: bf16 kept under fp32) are covered by the float checks above instead.
 - Merged LoRA weights are checked by :mod:`lens_core.lora` (bounds before merging, and the merged result).
 
 ``LENS_CHECK_WEIGHTS=0`` switches these checks off, ``LENS_CHECK_WEIGHTS=load`` checks the DiT at load too (both
@@ -110,11 +111,21 @@ def _root_hook(origin: str):
     return hook
 
 
+def _float_stored(mod: torch.nn.Module) -> bool:
+    """A layer whose only tensors are a plain float weight (and bias), e.g. :class:`lens_core.upcast.UpcastLinear`
+    (bf16 stored, fp32 computed): its "dequantized" weight is a cast of a float tensor that the float checks
+    (at load, or the model's first-use pass) already cover, so it needs no check (nor fp32 copy) of its own."""
+    w = mod._parameters.get("weight")
+    own = [n for n, t in [*mod._parameters.items(), *mod._buffers.items()] if t is not None]
+    return w is not None and w.dtype in FLOAT_DTYPES and set(own) <= {"weight", "bias"}
+
+
 def check_at_first_use(model: torch.nn.Module, origin: str, floats: bool = False) -> int:
     """Give every layer of ``model`` with quantized storage (a ``dequantized_weight`` method) a one-time finite
     check of its dequantized weight at its first forward, and with ``floats`` the model itself a one-time check
     of all its float parameters at its first forward (afterwards the hooks return at once). Returns how many
-    hooks were added."""
+    hooks were added. Layers storing a plain float weight get none: the caller checks float tensors at load or
+    passes ``floats`` (as :func:`lens_core.checkpoints.assign` does)."""
     if not enabled():
         return 0
     n = 0
@@ -123,6 +134,8 @@ def check_at_first_use(model: torch.nn.Module, origin: str, floats: bool = False
         model.register_forward_pre_hook(_root_hook(origin))
         n += 1
     for name, mod in model.named_modules():
+        if _float_stored(mod):
+            continue
         if callable(getattr(mod, "dequantized_weight", None)) and "_lens_finite_checked" not in mod.__dict__:
             mod.__dict__["_lens_finite_checked"] = False
             mod.register_forward_pre_hook(_first_use_hook(origin, name))

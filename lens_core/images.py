@@ -31,7 +31,7 @@ import numpy as np
 
 import warnings
 
-from .checks import link_problem
+from .checks import missing_path
 from .config import MAX_INIT_IMAGE_PIXELS, check_pixels
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I;16BS", "I;16LS")
@@ -43,7 +43,7 @@ def open_image(path, what: str = "image"):
 
     p = os.fspath(path)
     if not os.path.exists(p):
-        raise link_problem(p, what) or FileNotFoundError(f"{what} {p}: no such file; fix: pass an existing PNG/JPEG/WebP/TIFF image")
+        raise missing_path(p, what, "pass an existing PNG/JPEG/WebP/TIFF image", thing="file")
     if os.path.isdir(p):
         raise IsADirectoryError(f"{what} {p}: expected an image file, found a folder")
     try:

@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import torch
+from .lazy_torch import torch     # importing MODES (the CLI's --memory choices) must not import torch
 
 #: RSS of the CLI process before any model loads: Python + torch + tokenizers/PIL/numpy + the o200k tokenizer
 #: (0.48 GB measured after loading it; ru_maxrss 0.54 GB), rounded up.
 PROCESS_BYTES = 550_000_000
 #: fraction of the available memory a plan may fill (the rest: page cache for reading the files, other programs)
 HEADROOM = 0.85
+#: memory plans, from the fastest to the smallest (the CLI's --memory choices, LensPipeline's ``memory``)
 MODES = ("resident", "sequential", "minimal")
 COMPONENT_LABELS = {"text_encoder": "text encoder", "transformer": "DiT", "vae": "VAE"}
 
@@ -248,7 +249,7 @@ def component_sizes(paths: dict, dtype: torch.dtype, *, fp8=False, storage="stor
 # ---------------------------------------------------------------------------------------------------------
 # working memory of each stage
 # ---------------------------------------------------------------------------------------------------------
-def encode_work(te_config, layers: int, dtype: torch.dtype, tokens: int = 512, prompts: int = 2) -> int:
+def encode_work(te_config, dtype: torch.dtype, tokens: int = 512, prompts: int = 2) -> int:
     """Text encoding of one prompt of at most ``tokens`` tokens (positive, then negative): the residual stream
     and its temporaries, the attention logits (fp32, with the sink column), the routed experts' activations,
     and the four kept feature layers of every prompt."""
@@ -280,10 +281,10 @@ def sample_work(dit_config, dtype: torch.dtype, height: int, width: int, text_to
     return block + attn + feats + latents
 
 
-def decode_work(vae_path: str, dtype: torch.dtype, height: int, width: int, batch: int, available: int) -> int:
-    """The VAE decode's activations (:meth:`lens_core.vae.LensVAE.activation_bytes`), one 512-pixel tile's worth
-    when the VAE will tile (it tiles when the untiled estimate exceeds half the available memory), + the
-    uint8/float image."""
+def decode_work(dtype: torch.dtype, height: int, width: int, batch: int, available: int) -> int:
+    """The VAE decode's activations (:meth:`lens_core.vae.LensVAE.activation_bytes`, sized for the real FLUX.2
+    VAE), one 512-pixel tile's worth when the VAE will tile (it tiles when the untiled estimate exceeds half the
+    available memory), + the uint8/float image."""
     from .vae import REAL_VAE_CONFIG, LensVAE
 
     vae = LensVAE(REAL_VAE_CONFIG, device="meta")
@@ -341,9 +342,9 @@ def plan_memory(paths: dict, dtype: torch.dtype, device, *, height: int, width: 
     text_tokens = MAX_SEQUENCE_LENGTH - PREAMBLE_TOKENS
     te_cfg, dit_cfg = facts["te_config"], facts["dit_config"]
     features = 2 * batch * 4 * text_tokens * te_cfg.hidden_size * dtype.itemsize
-    work = {"encode": encode_work(te_cfg, facts["te_layers"], dtype),
+    work = {"encode": encode_work(te_cfg, dtype),
             "sample": sample_work(dit_cfg, dtype, height, width, text_tokens, batch, cfg),
-            "decode": decode_work(paths["vae"], dtype, height, width, batch, avail),
+            "decode": decode_work(dtype, height, width, batch, avail),
             "features": features}
     sizes = {k: c.resident for k, c in comps.items()}
     on_gpu = device.type == "cuda"

@@ -19,9 +19,10 @@ import torch
 from . import checkpoints as ck
 from . import config as cf
 from .config import aspect_buckets, pack_latents, unpack_latents, variant_defaults, variant_name
-from .checks import link_problem
+from .checks import missing_path
 from .hardware import choose_dtype, resolve_device
 from .images import check_image_range, mask_values, open_image, to_rgb, to_tensor
+from .memory import MODES
 from .prompt import DEFAULT_TEMPLATE_DATE, check_text, encode_prompts, resolve_date
 from .sampling import make_noise, prepare_mask, sample
 from .schedules import build_sigmas, format_schedule, parse_schedule
@@ -61,8 +62,8 @@ class LensPipeline:
         # "sequential" / "minimal": see lens_core.memory and :meth:`release`)
         self._models = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
         self._loaders = dict(loaders or {})
-        if memory not in ("resident", "sequential", "minimal"):
-            raise ValueError(f"memory: expected 'resident', 'sequential' or 'minimal', found {memory!r}")
+        if memory not in MODES:
+            raise ValueError(f"memory: expected one of {', '.join(map(repr, MODES))}, found {memory!r}")
         self.memory = memory
         self.tokenizer = tokenizer
         self.variant = variant_name(variant)
@@ -224,8 +225,8 @@ class LensPipeline:
             plan = plan_memory(paths, dtype, device, height=1024, width=1024, cfg=None, fp8=fp8, storage=storage,
                                variant=variant, configs=configs, offload=offload)
         mode = plan.mode if plan is not None else memory
-        if mode not in ("resident", "sequential", "minimal"):
-            raise ValueError(f"memory: expected 'auto', 'resident', 'sequential' or 'minimal', found {memory!r}")
+        if mode not in MODES:
+            raise ValueError(f"memory: expected 'auto', {', '.join(map(repr, MODES))}, found {memory!r}")
         selected = {}
 
         def load_dit():
@@ -712,12 +713,10 @@ def check_headers(paths: dict) -> None:
 
 def _check_exists(p: str, label: str):
     if not os.path.exists(p):
-        if link_problem(p, label):
-            raise link_problem(p, label)
         parent = os.path.dirname(os.path.abspath(p))
-        hint = (f"; {parent} holds {sorted(os.listdir(parent))[:12]}" if os.path.isdir(parent) else
-                f"; its folder {parent} does not exist either")
-        raise FileNotFoundError(f"{label} {p}: no such file or folder{hint}; fix: check the path")
+        hint = (f"{parent} holds {sorted(os.listdir(parent))[:12]}" if os.path.isdir(parent) else
+                f"its folder {parent} does not exist either")
+        raise missing_path(p, label, f"check the path ({hint})")
 
 
 def load_mask(mask, label: str = "mask") -> torch.Tensor:

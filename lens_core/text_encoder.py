@@ -557,11 +557,6 @@ def weights_version(module: nn.Module) -> int:
     return bump_weights_version(module) if v is None else v
 
 
-def resident_bytes(module: nn.Module) -> int:
-    """Bytes held by the module's parameters and persistent buffers (works on ``meta``)."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
 def load_config(folder) -> TextEncoderConfig:
     """``TextEncoderConfig`` from ``folder/config.json`` (convenience for the checkpoint loader and tests)."""
     path = os.path.join(os.fspath(folder), "config.json")

@@ -744,14 +744,6 @@ def _tiled_apply(fn, x, tile: int, overlap: int, align: int, scale: float, out_c
         _GlobalGroupNorm.current = previous
 
 
-def _available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    from .memory import available_ram
-
-    return available_ram()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The model
 
@@ -840,7 +832,13 @@ class LensVAE(nn.Module):
             return bool(tiled)
         if height <= self.tile_size and width <= self.tile_size:
             return False
-        budget = self.memory_budget if self.memory_budget is not None else _available_memory(device) // 2
+        if self.memory_budget is not None:
+            budget = self.memory_budget
+        else:
+            from .memory import available_ram, available_vram
+
+            free = available_vram(device)
+            budget = (available_ram() if free is None else free) // 2
         return self.activation_bytes(batch, height, width, dtype) > budget
 
     # ---- decode

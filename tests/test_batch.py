@@ -176,6 +176,8 @@ def test_rerun_skips_every_job_without_loading(single_run, pipeline_dir, monkeyp
     ('{"prompt": "x", "name": "a"}', "JOBS line 3: output a.png is already the name of line 1"),
     ('{"prompt": "x", "lora": "/nonexistent/style.safetensors"}', "JOBS line 3: --lora: no such file"),
     ('{"prompt": "x", "enhance": "yes"}', "JOBS line 3: enhance: expected true or false"),
+    ('{"prompt": "x", "dry-run": true}', "JOBS line 3: 'dry-run' is not a job key: batch has no dry run"),
+    ('{"prompt": "x", "memory": "tiny"}', "JOBS line 3: argument --memory: invalid choice: 'tiny'"),
 ])
 def test_bad_job_line_named_before_loading(pipeline_dir, tmp_path, capsys, no_weights, line, message):  # noqa: F811
     jobs = tmp_path / "jobs.jsonl"
@@ -186,6 +188,81 @@ def test_bad_job_line_named_before_loading(pipeline_dir, tmp_path, capsys, no_we
     errors = [l for l in err.splitlines() if l.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], err
     assert no_weights == [] and not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags", [["--dry-run"], ["--dry-run", "--plan-json"], ["--plan-json"]])
+def test_dry_run_refused_before_anything(pipeline_dir, tmp_path, capsys, no_weights, flags):  # noqa: F811
+    """generate's --dry-run / --plan-json are not batch options: refused with the fix, nothing read or written
+    (they used to be accepted as job defaults and ignored: the whole batch ran)."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "x", "height": 64, "width": 64}])
+    rc = main(["batch", jobs, "--out", str(tmp_path / "out"), *flags, *defaults(pipeline_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"error: {flags[0]}: not an option of batch" in err and "fix: drop it" in err, err
+    assert no_weights == [] and not (tmp_path / "out").exists()
+
+
+def test_memory_option_reaches_the_loaded_pipeline(single_run, inputs, pipeline_dir, tmp_path, monkeypatch):
+    """--memory minimal as a batch default (and a job's own "memory") is the pipeline's memory plan: jobs with
+    different plans are different configurations (two loads), the PNG records the plan, and the pixels equal the
+    single-process run's (a memory plan changes when models are held, not the numbers)."""
+    from lens_core.pipeline import LensPipeline
+
+    real = LensPipeline.from_pretrained.__func__
+    memories = []
+
+    def recording(cls, *a, **kw):
+        memories.append(kw.get("memory"))
+        return real(cls, *a, **kw)
+    monkeypatch.setattr(LensPipeline, "from_pretrained", classmethod(recording))
+    job = next(j for j in inputs.jobs if j["name"] == "small-s1")
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job, dict(job, name="resident", memory="resident")])
+    out = tmp_path / "out"
+    assert main(["batch", jobs, "--out", str(out), "--memory", "minimal", *defaults(pipeline_dir)]) == 0
+    assert memories == ["minimal", "resident"]
+    ref = Image.open(single_run.out / "small-s1.png")
+    for name, memory in (("small-s1", "minimal"), ("resident", "resident")):
+        img = Image.open(out / f"{name}.png")
+        assert json.loads(img.text["lens"])["memory"] == memory
+        assert img.tobytes() == ref.tobytes()
+
+
+def test_bad_lora_and_misplaced_model_found_before_loading(single_run, inputs, pipeline_dir, tmp_path, monkeypatch,
+                                                            capsys):
+    """generate's header checks run once per (configuration, LoRA set) before any load: a FLUX LoRA and a DiT
+    given as the VAE stop the run naming the first JOBS line that uses them (nothing loaded, nothing written);
+    with --skip-invalid every job of those sets is recorded invalid and the good job runs (= the reference)."""
+    from safetensors.torch import save_file
+
+    from lens_core.pipeline import LensPipeline
+
+    real = LensPipeline.from_pretrained.__func__
+    loads = []
+
+    def counting(cls, *a, **kw):
+        loads.append(1)
+        return real(cls, *a, **kw)
+    monkeypatch.setattr(LensPipeline, "from_pretrained", classmethod(counting))
+    flux = tmp_path / "flux_lora.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 64),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(192, 4)}, str(flux))
+    good = next(j for j in inputs.jobs if j["name"] == "small-s1")
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        good, dict(good, name="flux-1", lora=str(flux)), dict(good, name="flux-2", seed=5, lora=str(flux)),
+        dict(good, name="bad-vae", vae=str(pipeline_dir / "transformer"))])
+    out = tmp_path / "out"
+    rc = main(["batch", jobs, "--out", str(out), *defaults(pipeline_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: JOBS line 2: " in err and "FLUX" in err and str(flux) in err, err
+    assert loads == [] and not (out / "manifest.jsonl").exists()
+    rc = main(["batch", jobs, "--out", str(out), "--skip-invalid", *defaults(pipeline_dir)])
+    err = capsys.readouterr().err
+    assert rc == 103 and "1 done, 0 skipped, 0 failed, 3 invalid" in err, err
+    recs = {r.get("name", r["line"]): r for r in manifest(out)}
+    assert [recs[k]["status"] for k in ("small-s1", 2, 3, 4)] == ["ok", "invalid", "invalid", "invalid"]
+    assert recs[3]["error"].startswith("JOBS line 3: ") and "LoRAs of JOBS line 2" in recs[3]["error"]
+    assert "this looks like a Lens DiT" in recs[4]["error"] and "LoRAs of JOBS" not in recs[4]["error"], recs[4]
+    assert loads == [1] and (out / "small-s1.png").read_bytes() == single_run.png["small-s1"]
 
 
 def test_cli_defaults_and_job_keys_merge(pipeline_dir, tmp_path, no_weights):  # noqa: F811
@@ -265,6 +342,37 @@ def test_failures_and_invalid_lines_recorded_rest_go_on(single_run, inputs, pipe
                  *defaults(pipeline_dir)]) == 101
     assert "2 done, 5 skipped, 0 failed, 1 invalid" in capsys.readouterr().err
     assert outputs(out) == single_run.png
+
+
+def test_failed_lora_switch_is_not_taken_for_the_old_set(single_run, inputs, pipeline_dir, tmp_path, monkeypatch):
+    """One worker: the LoRA job, then a job whose LoRA switch fails (the DiT is left without LoRAs), then the
+    LoRA job's set again: it is applied again, the PNG equals the single-process run's "lora" output."""
+    from lens_core import batch
+    from lens_core import lora as lo
+
+    args = types.SimpleNamespace(model=str(pipeline_dir), steps=2, dtype="fp32", device="cpu", lora=[])
+    jl = batch.JobList(args, str(tmp_path), threads=torch.get_num_threads(), remote=False)
+    job = next(j for j in inputs.jobs if j["name"] == "lora")
+    jl.add(1, json.dumps(job))
+    jl.add(2, json.dumps(dict(job, name="other", lora=f"{inputs.lora}:0.3")))
+    worker = batch.Worker()
+    first, other = jl.jobs
+    assert worker.run_safe(first, str(tmp_path))["status"] == "ok"
+    real, calls = lo.apply_lora, []
+
+    def failing_once(model, adapter, strength=1.0):
+        calls.append(strength)
+        if len(calls) == 1:
+            raise RuntimeError("LoRA switch failed (test)")
+        return real(model, adapter, strength)
+    monkeypatch.setattr(lo, "apply_lora", failing_once)
+    res = worker.run_safe(other, str(tmp_path))
+    assert res["status"] == "failed" and "LoRA switch failed" in res["error"] and worker.pipe.loras == []
+    (tmp_path / "lora.png").unlink()
+    first.replace = True
+    res = worker.run_safe(first, str(tmp_path))
+    assert res["status"] == "ok" and calls == [0.3, 0.8] and worker.loads == 1
+    assert (tmp_path / "lora.png").read_bytes() == single_run.png["lora"]
 
 
 def test_ctrl_c_finishes_the_current_image_then_resumes(inputs, single_run, pipeline_dir, tmp_path, monkeypatch,

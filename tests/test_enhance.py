@@ -10,6 +10,7 @@ from lens_core import checkpoints as ck
 from lens_core import enhance as E
 from lens_core import prompt as P
 from lens_core import text_encoder as T
+from lens_core.memory import module_bytes
 from lens_core.generator import TextGenerator
 
 PROMPT_LEN = 20     # longer than the sliding window (5) of the tiny models
@@ -501,11 +502,11 @@ def test_bad_arguments(lm):
 def test_real_size_memory_on_meta():
     """Resident bytes of the real-size enhancer (feature encoder + final norm + lm_head), by arithmetic on meta."""
     te = T.LensTextEncoder(T.TextEncoderConfig(), device="meta", dtype=torch.bfloat16)
-    base = T.resident_bytes(te)
+    base = module_bytes(te)
     gen = TextGenerator(te)
     assert list(gen.state_dict()) == ["model.norm.weight", "lm_head.weight"]
-    assert T.resident_bytes(te) == base
-    full = base + T.resident_bytes(gen)
+    assert module_bytes(te) == base
+    full = base + module_bytes(gen)
     print(f"real GPT-OSS-20B enhancer: {full / 1e9:.3f} GB resident = feature encoder {base / 1e9:.3f} GB + "
           f"lm_head/norm {(full - base) / 1e9:.3f} GB; KV cache for 600 + 4096 tokens bf16: "
           f"{24 * 2 * 8 * 64 * 4696 * 2 / 1e6:.0f} MB")

@@ -54,6 +54,27 @@ def test_dit_safetensors_with_non_finite_weights(tmp_path, golden_dir, bad):
     assert torch.isfinite(run_tiny(m, golden_dir)).all() and finite.pending_first_use(m) == []
 
 
+def test_upcast_layers_get_no_check_of_their_own(tmp_path, golden_dir):
+    """bf16 weights kept under fp32 compute (UpcastLinear) are plain float tensors: the model's float checks cover
+    them (the DiT's at its first forward, the text encoder's at load), so no layer gets a first-use check of its
+    own (an fp32 copy of its weight); a NaN in one is still reported by the DiT's pass, naming the tensor."""
+    from lens_core.upcast import UpcastLinear
+
+    sd = bf16_dit(golden_dir)
+    sd["transformer_blocks.1.img_mlp.w2.weight"][2, 1] = float("nan")
+    save_file(sd, str(tmp_path / "lens_nan.safetensors"))
+    m = ck.load_transformer(tmp_path / "lens_nan.safetensors", dtype=torch.float32, storage="stored")
+    upcast = [n for n, mod in m.named_modules() if isinstance(mod, UpcastLinear)]
+    assert "transformer_blocks.1.img_mlp.w2" in upcast and len(upcast) > 20
+    assert finite.pending_first_use(m) == [""]
+    with pytest.raises(ck.CheckpointError, match=r"tensor 'transformer_blocks\.1\.img_mlp\.w2\.weight' holds 1 NaN "
+                                                 r".*first at index \[2, 1\]"):
+        run_tiny(m, golden_dir)
+    te = ck.load_text_encoder(golden_dir / "pipeline_tiny" / "text_encoder", dtype=torch.float32, storage="stored",
+                              selected_layers=(1, 2))
+    assert any(isinstance(mod, UpcastLinear) for mod in te.modules()) and finite.pending_first_use(te) == []
+
+
 def test_check_can_be_switched_off_for_measuring(tmp_path, golden_dir, monkeypatch):
     sd = bf16_dit(golden_dir)
     sd["img_in.bias"][0] = float("nan")
@@ -224,3 +245,21 @@ def test_variant_not_guessed_from_a_grand_parent_folder(tmp_path, golden_dir):
     snap = tmp_path / "hub" / "models--microsoft--Lens-Turbo" / "snapshots" / "0123abcd"
     (snap / "transformer").mkdir(parents=True)
     assert ck.detect_variant(snap / "transformer" / "diffusion_pytorch_model.safetensors")[0] == "turbo"
+
+
+def test_missing_paths_one_message_shape(tmp_path):
+    """Every reader reports a missing path through checks.missing_path: a broken link names its target, a
+    missing file says so with the reader's fix, a missing model path lists what its folder holds."""
+    from lens_core.images import open_image
+    from lens_core.pipeline import resolve_paths
+
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"link\.safetensors: a broken symbolic link to .*gone\.safetensors"):
+        ck.SafetensorsFile(tmp_path / "link.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"none\.gguf: no such file; fix: check the path$"):
+        ck.GGUFFile(tmp_path / "none.gguf")
+    with pytest.raises(FileNotFoundError, match=r"^image .*x\.png: no such file; fix: pass an existing PNG"):
+        open_image(tmp_path / "x.png")
+    with pytest.raises(FileNotFoundError, match=r"model: no such file or folder; fix: check the path \(.* holds "
+                                                r"\['link\.safetensors'\]\)"):
+        resolve_paths(tmp_path / "model")

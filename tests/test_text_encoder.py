@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from lens_core import prompt as P
 from lens_core import quant as Q
 from lens_core import text_encoder as T
+from lens_core.memory import module_bytes
 
 CASES = ["a_cfg1_4steps", "b_cfg5_6steps_emptyneg"]
 
@@ -269,11 +270,11 @@ def test_real_size_memory_on_meta():
     keys = set(packed.state_dict())
     assert len(keys) == 1 + 24 * 19 and "model.layers.23.mlp.experts.down_proj_blocks" in keys
     assert packed.model.layers[0].mlp.experts.gate_up_proj_blocks.shape == (32, 5760, 90, 16)
-    nbytes = T.resident_bytes(packed)
+    nbytes = module_bytes(packed)
     dense = T.LensTextEncoder(T.TextEncoderConfig(), device="meta", dtype=torch.bfloat16, experts="dequantized")
     dense.dequantize_experts_()
     assert dense.model.layers[0].mlp.experts.gate_up_proj.shape == (32, 5760, 2880)
-    dbytes = T.resident_bytes(dense)
+    dbytes = module_bytes(dense)
     print(f"real GPT-OSS-20B feature encoder: packed {nbytes / 1e9:.3f} GB, dequantized bf16 {dbytes / 1e9:.3f} GB")
     assert 12.5e9 <= nbytes <= 12.7e9
     assert 40.6e9 <= dbytes <= 40.8e9

@@ -212,11 +212,12 @@ def _te_full_resident() -> int:
     """Resident bytes of the whole feature encoder (layers 0-23, MXFP4 experts packed, bf16 rest) computed on a
     model built on ``meta`` with the same parameter shapes and dtypes the GGUF loader produces."""
     from lens_core.checkpoints import REAL_TE_CONFIG, init_empty_weights
-    from lens_core.text_encoder import LensTextEncoder, TextEncoderConfig, resident_bytes
+    from lens_core.memory import module_bytes
+    from lens_core.text_encoder import LensTextEncoder, TextEncoderConfig
 
     with init_empty_weights():
         m = LensTextEncoder(TextEncoderConfig.from_dict(REAL_TE_CONFIG), dtype=torch.bfloat16)
-    return resident_bytes(m)
+    return module_bytes(m)
 
 
 def _quantized_bytes(w: torch.Tensor, qtype: str) -> torch.Tensor:

@@ -223,7 +223,7 @@ class GGUFFile(WeightFile):
     def __init__(self, path):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise chk.link_problem(self.path) or FileNotFoundError(f"{self.path}: no such file")
+            raise chk.missing_path(self.path, thing="file")
         with open(self.path, "rb") as f:
             self._opened(os.fstat(f.fileno()))
             if self.size < 24:

@@ -122,7 +122,7 @@ class SafetensorsFile(WeightFile):
     def __init__(self, path):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise chk.link_problem(self.path) or FileNotFoundError(f"{self.path}: no such file")
+            raise chk.missing_path(self.path, thing="file")
         low = self.path.lower()
         if low.endswith(PICKLE_SUFFIXES):
             raise CheckpointError(f"{self.path}: a pickle checkpoint ({os.path.splitext(low)[1]}) is refused "
