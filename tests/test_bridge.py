@@ -9,6 +9,7 @@ import pathlib
 import re
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -139,3 +140,55 @@ def test_lora_list_terminates_on_symlink_loops(pack, tmp_path):  # noqa: F811
         assert bridge.resolve_lora("styles/b.sft") == str(root / "styles" / "b.sft")
     finally:
         folder_paths.set_models_dir(old)
+
+
+def test_folder_listing_is_read_once_until_a_folder_changes(pack, tmp_path, monkeypatch):  # noqa: F811
+    """Node lists are built per /object_info and per executed node: each folder is walked once per listing (not
+    once for files and again for diffusers folders), a second listing reads no directory while none changed, and
+    a file added anywhere below (or a folder changed within the mtime tick of the last walk) is listed."""
+    import folder_paths
+
+    if not hasattr(folder_paths, "set_models_dir"):
+        pytest.skip("real ComfyUI importable: its folder_paths is not redirected here")
+    bridge = sys.modules[f"{PACK_NAME}.nodes.bridge"]
+    models = tmp_path / "models"
+    dm, loras = models / "diffusion_models", models / "loras"
+    (dm / "sub").mkdir(parents=True)
+    (dm / "Lens-x" / "transformer").mkdir(parents=True)
+    (loras / "styles").mkdir(parents=True)
+    for rel in ("diffusion_models/a.safetensors", "diffusion_models/sub/b.gguf", "diffusion_models/Lens-x/"
+                "model_index.json", "diffusion_models/Lens-x/transformer/w.safetensors", "loras/l.safetensors"):
+        (models / rel).write_bytes(b"x")
+    os.symlink(dm, dm / "sub" / "loop")
+    old = time.time() - 60
+    for d in (dm, dm / "sub", dm / "Lens-x", dm / "Lens-x" / "transformer", loras, loras / "styles"):
+        os.utime(d, (old, old))
+    scans = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p=".": scans.append(str(p)) or real_scandir(p))
+    old_models = folder_paths.models_dir
+    folder_paths.set_models_dir(models)
+    try:
+        expected = ["a.safetensors", "sub/b.gguf", "Lens-x"]
+        assert bridge.model_choices("diffusion_models") == expected
+        # every real directory once (the symlink loop is dm again)
+        assert sorted(scans) == sorted(str(d) for d in (dm, dm / "sub", dm / "Lens-x", dm / "Lens-x" / "transformer"))
+        scans.clear()
+        assert bridge.model_choices("diffusion_models") == expected
+        assert bridge.model_choices("diffusion_models", files=False) == ["Lens-x"]
+        assert bridge.lora_choices() == ["l.safetensors"]
+        scans.clear()
+        assert bridge.lora_choices() == ["l.safetensors"]
+        assert scans == []
+        (loras / "styles" / "new.safetensors").write_bytes(b"x")          # a file added in a subfolder
+        assert bridge.lora_choices() == ["l.safetensors", "styles/new.safetensors"]
+        assert str(loras / "styles") in scans
+        (loras / "styles" / "newer.sft").write_bytes(b"x")                # within the same mtime tick
+        assert bridge.lora_choices() == ["l.safetensors", "styles/new.safetensors", "styles/newer.sft"]
+        (dm / "sub" / "c.safetensors").write_bytes(b"x")
+        assert bridge.model_choices("diffusion_models") == ["a.safetensors", "sub/b.gguf", "sub/c.safetensors",
+                                                            "Lens-x"]
+        os.remove(dm / "a.safetensors")
+        assert bridge.model_choices("diffusion_models")[0] == "sub/b.gguf"
+    finally:
+        folder_paths.set_models_dir(old_models)

@@ -21,7 +21,7 @@ The names below are the nodes' interface (``from . import bridge`` then ``bridge
 """
 from .devices import ROLES, check_interrupt, compute_dtype, devices, intermediate_device, soft_empty_cache, \
     to_intermediate
-from .folders import DIFFUSERS_MARKER, component_path, model_choices, model_files, model_folders, resolve_model
+from .folders import DIFFUSERS_MARKER, component_path, model_choices, model_files, resolve_model
 from .generation import generator_patcher, load_together
 from .handles import LensModel, LensTextEncoder, LensVAE
 from .lora import LORA_FOLDER, LORA_KEY, load_lora_file, lora_choices, resolve_lora, with_lora
@@ -36,7 +36,7 @@ from .progress import StepReporter, TokenReporter, get_previewer, latent_format
 
 __all__ = [
     "ROLES", "check_interrupt", "compute_dtype", "devices", "intermediate_device", "soft_empty_cache",
-    "to_intermediate", "DIFFUSERS_MARKER", "component_path", "model_choices", "model_files", "model_folders",
+    "to_intermediate", "DIFFUSERS_MARKER", "component_path", "model_choices", "model_files",
     "resolve_model", "LensModel", "LensTextEncoder", "LensVAE", "LORA_FOLDER", "LORA_KEY", "load_lora_file",
     "lora_choices", "LensDiffusionModel", "LensPackModel", "build_pack_model", "is_pack_model", "official_cfg",
     "pack_model_patches", "pack_view",
