@@ -192,3 +192,35 @@ def test_folder_listing_is_read_once_until_a_folder_changes(pack, tmp_path, monk
         assert bridge.model_choices("diffusion_models")[0] == "sub/b.gguf"
     finally:
         folder_paths.set_models_dir(old_models)
+
+
+def test_previews_match_the_models_latent_format(pack):  # noqa: F811
+    """LensSampler's previews are what ComfyUI's previewer shows for the MODEL's latent format (KSampler's): one
+    FLUX.2 format class for both. Without ComfyUI's Flux2 (the stand-in, 0.3.64) that is the 2×2 average of the
+    unpatchified latent through the 32 FLUX.2 RGB factors, at latent resolution."""
+    import latent_preview
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    bridge = sys.modules[f"{PACK_NAME}.nodes.bridge"]
+    progress = sys.modules[f"{PACK_NAME}.nodes.bridge.progress"]
+    from lens_core.vae import unpatchify
+
+    assert bridge.pack_model.LensPackConfig.latent_format is progress.FLUX2_FORMAT
+    old = args.preview_method
+    args.preview_method = LatentPreviewMethod.Latent2RGB
+    try:
+        x0 = torch.randn(1, 128, 4, 6, generator=torch.Generator().manual_seed(0))
+        ours = bridge.get_previewer(torch.device("cpu")).decode_latent_to_preview_image("JPEG", x0)[1]
+        ksampler = latent_preview.get_previewer(torch.device("cpu"), bridge.pack_model.LensPackConfig.latent_format())
+        theirs = ksampler.decode_latent_to_preview_image("JPEG", x0)[1]
+        assert ours.size == theirs.size and ours.tobytes() == theirs.tobytes()
+        if progress.FLUX2_FORMAT.__name__ == "_BundledFlux2":
+            assert ours.size == (6, 4)
+            avg = torch.nn.functional.avg_pool2d(unpatchify(x0.double()), 2)[0]          # [32, 4, 6]
+            rgb = torch.einsum("chw,cr->hwr", avg, torch.tensor(progress.FLUX2_RGB_FACTORS, dtype=torch.float64))
+            rgb = rgb + torch.tensor(progress.FLUX2_RGB_BIAS, dtype=torch.float64)
+            ref = ((rgb + 1) / 2).clamp(0, 1) * 255
+            got = torch.frombuffer(bytearray(ours.tobytes()), dtype=torch.uint8).double().reshape(4, 6, 3)
+            assert (got - ref).abs().max() <= 1.0
+    finally:
+        args.preview_method = old

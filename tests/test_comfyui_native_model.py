@@ -93,8 +93,11 @@ res["kind"] = {"patcher": type(model).__name__, "model": type(inner).__name__,
 import latent_preview
 comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.Latent2RGB
 previewer = latent_preview.get_previewer(model.load_device, inner.latent_format)
-shot = previewer.decode_latent_to_preview_image("JPEG", torch.randn(1, 128, 4, 6))
+x0 = torch.randn(1, 128, 4, 6)
+shot = previewer.decode_latent_to_preview_image("JPEG", x0)
 res["preview_size"] = list(shot[1].size)
+lens_shot = NM.get_previewer(model.load_device).decode_latent_to_preview_image("JPEG", x0)   # LensSampler's
+res["lens_preview_same"] = lens_shot[1].size == shot[1].size and lens_shot[1].tobytes() == shot[1].tobytes()
 comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.NoPreviews
 
 forwards = []                          # one entry (rows) per DiT forward
@@ -291,6 +294,7 @@ def test_the_pack_model_is_a_native_model(result):
     assert k["keys"] == ["diffusion_model.img_in.bias", "diffusion_model.img_in.weight"]
     # previews: 2x2-unpatchified by ComfyUI's Flux2 format, latent resolution with the bundled one (0.3.64)
     assert result["preview_size"] == ([12, 8] if k["latent_format"] == "Flux2" else [6, 4])
+    assert result["lens_preview_same"]          # LensSampler previews the MODEL as KSampler does
 
 
 CASES = ("a_cfg1_4steps", "b_cfg5_6steps_emptyneg")
