@@ -1,6 +1,6 @@
 """nodes/bridge/: small modules by concern, no edits of ComfyUI's loaded-model list, and the fixes made with the
 split (loader dtype tooltips, loop-safe LoRA list, README node count). Stand-in comfy; the real-ComfyUI side of
-unload and of the LoRA list: tests/test_comfyui_integration.py and tests/test_comfyui_lora.py."""
+the LoRA list: tests/test_comfyui_lora.py."""
 from __future__ import annotations
 
 import ast
@@ -64,23 +64,6 @@ def test_old_module_name_is_the_bridge_package(pack):  # noqa: F811
     old = importlib.import_module(f"{PACK_NAME}.nodes.comfy_bridge")
     assert old is sys.modules[f"{PACK_NAME}.nodes.bridge"]
     assert old.with_lora is old.lora.with_lora and old.load is old.patchers.load
-
-
-def test_unload_takes_out_only_that_model(pack):  # noqa: F811
-    import comfy.model_management as mm
-
-    bridge = sys.modules[f"{PACK_NAME}.nodes.bridge"]
-    mm.unload_all_models()
-    a = bridge.make_patcher(torch.nn.Linear(4, 4), "diffusion")
-    b = bridge.make_patcher(torch.nn.Linear(4, 8), "vae")
-    bridge.load(a)
-    bridge.load(b)
-    assert a.size > 0
-    bridge.unload(a)
-    assert mm.loaded_models() == [b] and a.size == 0
-    bridge.unload(a)                       # not loaded: nothing else is touched
-    assert mm.loaded_models() == [b]
-    mm.unload_all_models()
 
 
 def test_readme_lists_every_registered_node(pack):  # noqa: F811
