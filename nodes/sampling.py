@@ -100,8 +100,9 @@ class LensSampler:
 
     @staticmethod
     def schedule(steps, denoise, h, w, samples, sigmas=None):
-        """The sigmas this run walks (the SIGMAS input, checked, or the official schedule for steps / denoise)
-        and whether it is img2img (starts below σ = 1: needs an image latent, not an empty one)."""
+        """The sigmas this run walks (the SIGMAS input, checked, or the official schedule for steps / denoise,
+        steps checked here: the one check of every route) and whether it is img2img (starts below σ = 1: needs
+        an image latent, not an empty one)."""
         from ..lens_core import schedules
 
         if sigmas is None:
@@ -135,9 +136,7 @@ class LensSampler:
             return self.sample_native(model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id,
                                       sigmas)
         d_steps, d_cfg = core_config.variant_defaults(model.variant)
-        if sigmas is None:
-            steps = core_config.check_steps(int(steps) or d_steps, "LensSampler steps")
-        cfg = float(cfg) or d_cfg
+        steps, cfg = int(steps) or d_steps, float(cfg) or d_cfg         # checked by schedule()
         samples = lens_latent(latent_image)
         batch, _, h, w = samples.shape
         core_config.check_pixels(16 * h, 16 * w, "LensSampler latent")
@@ -204,7 +203,7 @@ class LensSampler:
             patcher, lambda sigma: core_sampling.model_timestep(sigma, dtype),
             None if float(cfg) == 1.0 else (lambda c, u, g: core_sampling.cfg_combine(c, u, g, dim=1)))
         return self._through_comfy(official, bridge.native_text_width(patcher), positive, negative, latent_image,
-                                   seed, steps, cfg, denoise, unique_id, sigmas)
+                                   seed, int(steps), cfg, denoise, unique_id, sigmas)
 
     def sample_pack_native(self, model, positive, negative, latent_image, seed, steps, cfg, denoise, unique_id=None,
                            sigmas=None):
@@ -222,13 +221,11 @@ class LensSampler:
         from ..lens_core import sampling as core_sampling
 
         cfg = float(cfg)
-        if sigmas is None:
-            steps = core_config.check_steps(int(steps), "LensSampler steps")
         samples = lens_latent(latent_image)
         batch, _, h, w = samples.shape
-        for name, cond in (("positive", positive), ("negative", negative)):
+        sigmas, _ = self.schedule(steps, denoise, h, w, samples, sigmas)      # as on lens_core's route: before
+        for name, cond in (("positive", positive), ("negative", negative)):  # the conditioning checks
             check_native_conditioning(cond, width, name)
-        sigmas, _ = self.schedule(steps, denoise, h, w, samples, sigmas)
         noise_mask = latent_image.get("noise_mask")
         if noise_mask is not None:          # inpainting: checked here, applied by ComfyUI's own sampler
             core_sampling.prepare_mask(noise_mask, batch, h, w)

@@ -3,8 +3,9 @@
 :func:`run_script` writes ``PRELUDE + body`` to a file and runs it with the ComfyUI checkout's Python through
 ../shared/tools/comfyui_headless.sh; the script prints one JSON line last, which is returned. The prelude sets
 ComfyUI to CPU, imports this repository as the custom-node package ``lens_nodes_test`` (as ComfyUI loads a
-custom-node folder) and defines ``repo``, ``golden``, ``tmp`` (the script's arguments), ``pack``, ``N`` (its
-NODE_CLASS_MAPPINGS) and ``out(r)`` (a V3 node's NodeOutput → its result tuple).
+custom-node folder) and defines ``repo``, ``golden``, ``tmp`` (the script's first three arguments; further ones
+are in ``sys.argv[4:]``), ``pack``, ``N`` (its NODE_CLASS_MAPPINGS) and ``out(r)`` (a V3 node's NodeOutput → its
+result tuple).
 """
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ def out(r):
 '''
 
 
-def run_script(body: str, tmp: pathlib.Path, golden_dir, timeout: int = 900) -> dict:
-    """Run ``PRELUDE + body`` in the ComfyUI of COMFYUI_DIR (skip when unset); the last stdout line as JSON."""
+def run_script(body: str, tmp: pathlib.Path, golden_dir, *extra_args: str, timeout: int = 900) -> dict:
+    """Run ``PRELUDE + body`` in the ComfyUI of COMFYUI_DIR (skip when unset) with the arguments repo, golden,
+    ``tmp/models`` and ``extra_args``; the last stdout line as JSON."""
     script = tmp / "script.py"
     script.write_text(PRELUDE + body)
     r = subprocess.run(["bash", str(TOOL), "python", comfyui_dir_or_skip(), str(script), str(REPO), str(golden_dir),
-                        str(tmp / "models")], capture_output=True, text=True, timeout=timeout)
+                        str(tmp / "models"), *map(str, extra_args)], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     print(json.dumps(res, indent=1))

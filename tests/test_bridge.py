@@ -1,6 +1,6 @@
 """nodes/bridge/: small modules by concern, no edits of ComfyUI's loaded-model list, and the fixes made with the
 split (loader dtype tooltips, loop-safe LoRA list, README node count). Stand-in comfy; the real-ComfyUI side of
-unload and of the LoRA list: tests/test_comfyui_integration.py and tests/test_comfyui_lora.py."""
+the LoRA list: tests/test_comfyui_lora.py."""
 from __future__ import annotations
 
 import ast
@@ -9,6 +9,7 @@ import pathlib
 import re
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -63,23 +64,6 @@ def test_old_module_name_is_the_bridge_package(pack):  # noqa: F811
     old = importlib.import_module(f"{PACK_NAME}.nodes.comfy_bridge")
     assert old is sys.modules[f"{PACK_NAME}.nodes.bridge"]
     assert old.with_lora is old.lora.with_lora and old.load is old.patchers.load
-
-
-def test_unload_takes_out_only_that_model(pack):  # noqa: F811
-    import comfy.model_management as mm
-
-    bridge = sys.modules[f"{PACK_NAME}.nodes.bridge"]
-    mm.unload_all_models()
-    a = bridge.make_patcher(torch.nn.Linear(4, 4), "diffusion")
-    b = bridge.make_patcher(torch.nn.Linear(4, 8), "vae")
-    bridge.load(a)
-    bridge.load(b)
-    assert a.size > 0
-    bridge.unload(a)
-    assert mm.loaded_models() == [b] and a.size == 0
-    bridge.unload(a)                       # not loaded: nothing else is touched
-    assert mm.loaded_models() == [b]
-    mm.unload_all_models()
 
 
 def test_readme_lists_every_registered_node(pack):  # noqa: F811
@@ -139,3 +123,87 @@ def test_lora_list_terminates_on_symlink_loops(pack, tmp_path):  # noqa: F811
         assert bridge.resolve_lora("styles/b.sft") == str(root / "styles" / "b.sft")
     finally:
         folder_paths.set_models_dir(old)
+
+
+def test_folder_listing_is_read_once_until_a_folder_changes(pack, tmp_path, monkeypatch):  # noqa: F811
+    """Node lists are built per /object_info and per executed node: each folder is walked once per listing (not
+    once for files and again for diffusers folders), a second listing reads no directory while none changed, and
+    a file added anywhere below (or a folder changed within the mtime tick of the last walk) is listed."""
+    import folder_paths
+
+    if not hasattr(folder_paths, "set_models_dir"):
+        pytest.skip("real ComfyUI importable: its folder_paths is not redirected here")
+    bridge = sys.modules[f"{PACK_NAME}.nodes.bridge"]
+    models = tmp_path / "models"
+    dm, loras = models / "diffusion_models", models / "loras"
+    (dm / "sub").mkdir(parents=True)
+    (dm / "Lens-x" / "transformer").mkdir(parents=True)
+    (loras / "styles").mkdir(parents=True)
+    for rel in ("diffusion_models/a.safetensors", "diffusion_models/sub/b.gguf", "diffusion_models/Lens-x/"
+                "model_index.json", "diffusion_models/Lens-x/transformer/w.safetensors", "loras/l.safetensors"):
+        (models / rel).write_bytes(b"x")
+    os.symlink(dm, dm / "sub" / "loop")
+    old = time.time() - 60
+    for d in (dm, dm / "sub", dm / "Lens-x", dm / "Lens-x" / "transformer", loras, loras / "styles"):
+        os.utime(d, (old, old))
+    scans = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p=".": scans.append(str(p)) or real_scandir(p))
+    old_models = folder_paths.models_dir
+    folder_paths.set_models_dir(models)
+    try:
+        expected = ["a.safetensors", "sub/b.gguf", "Lens-x"]
+        assert bridge.model_choices("diffusion_models") == expected
+        # every real directory once (the symlink loop is dm again)
+        assert sorted(scans) == sorted(str(d) for d in (dm, dm / "sub", dm / "Lens-x", dm / "Lens-x" / "transformer"))
+        scans.clear()
+        assert bridge.model_choices("diffusion_models") == expected
+        assert bridge.model_choices("diffusion_models", files=False) == ["Lens-x"]
+        assert bridge.lora_choices() == ["l.safetensors"]
+        scans.clear()
+        assert bridge.lora_choices() == ["l.safetensors"]
+        assert scans == []
+        (loras / "styles" / "new.safetensors").write_bytes(b"x")          # a file added in a subfolder
+        assert bridge.lora_choices() == ["l.safetensors", "styles/new.safetensors"]
+        assert str(loras / "styles") in scans
+        (loras / "styles" / "newer.sft").write_bytes(b"x")                # within the same mtime tick
+        assert bridge.lora_choices() == ["l.safetensors", "styles/new.safetensors", "styles/newer.sft"]
+        (dm / "sub" / "c.safetensors").write_bytes(b"x")
+        assert bridge.model_choices("diffusion_models") == ["a.safetensors", "sub/b.gguf", "sub/c.safetensors",
+                                                            "Lens-x"]
+        os.remove(dm / "a.safetensors")
+        assert bridge.model_choices("diffusion_models")[0] == "sub/b.gguf"
+    finally:
+        folder_paths.set_models_dir(old_models)
+
+
+def test_previews_match_the_models_latent_format(pack):  # noqa: F811
+    """LensSampler's previews are what ComfyUI's previewer shows for the MODEL's latent format (KSampler's): one
+    FLUX.2 format class for both. Without ComfyUI's Flux2 (the stand-in, 0.3.64) that is the 2×2 average of the
+    unpatchified latent through the 32 FLUX.2 RGB factors, at latent resolution."""
+    import latent_preview
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    bridge = sys.modules[f"{PACK_NAME}.nodes.bridge"]
+    progress = sys.modules[f"{PACK_NAME}.nodes.bridge.progress"]
+    from lens_core.vae import unpatchify
+
+    assert bridge.pack_model.LensPackConfig.latent_format is progress.FLUX2_FORMAT
+    old = args.preview_method
+    args.preview_method = LatentPreviewMethod.Latent2RGB
+    try:
+        x0 = torch.randn(1, 128, 4, 6, generator=torch.Generator().manual_seed(0))
+        ours = bridge.get_previewer(torch.device("cpu")).decode_latent_to_preview_image("JPEG", x0)[1]
+        ksampler = latent_preview.get_previewer(torch.device("cpu"), bridge.pack_model.LensPackConfig.latent_format())
+        theirs = ksampler.decode_latent_to_preview_image("JPEG", x0)[1]
+        assert ours.size == theirs.size and ours.tobytes() == theirs.tobytes()
+        if progress.FLUX2_FORMAT.__name__ == "_BundledFlux2":
+            assert ours.size == (6, 4)
+            avg = torch.nn.functional.avg_pool2d(unpatchify(x0.double()), 2)[0]          # [32, 4, 6]
+            rgb = torch.einsum("chw,cr->hwr", avg, torch.tensor(progress.FLUX2_RGB_FACTORS, dtype=torch.float64))
+            rgb = rgb + torch.tensor(progress.FLUX2_RGB_BIAS, dtype=torch.float64)
+            ref = ((rgb + 1) / 2).clamp(0, 1) * 255
+            got = torch.frombuffer(bytearray(ours.tobytes()), dtype=torch.uint8).double().reshape(4, 6, 3)
+            assert (got - ref).abs().max() <= 1.0
+    finally:
+        args.preview_method = old

@@ -552,15 +552,6 @@ registered = sorted(type(lm.model.model).__name__ for lm in mm.current_loaded_mo
 mm.free_memory(1e30, mm.get_torch_device())
 left_after_evict = len(mm.current_loaded_models)
 again = run()
-# the bridge's unload (the prompt enhancer's, before its module grows) takes out that model only
-bridge = sys.modules["lens_nodes_inproc.nodes.bridge"]
-N["LensVAEDecode"]().decode(vae, {"samples": again}, "auto")
-enc.encode(te, "a blue sphere")
-loaded_names = lambda: sorted(type(p.model).__name__ for p in mm.loaded_models())
-before_unload = loaded_names()
-bridge.unload(te.patcher)
-after_unload, te_size_reset = loaded_names(), te.patcher.size == 0
-(pos_after_unload,) = enc.encode(te, "a red cube on a wooden table")
 report = {}
 for name, h in (("model", model), ("text_encoder", te), ("vae", vae)):
     params = [m for m in getattr(h, "patcher", h).model.modules() if any(True for _ in m.parameters(recurse=False))]
@@ -584,9 +575,7 @@ print(json.dumps({"registered": registered, "left_after_evict": left_after_evict
                   "reload_equal": bool(torch.equal(full, again)), "non_comfy_param_modules": report, "lowvram_layers": casting,
                   "lowvram_equal": bool(torch.equal(full, low)),
                   "te_equal": bool(torch.equal(pos[0][0], pos2[0][0])), "banks": len(banks),
-                  "bank_bytes_counted": bank_bytes_counted, "banks_cast_per_call": banks_cast_per_call,
-                  "before_unload": before_unload, "after_unload": after_unload, "te_size_reset": te_size_reset,
-                  "te_after_unload_equal": bool(torch.equal(pos[0][0], pos_after_unload[0][0]))}))
+                  "bank_bytes_counted": bank_bytes_counted, "banks_cast_per_call": banks_cast_per_call}))
 '''
 
 
@@ -609,9 +598,6 @@ def test_in_process_eviction_and_lowvram_load_keep_numbers(server, tmp_path):
     assert result["lowvram_layers"] > 0
     assert result["lowvram_equal"] and result["te_equal"]
     assert result["banks"] > 0 and result["bank_bytes_counted"] and result["banks_cast_per_call"]
-    assert result["before_unload"] == ["LensPackModel", "LensTextEncoder", "LensVAE"]
-    assert result["after_unload"] == ["LensPackModel", "LensVAE"] and result["te_size_reset"]
-    assert result["te_after_unload_equal"]
 
 
 DYNAMIC = r'''

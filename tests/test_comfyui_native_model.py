@@ -18,33 +18,22 @@ on the tiny golden pipeline DiT loaded by LensModelLoader (fp32):
 from __future__ import annotations
 
 import json
-import pathlib
-import subprocess
 
 import pytest
 
+from comfyui_run import run_script
 from conftest import comfyui_dir_or_skip
 
 pytestmark = pytest.mark.comfyui
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TOOL = (REPO.parent / "shared" / "tools" / "comfyui_headless.sh").resolve()
-
 SCRIPT = r'''
-import importlib.util, json, os, sys, time, torch
-repo, golden, tmp = sys.argv[1], sys.argv[2], sys.argv[3]
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import comfy.model_base, comfy.model_management as mm, comfy.sample, comfy.samplers, folder_paths
+import time
+import comfy.sample, comfy.samplers
 import nodes as core
 from comfy_extras import nodes_custom_sampler as ncs, nodes_easycache as nec, nodes_cfg
 from safetensors.torch import load_file
-spec = importlib.util.spec_from_file_location("lens_nodes_nm", repo + "/__init__.py",
-                                              submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_nm"] = pack; spec.loader.exec_module(pack)
-N = pack.NODE_CLASS_MAPPINGS
-NM = sys.modules["lens_nodes_nm.nodes.bridge"]
-from lens_nodes_nm.lens_core import sampling as S, config as C
+NM = sys.modules["lens_nodes_test.nodes.bridge"]
+from lens_nodes_test.lens_core import sampling as S, config as C
 import comfyui_version
 res = {"version": comfyui_version.__version__, "seconds": {}}
 _t = [time.time()]
@@ -93,8 +82,11 @@ res["kind"] = {"patcher": type(model).__name__, "model": type(inner).__name__,
 import latent_preview
 comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.Latent2RGB
 previewer = latent_preview.get_previewer(model.load_device, inner.latent_format)
-shot = previewer.decode_latent_to_preview_image("JPEG", torch.randn(1, 128, 4, 6))
+x0 = torch.randn(1, 128, 4, 6)
+shot = previewer.decode_latent_to_preview_image("JPEG", x0)
 res["preview_size"] = list(shot[1].size)
+lens_shot = NM.get_previewer(model.load_device).decode_latent_to_preview_image("JPEG", x0)   # LensSampler's
+res["lens_preview_same"] = lens_shot[1].size == shot[1].size and lens_shot[1].tobytes() == shot[1].tobytes()
 comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.NoPreviews
 
 forwards = []                          # one entry (rows) per DiT forward
@@ -263,18 +255,14 @@ def result(golden_dir, tmp_path_factory):
     from fixtures import dit_config
     from lens_core.dit import LensTransformer
 
-    comfy_dir = comfyui_dir_or_skip()
+    comfyui_dir_or_skip()                  # before writing the LoRA
     tmp = tmp_path_factory.mktemp("native_model")
     (tmp / "models" / "loras").mkdir(parents=True)
     with torch.device("meta"):
         dit = LensTransformer(dit_config(golden_dir, "pipeline"))
     lf.write(tmp / "models" / "loras" / "a.safetensors", "kohya",
              lf.random_factors(dit, lf.target_names(dit), rank=4, alpha=2.0, seed=1, scale=0.2))
-    (tmp / "native_model.py").write_text(SCRIPT)
-    out = subprocess.run(["bash", str(TOOL), "python", comfy_dir, str(tmp / "native_model.py"), str(REPO),
-                          str(golden_dir), str(tmp / "models")], capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stderr[-4000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_script(SCRIPT, tmp, golden_dir, timeout=1800)
     (tmp / "result.json").write_text(json.dumps(res, indent=1))
     print(f"native-model figures ({tmp / 'result.json'}):", json.dumps(res))
     return res
@@ -291,6 +279,7 @@ def test_the_pack_model_is_a_native_model(result):
     assert k["keys"] == ["diffusion_model.img_in.bias", "diffusion_model.img_in.weight"]
     # previews: 2x2-unpatchified by ComfyUI's Flux2 format, latent resolution with the bundled one (0.3.64)
     assert result["preview_size"] == ([12, 8] if k["latent_format"] == "Flux2" else [6, 4])
+    assert result["lens_preview_same"]          # LensSampler previews the MODEL as KSampler does
 
 
 CASES = ("a_cfg1_4steps", "b_cfg5_6steps_emptyneg")

@@ -16,17 +16,13 @@ in-process script in the ComfyUI checkout's Python (../shared/tools/comfyui_head
 from __future__ import annotations
 
 import json
-import pathlib
-import subprocess
 
 import pytest
 
-from conftest import comfyui_dir_or_skip
+from comfyui_run import native_or_skip, run_script
 
 pytestmark = pytest.mark.comfyui
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TOOL = (REPO.parent / "shared" / "tools" / "comfyui_headless.sh").resolve()
 FORMATS = ("int8_convrot", "int8", "convrot_w4a4", "fp8_scaled", "fp8_e5m2_scaled", "mxfp8", "nvfp4")
 # relative error of the final latents against the unquantized (bf16) source, same native graph. Measured on
 # the tiny random-weight DiT (ComfyUI 0.33, CPU): int8_convrot 0.0020, int8 0.0027, convrot_w4a4 0.034,
@@ -36,28 +32,20 @@ TOLERANCE = {"int8_convrot": 0.005, "int8": 0.007, "convrot_w4a4": 0.085, "fp8_s
              "fp8_e5m2_scaled": 0.032, "mxfp8": 0.008, "nvfp4": 0.031}
 
 SCRIPT = r'''
-import importlib.util, json, os, sys, torch
-repo, golden, tmp, formats = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import comfy.model_base, comfy.ops, folder_paths
+formats = json.loads(sys.argv[4])
+import comfy.ops
 try:                                  # ComfyUI 0.27+ (with comfy-kitchen); 0.3.64 has neither
     from comfy.quant_ops import QuantizedTensor
 except ImportError:
     QuantizedTensor = None
 from safetensors import safe_open
 from safetensors.torch import load_file
-spec = importlib.util.spec_from_file_location("lens_nodes_q", repo + "/__init__.py", submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec); sys.modules["lens_nodes_q"] = pack; spec.loader.exec_module(pack)
-N = pack.NODE_CLASS_MAPPINGS
 import nodes as core_nodes
 from comfy_extras import nodes_custom_sampler as ncs, nodes_cfg
 
 res = {"native": hasattr(comfy.model_base, "Lens") and QuantizedTensor is not None}
 if res["native"]:
     folder_paths.add_model_folder_path("diffusion_models", tmp, is_default=True)
-    def out(r):
-        return r.result if hasattr(r, "result") else r
     def rel(a, b):
         return float((a.float() - b.float()).norm() / b.float().norm())
     d = load_file(f"{golden}/pipeline_tiny/cases/a_cfg1_4steps.fp32.safetensors")
@@ -121,7 +109,8 @@ print(json.dumps(res))
 def converted(golden_dir, tmp_path_factory):
     from lens_core.convert import quantize_file
 
-    models = tmp_path_factory.mktemp("quantized")
+    models = tmp_path_factory.mktemp("quantized") / "models"        # the script's ``tmp`` (comfyui_run)
+    models.mkdir()
     src = golden_dir / "pipeline_tiny" / "transformer"
     summaries = {fmt: quantize_file(src, models / f"lens_tiny_{fmt}.safetensors", fmt) for fmt in FORMATS}
     # the unquantized reference: the same source as ComfyUI's bf16 file (every tensor bf16)
@@ -134,19 +123,9 @@ def converted(golden_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def result(golden_dir, converted, tmp_path_factory):
+def result(golden_dir, converted):
     models, _ = converted
-    tmp = tmp_path_factory.mktemp("quantize_script")
-    (tmp / "q.py").write_text(SCRIPT)
-    out = subprocess.run(["bash", str(TOOL), "python", comfyui_dir_or_skip(), str(tmp / "q.py"), str(REPO),
-                          str(golden_dir), str(models), json.dumps(FORMATS)], capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    print(json.dumps(res, indent=1))
-    if not res["native"]:
-        pytest.skip("this ComfyUI has no native Lens model (comfy.model_base.Lens arrived in ComfyUI 0.33)")
-    return res
+    return native_or_skip(run_script(SCRIPT, models.parent, golden_dir, json.dumps(FORMATS)))
 
 
 COMFY_FORMAT = {"int8_convrot": "int8_tensorwise", "int8": "int8_tensorwise", "convrot_w4a4": "convrot_w4a4",

@@ -109,3 +109,22 @@ def test_workflows_saved_with_lens_model_links_still_type_check(pack, path):   #
     for _lid, src, sslot, dst, dslot, _typ in model_links:
         spec = info[nodes[dst]["type"]]["input"]["required"][nodes[dst]["inputs"][dslot]["name"]]
         assert types_match("LENS_MODEL", spec[0]) and types_match(info[nodes[src]["type"]]["output"][sslot], spec[0])
+
+
+def test_steps_are_checked_once_with_one_message_on_every_route(pack, nm, model, monkeypatch):   # noqa: F811
+    """LensSampler's routes (lens_core's sampler, the pack's MODEL with patches through ComfyUI's sampling) only
+    resolve 0 = the variant's default; ``LensSampler.schedule`` is the one steps check, with one message."""
+    core_config = sys.modules[f"{PACK_NAME}.lens_core.config"]
+    calls = []
+    real = core_config.check_steps
+    monkeypatch.setattr(core_config, "check_steps", lambda *a: calls.append(a) or real(*a))
+    patched = model.clone()
+    patched.set_model_sampler_cfg_function(lambda args: args["cond"])
+    latent = {"samples": torch.zeros(1, 128, 4, 6)}
+    sampler = pack.NODE_CLASS_MAPPINGS["LensSampler"]()
+    for m in (model, patched):
+        calls.clear()
+        with pytest.raises(ValueError, match=r"^LensSampler steps: expected an integer in \[1, 1000\], found 1001; "
+                                             r"fix: Lens uses 20, Turbo 4, Base 50 steps$"):
+            sampler.sample(m, [], [], latent, 0, 1001, 1.0, 1.0)
+        assert calls == [(1001, "LensSampler steps")]

@@ -5,7 +5,7 @@ folder_paths):
 - ``devices``: load/offload devices and compute dtypes per model role, intermediate device, interrupts;
 - ``handles``: the LENS_TEXT_ENCODER / LENS_VAE types and the sampler's view of the DiT (LensModel);
 - ``pack_model``: the pack's DiT as a native MODEL (comfy.model_base subclass, sampling object, call convention);
-- ``patchers``: ModelPatcher choice (classic / dynamic VRAM), load/unload via model management, memory estimates;
+- ``patchers``: ModelPatcher choice (classic / dynamic VRAM), loads via model management, memory estimates;
 - ``folders``: loop-safe model-folder listing and name resolution;
 - ``progress``: progress bars, per-step interrupts, latent previews;
 - ``lora``: LoRA files as ComfyUI weight adapters / object patches;
@@ -21,7 +21,7 @@ The names below are the nodes' interface (``from . import bridge`` then ``bridge
 """
 from .devices import ROLES, check_interrupt, compute_dtype, devices, intermediate_device, soft_empty_cache, \
     to_intermediate
-from .folders import DIFFUSERS_MARKER, component_path, model_choices, model_files, model_folders, resolve_model
+from .folders import DIFFUSERS_MARKER, component_path, model_choices, model_files, resolve_model
 from .generation import generator_patcher, load_together
 from .handles import LensModel, LensTextEncoder, LensVAE
 from .lora import LORA_FOLDER, LORA_KEY, load_lora_file, lora_choices, resolve_lora, with_lora
@@ -31,18 +31,18 @@ from .ops import operations
 from .pack_model import LensDiffusionModel, LensPackModel, build_pack_model, is_pack_model, official_cfg, \
     pack_model_patches, pack_view
 from .patchers import DYNAMIC_MAX_FORCED_SHARE, dit_memory, dynamic_vram_plan, enhancer_memory, load, \
-    make_patcher, patcher_class, text_encoder_memory, unload
+    make_patcher, patcher_class, text_encoder_memory
 from .progress import StepReporter, TokenReporter, get_previewer, latent_format
 
 __all__ = [
     "ROLES", "check_interrupt", "compute_dtype", "devices", "intermediate_device", "soft_empty_cache",
-    "to_intermediate", "DIFFUSERS_MARKER", "component_path", "model_choices", "model_files", "model_folders",
+    "to_intermediate", "DIFFUSERS_MARKER", "component_path", "model_choices", "model_files",
     "resolve_model", "LensModel", "LensTextEncoder", "LensVAE", "LORA_FOLDER", "LORA_KEY", "load_lora_file",
     "lora_choices", "LensDiffusionModel", "LensPackModel", "build_pack_model", "is_pack_model", "official_cfg",
     "pack_model_patches", "pack_view",
     "resolve_lora", "with_lora", "native_compute_dtype", "native_lens_patcher", "native_text_width",
     "official_native_patcher", "sample_native", "operations", "DYNAMIC_MAX_FORCED_SHARE", "dit_memory",
     "dynamic_vram_plan", "enhancer_memory", "load", "make_patcher", "patcher_class", "text_encoder_memory",
-    "unload", "StepReporter", "TokenReporter", "get_previewer", "latent_format", "generator_patcher",
+    "StepReporter", "TokenReporter", "get_previewer", "latent_format", "generator_patcher",
     "load_together",
 ]

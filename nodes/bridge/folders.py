@@ -1,8 +1,11 @@
 """Model folders: single files (ComfyUI's folder_paths folders) and diffusers folders found below the same
-folders, listed loop-safely (ComfyUI's own recursive listing follows symlink loops without end)."""
+folders, listed loop-safely (ComfyUI's own recursive listing follows symlink loops without end). A folder's
+listing is read again only when one of the directories walked changed (their mtimes, as ComfyUI's own filename
+cache checks): node lists are built on every /object_info and every executed node."""
 from __future__ import annotations
 
 import os
+import time
 
 import folder_paths
 
@@ -10,6 +13,11 @@ from ...lens_core.checkpoints.locate import DIFFUSERS_MARKER, WEIGHT_SUFFIXES, f
 
 MAX_LISTING_DEPTH = 12
 MODEL_EXTENSIONS = WEIGHT_SUFFIXES          # what lens_core's locate() opens (safetensors, GGUF)
+# A directory changed less than this long before its walk began is walked again next time: an entry added within
+# the same filesystem timestamp tick would leave its mtime unchanged.
+SETTLED_NS = 2_000_000_000
+_WALK_CACHE: dict = {}                      # root -> ({directory walked: (mtime_ns, ctime_ns)}, walk entries)
+_WALK_CACHE_SIZE = 64
 
 
 def folder_roots(folder: str) -> list[str]:
@@ -20,10 +28,19 @@ def folder_roots(folder: str) -> list[str]:
         return []
 
 
-def walk(root: str):
+def _stamp(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ctime_ns
+
+
+def walk(root: str, stamps: dict | None = None):
     """(relative dir, subdir names, file names) below ``root``, following symlinks but entering every real folder
     once (symlink loops and repeated links are skipped) and at most MAX_LISTING_DEPTH levels deep; unreadable
-    folders are skipped. Termination does not depend on the folder's contents."""
+    folders are skipped. Termination does not depend on the folder's contents. ``stamps`` receives the
+    (mtime_ns, ctime_ns) of every directory entered, by path."""
     seen = set()
     stack = [("", 0)]
     while stack:
@@ -35,6 +52,8 @@ def walk(root: str):
             if key in seen:
                 continue
             seen.add(key)
+            if stamps is not None:
+                stamps[cur] = (st.st_mtime_ns, st.st_ctime_ns)
             with os.scandir(cur) as it:
                 entries = list(it)
         except OSError:
@@ -51,6 +70,21 @@ def walk(root: str):
             stack.extend((f"{rel}/{d}" if rel else d, depth + 1) for d in reversed(dirs))
 
 
+def _walk_cached(root: str) -> list:
+    """``list(walk(root))``, walked again only when a directory walked last time changed (or is gone)."""
+    hit = _WALK_CACHE.get(root)
+    if hit is not None and all(_stamp(d) == s for d, s in hit[0].items()):
+        return hit[1]
+    start, stamps = time.time_ns(), {}
+    entries = list(walk(root, stamps))
+    _WALK_CACHE.pop(root, None)
+    if stamps and all(m < start - SETTLED_NS for m, _c in stamps.values()):
+        while len(_WALK_CACHE) >= _WALK_CACHE_SIZE:
+            _WALK_CACHE.pop(next(iter(_WALK_CACHE)))
+        _WALK_CACHE[root] = (stamps, entries)
+    return entries
+
+
 def _listing(folder: str, extensions=MODEL_EXTENSIONS, diffusers: bool = True) -> tuple[list[str], list[str]]:
     """(diffusers folders, loose files ending in ``extensions``) below ``folder``'s roots, as relative '/' paths.
 
@@ -62,7 +96,7 @@ def _listing(folder: str, extensions=MODEL_EXTENSIONS, diffusers: bool = True) -
         if not os.path.isdir(root):
             continue
         inside = []                    # folders already taken as diffusers folders (skip what is below them)
-        for rel, _dirs, names in walk(root):
+        for rel, _dirs, names in _walk_cached(root):
             if any(rel == d or rel.startswith(d + "/") for d in inside):
                 continue
             if diffusers and rel and folder_kind(names) is not None:
@@ -73,11 +107,6 @@ def _listing(folder: str, extensions=MODEL_EXTENSIONS, diffusers: bool = True) -
     return sorted(folders), sorted(set(files))
 
 
-def model_folders(folder: str) -> list[str]:
-    """Relative paths of diffusers folders below ``folder``'s roots (see :func:`_listing`)."""
-    return _listing(folder)[0]
-
-
 def model_files(folder: str, extensions=MODEL_EXTENSIONS, diffusers: bool = True) -> list[str]:
     """Files of ``folder`` ending in ``extensions`` (default: safetensors and GGUF, which ComfyUI's own filename
     lists leave out), without the files of diffusers folders unless ``diffusers`` is False."""
@@ -85,14 +114,16 @@ def model_files(folder: str, extensions=MODEL_EXTENSIONS, diffusers: bool = True
 
 
 def model_choices(*folders: str, files: bool = True, dirs: bool = True, dir_folders: tuple = ()) -> list[str]:
-    """Combo entries: files of ``folders`` and diffusers folders of ``folders + dir_folders``."""
+    """Combo entries: files of ``folders`` and diffusers folders of ``folders + dir_folders`` (each folder
+    listed once)."""
+    listings = {f: _listing(f) for f in dict.fromkeys(tuple(folders) + tuple(dir_folders))}
     out = []
     for f in folders:
         if files:
-            out += model_files(f)
+            out += listings[f][1]
     if dirs:
         for f in tuple(folders) + tuple(dir_folders):
-            out += [d for d in model_folders(f) if d not in out]
+            out += [d for d in listings[f][0] if d not in out]
     return out or ["(no Lens files found)"]
 
 

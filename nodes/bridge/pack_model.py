@@ -5,10 +5,13 @@ whose ``diffusion_model`` is the pack's own ``LensTransformer`` (every file form
 quantized layers, comfy.ops casting), with
 
 - a model config (``comfy.supported_models_base.BASE``) carrying the FLUX.2 latent format (ComfyUI's ``Flux2``,
-  or the bundled equivalent on a ComfyUI without it, e.g. 0.3.64) and the inference dtypes;
-- the official sampling object :class:`LensModelSampling`: ComfyUI's flow-matching ``ModelSamplingFlux`` /
-  ``CONST`` pair with the official time shift (FLUX.2's empirical mu; 1.8278 at 1440², the Lens default),
-  so ``percent_to_sigma``, schedulers and cache nodes see Lens' sigmas;
+  or the bundled equivalent on a ComfyUI without it, e.g. 0.3.64: ``progress.FLUX2_FORMAT``), the inference
+  dtypes and the official time shift (FLUX.2's empirical mu; 1.8278 at 1440², the Lens default) as
+  ``sampling_settings["shift"]``: ``BaseModel`` builds its flow-matching ``ModelSamplingFlux`` / ``CONST``
+  sampling object for ``ModelType.FLUX`` with it, so ``percent_to_sigma``, schedulers and cache nodes see Lens'
+  sigmas. ``timestep`` hands σ itself to the DiT, as for native Lens; the DiT's ComfyUI entry rounds it to the
+  official model timestep (σ·1000 in the compute dtype, /1000), so ModelSamplingFlux & co. may replace the
+  sampling object without losing that;
 - ``diffusion_model(x, timestep, context, attention_mask, transformer_options, control)``: ComfyUI's call
   convention, run through the ``DIFFUSION_MODEL`` wrappers of ``transformer_options`` (EasyCache & co.), then
   ``LensTransformer.forward_latents``, which rounds σ to the official model timestep and honours the native
@@ -29,10 +32,8 @@ import dataclasses
 import torch
 
 import comfy.conds
-import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
-import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.supported_models_base
 
@@ -41,7 +42,7 @@ from ...lens_core.dit import LensTransformer
 from .handles import LensModel
 from .lora import LORA_KEY
 from .patchers import dit_memory, make_patcher
-from .progress import FLUX2_RGB_BIAS, FLUX2_RGB_FACTORS
+from .progress import FLUX2_FORMAT
 
 # The official shift for every image of more than 4300 tokens is FLUX.2's line a2·S + b2; the Lens default
 # 1440² (S = 8100) gives 1.8278 (ComfyUI's native Lens config rounds it to 1.829). Below 4300 tokens the official
@@ -58,29 +59,12 @@ def official_cfg(args):
     return core_sampling.cfg_combine(args["cond"], args["uncond"], args["cond_scale"], dim=1)
 
 
-class LensModelSampling(comfy.model_sampling.ModelSamplingFlux, comfy.model_sampling.CONST):
-    """Flow matching with the official time shift: σ(t) = e^mu / (e^mu + 1/t − 1), x0 = x − σ·v. ``timestep``
-    hands σ itself to the DiT, as for native Lens; the DiT's ComfyUI entry rounds it to the official model
-    timestep (σ·1000 in the compute dtype, /1000), so ModelSamplingFlux & co. may replace this object without
-    losing that."""
-
-
-class _BundledFlux2(comfy.latent_formats.LatentFormat):
-    """FLUX.2 latent format for a ComfyUI without ``latent_formats.Flux2`` (0.3.64): 128 channels at 1/16.
-    Its previewer cannot unpatchify, so the 32 RGB factors are spread over the 4 sub-pixel channels of each
-    (index c·4 + p1·2 + p2): the preview is the 2×2 average at latent resolution."""
-    latent_channels = 128
-    spacial_downscale_ratio = 16
-    latent_rgb_factors = [[v / 4 for v in row] for row in FLUX2_RGB_FACTORS for _ in range(4)]
-    latent_rgb_factors_bias = FLUX2_RGB_BIAS
-
-
 class LensPackConfig(comfy.supported_models_base.BASE):
     """Model config of the pack's Lens DiT (never matched against files: the pack's loaders build it)."""
     unet_config = {"disable_unet_model_creation": True}
     unet_extra_config = {}
     sampling_settings = {"shift": OFFICIAL_SHIFT}
-    latent_format = getattr(comfy.latent_formats, "Flux2", _BundledFlux2)
+    latent_format = FLUX2_FORMAT
     memory_usage_factor = 4.0
     supported_inference_dtypes = [torch.bfloat16, torch.float32]      # fp16 gives NaNs with Lens
 
@@ -124,7 +108,6 @@ class LensPackModel(comfy.model_base.BaseModel):
         self.diffusion_model = dit
         if hasattr(mm, "archive_model_dtypes"):          # what BaseModel does for the models it builds (0.33)
             mm.archive_model_dtypes(dit)
-        self.model_sampling = LensModelSampling(model_config)
         self.lens = info
 
     def extra_conds(self, **kwargs):

@@ -1,13 +1,7 @@
-"""ModelPatcher choice (classic or dynamic VRAM), loading/unloading through ComfyUI's model management, and the
-activation-memory estimates handed to ``load_models_gpu``.
-
-ComfyUI has no public call that unloads one given model: :func:`unload` uses ``free_memory`` with every other
-loaded model kept (ComfyUI's own ``unload_model_and_clones``, 0.33+, works the same way); the loaded-model list
-itself is never edited here.
+"""ModelPatcher choice (classic or dynamic VRAM), loading through ComfyUI's model management, and the
+activation-memory estimates handed to ``load_models_gpu``. The loaded-model list itself is never edited here.
 """
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import torch
 
@@ -67,20 +61,6 @@ def load(patcher, memory_required: int = 0, minimum_memory_required: int | None 
     mm.load_models_gpu([patcher], memory_required=int(memory_required),
                        minimum_memory_required=None if minimum_memory_required is None
                        else int(minimum_memory_required))
-
-
-def unload(patcher):
-    """Take ``patcher`` out of ComfyUI's loaded models (weights back on its offload device) and forget its
-    cached size, so that the next :func:`load` moves and counts every tensor the module holds now (used after
-    modules were added to it, e.g. the prompt enhancer's lm_head).
-
-    Through ``mm.free_memory(…, keep_loaded=…)`` with every other loaded model kept: ComfyUI compares the
-    entries of ``keep_loaded`` with its loaded-model wrappers by their ``.model`` (the patcher), so plain
-    holders of the other patchers keep those loaded."""
-    others = [SimpleNamespace(model=p) for p in mm.loaded_models() if p is not patcher]
-    if len(others) < len(mm.loaded_models()):
-        mm.free_memory(1e30, patcher.load_device, keep_loaded=others)
-    patcher.size = 0        # ModelPatcher.model_size() measures the module again when its size is 0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Progress bars, interrupts and latent previews of the pack's own sampler and prompt enhancer."""
 from __future__ import annotations
 
+import comfy.latent_formats
 import comfy.utils
 
 from .devices import check_interrupt
 
 # FLUX.2 latent -> RGB factors (32 latent channels x RGB) and bias, as ComfyUI's Flux2 latent format uses them
-# (checkpoint_formats.md §5.4). Applied to the BN-normalised latent after the 2x2 unpatchify.
+# (checkpoint_formats.md §5.4). Apply to the BN-normalised latent after the 2x2 unpatchify.
 FLUX2_RGB_FACTORS = [
     [0.0058, 0.0113, 0.0073], [0.0495, 0.0443, 0.0836], [-0.0099, 0.0096, 0.0644], [0.2144, 0.3009, 0.3652],
     [0.0166, -0.0039, -0.0054], [0.0157, 0.0103, -0.0160], [-0.0398, 0.0902, -0.0235], [-0.0052, 0.0095, 0.0109],
@@ -20,61 +21,32 @@ FLUX2_RGB_FACTORS = [
 FLUX2_RGB_BIAS = [-0.0329, -0.0718, -0.0851]
 
 
-def _latent_formats():
-    import comfy.latent_formats
-    return comfy.latent_formats
+class _BundledFlux2(comfy.latent_formats.LatentFormat):
+    """FLUX.2 latent format for a ComfyUI without ``latent_formats.Flux2`` (0.3.64): 128 channels at 1/16.
+    That ComfyUI's previewer cannot unpatchify, so the 32 RGB factors are spread over the 4 sub-pixel channels of
+    each (index c·4 + p1·2 + p2): the preview is the 2×2 average at latent resolution. The MODEL's latent format
+    (what KSampler previews with) and LensSampler's previews use this same class."""
+    latent_channels = 128
+    spacial_downscale_ratio = 16
+    latent_rgb_factors = [[v / 4 for v in row] for row in FLUX2_RGB_FACTORS for _ in range(4)]
+    latent_rgb_factors_bias = FLUX2_RGB_BIAS
 
 
-def _bundled_format_class():
-    base = _latent_formats().LatentFormat
-
-    class LensFlux2LatentFormat(base):
-        """Bundled equivalent of ComfyUI's Flux2 latent format for ComfyUI versions that lack it."""
-        latent_channels = 128
-        spacial_downscale_ratio = 16
-        latent_rgb_factors = FLUX2_RGB_FACTORS
-        latent_rgb_factors_bias = FLUX2_RGB_BIAS
-        taesd_decoder_name = "taef2_decoder"
-
-    return LensFlux2LatentFormat
+# ComfyUI's Flux2 latent format when this ComfyUI has it, else the bundled equivalent
+FLUX2_FORMAT = getattr(comfy.latent_formats, "Flux2", _BundledFlux2)
 
 
 def latent_format():
-    """ComfyUI's Flux2 latent format when this ComfyUI has it, else the bundled equivalent."""
-    lf = _latent_formats()
-    if hasattr(lf, "Flux2"):
-        return lf.Flux2()
-    return _bundled_format_class()()
-
-
-def _preview_method() -> str:
-    from comfy.cli_args import args
-    return getattr(getattr(args, "preview_method", None), "value", "none")
-
-
-class _Unpatchified:
-    """ComfyUI's Latent2RGB previewer applied to the 2×2-unpatchified FLUX.2 latent [1,32,2h,2w] (what the
-    Flux2 latent format of newer ComfyUI does itself)."""
-
-    def __init__(self, previewer):
-        self.previewer = previewer
-
-    def decode_latent_to_preview_image(self, preview_format, x0):
-        from ...lens_core.vae import unpatchify
-        return self.previewer.decode_latent_to_preview_image(preview_format, unpatchify(x0[:1]))
+    """An instance of :data:`FLUX2_FORMAT`."""
+    return FLUX2_FORMAT()
 
 
 def get_previewer(load_device):
-    """A previewer honouring --preview-method (none by default), or None: ComfyUI's own for its Flux2 latent
-    format when present, else its Latent2RGB previewer with the bundled factors after the 2×2 unpatchify."""
+    """ComfyUI's previewer for :func:`latent_format` honouring --preview-method (none by default), or None: the
+    one KSampler uses for the pack's MODEL."""
     import latent_preview
 
-    if _preview_method() == "none":
-        return None
-    fmt = latent_format()
-    if hasattr(_latent_formats(), "Flux2"):
-        return latent_preview.get_previewer(load_device, fmt)
-    return _Unpatchified(latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias))
+    return latent_preview.get_previewer(load_device, latent_format())
 
 
 class StepReporter:
