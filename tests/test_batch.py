@@ -92,6 +92,21 @@ def single_run(inputs, pipeline_dir, tmp_path_factory):
     return types.SimpleNamespace(out=out, jobs=jobs, seconds=seconds, png=outputs(out))
 
 
+@pytest.fixture()
+def loads(monkeypatch) -> list[dict]:
+    """The keyword arguments of every LensPipeline.from_pretrained call (the models really load)."""
+    from lens_core.pipeline import LensPipeline
+
+    real = LensPipeline.from_pretrained.__func__
+    calls = []
+
+    def recording(cls, *a, **kw):
+        calls.append(kw)
+        return real(cls, *a, **kw)
+    monkeypatch.setattr(LensPipeline, "from_pretrained", classmethod(recording))
+    return calls
+
+
 def test_batch_equals_separate_generate_runs(single_run, inputs, pipeline_dir, tmp_path, capsys):
     """Each of the 6 PNGs is the PNG a separate ``generate`` run writes: the same pixels and metadata, including
     the regenerate command, whose ``--out`` names each file (so only that argument differs); the manifest has one
@@ -130,18 +145,9 @@ def test_batch_equals_separate_generate_runs(single_run, inputs, pipeline_dir, t
     assert not [p for p in os.listdir(single_run.out) if p.endswith(".lens-tmp")]
 
 
-def test_rerun_skips_every_job_without_loading(single_run, pipeline_dir, monkeypatch, capsys):
+def test_rerun_skips_every_job_without_loading(single_run, pipeline_dir, loads, capsys):
     """The same command again: all six skipped, no model loaded; a damaged output (or one whose job changed)
     runs again and only that one."""
-    from lens_core.pipeline import LensPipeline
-
-    real = LensPipeline.from_pretrained.__func__
-    loads = []
-
-    def counting(cls, *a, **kw):
-        loads.append(1)
-        return real(cls, *a, **kw)
-    monkeypatch.setattr(LensPipeline, "from_pretrained", classmethod(counting))
     argv = ["batch", single_run.jobs, "--out", str(single_run.out), *defaults(pipeline_dir)]
     before = (single_run.out / "manifest.jsonl").read_text()
     t = time.perf_counter()
@@ -156,7 +162,7 @@ def test_rerun_skips_every_job_without_loading(single_run, pipeline_dir, monkeyp
     # a damaged file is made again (the same bytes), the other five stay skipped
     (single_run.out / "tall-s2.png").write_bytes(b"\x89PNG damaged")
     assert main(argv) == 0
-    assert "1 done, 5 skipped" in capsys.readouterr().err and loads == [1]
+    assert "1 done, 5 skipped" in capsys.readouterr().err and len(loads) == 1
     assert outputs(single_run.out) == single_run.png
 
 
@@ -202,24 +208,15 @@ def test_dry_run_refused_before_anything(pipeline_dir, tmp_path, capsys, no_weig
     assert no_weights == [] and not (tmp_path / "out").exists()
 
 
-def test_memory_option_reaches_the_loaded_pipeline(single_run, inputs, pipeline_dir, tmp_path, monkeypatch):
+def test_memory_option_reaches_the_loaded_pipeline(single_run, inputs, pipeline_dir, tmp_path, loads):
     """--memory minimal as a batch default (and a job's own "memory") is the pipeline's memory plan: jobs with
     different plans are different configurations (two loads), the PNG records the plan, and the pixels equal the
     single-process run's (a memory plan changes when models are held, not the numbers)."""
-    from lens_core.pipeline import LensPipeline
-
-    real = LensPipeline.from_pretrained.__func__
-    memories = []
-
-    def recording(cls, *a, **kw):
-        memories.append(kw.get("memory"))
-        return real(cls, *a, **kw)
-    monkeypatch.setattr(LensPipeline, "from_pretrained", classmethod(recording))
     job = next(j for j in inputs.jobs if j["name"] == "small-s1")
     jobs = write_jobs(tmp_path / "jobs.jsonl", [job, dict(job, name="resident", memory="resident")])
     out = tmp_path / "out"
     assert main(["batch", jobs, "--out", str(out), "--memory", "minimal", *defaults(pipeline_dir)]) == 0
-    assert memories == ["minimal", "resident"]
+    assert [kw.get("memory") for kw in loads] == ["minimal", "resident"]
     ref = Image.open(single_run.out / "small-s1.png")
     for name, memory in (("small-s1", "minimal"), ("resident", "resident")):
         img = Image.open(out / f"{name}.png")
@@ -227,22 +224,13 @@ def test_memory_option_reaches_the_loaded_pipeline(single_run, inputs, pipeline_
         assert img.tobytes() == ref.tobytes()
 
 
-def test_bad_lora_and_misplaced_model_found_before_loading(single_run, inputs, pipeline_dir, tmp_path, monkeypatch,
+def test_bad_lora_and_misplaced_model_found_before_loading(single_run, inputs, pipeline_dir, tmp_path, loads,
                                                             capsys):
     """generate's header checks run once per (configuration, LoRA set) before any load: a FLUX LoRA and a DiT
     given as the VAE stop the run naming the first JOBS line that uses them (nothing loaded, nothing written);
     with --skip-invalid every job of those sets is recorded invalid and the good job runs (= the reference)."""
     from safetensors.torch import save_file
 
-    from lens_core.pipeline import LensPipeline
-
-    real = LensPipeline.from_pretrained.__func__
-    loads = []
-
-    def counting(cls, *a, **kw):
-        loads.append(1)
-        return real(cls, *a, **kw)
-    monkeypatch.setattr(LensPipeline, "from_pretrained", classmethod(counting))
     flux = tmp_path / "flux_lora.safetensors"
     save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 64),
                "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(192, 4)}, str(flux))
@@ -262,7 +250,7 @@ def test_bad_lora_and_misplaced_model_found_before_loading(single_run, inputs, p
     assert [recs[k]["status"] for k in ("small-s1", 2, 3, 4)] == ["ok", "invalid", "invalid", "invalid"]
     assert recs[3]["error"].startswith("JOBS line 3: ") and "LoRAs of JOBS line 2" in recs[3]["error"]
     assert "this looks like a Lens DiT" in recs[4]["error"] and "LoRAs of JOBS" not in recs[4]["error"], recs[4]
-    assert loads == [1] and (out / "small-s1.png").read_bytes() == single_run.png["small-s1"]
+    assert len(loads) == 1 and (out / "small-s1.png").read_bytes() == single_run.png["small-s1"]
 
 
 def test_cli_defaults_and_job_keys_merge(pipeline_dir, tmp_path, no_weights):  # noqa: F811
